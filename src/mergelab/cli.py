@@ -1,0 +1,127 @@
+"""The `mergelab` command. It only wires components together; the work lives in them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mergelab.errors import MergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Merge neural networks by combining their weights.")
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+@app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="MergeKit-compatible YAML recipe"),
+    out_dir: Path = typer.Argument(..., help="output folder (written atomically)"),
+    device: str = typer.Option("cpu", help="where the maths runs: cpu, cuda, cuda:1"),
+    seed: Optional[int] = typer.Option(None, help="seed of randomised methods (dare, della)"),
+    out_shard_size: str = typer.Option("5GB", help="maximum size of an output shard"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and stop"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT_DIR"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Merge the models of RECIPE into OUT_DIR."""
+    import mergelab
+
+    try:
+        result = mergelab.merge(recipe, out_dir, device=device, seed=seed, out_shard_size=out_shard_size,
+                                overwrite=overwrite, dry_run=dry_run, show_progress=not quiet)
+    except (MergeError, ValueError, OSError) as exc:
+        _fail(exc)
+    if dry_run:
+        _print_plan(result)
+        return
+    r = result
+    out.print(f"[green]merged[/] {r.tensors} tensors ({r.merged} by {recipe.name}'s method, "
+              f"{len(r.copied)} handled specially, {len(r.left_out)} input tensors left out) "
+              f"into {r.out_dir} in {r.seconds:.1f} s; read {_gb(r.bytes_read)}, wrote {_gb(r.bytes_written)}"
+              f" ({r.bytes_read / max(r.seconds, 1e-9) / 1e9:.2f} GB/s)")
+    if r.left_out:
+        out.print(f"left out (see {r.out_dir}/mergelab_report.json): "
+                  + ", ".join(f"{t}" for _, t, _ in r.left_out[:5]) + (" ..." if len(r.left_out) > 5 else ""))
+
+
+def _print_plan(plan) -> None:
+    rec = plan.recipe
+    table = Table(title=f"plan: {rec.method.name}, {len(plan.jobs)} output tensors")
+    for col in ("tensor", "shape", "dtype", "inputs", "how / parameters"):
+        table.add_column(col)
+    for job in plan.jobs[:60]:
+        if job.copy:
+            how = job.note or "copied"
+        else:
+            per = "; ".join(p.model_dump_json(by_alias=True) for p in job.model_params)
+            how = f"{per} | {job.shared.model_dump_json(by_alias=True) if job.shared else ''}"
+        table.add_row(job.name, str(tuple(job.shape)), str(job.dtype).removeprefix("torch."),
+                      str(len(job.rows) + (job.base is not None)), how)
+    out.print(table)
+    if len(plan.jobs) > 60:
+        out.print(f"... {len(plan.jobs) - 60} more tensors")
+    out.print(f"read {_gb(plan.bytes_read)}, write {_gb(plan.bytes_written)}; "
+              f"{len(plan.left_out)} input tensors left out")
+    for m, t, why in plan.left_out[:20]:
+        out.print(f"  left out: {t} of {m}: {why}")
+
+
+@app.command("methods")
+def methods_cmd(name: Optional[str] = typer.Argument(None, help="a method to describe")) -> None:
+    """List merge methods, or describe one with its parameters and defaults."""
+    import mergelab
+    from mergelab.methods import get_method
+
+    if name is None:
+        table = Table(title="merge methods")
+        for col in ("method", "base", "parameters", "summary"):
+            table.add_column(col)
+        for mname, d in mergelab.methods().items():
+            params = ", ".join(f"{k}={v['default']}" if not v["required"] else f"{k} (required)"
+                               for k, v in d["parameters"].items())
+            table.add_row(mname, d["base"], params, d["doc"].splitlines()[0] if d["doc"] else "")
+        out.print(table)
+        return
+    try:
+        spec = get_method(name)
+    except KeyError as exc:
+        _fail(MergeError(exc.args[0]))
+    d = spec.describe()
+    table = Table(title=f"{name}: parameters")
+    for col in ("parameter", "scope", "default", "meaning"):
+        table.add_column(col)
+    for k, v in d["parameters"].items():
+        table.add_row(k, v["scope"], "required" if v["required"] else repr(v["default"]), v["description"])
+    out.print(table)
+    out.print(f"base model: {d['base']}; models: {d['min_models']}..{d['max_models'] or 'any'}"
+              + ("; randomised (use --seed)" if d["randomized"] else ""))
+    out.print(d["doc"], highlight=False, markup=False)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("examples/_out/demo"), help="where the demo writes its files")) -> None:
+    """Build two small models, merge them with several methods, print a table."""
+    from mergelab.demo import run_demo
+
+    try:
+        run_demo(out)
+    except MergeError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    app()

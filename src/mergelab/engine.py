@@ -1,0 +1,172 @@
+"""Execute a plan: stream tensors in, merge on the chosen device, stream out.
+
+Memory holds the current job's tensors and the next job's (prefetched by a
+reader thread while the current one computes). Big tensors of elementwise
+methods are merged in row chunks, so memory does not grow with
+N x tensor size. The output goes through CheckpointWriter, which writes into
+a temporary folder and renames it into place only when everything is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from mergelab.checkpoint.reader import Checkpoint
+from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
+from mergelab.methods import PerModel
+from mergelab.plan import Job, Plan, TensorRef
+from mergelab.progress import ByteProgress
+
+# Elementwise merges of tensors above this many elements run in row chunks of
+# about this size: bounded scratch memory whatever the embedding size.
+CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class RunReport:
+    out_dir: Path
+    tensors: int
+    merged: int
+    copied: list[tuple[str, str]]
+    left_out: list[tuple[str, str, str]]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    device: str
+
+
+def tensor_seed(seed: int | None, name: str) -> int:
+    """A 63-bit seed from (seed, tensor name): results do not depend on processing order."""
+    digest = hashlib.sha256(f"{seed if seed is not None else 0}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generator(seed: int | None, name: str, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(tensor_seed(seed, name))
+    return gen
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from mergelab.errors import MergeError
+
+        raise MergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+class _Reader:
+    """Reads the tensors of a row range of a job (None = the whole tensor)."""
+
+    def __init__(self, checkpoints: list[Checkpoint]):
+        self.ckpts = checkpoints
+
+    def read(self, ref: TensorRef, rows: tuple[int, int] | None) -> torch.Tensor:
+        ck = self.ckpts[ref.model]
+        if rows is None:
+            return ck[ref.name]
+        start, stop = rows
+        n = ck.shape(ref.name)[0]
+        return ck.read_rows(ref.name, min(start, n), min(stop, n))
+
+    def read_job(self, job: Job, rows: tuple[int, int] | None) -> dict[TensorRef, torch.Tensor]:
+        return {ref: self.read(ref, rows) for ref in job.refs()}
+
+
+def _fit_vocab(t: torch.Tensor, job: Job, fill: torch.Tensor | None, want: int) -> torch.Tensor:
+    """Cut or pad a vocabulary-indexed tensor's rows to `want` rows (pad from the tokenizer source)."""
+    if t.shape[0] == want:
+        return t
+    if t.shape[0] > want:
+        return t[:want]
+    assert fill is not None
+    return torch.cat([t, fill[t.shape[0]: t.shape[0] + want - t.shape[0]].to(t.dtype)], dim=0)
+
+
+def _work_items(plan: Plan) -> Iterator[tuple[Job, tuple[int, int] | None]]:
+    """(job, row range) pairs: one per job, or several for big elementwise jobs."""
+    chunkable = plan.recipe.method.elementwise
+    for job in plan.jobs:
+        numel = 1
+        for d in job.shape:
+            numel *= d
+        if job.copy or not chunkable or numel <= CHUNK_ELEMENTS or len(job.shape) < 2 or job.vocab_rows:
+            yield job, None
+            continue
+        row = numel // job.shape[0]
+        step = max(1, CHUNK_ELEMENTS // row)
+        for start in range(0, job.shape[0], step):
+            yield job, (start, min(job.shape[0], start + step))
+
+
+def compute(plan: Plan, job: Job, tensors: dict[TensorRef, torch.Tensor], device: torch.device,
+            seed: int | None, chunk: tuple[int, int] | None) -> torch.Tensor:
+    """Run the method of `job` on its input tensors; returns the output on CPU in the output dtype."""
+    if job.copy:
+        return tensors[job.rows[0]].to(job.dtype)
+    spec = plan.recipe.method
+    compute_dtype = plan.recipe.compute_dtype
+    fill = tensors.get(job.vocab_fill) if job.vocab_fill is not None else None
+
+    def prep(ref: TensorRef) -> torch.Tensor:
+        t = tensors[ref]
+        if job.vocab_rows is not None:
+            t = _fit_vocab(t, job, fill, job.vocab_rows)
+        return t.to(device=device, dtype=compute_dtype)
+
+    x = torch.stack([prep(r) for r in job.rows])
+    base = prep(job.base) if job.base is not None else None
+    gen = None
+    if spec.randomized:
+        key = job.name if chunk is None else f"{job.name}[{chunk[0]}:{chunk[1]}]"
+        gen = make_generator(seed, key, device)
+    out = spec.fn(x, base, PerModel(job.model_params), job.shared, gen)
+    return out.to(dtype=job.dtype).cpu()
+
+
+def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
+            shard_size: int = 5 * 10**9, overwrite: bool = False, show_progress: bool = True,
+            extra_files_fn=None) -> RunReport:
+    """Run `plan` and write the result atomically to `out_dir`."""
+    dev = resolve_device(device)
+    out_dir = Path(out_dir)
+    layout = [TensorInfo(j.name, tuple(j.shape), j.dtype) for j in plan.jobs]
+    protected = [Path(ck.folder or ck.path) for ck in plan.checkpoints]
+    reader = _Reader(plan.checkpoints)
+    items = list(_work_items(plan))
+    start = time.perf_counter()
+    with CheckpointWriter(out_dir, layout, shard_size=shard_size, overwrite=overwrite,
+                          protected=protected) as writer, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-prefetch") as pool, \
+            ByteProgress(len(plan.jobs), plan.bytes_read, enabled=show_progress) as progress:
+        pending: Future | None = pool.submit(reader.read_job, *items[0]) if items else None
+        for i, (job, rows) in enumerate(items):
+            tensors = pending.result()
+            pending = pool.submit(reader.read_job, *items[i + 1]) if i + 1 < len(items) else None
+            out = compute(plan, job, tensors, dev, seed, rows)
+            if rows is None:
+                writer.write(job.name, out)
+            else:
+                writer.write_rows(job.name, rows[0], out)
+            nread = sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors, out
+            progress.advance(nread, done=rows is None or rows[1] == job.shape[0])
+        report = RunReport(
+            out_dir=out_dir, tensors=len(plan.jobs),
+            merged=sum(1 for j in plan.jobs if not j.copy),
+            copied=[(j.name, j.note or "") for j in plan.jobs if j.copy or j.note],
+            left_out=plan.left_out, bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
+            seconds=time.perf_counter() - start, device=str(dev))
+        extra = extra_files_fn(report) if extra_files_fn else None
+        writer.finish(assets_from=plan.assets_from.folder, config_updates=plan.config_updates,
+                      extra_files=extra)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,38 @@
+"""The one small error hierarchy of mergelab.
+
+Every message names what is at fault (file, tensor, recipe field) and what to do.
+"""
+
+from __future__ import annotations
+
+
+class MergeError(Exception):
+    """Base class of every error mergelab raises on purpose."""
+
+
+class RecipeError(MergeError):
+    """A recipe is invalid. Holds every problem found, so they are reported together."""
+
+    def __init__(self, problems: list[str] | str, source: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        if len(self.problems) == 1:
+            text = prefix + self.problems[0]
+        else:
+            text = prefix + f"{len(self.problems)} problems:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(text)
+
+
+class CheckpointError(MergeError):
+    """A checkpoint cannot be read or written."""
+
+
+class ShapeMismatch(MergeError):
+    """Tensors that must be merged together have different shapes."""
+
+
+class StatsError(MergeError):
+    """Statistics (Fisher, Gram, optimizer state) do not fit the model they belong to."""

@@ -1,0 +1,195 @@
+"""Registry of merge methods.
+
+A method is a pure function on float32 tensors, registered with `@merge_method`.
+Every method has the same calling convention:
+
+    fn(x, base, p, s, gen) -> Tensor
+
+    x:    (N, *shape) float32, the inputs being merged. When the method uses a
+          base model (``base != "ignored"``), x holds the non-base models only
+          and ``base`` is the base tensor (*shape); otherwise x holds every input
+          (the base too, if the recipe lists it among its models) and ``base``
+          is None.
+    base: (*shape) float32 or None.
+    p:    PerModel of the method's per-model parameters, one entry per row of x.
+    s:    instance of the method's shared parameters (one value per tensor).
+    gen:  torch.Generator seeded from (seed, tensor name) for randomised
+          methods; None for deterministic ones.
+
+Methods that need statistics (``needs_stats=True``) take a sixth keyword
+argument ``stats``: (N, *shape) float32 metric tensors, or for Gram-based
+methods whatever the method's docstring says.
+
+The function returns the merged tensor (*shape) in float32 and never mutates
+its inputs. Family modules are imported at the bottom of this file, explicitly
+and in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+BasePolicy = Literal["required", "optional", "ignored"]
+
+
+class MethodParams(BaseModel):
+    """Base of every parameter model: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class NoParams(MethodParams):
+    """A method without parameters of this kind."""
+
+
+P = TypeVar("P", bound=MethodParams)
+
+
+class PerModel(Generic[P]):
+    """Per-model parameters of one merge, one entry per row of ``x``.
+
+    ``p[i]`` is model i's parameter object, ``p.values("weight")`` the list of
+    its values, ``p.tensor("weight", like=x)`` the same as a float tensor (N,)
+    on x's device.
+    """
+
+    def __init__(self, items: Sequence[P]):
+        self.items: tuple[P, ...] = tuple(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> P:
+        return self.items[i]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def values(self, name: str) -> list[Any]:
+        return [getattr(item, name) for item in self.items]
+
+    def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        return torch.tensor([float(v) for v in self.values(name)], dtype=dtype, device=like.device)
+
+    def __repr__(self) -> str:
+        return f"PerModel({list(self.items)!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """Everything the recipe validator, the engine and `mergelab methods` know of a method."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    model_params: type[MethodParams]
+    shared_params: type[MethodParams]
+    base: BasePolicy
+    min_models: int
+    max_models: int | None
+    randomized: bool
+    elementwise: bool
+    needs_stats: bool
+    doc: str
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
+
+    def parameter_names(self) -> list[str]:
+        return list(self.model_params.model_fields) + list(self.shared_params.model_fields)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data description: parameters with their scope, default and meaning."""
+        params = {}
+        for scope, model in (("per-model", self.model_params), ("shared", self.shared_params)):
+            for pname, field in model.model_fields.items():
+                params[pname] = {
+                    "scope": scope,
+                    "required": field.is_required(),
+                    "default": None if field.is_required() else field.default,
+                    "description": field.description or "",
+                }
+        return {
+            "name": self.name,
+            "parameters": params,
+            "base": self.base,
+            "needs_base": self.needs_base,
+            "needs_stats": self.needs_stats,
+            "randomized": self.randomized,
+            "min_models": self.min_models,
+            "max_models": self.max_models,
+            "doc": self.doc,
+        }
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    model_params: type[MethodParams] = NoParams,
+    shared_params: type[MethodParams] = NoParams,
+    base: BasePolicy = "ignored",
+    min_models: int = 1,
+    max_models: int | None = None,
+    randomized: bool = False,
+    elementwise: bool = False,
+    needs_stats: bool = False,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``fn`` under ``name``.
+
+    Args:
+        model_params: parameters set per model (e.g. weight, density).
+        shared_params: parameters set once for the merge (e.g. normalize, t).
+        base: whether the method needs a base model ("required"), can use one
+            ("optional": x holds the non-base models and base may be None), or
+            treats every input alike ("ignored").
+        min_models / max_models: bounds on the number of rows of x.
+        randomized: takes a seeded generator.
+        elementwise: output[i] depends on inputs[i] only (and on per-model
+            scalars), so the engine may process a big tensor in row chunks.
+        needs_stats: takes per-model statistics tensors.
+    """
+
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in REGISTRY:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        REGISTRY[name] = MethodSpec(
+            name=name,
+            fn=fn,
+            model_params=model_params,
+            shared_params=shared_params,
+            base=base,
+            min_models=min_models,
+            max_models=max_models,
+            randomized=randomized,
+            elementwise=elementwise,
+            needs_stats=needs_stats,
+            doc=(fn.__doc__ or "").strip(),
+        )
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of ``name``; KeyError with the closest names if unknown."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, REGISTRY, n=3)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        raise KeyError(f"unknown merge method {name!r}{hint}; run `mergelab methods` for the list") from None
+
+
+# Family modules register their methods on import; this is the one place they are imported.
+from mergelab.methods import linear, spherical, task_arithmetic, sparsify, spectral  # noqa: E402,F401

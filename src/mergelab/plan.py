@@ -1,0 +1,288 @@
+"""Planning: one job per output tensor, decided before any tensor is read.
+
+A plan names, for every output tensor, the input tensors (checkpoint, name) it
+is computed from, the method and its resolved parameters. Everything that can
+be wrong with the inputs (shapes, vocabularies, missing tensors, parameters
+that do not validate) is found here and reported together, so a merge never
+fails halfway for a reason that was knowable at the start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from pydantic import ValidationError
+
+from mergelab.checkpoint.reader import Checkpoint, layer_index, with_layer_index
+from mergelab.errors import RecipeError, ShapeMismatch
+from mergelab.methods import MethodParams, MethodSpec
+from mergelab.recipe import OutputSlice, Recipe, Source
+
+# Names of input-embedding-like tensors: in slice mode they come from the first
+# slice's models, everything else outside the layers from the last slice's.
+_PRE_MARKERS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")
+# Tensors whose first dimension is the vocabulary.
+_VOCAB_MARKERS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """One input tensor: which checkpoint, which name inside it."""
+
+    model: int
+    name: str
+
+
+@dataclasses.dataclass
+class Job:
+    """How to compute one output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # output dtype
+    rows: list[TensorRef]  # the stacked inputs x (non-base models, or all for base-ignoring methods)
+    base: TensorRef | None
+    model_params: list[MethodParams]
+    shared: MethodParams | None
+    copy: bool = False  # copied from rows[0] (or base) without a method
+    vocab_rows: int | None = None  # resize every input's first dim to this (vocab_mismatch: resize)
+    vocab_fill: TensorRef | None = None  # where padding rows come from
+    note: str | None = None
+
+    def refs(self) -> list[TensorRef]:
+        out = list(self.rows)
+        if self.base is not None:
+            out.append(self.base)
+        if self.vocab_fill is not None and self.vocab_fill not in out:
+            out.append(self.vocab_fill)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+@dataclasses.dataclass
+class Plan:
+    recipe: Recipe
+    checkpoints: list[Checkpoint]
+    jobs: list[Job]
+    left_out: list[tuple[str, str, str]]  # (model path, tensor, reason)
+    config_updates: dict
+    assets_from: Checkpoint
+
+    @property
+    def bytes_read(self) -> int:
+        seen: set[TensorRef] = set()
+        total = 0
+        for job in self.jobs:
+            for ref in job.refs():
+                if ref not in seen:
+                    seen.add(ref)
+                    total += self.checkpoints[ref.model].nbytes(ref.name)
+        return total
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(job.nbytes for job in self.jobs)
+
+
+def _gradient_t(index: int, count: int) -> float:
+    # mergekit: t = idx / (L - 1) within a slice, 1 for a one-layer slice.
+    return index / (count - 1) if count > 1 else 1.0
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, checkpoints: dict[str, Checkpoint]):
+        self.recipe = recipe
+        self.spec: MethodSpec = recipe.method
+        self.paths = list(checkpoints)
+        self.ckpts = list(checkpoints.values())
+        self.index = {p: i for i, p in enumerate(self.paths)}
+        self.problems: list[str] = []
+        self.left_out: list[tuple[str, str, str]] = []
+        self.jobs: list[Job] = []
+        self.out_dtype = recipe.out_dtype
+        self.tokenizer_ref = self._tokenizer_source()
+
+    # -- helpers -------------------------------------------------------------
+    def _tokenizer_source(self) -> str:
+        src = self.recipe.tokenizer_source_path()
+        if src is not None:
+            return src
+        return self.recipe.base or self.paths[0]
+
+    def _resolve_name(self, model: str, name: str) -> str | None:
+        ck = self.ckpts[self.index[model]]
+        if name in ck:
+            return name
+        return ck.alias_for(name)
+
+    def _params(self, name: str, t: float, model: str | None, out_slice: OutputSlice, fields) -> dict:
+        values = self.recipe.parameters_for(name, t, model, out_slice)
+        return {k: v for k, v in values.items() if k in fields}
+
+    def _build(self, cls: type[MethodParams], values: dict, where: str) -> MethodParams | None:
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(x) for x in err["loc"])
+                self.problems.append(f"{where}: parameter {loc}: {err['msg']}")
+            return None
+
+    def _is_vocab(self, name: str) -> bool:
+        return any(m in name for m in _VOCAB_MARKERS)
+
+    # -- one output tensor ---------------------------------------------------
+    def add(self, out_name: str, sources: list[tuple[Source, str]], t: float, out_slice: OutputSlice) -> None:
+        """Plan output `out_name` from (source, input tensor name) pairs."""
+        base_path = out_slice.base_model or self.recipe.base
+        uses_base = self.spec.base != "ignored" and base_path is not None
+        ref_path = base_path if uses_base else sources[0][0].model
+        ref_in_name = next((n for s, n in sources if s.model == ref_path), sources[0][1])
+        ref_name = self._resolve_name(ref_path, ref_in_name)
+        if ref_name is None:
+            self.left_out.append((ref_path, ref_in_name, "not in the reference model"))
+            return
+        ref_ck = self.ckpts[self.index[ref_path]]
+        shape = ref_ck.shape(ref_name)
+        in_dtype = ref_ck.dtype(ref_name)
+        out_dtype = self.out_dtype or in_dtype
+        ref = TensorRef(self.index[ref_path], ref_name)
+
+        if not in_dtype.is_floating_point:
+            self.jobs.append(Job(out_name, shape, in_dtype, [ref], None, [], None, copy=True,
+                                 note=f"non-float tensor ({in_dtype}) copied from {ref_path}"))
+            return
+
+        rows: list[TensorRef] = []
+        row_sources: list[Source] = []
+        vocab_rows = None
+        for src, in_name in sources:
+            if uses_base and src.model == base_path:
+                continue
+            name = self._resolve_name(src.model, in_name)
+            if name is None:
+                self.left_out.append((src.model, in_name, f"missing; {out_name} merged without this model"))
+                continue
+            other = self.ckpts[self.index[src.model]].shape(name)
+            if other != shape:
+                if self._is_vocab(out_name) and other[1:] == shape[1:] and len(shape) >= 1:
+                    if self.recipe.vocab_mismatch != "resize":
+                        self.problems.append(
+                            f"model '{src.model}' tensor {name} has shape {tuple(other)}, "
+                            f"{ref_path} has {tuple(shape)}: vocabularies differ; add `vocab_mismatch: resize` "
+                            "(and `tokenizer_source:`) to the recipe to cut or pad rows to the tokenizer source's vocabulary")
+                        continue
+                    vocab_rows = -1  # decided below
+                else:
+                    self.problems.append(
+                        f"model '{src.model}' tensor {name} has shape {tuple(other)}, "
+                        f"{ref_path} has {tuple(shape)}: these models cannot be merged tensor by tensor")
+                    continue
+            rows.append(TensorRef(self.index[src.model], name))
+            row_sources.append(src)
+
+        if len(rows) < self.spec.min_models:
+            self.jobs.append(Job(out_name, shape, out_dtype, [ref], None, [], None, copy=True,
+                                 note=f"only in {ref_path}: copied"))
+            return
+
+        job = Job(out_name, shape, out_dtype, rows, ref if uses_base else None, [], None)
+        if vocab_rows is not None:
+            tok = self.tokenizer_ref
+            tok_name = self._resolve_name(tok, ref_in_name)
+            if tok_name is None:
+                self.problems.append(f"tokenizer source '{tok}' has no tensor {ref_in_name} to size the vocabulary")
+                return
+            tok_shape = self.ckpts[self.index[tok]].shape(tok_name)
+            job.vocab_rows = tok_shape[0]
+            job.vocab_fill = TensorRef(self.index[tok], tok_name)
+            job.shape = (tok_shape[0], *shape[1:])
+            job.note = f"vocabulary resized to {tok_shape[0]} rows of {tok}"
+
+        where = f"{self.recipe.source_name}: tensor {out_name}"
+        mfields = self.spec.model_params.model_fields
+        for src in row_sources:
+            values = self._params(out_name, t, src.model, out_slice, mfields)
+            job.model_params.append(self._build(self.spec.model_params, values, f"{where}, model '{src.model}'"))
+        sfields = self.spec.shared_params.model_fields
+        job.shared = self._build(self.spec.shared_params, self._params(out_name, t, None, out_slice, sfields), where)
+        self.jobs.append(job)
+
+    def finish(self) -> None:
+        if self.problems:
+            raise ShapeMismatch("\n".join(self.problems)) if all(
+                "shape" in p for p in self.problems) else RecipeError(self.problems, None)
+
+
+def _sources_layer_names(ck: Checkpoint, layer: int) -> list[str]:
+    return [n for n in ck.keys() if layer_index(n) == layer]
+
+
+def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Plan:
+    """Plan every output tensor of `recipe` over opened `checkpoints` (path -> Checkpoint)."""
+    planner = _Planner(recipe, checkpoints)
+    slices = recipe.output_slices()
+    config_updates: dict = {}
+    if recipe.slices:
+        total = _plan_slices(planner, slices)
+        config_updates["num_hidden_layers"] = total
+    else:
+        _plan_models(planner, slices[0])
+    planner.finish()
+    if recipe.out_dtype is not None:
+        config_updates["torch_dtype"] = str(recipe.out_dtype).removeprefix("torch.")
+    tok = planner.tokenizer_ref
+    return Plan(recipe, planner.ckpts, planner.jobs, planner.left_out, config_updates,
+                planner.ckpts[planner.index[tok]])
+
+
+def _plan_models(planner: _Planner, out_slice: OutputSlice) -> None:
+    spec = planner.spec
+    base = out_slice.base_model or planner.recipe.base
+    ref_path = base if (spec.base != "ignored" and base) else out_slice.sources[0].model
+    ref = planner.ckpts[planner.index[ref_path]]
+    num_layers = max(ref.num_layers, 1)
+    for name in ref.keys():
+        layer = layer_index(name)
+        t = _gradient_t(layer, num_layers) if layer is not None else 0.0
+        planner.add(name, [(s, name) for s in out_slice.sources], t, out_slice)
+    # Tensors other models have and the reference lacks are reported, never dropped silently.
+    seen = set(ref.keys())
+    for s in out_slice.sources:
+        for name in planner.ckpts[planner.index[s.model]].keys():
+            if name not in seen:
+                planner.left_out.append((s.model, name, f"not in the reference model {ref_path}"))
+
+
+def _plan_slices(planner: _Planner, slices: Sequence[OutputSlice]) -> int:
+    first, last = slices[0], slices[-1]
+    ref = planner.ckpts[planner.index[first.sources[0].model]]
+    non_layer = [n for n in ref.keys() if layer_index(n) is None]
+    pre = [n for n in non_layer if any(m in n for m in _PRE_MARKERS)]
+    post = [n for n in non_layer if n not in pre]
+    for name in pre:
+        planner.add(name, [(s, name) for s in first.sources], 0.0, first)
+    offset = 0
+    for sl in slices:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        length = lengths.pop()
+        src0 = sl.sources[0]
+        ck0 = planner.ckpts[planner.index[src0.model]]
+        for i in range(length):
+            t = _gradient_t(i, length)
+            for name in _sources_layer_names(ck0, src0.layer_range[0] + i):
+                out_name = with_layer_index(name, offset + i)
+                inputs = [(s, with_layer_index(name, s.layer_range[0] + i)) for s in sl.sources]
+                planner.add(out_name, inputs, t, sl)
+        offset += length
+    for name in post:
+        planner.add(name, [(s, name) for s in last.sources], 0.0, last)
+    return offset

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny Hugging Face checkpoints written by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+              max_position_embeddings=64)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def write_llama_family(root: Path, names=("base", "a", "b", "c"), dtype=torch.float32,
+                       scale: float = 0.05, **config) -> dict[str, Path]:
+    """A base tiny Llama and fine-tunes = base + N(0, scale * |w|) noise, saved as HF folders."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config(**config)).to(dtype)
+    paths = {}
+    sd = base.state_dict()
+    for i, name in enumerate(names):
+        g = torch.Generator().manual_seed(100 + i)
+        model = LlamaForCausalLM(tiny_llama_config(**config)).to(dtype)
+        new = {}
+        for k, v in sd.items():
+            if i == 0 or not v.is_floating_point():
+                new[k] = v.clone()
+            else:
+                noise = torch.randn(v.shape, generator=g, dtype=torch.float32) * scale
+                new[k] = (v.float() + noise * (v.float().abs().mean() + 1e-3)).to(dtype)
+        model.load_state_dict(new)
+        path = root / name
+        model.save_pretrained(path, safe_serialization=True)
+        paths[name] = path
+    return paths
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory) -> dict[str, Path]:
+    return write_llama_family(tmp_path_factory.mktemp("llama"))
