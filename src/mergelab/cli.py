@@ -113,6 +113,47 @@ def methods_cmd(name: Optional[str] = typer.Argument(None, help="a method to des
 
 
 @app.command()
+def average(
+    run_dir: Path = typer.Argument(..., help="folder of a training run's checkpoints"),
+    out_dir: Path = typer.Argument(..., help="output folder (written atomically)"),
+    scheme: str = typer.Option("sma", help="sma | wma | ema | lawa | wsm"),
+    last: Optional[int] = typer.Option(None, help="average only the newest K checkpoints"),
+    every: int = typer.Option(1, help="take every N-th checkpoint, counting back from the newest"),
+    decay: str = typer.Option("linear", help="wsm decay shape: linear | cosine | 1-sqrt"),
+    alpha: float = typer.Option(0.9, help="ema decay per checkpoint"),
+    skip_unstable: bool = typer.Option(False, "--skip-unstable", help="leave out NaN/Inf checkpoints and those after a loss spike"),
+    out_shard_size: str = typer.Option("5GB", help="maximum size of an output shard"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT_DIR"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Average the checkpoints of one training run (SMA, WMA, EMA, LAWA, WSM)."""
+    from mergelab.trajectory.run import average_run
+
+    try:
+        average_run(run_dir, out_dir, scheme=scheme, last=last, every=every, decay=decay, alpha=alpha,
+                    skip_unstable=skip_unstable, out_shard_size=out_shard_size, overwrite=overwrite,
+                    show_progress=not quiet, console=out)
+    except (MergeError, ValueError, OSError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def recover(
+    run_dir: Path = typer.Argument(..., help="folder of a crashed or diverged training run"),
+    out_dir: Path = typer.Argument(..., help="folder training can resume from"),
+    last: int = typer.Option(3, help="how many of the newest stable checkpoints to average"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT_DIR"),
+) -> None:
+    """Average the last stable checkpoints of a run into a folder training can resume from."""
+    from mergelab.trajectory.run import recover_run
+
+    try:
+        recover_run(run_dir, out_dir, last=last, overwrite=overwrite, console=out)
+    except (MergeError, ValueError, OSError) as exc:
+        _fail(exc)
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("examples/_out/demo"), help="where the demo writes its files")) -> None:
     """Build two small models, merge them with several methods, print a table."""
     from mergelab.demo import run_demo
