@@ -124,8 +124,10 @@ class _Planner:
         return ck.alias_for(name)
 
     def _params(self, name: str, t: float, model: str | None, out_slice: OutputSlice, fields) -> dict:
+        """Resolved settings that belong to `fields`, keyed as the recipe spells them (field name or alias)."""
+        keys = set(fields) | {f.alias for f in fields.values() if f.alias}
         values = self.recipe.parameters_for(name, t, model, out_slice)
-        return {k: v for k, v in values.items() if k in fields}
+        return {k: v for k, v in values.items() if k in keys}
 
     def _build(self, cls: type[MethodParams], values: dict, where: str) -> MethodParams | None:
         try:

@@ -102,13 +102,16 @@ class MethodSpec:
         return self.base == "required"
 
     def parameter_names(self) -> list[str]:
-        return list(self.model_params.model_fields) + list(self.shared_params.model_fields)
+        """Names as recipes spell them (a field's alias when it has one, e.g. `lambda`)."""
+        fields = {**self.model_params.model_fields, **self.shared_params.model_fields}
+        return [f.alias or name for name, f in fields.items()]
 
     def describe(self) -> dict[str, Any]:
         """Plain-data description: parameters with their scope, default and meaning."""
         params = {}
         for scope, model in (("per-model", self.model_params), ("shared", self.shared_params)):
-            for pname, field in model.model_fields.items():
+            for fname, field in model.model_fields.items():
+                pname = field.alias or fname
                 params[pname] = {
                     "scope": scope,
                     "required": field.is_required(),
