@@ -1,0 +1,83 @@
+"""Crash recovery: leave out unstable checkpoints, average the last stable ones.
+
+A checkpoint is unstable when any of its weights is NaN/Inf, or, when the
+run's trainer_state.json log history is available, when it was saved at or
+after a loss spike: a logged training loss above `spike_factor` times the
+median of the preceding `window` logged losses (or a non-finite loss). Once a
+spike is seen, later checkpoints are treated as unstable too, since the
+weights that follow a spike descend from it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from mergelab.checkpoint.reader import Checkpoint
+from mergelab.trajectory.discovery import RunCheckpoint
+
+
+def loss_history(run_dir: Path, checkpoints: Sequence[RunCheckpoint]) -> list[tuple[int, float]]:
+    """(step, loss) pairs from the newest trainer_state.json found (run folder or inside a checkpoint)."""
+    candidates = [run_dir / "trainer_state.json"] + [c.path / "trainer_state.json" for c in reversed(checkpoints)
+                                                     if c.path.is_dir()]
+    for f in candidates:
+        if f.is_file():
+            state = json.loads(f.read_text())
+            return [(int(e["step"]), float(e["loss"])) for e in state.get("log_history", [])
+                    if "loss" in e and "step" in e]
+    return []
+
+
+def first_spike(history: Sequence[tuple[int, float]], *, spike_factor: float = 3.0, window: int = 10) -> int | None:
+    """Step of the first loss spike in a (step, loss) history, or None."""
+    for i, (step, loss) in enumerate(history):
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            return step
+        past = [v for _, v in history[max(0, i - window):i]]
+        if len(past) >= 3 and loss > spike_factor * statistics.median(past):
+            return step
+    return None
+
+
+def stable_checkpoints(run_dir: Path, checkpoints: Sequence[RunCheckpoint], *, spike_factor: float = 3.0,
+                       window: int = 10) -> tuple[list[RunCheckpoint], list[tuple[RunCheckpoint, str]]]:
+    """Split checkpoints into (stable, [(unstable, why)])."""
+    spike = first_spike(loss_history(Path(run_dir), checkpoints), spike_factor=spike_factor, window=window)
+    stable, skipped = [], []
+    for c in checkpoints:
+        if spike is not None and c.step >= spike:
+            skipped.append((c, f"saved at or after the loss spike at step {spike}"))
+            continue
+        with Checkpoint(c.path) as ck:
+            bad = _first_nonfinite(ck)
+        if bad is not None:
+            skipped.append((c, f"tensor {bad} holds NaN/Inf"))
+            continue
+        stable.append(c)
+    return stable, skipped
+
+
+def _first_nonfinite(ck: Checkpoint) -> str | None:
+    from mergelab.trajectory.average import nonfinite
+
+    return nonfinite(ck)
+
+
+RESUME_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "rng_state.pth")
+
+
+def copy_resume_state(newest_stable: RunCheckpoint, out_dir: Path) -> list[str]:
+    """Copy the optimizer/scheduler/trainer state of the newest stable checkpoint, so training can resume."""
+    import shutil
+
+    copied = []
+    if newest_stable.path.is_dir():
+        for name in RESUME_FILES:
+            src = newest_stable.path / name
+            if src.is_file():
+                shutil.copy2(src, out_dir / name)
+                copied.append(name)
+    return copied

@@ -1,0 +1,95 @@
+"""`mergelab average` and `mergelab recover`: discovery, selection, weights, then a streamed average."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mergelab.checkpoint.reader import Checkpoint
+from mergelab.checkpoint.writer import parse_size
+from mergelab.errors import CheckpointError
+from mergelab.trajectory.average import average_checkpoints, check_compatible, deviation_cosines, recommend
+from mergelab.trajectory.discovery import RunCheckpoint, discover, select
+from mergelab.trajectory.recover import copy_resume_state, stable_checkpoints
+from mergelab.trajectory.schedules import scheme_weights
+
+
+def _show(console: Console | None, chosen, weights, skipped, title: str) -> None:
+    if console is None:
+        return
+    table = Table(title=title)
+    for col in ("step", "checkpoint", "weight"):
+        table.add_column(col)
+    for c, w in zip(chosen, weights):
+        table.add_row(str(c.step), c.path.name, f"{w:.4f}")
+    for c, why in skipped:
+        table.add_row(str(c.step), c.path.name, f"[red]skipped[/]: {why}")
+    console.print(table)
+
+
+def plan_average(run_dir, *, scheme: str = "sma", last: int | None = None, every: int = 1,
+                 decay: str = "linear", alpha: float = 0.9, skip_unstable: bool = False,
+                 explicit=None) -> tuple[list[RunCheckpoint], list[float], list]:
+    """Which checkpoints, with which weights, and which were skipped and why."""
+    found = discover(run_dir, explicit=explicit)
+    skipped: list = []
+    if skip_unstable:
+        found, skipped = stable_checkpoints(Path(run_dir), found)
+        if not found:
+            raise CheckpointError(f"every checkpoint in {run_dir} is unstable: " + "; ".join(
+                f"{c.path.name}: {why}" for c, why in skipped))
+    chosen = select(found, last=last, every=every)
+    weights = scheme_weights(scheme, len(chosen), alpha=alpha, decay=decay)
+    return chosen, weights, skipped
+
+
+def correlation_report(chosen: list[RunCheckpoint]) -> dict:
+    ckpts = [Checkpoint(c.path) for c in chosen]
+    check_compatible(ckpts, [str(c.path) for c in chosen])
+    cos = deviation_cosines(ckpts)
+    return {"steps": [c.step for c in chosen], "deviation_cosine": cos.tolist(), "recommendation": recommend(cos)}
+
+
+def average_run(run_dir, out_dir, *, scheme="sma", last=None, every=1, decay="linear", alpha=0.9,
+                skip_unstable=False, out_shard_size="5GB", overwrite=False, show_progress=True,
+                console: Console | None = None, explicit=None):
+    chosen, weights, skipped = plan_average(run_dir, scheme=scheme, last=last, every=every, decay=decay,
+                                            alpha=alpha, skip_unstable=skip_unstable, explicit=explicit)
+    _show(console, chosen, weights, skipped, f"{scheme} average of {len(chosen)} checkpoints")
+    corr = correlation_report(chosen)
+    if console is not None:
+        console.print(corr["recommendation"])
+    info = {"scheme": scheme, "decay": decay if scheme == "wsm" else None, "alpha": alpha if scheme == "ema" else None,
+            "used": [{"step": c.step, "path": str(c.path), "weight": w} for c, w in zip(chosen, weights)],
+            "skipped": [{"step": c.step, "path": str(c.path), "why": why} for c, why in skipped],
+            "correlation": corr}
+    report = average_checkpoints(chosen, weights, out_dir, shard_size=parse_size(out_shard_size),
+                                 overwrite=overwrite, show_progress=show_progress,
+                                 extra_files={"mergelab_average.json": json.dumps(info, indent=2)})
+    report.skipped = [(c.step, str(c.path), why) for c, why in skipped]
+    return report
+
+
+def recover_run(run_dir, out_dir, *, last: int = 3, overwrite: bool = False, console: Console | None = None):
+    """Average the newest `last` stable checkpoints; copy the newest stable one's optimizer state beside them."""
+    found = discover(run_dir)
+    stable, skipped = stable_checkpoints(Path(run_dir), found)
+    if not stable:
+        raise CheckpointError(f"no stable checkpoint in {run_dir}: " + "; ".join(
+            f"{c.path.name}: {why}" for c, why in skipped))
+    chosen = stable[-min(last, len(stable)):]
+    weights = scheme_weights("sma", len(chosen))
+    _show(console, chosen, weights, skipped, f"recovering from {len(chosen)} stable checkpoints")
+    info = {"used": [{"step": c.step, "path": str(c.path)} for c in chosen],
+            "skipped": [{"step": c.step, "path": str(c.path), "why": why} for c, why in skipped],
+            "resume_state_from": str(chosen[-1].path)}
+    report = average_checkpoints(chosen, weights, out_dir, overwrite=overwrite, show_progress=console is not None,
+                                 extra_files={"mergelab_recover.json": json.dumps(info, indent=2)})
+    copied = copy_resume_state(chosen[-1], Path(out_dir))
+    if console is not None:
+        console.print(f"wrote {out_dir}; resume state copied from {chosen[-1].path.name}: {', '.join(copied) or 'none found'}")
+    report.skipped = [(c.step, str(c.path), why) for c, why in skipped]
+    return report
