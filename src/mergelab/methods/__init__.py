@@ -195,4 +195,11 @@ def get_method(name: str) -> MethodSpec:
 
 
 # Family modules register their methods on import; this is the one place they are imported.
-from mergelab.methods import linear, spherical, task_arithmetic, sparsify, spectral  # noqa: E402,F401
+from mergelab.methods import (  # noqa: E402,F401
+    linear,
+    preconditioned,
+    spectral,
+    sparsify,
+    spherical,
+    task_arithmetic,
+)
