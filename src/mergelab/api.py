@@ -61,14 +61,16 @@ def _split_params(spec: MethodSpec, n: int, params: Mapping[str, Any]) -> tuple[
 
 def merge_tensors(method: str, tensors: Sequence[torch.Tensor], *, base: torch.Tensor | None = None,
                   stats: Sequence[torch.Tensor] | None = None, seed: int | None = None,
-                  name: str = "", **params: Any) -> torch.Tensor:
+                  name: str = "", base_stats: torch.Tensor | None = None, **params: Any) -> torch.Tensor:
     """Merge one tensor from several models.
 
     Args:
         method: a registered method name (see `mergelab.methods()`).
         tensors: one tensor per model, same shape (the base excluded for methods with a base).
         base: the base model's tensor, for methods that need or accept one.
-        stats: per-model metric tensors for methods that need statistics.
+        stats: per-model metric tensors for methods that need statistics (None: the
+            method's own fallback, e.g. RegMean averages a tensor that has no Gram).
+        base_stats: the base model's metric, for gradient_matching's prior H_0.
         seed: seed of randomised methods (combined with `name`, as the engine does).
         **params: the method's parameters; per-model ones as a scalar or one value per model.
 
@@ -100,9 +102,10 @@ def merge_tensors(method: str, tensors: Sequence[torch.Tensor], *, base: torch.T
     b = base.to(cdtype) if base is not None else None
     kwargs = {}
     if spec.needs_stats:
-        if stats is None:
-            raise MergeError(f"{method} needs statistics: pass stats= (one tensor per model)")
-        kwargs["stats"] = torch.stack([s.to(cdtype) for s in stats])
+        # None lets the method fall back where its paper does (RegMean averages tensors without a Gram).
+        kwargs["stats"] = None if stats is None else torch.stack([s.to(cdtype) for s in stats])
+        if base_stats is not None:
+            kwargs["base_stats"] = base_stats.to(cdtype)
     gen = make_generator(seed, name, x.device) if spec.randomized else None
     out = spec.fn(x, b, PerModel(model_params), shared, gen, **kwargs)
     return out.to(tensors[0].dtype)
@@ -118,7 +121,7 @@ def _as_state_dict(m: Any) -> Mapping[str, torch.Tensor]:
 
 def merge_state_dicts(method: str, models: Sequence[Any], *, base: Any = None,
                       stats: Sequence[Any] | None = None, seed: int | None = None,
-                      **params: Any) -> dict[str, torch.Tensor]:
+                      base_stats: Any = None, **params: Any) -> dict[str, torch.Tensor]:
     """Merge whole models in memory (state dicts or nn.Modules); returns a new state dict.
 
     Every tensor of the reference (the base, else the first model) is merged
@@ -129,6 +132,7 @@ def merge_state_dicts(method: str, models: Sequence[Any], *, base: Any = None,
     sds = [_as_state_dict(m) for m in models]
     bsd = _as_state_dict(base) if base is not None else None
     ssd = [_as_state_dict(s) for s in stats] if stats is not None else None
+    bst = _as_state_dict(base_stats) if base_stats is not None else None
     ref = bsd if bsd is not None else sds[0]
     out: dict[str, torch.Tensor] = {}
     for name, ref_t in ref.items():
@@ -142,9 +146,16 @@ def merge_state_dicts(method: str, models: Sequence[Any], *, base: Any = None,
             if sd[name].shape != ref_t.shape:
                 raise ShapeMismatch(f"model {i} tensor {name!r} has shape {tuple(sd[name].shape)}, "
                                     f"the reference has {tuple(ref_t.shape)}")
-        st = [s[name] for s in ssd] if ssd is not None else None
+        st = [s.get(name) for s in ssd] if ssd is not None else None
+        if st is not None and any(t is None for t in st):
+            have = [i for i, t in enumerate(st) if t is not None]
+            if have:
+                raise MergeError(f"stats of models {have} have tensor {name!r}, the others do not: "
+                                 "statistics must cover the same tensors in every model")
+            st = None
         out[name] = merge_tensors(method, [sd[name] for sd in sds], base=bsd[name] if bsd else None,
-                                  stats=st, seed=seed, name=name, **params)
+                                  stats=st, seed=seed, name=name,
+                                  base_stats=bst.get(name) if bst is not None else None, **params)
     return out
 
 

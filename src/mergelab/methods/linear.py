@@ -1,0 +1,134 @@
+"""The linear family: weighted averages and their close relatives.
+
+linear, model_stock, nearswap and passthrough, with MergeKit 0.1.5's names,
+parameters and defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from mergelab.errors import MergeError
+from mergelab.methods import MethodParams, PerModel, merge_method
+
+
+def _bcast(w: Tensor, x: Tensor) -> Tensor:
+    """(N,) weights -> (N, 1, ..., 1) to broadcast against x (N, *shape)."""
+    return w.view(-1, *([1] * (x.dim() - 1)))
+
+
+class LinearModel(MethodParams):
+    weight: float = Field(description="weight of this model in the average")
+
+
+class LinearShared(MethodParams):
+    normalize: bool = Field(True, description="divide by the sum of the weights")
+
+
+@merge_method("linear", model_params=LinearModel, shared_params=LinearShared, elementwise=True)
+def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearShared, gen=None) -> Tensor:
+    """Weighted average of the models ("model soups").
+
+    theta = sum_i w_i theta_i / sum_i w_i   (normalize: true, the default)
+    theta = sum_i w_i theta_i               (normalize: false)
+
+    Wortsman et al. 2022, "Model soups", arXiv:2203.05482.
+
+    Args:
+        weight (per model, required): w_i.
+        normalize: divide by sum_i w_i. Weights summing to zero cannot be
+            normalised: an error, where MergeKit would divide by zero.
+
+    x: (N, *shape); returns (*shape).
+    """
+    w = p.tensor("weight", x)
+    out = (x * _bcast(w, x)).sum(0)
+    if s.normalize:
+        total = float(w.sum())
+        if abs(total) < 1e-8:
+            raise MergeError("linear: the weights sum to zero, so they cannot be normalised; "
+                             "change the weights or set `normalize: false`")
+        out = out / total
+    return out
+
+
+class PassthroughModel(MethodParams):
+    scale: float | None = Field(None, description="multiply the tensor by this factor")
+
+
+@merge_method("passthrough", model_params=PassthroughModel, max_models=1, elementwise=True)
+def passthrough(x: Tensor, base: Tensor | None, p: PerModel[PassthroughModel], s, gen=None) -> Tensor:
+    """Copy the one input tensor unchanged (optionally scaled): used to stack layers with `slices`.
+
+    theta = scale * theta_1   (scale defaults to 1)
+
+    Args:
+        scale (per model, optional): a factor, e.g. to damp a duplicated layer.
+    """
+    scale = p[0].scale
+    return x[0].clone() if scale is None else x[0] * scale
+
+
+class NearswapShared(MethodParams):
+    t: float = Field(description="similarity threshold: how close the values must be to take the other model's")
+
+
+@merge_method("nearswap", shared_params=NearswapShared, base="required", min_models=1, max_models=1,
+              elementwise=True)
+def nearswap(x: Tensor, base: Tensor, p, s: NearswapShared, gen=None) -> Tensor:
+    """Take the secondary model's value where it is close to the base's, interpolate elsewhere.
+
+    w_j = clamp(t / max(|base_j - v_j|, 1e-6), 0, 1)
+    theta_j = (1 - w_j) base_j + w_j v_j
+
+    Nearswap as defined by MergeKit (alchemonaut, QuartetAnemoi-70B-t0.0001, 2024).
+
+    Args:
+        t (shared, required): the distance below which v replaces the base entirely.
+    """
+    v = x[0]
+    w = (s.t / (base - v).abs().clamp_min(1e-6)).clamp(0, 1)
+    return w * v + (1 - w) * base
+
+
+class ModelStockShared(MethodParams):
+    filter_wise: bool = Field(False, description="one ratio per row (last dimension) instead of per tensor")
+
+
+@merge_method("model_stock", shared_params=ModelStockShared, base="required", min_models=2)
+def model_stock(x: Tensor, base: Tensor, p, s: ModelStockShared, gen=None) -> Tensor:
+    """Model Stock: average the fine-tunes, then pull the average toward the base by their mutual angle.
+
+    cos = mean over pairs i < j of cos(tau_i, tau_j), tau_i = theta_i - theta_base
+    t = N cos / (1 + (N - 1) cos)       (t = 0 where the denominator vanishes)
+    theta = t * mean_i theta_i + (1 - t) * theta_base
+
+    Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned
+    models", arXiv:2403.19522.
+
+    Args:
+        filter_wise (shared): one ratio per row (reducing the last dimension)
+            instead of one per tensor.
+    """
+    n = x.shape[0]
+    shape = base.shape
+    if s.filter_wise:
+        b = base.unsqueeze(0) if base.dim() == 1 else base
+        tau = (x.unsqueeze(1) if base.dim() == 1 else x) - b  # (N, ..., last)
+    else:
+        b = base.reshape(-1)
+        tau = x.reshape(n, -1) - b
+    norms = tau.norm(dim=-1)  # (N, ...)
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            dot = (tau[i] * tau[j]).sum(-1)
+            cos.append((dot / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(0).unsqueeze(-1)
+    denom = 1 + (n - 1) * c
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(denom), denom))
+    avg = (tau + b).mean(0) if s.filter_wise else x.reshape(n, -1).mean(0)
+    return (t * avg + (1 - t) * b).reshape(shape)
