@@ -1,0 +1,226 @@
+"""The spherical family: interpolate along great circles instead of straight lines.
+
+slerp, nuslerp, multislerp and karcher, with MergeKit 0.1.5's names,
+parameters and defaults. Each treats a whole tensor as one vector (nuslerp can
+work row by row); norms are carried separately from directions.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from mergelab.errors import MergeError
+from mergelab.methods import MethodParams, PerModel, merge_method
+
+
+def _unit(v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(v / |v|, |v|) over the last dimension; a near-zero vector keeps norm 1 so it stays finite."""
+    norm = v.norm(dim=-1, keepdim=True)
+    safe = torch.where(norm > eps, norm, torch.ones_like(norm))
+    return v / safe, norm
+
+
+def slerp_vectors(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation of the rows of v0 and v1 (..., d); falls back to lerp when nearly colinear.
+
+    With cos(omega) = <v0/|v0|, v1/|v1|>:
+        slerp(t) = sin((1 - t) omega) / sin(omega) * v0 + sin(t omega) / sin(omega) * v1
+    the coefficients applied to the raw (not normalised) vectors, as MergeKit does.
+    """
+    u0, _ = _unit(v0, eps)
+    u1, _ = _unit(v1, eps)
+    dot = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = dot.abs() > dot_threshold
+    omega = torch.acos(torch.where(colinear, torch.zeros_like(dot), dot))
+    sin_omega = torch.sin(omega)
+    safe_sin = torch.where(colinear, torch.ones_like(sin_omega), sin_omega)
+    c0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * omega) / safe_sin)
+    c1 = torch.where(colinear, torch.full_like(dot, t), torch.sin(t * omega) / safe_sin)
+    return c0 * v0 + c1 * v1
+
+
+class SlerpShared(MethodParams):
+    t: float = Field(description="interpolation factor: 0 gives the base model, 1 the other model")
+
+
+@merge_method("slerp", shared_params=SlerpShared, base="required", min_models=1, max_models=1)
+def slerp(x: Tensor, base: Tensor, p, s: SlerpShared, gen=None) -> Tensor:
+    """Spherical linear interpolation between the base model and one other model.
+
+    omega = arccos(<a/|a|, b/|b|>) over the flattened tensors a = base, b = other,
+    theta = sin((1-t) omega)/sin(omega) a + sin(t omega)/sin(omega) b,
+    and plain linear interpolation when |cos omega| > 0.9995.
+
+    Shoemake 1985, "Animating rotation with quaternion curves"; used for
+    model merging by MergeKit (Goddard et al. 2024, arXiv:2403.13257).
+
+    Args:
+        t (shared, required): 0 returns the base, 1 the other model; usually a
+            gradient over layers or a filter list.
+    """
+    a = base.reshape(1, -1)
+    b = x[0].reshape(1, -1)
+    return slerp_vectors(s.t, a, b).reshape(base.shape)
+
+
+class NuslerpModel(MethodParams):
+    weight: float = Field(description="relative weight of this model; t = w_2 / (w_1 + w_2)")
+
+
+class NuslerpShared(MethodParams):
+    nuslerp_flatten: bool = Field(True, description="treat the whole tensor as one vector")
+    nuslerp_row_wise: bool = Field(False, description="when not flattened: interpolate columns instead of rows")
+
+
+def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, *, row_wise: bool, flatten: bool) -> Tensor:
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    eps = 1e-8
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps ** 2
+    omega = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    sin_omega = torch.where(colinear, torch.ones_like(cos), torch.sin(omega))
+    out = (torch.sin((1 - t) * omega) * v0 + torch.sin(t * omega) * v1) / sin_omega
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if not flatten and row_wise:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+@merge_method("nuslerp", model_params=NuslerpModel, shared_params=NuslerpShared, base="optional",
+              min_models=2, max_models=2)
+def nuslerp(x: Tensor, base: Tensor | None, p: PerModel[NuslerpModel], s: NuslerpShared, gen=None) -> Tensor:
+    """SLERP between exactly two models with relative weights, optionally of task vectors.
+
+    t = w_2 / (w_1 + w_2)   (0.5 when the weights sum to ~0)
+    theta = slerp(t, v_1, v_2)                          without a base
+    theta = base + slerp(t, v_1 - base, v_2 - base)     with a base (task-vector SLERP)
+
+    MergeKit's "NuSLERP" (Goddard et al. 2024, arXiv:2403.13257): slerp over the
+    flattened tensor by default, or over each row (or column) separately.
+
+    Args:
+        weight (per model, required): relative weights w_1, w_2.
+        nuslerp_flatten (shared): one vector per tensor (default true).
+        nuslerp_row_wise (shared): with flatten off, slerp columns instead of rows.
+    """
+    w1, w2 = p.values("weight")
+    total = w1 + w2
+    t = 0.5 if abs(total) < 1e-6 else w2 / total
+    if base is None:
+        return _nuslerp_pair(t, x[0], x[1], row_wise=s.nuslerp_row_wise, flatten=s.nuslerp_flatten)
+    return base + _nuslerp_pair(t, x[0] - base, x[1] - base, row_wise=s.nuslerp_row_wise,
+                                flatten=s.nuslerp_flatten)
+
+
+class MultislerpModel(MethodParams):
+    weight: float = Field(description="weight of this model")
+
+
+class MultislerpShared(MethodParams):
+    normalize_weights: bool = Field(True, description="divide the weights by their sum")
+    eps: float = Field(1e-8, ge=0, description="numerical floor")
+
+
+@merge_method("multislerp", model_params=MultislerpModel, shared_params=MultislerpShared, base="optional")
+def multislerp(x: Tensor, base: Tensor | None, p: PerModel[MultislerpModel], s: MultislerpShared,
+               gen=None) -> Tensor:
+    """Barycentric interpolation of N models on the hypersphere (one tangent-space step).
+
+    u_i = v_i / |v_i| (v_i = theta_i, or theta_i - base with a base),
+    m = normalise(sum_i w_i u_i), tangent g = sum_i w_i (u_i - <u_i, m> m),
+    theta = (cos|g| m + sin|g| g/|g|) * sum_i w_i |v_i|  (+ base).
+
+    MergeKit's Multi-SLERP (Goddard, "multislerp", 2025).
+
+    Args:
+        weight (per model, required): w_i.
+        normalize_weights (shared): w_i / sum_j w_j (default true).
+        eps (shared): floor on norms.
+    """
+    n = x.shape[0]
+    if n == 1:
+        return x[0].clone()
+    v = (x - base if base is not None else x).reshape(n, -1)
+    w = p.tensor("weight", x)
+    if s.normalize_weights:
+        w = w / w.sum()
+    norms = v.norm(dim=-1, keepdim=True)
+    units = v / (norms + s.eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = mean.norm()
+    if mean_norm < s.eps:
+        if n == 2:
+            out = (v[0] * w[0] + v[1] * w[1]).reshape(x.shape[1:])
+            return out + base if base is not None else out
+        raise MergeError("multislerp: the weighted directions cancel out (antipodal models with balancing "
+                         "weights); change the weights")
+    mean = mean / mean_norm
+    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+    g = (tangent * w.view(-1, 1)).sum(0)
+    g_norm = g.norm() + s.eps
+    out = mean * torch.cos(g_norm) + g * (torch.sin(g_norm) / g_norm)
+    out = (out * (norms.squeeze(-1) * w).sum()).reshape(x.shape[1:])
+    return out + base if base is not None else out
+
+
+class KarcherShared(MethodParams):
+    max_iter: int = Field(10, ge=1, description="maximum Riemannian gradient steps")
+    tol: float = Field(1e-5, gt=0, description="stop when the tangent step is shorter than this")
+
+
+@merge_method("karcher", shared_params=KarcherShared)
+def karcher(x: Tensor, base, p, s: KarcherShared, gen=None) -> Tensor:
+    """Karcher (Riemannian) mean of the models' directions on the sphere, times their mean norm.
+
+    Iterate m <- exp_m(sum_i a_i log_m(u_i)) with u_i = theta_i/|theta_i|, uniform
+    a_i = 1/N, log_m(u) = omega/sin(omega) (u - cos(omega) m); then
+    theta = (sum_i a_i |theta_i|) m. Zero models are left out of the direction.
+
+    Karcher 1977, "Riemannian center of mass and mollifier smoothing"; as
+    MergeKit's `karcher` method.
+
+    Args:
+        max_iter (shared): iteration cap (default 10).
+        tol (shared): convergence tolerance (default 1e-5).
+    """
+    n = x.shape[0]
+    if n == 1:
+        return x[0].clone()
+    v = x.reshape(n, -1)
+    norms = v.norm(dim=-1)
+    alphas = [1.0 / n] * n
+    valid = [i for i in range(n) if float(norms[i]) > s.tol]
+    if not valid:
+        return torch.zeros_like(x[0])
+    a_valid = torch.tensor([alphas[i] for i in valid], dtype=v.dtype, device=v.device)
+    a_valid = a_valid / a_valid.sum()
+    units = v[valid] / norms[valid].unsqueeze(-1)
+    mean = (units * a_valid.view(-1, 1)).sum(0)
+    mean = units[0].clone() if float(mean.norm()) < s.tol else mean / mean.norm()
+    for _ in range(s.max_iter):
+        dots = (units @ mean).clamp(-1, 1)
+        omega = torch.arccos(dots)
+        moving = omega >= s.tol
+        factor = torch.where(moving, omega / torch.sin(omega).clamp_min(1e-30), torch.zeros_like(omega))
+        tangent = ((a_valid * factor).unsqueeze(-1) * (units - dots.unsqueeze(-1) * mean)).sum(0)
+        t_norm = tangent.norm()
+        if float(t_norm) < s.tol:
+            break
+        mean = torch.cos(t_norm) * mean + torch.sin(t_norm) * (tangent / t_norm)
+        m_norm = mean.norm()
+        if float(m_norm) > s.tol:
+            mean = mean / m_norm
+    scale = sum(a * float(nrm) for a, nrm in zip(alphas, norms))
+    return (scale * mean).reshape(x.shape[1:])
+
+
+__all__ = ["slerp", "nuslerp", "multislerp", "karcher", "slerp_vectors"]
