@@ -114,6 +114,8 @@ def test_bf16_inputs_match_mergekit_within_bf16_rounding(tmp_path):
     expected = _run_mergekit(text, tmp_path / "mergekit")
     mergelab.merge(text, tmp_path / "mergelab")
     got = _load(tmp_path / "mergelab")
+    mismatched = total = 0
+    inputs = {k: _load(paths[k]) for k in ("base", "a", "b", "c")}
     for key in expected:
         assert got[key].dtype == torch.bfloat16
         # mergekit computes in bf16 when dtype says so; mergelab in float32 then rounds once. Deltas
@@ -121,5 +123,10 @@ def test_bf16_inputs_match_mergekit_within_bf16_rounding(tmp_path):
         # may differ by one trimmed delta; everything else agrees to bf16 rounding.
         g, e = got[key].float(), expected[key].float()
         close = torch.isclose(g, e, rtol=2e-2, atol=2e-3)
-        assert close.float().mean() > 0.995, key
-        assert (g - e).abs().max() <= 0.05 * e.abs().max() + 1e-3, key
+        mismatched += int((~close).sum())
+        total += close.numel()
+        # A trimming decision that differs can also flip the elected sign: at most two task-vector entries apart.
+        largest_delta = torch.stack([(inputs[m][key].float() - inputs["base"][key].float()).abs()
+                                     for m in "abc"]).amax(0)
+        assert ((g - e).abs() <= 2 * largest_delta + 1e-2 * e.abs() + 1e-3).all(), key
+    assert mismatched / total < 0.002, (mismatched, total)

@@ -1,0 +1,381 @@
+"""Task-vector geometry: the data-free quantities `mergelab inspect` reports.
+
+Everything here works on one tensor name at a time, stacked over models:
+
+    weights  (N, *shape)  theta_i
+    deltas   (N, *shape)  tau_i = theta_i - theta_ref, where theta_ref is the base
+                          model, or the mean of the N models when there is none
+
+and returns sums that `GeometrySums` accumulates over the tensors of a layer (or
+of the whole model), so a model is never held in memory at once.
+
+Quantities (all pairwise ones are (N, N)):
+    cosine           <tau_i, tau_j> / (|tau_i| |tau_j|), from the accumulated Gram matrix.
+    sign conflict    among coordinates where at least two task vectors are nonzero,
+                     the share where their nonzero signs do not all agree; also after
+                     TIES-style trimming (Yadav et al., 2023, arXiv:2306.01708) that
+                     keeps each task vector's top-`density` magnitudes per tensor.
+                     "chance" is the rate independent fair-coin signs would give,
+                     sum over contested coordinates of 1 - 2^(1 - m), m = nonzero count.
+    spectral overlap ||U_i^T U_j||_F^2 / min(k_i, k_j) for the top-k left singular
+                     vectors of 2-D task matrices, k = min(8, rank); 1 when one
+                     subspace holds the other, max(k_i, k_j) / rows for random ones.
+                     The subspace view of task interference is that of TSV-Merge
+                     (Gargiulo et al., 2025, arXiv:2412.00081).
+    mass kept        share of a task vector's L1 mass in its top-d magnitudes, the
+                     part a TIES/DARE-style trim at density d keeps (DARE: Yu et al.,
+                     2024, arXiv:2311.03099).
+
+Cost bounds, so that inspecting a 7B model stays a CPU job: trims and masses of
+tensors above EXACT_TOPK_MAX_NUMEL entries use a magnitude threshold estimated from
+a seeded sample; subspaces of matrices wider than SPECTRAL_MAX_DIM are compared on
+an evenly spaced sub-grid, and found by a seeded randomized SVD above EXACT_SVD_MAX_DIM.
+About 6 s per 4096 x 4096 tensor for three models on two cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mergelab.methods.sparsify import keep_count, keep_top_magnitude
+
+SPECTRAL_RANK = 8  # k of the top-k singular subspaces compared
+SPECTRAL_MAX_DIM = 4096  # larger matrices are compared on an evenly spaced sub-grid of rows/columns
+EXACT_SVD_MAX_DIM = 256  # above this (smaller side), a seeded randomized SVD replaces the full one
+MASS_DENSITIES = (0.1, 0.2, 0.5)
+EXACT_TOPK_MAX_NUMEL = 1 << 22  # top-k trims and masses are exact up to this many entries per tensor
+SAMPLE_SIZE = 1 << 20  # above it, magnitude quantiles come from a seeded sample of this many entries
+
+
+def gram(x: Tensor) -> Tensor:
+    """(N, N) float64 matrix of inner products <x_i, x_j> of the flattened rows of x (N, *shape)."""
+    flat = x.reshape(x.shape[0], -1)
+    return (flat @ flat.T).double()
+
+
+def cosine_from_gram(g: Tensor) -> Tensor:
+    """(N, N) cosine similarities from a Gram matrix; NaN where a vector has zero norm."""
+    norms = g.diagonal().clamp(min=0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    return torch.where(denom > 0, g / denom.clamp(min=1e-300), torch.full_like(g, math.nan)).clamp(-1, 1)
+
+
+def sign_conflicts(deltas: Tensor) -> tuple[int, int, float]:
+    """Sign disagreement among task vectors, coordinate by coordinate.
+
+    Args:
+        deltas: (N, *shape) task vectors.
+
+    Returns:
+        (conflicts, contested, chance): contested counts coordinates where at least
+        two rows are nonzero, conflicts those among them holding both a positive and
+        a negative entry, chance the conflicts expected if each nonzero sign were a
+        fair coin flip (a coordinate with m nonzero entries conflicts w.p. 1 - 2^(1-m)).
+    """
+    n = deltas.shape[0]
+    nonzero = (deltas != 0).sum(dim=0, dtype=torch.uint8 if n < 256 else torch.int64)  # (*shape)
+    contested = nonzero >= 2
+    # Both signs present <=> the largest entry is positive and the smallest negative.
+    conflicts = int((contested & (deltas.amax(dim=0) > 0) & (deltas.amin(dim=0) < 0)).sum())
+    chance = sum(int((nonzero == m).sum()) * (1 - 2.0 ** (1 - m)) for m in range(2, n + 1))
+    return conflicts, int(contested.sum()), chance
+
+
+def _magnitude_sample(magnitude: Tensor) -> Tensor:
+    """A seeded uniform sample of SAMPLE_SIZE entries of a big tensor, sorted descending."""
+    gen = torch.Generator().manual_seed(0)
+    index = torch.randint(0, magnitude.numel(), (SAMPLE_SIZE,), generator=gen)
+    return magnitude.reshape(-1)[index].sort(descending=True).values
+
+
+def _samples(deltas: Tensor) -> list[Tensor | None]:
+    """Per row, the sorted magnitude sample used above EXACT_TOPK_MAX_NUMEL entries (None below)."""
+    big = deltas[0].numel() > EXACT_TOPK_MAX_NUMEL
+    return [_magnitude_sample(row.abs()) if big else None for row in deltas]
+
+
+def _keep_mask(row: Tensor, density: float, sample: Tensor | None) -> Tensor:
+    if sample is None:
+        return keep_top_magnitude(row, density)
+    return row.abs() >= sample[max(keep_count(density, SAMPLE_SIZE) - 1, 0)]
+
+
+def trim_top_magnitude(deltas: Tensor, density: float, samples: list[Tensor | None] | None = None) -> Tensor:
+    """Copy of deltas (N, *shape) keeping each row's top-`density` magnitudes (TIES trim), zeros elsewhere.
+
+    Exact (ties broken as in methods.sparsify) up to EXACT_TOPK_MAX_NUMEL entries; above,
+    the magnitude threshold is the quantile of a seeded SAMPLE_SIZE sample, so the kept
+    share is `density` to within about 0.1%. Selecting exactly in a 10^8-entry tensor
+    costs seconds per model, the estimate a fraction of that, and the statistics built
+    on the trim (sign-conflict rates) do not need more precision.
+    """
+    samples = _samples(deltas) if samples is None else samples
+    return torch.stack([torch.where(_keep_mask(row, density, smp), row, 0.0) for row, smp in zip(deltas, samples)])
+
+
+def kept_mass(deltas: Tensor, density: float, samples: list[Tensor | None] | None = None) -> Tensor:
+    """(N,) float64 L1 mass of each row's top-`density` magnitudes (the part a TIES trim keeps).
+
+    Exact up to EXACT_TOPK_MAX_NUMEL entries, above estimated as the share a seeded
+    sample keeps times the row's exact L1 mass (as in trim_top_magnitude).
+    """
+    samples = _samples(deltas) if samples is None else samples
+    out = []
+    for row, sample in zip(deltas, samples):
+        if sample is None:
+            out.append(row.abs()[keep_top_magnitude(row, density)].sum().double())
+            continue
+        sample = sample.double()
+        share = sample[:keep_count(density, SAMPLE_SIZE)].sum() / sample.sum().clamp(min=1e-300)
+        out.append(share * row.abs().sum().double())
+    return torch.stack(out)
+
+
+def _even_indices(n: int, limit: int) -> Tensor:
+    # The same evenly spaced sub-grid for every model, so subspaces stay comparable.
+    return torch.linspace(0, n - 1, limit).round().long() if n > limit else torch.arange(n)
+
+
+def top_left_singular(m: Tensor, k_max: int = SPECTRAL_RANK, *, seed: int = 0) -> Tensor:
+    """(rows, k) orthonormal top-k left singular vectors of m, k = min(k_max, numerical rank).
+
+    Uses a full SVD when the smaller side is at most EXACT_SVD_MAX_DIM, otherwise a
+    randomized range finder with two power iterations (Halko et al., 2011,
+    arXiv:0909.4061) seeded by `seed`, so results do not depend on global RNG state.
+    """
+    rows, cols = m.shape
+    if min(rows, cols) <= EXACT_SVD_MAX_DIM:
+        u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    else:
+        q = min(k_max + 8, rows, cols)  # oversampling makes the top-k estimate accurate
+        gen = torch.Generator().manual_seed(seed)
+        basis = torch.linalg.qr(m @ torch.randn(cols, q, generator=gen, dtype=m.dtype)).Q
+        for _ in range(2):  # power iterations sharpen a slowly decaying spectrum
+            basis = torch.linalg.qr(m @ (m.T @ basis)).Q
+        u_small, s, _ = torch.linalg.svd(basis.T @ m, full_matrices=False)
+        u = basis @ u_small
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return u[:, :0]
+    tol = float(s[0]) * max(rows, cols) * torch.finfo(torch.float32).eps
+    k = min(k_max, int((s > tol).sum()))
+    return u[:, :k]
+
+
+def spectral_overlap(mats: Tensor, k_max: int = SPECTRAL_RANK, *,
+                     max_dim: int = SPECTRAL_MAX_DIM) -> tuple[Tensor, Tensor]:
+    """Pairwise overlap of the top singular subspaces of 2-D task matrices.
+
+    overlap_ij = ||U_i^T U_j||_F^2 / min(k_i, k_j), U_i the top-k_i left singular
+    vectors of mats[i], k_i = min(k_max, rank). Matrices with a side above
+    `max_dim` are compared on the same evenly spaced sub-grid of rows and columns.
+
+    Args:
+        mats: (N, rows, cols) task matrices.
+
+    Returns:
+        (overlap, chance), both (N, N) float64 with NaN where a matrix is zero;
+        chance_ij = max(k_i, k_j) / rows is the expected overlap of random subspaces.
+    """
+    rows, cols = mats.shape[1:]
+    sub = mats[:, _even_indices(rows, max_dim)][:, :, _even_indices(cols, max_dim)]
+    bases = [top_left_singular(sub[i], k_max, seed=i) for i in range(sub.shape[0])]
+    n, r = len(bases), sub.shape[1]
+    overlap = torch.full((n, n), math.nan, dtype=torch.float64)
+    chance = torch.full((n, n), math.nan, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            ki, kj = bases[i].shape[1], bases[j].shape[1]
+            if ki and kj:
+                overlap[i, j] = float((bases[i].T @ bases[j]).square().sum()) / min(ki, kj)
+                chance[i, j] = max(ki, kj) / r
+    return overlap, chance
+
+
+@dataclasses.dataclass
+class GeometrySums:
+    """Running sums of the geometry of N task vectors over a set of tensors (a layer, a kind, the model).
+
+    Pairwise cosines come from summed Gram matrices, so they are those of the
+    concatenated tensors; spectral overlaps are averaged over the 2-D tensors.
+    """
+
+    n_models: int
+    n_tensors: int = 0
+    n_params: int = 0
+    ref_sq: float = 0.0  # |theta_ref|^2: the base, or the mean of the models
+    conflicts: list[float] = dataclasses.field(default_factory=lambda: [0, 0, 0.0])  # conflicts, contested, chance
+    trimmed: list[float] = dataclasses.field(default_factory=lambda: [0, 0, 0.0])  # the same after trimming
+    # Tensors below are zeros of the right shape until tensor_geometry or add() fills them.
+    weight_gram: Tensor = dataclasses.field(init=False)  # (N, N) float64
+    task_gram: Tensor = dataclasses.field(init=False)  # (N, N) float64
+    mass_total: Tensor = dataclasses.field(init=False)  # (N,) L1 mass of each task vector
+    mass_kept: dict[float, Tensor] = dataclasses.field(init=False)  # density -> (N,)
+    overlap_sum: Tensor = dataclasses.field(init=False)  # (N, N) sum over 2-D tensors where defined
+    overlap_count: Tensor = dataclasses.field(init=False)  # (N, N) how many tensors were summed
+    chance_sum: Tensor = dataclasses.field(init=False)  # (N, N) summed chance levels of the same
+
+    def __post_init__(self) -> None:
+        n = self.n_models
+        self.weight_gram = torch.zeros(n, n, dtype=torch.float64)
+        self.task_gram = torch.zeros(n, n, dtype=torch.float64)
+        self.mass_total = torch.zeros(n, dtype=torch.float64)
+        self.mass_kept = {d: torch.zeros(n, dtype=torch.float64) for d in MASS_DENSITIES}
+        self.overlap_sum = torch.zeros(n, n, dtype=torch.float64)
+        self.overlap_count = torch.zeros(n, n, dtype=torch.float64)
+        self.chance_sum = torch.zeros(n, n, dtype=torch.float64)
+
+    def add(self, other: GeometrySums) -> None:
+        """Add another set of sums (e.g. one tensor's) into this one."""
+        self.n_tensors += other.n_tensors
+        self.n_params += other.n_params
+        self.ref_sq += other.ref_sq
+        for mine, theirs in ((self.conflicts, other.conflicts), (self.trimmed, other.trimmed)):
+            for i in range(3):
+                mine[i] += theirs[i]
+        for name in ("weight_gram", "task_gram", "mass_total", "overlap_sum", "overlap_count", "chance_sum"):
+            getattr(self, name).add_(getattr(other, name))
+        for d in MASS_DENSITIES:
+            self.mass_kept[d].add_(other.mass_kept[d])
+
+
+def tensor_geometry(weights: Tensor, reference: Tensor, density: float, *, spectral: bool = True) -> GeometrySums:
+    """The geometry sums of one tensor name.
+
+    Args:
+        weights: (N, *shape) float32 weights of the N models; not modified.
+        reference: (*shape) the base tensor, or the models' mean when there is no base.
+        density: share kept by the TIES-style trim before the second sign-conflict count.
+        spectral: compute spectral overlap for 2-D tensors (skipped for embeddings, say).
+    """
+    sums = GeometrySums(weights.shape[0], n_tensors=1, n_params=reference.numel())
+    sums.weight_gram = gram(weights)
+    sums.ref_sq = float(reference.double().square().sum())
+    deltas = weights - reference  # (N, *shape)
+    sums.task_gram = gram(deltas)
+    sums.conflicts = list(sign_conflicts(deltas))
+    samples = _samples(deltas)  # one magnitude sample per row, shared by the trim and the masses
+    sums.trimmed = list(sign_conflicts(trim_top_magnitude(deltas, density, samples)))
+    sums.mass_total = deltas.reshape(deltas.shape[0], -1).abs().sum(dim=1).double()
+    sums.mass_kept = {d: kept_mass(deltas, d, samples) for d in MASS_DENSITIES}
+    if spectral and deltas.dim() == 3:
+        overlap, chance = spectral_overlap(deltas)
+        defined = ~overlap.isnan()
+        sums.overlap_sum = torch.where(defined, overlap, 0.0)
+        sums.overlap_count = defined.double()
+        sums.chance_sum = torch.where(defined, chance, 0.0)
+    return sums
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def _matrix(t: torch.Tensor) -> list[list[float | None]]:
+    return [[_none_if_nan(v) for v in row] for row in t.tolist()]
+
+
+def _mean_offdiag(m: list[list[float | None]] | None) -> float | None:
+    if m is None:
+        return None
+    vals = [v for i, row in enumerate(m) for j, v in enumerate(row) if i < j and v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+@dataclasses.dataclass
+class GroupStats:
+    """Geometry of one group of tensors (a layer, a kind, or the whole model); plain data.
+
+    Per-model lists are in the order of `InspectReport.models`; matrices are (N, N)
+    with None where undefined (a zero task vector). Rates are shares in [0, 1].
+    """
+
+    name: str
+    n_tensors: int
+    n_params: int
+    weight_norm: list[float]
+    task_norm: list[float]
+    reference_norm: float  # norm of the base (or of the models' mean) over this group
+    weight_cosine: list[list[float | None]]
+    task_cosine: list[list[float | None]]
+    sign_conflict: float | None
+    sign_conflict_chance: float | None  # the rate independent random signs would give
+    sign_conflict_trimmed: float | None
+    sign_conflict_trimmed_chance: float | None
+    spectral_overlap: list[list[float | None]] | None  # None: no 2-D tensor in the group
+    spectral_overlap_chance: float | None
+    mass_kept: dict[str, list[float | None]]  # density -> share of each task vector's L1 mass kept
+
+    @classmethod
+    def from_sums(cls, name: str, s: GeometrySums) -> GroupStats:
+        conflicts, contested, chance = s.conflicts
+        t_conflicts, t_contested, t_chance = s.trimmed
+        defined = s.overlap_count > 0
+        overlap = torch.where(defined, s.overlap_sum / s.overlap_count.clamp(min=1), math.nan)
+        pairs = defined & ~torch.eye(s.n_models, dtype=torch.bool)  # the chance level of distinct pairs
+        chance_level = s.chance_sum[pairs].sum() / s.overlap_count[pairs].sum() if pairs.any() else None
+        return cls(
+            name=name, n_tensors=s.n_tensors, n_params=s.n_params,
+            weight_norm=s.weight_gram.diagonal().sqrt().tolist(),
+            task_norm=s.task_gram.diagonal().sqrt().tolist(),
+            reference_norm=math.sqrt(s.ref_sq),
+            weight_cosine=_matrix(cosine_from_gram(s.weight_gram)),
+            task_cosine=_matrix(cosine_from_gram(s.task_gram)),
+            sign_conflict=_ratio(conflicts, contested), sign_conflict_chance=_ratio(chance, contested),
+            sign_conflict_trimmed=_ratio(t_conflicts, t_contested),
+            sign_conflict_trimmed_chance=_ratio(t_chance, t_contested),
+            spectral_overlap=_matrix(overlap) if defined.any() else None,
+            spectral_overlap_chance=None if chance_level is None else float(chance_level),
+            mass_kept={str(d): [_ratio(float(k), float(t)) for k, t in zip(s.mass_kept[d], s.mass_total)]
+                       for d in MASS_DENSITIES},
+        )
+
+    @property
+    def mean_task_cosine(self) -> float | None:
+        return _mean_offdiag(self.task_cosine)
+
+    @property
+    def mean_weight_cosine(self) -> float | None:
+        return _mean_offdiag(self.weight_cosine)
+
+    @property
+    def mean_spectral_overlap(self) -> float | None:
+        return _mean_offdiag(self.spectral_overlap)
+
+    @property
+    def trimmed_conflict_ratio(self) -> float | None:
+        """Trimmed sign-conflict rate over its chance level: 0 all signs agree, 1 as random as coin flips."""
+        if self.sign_conflict_trimmed is None or not self.sign_conflict_trimmed_chance:
+            return None
+        return self.sign_conflict_trimmed / self.sign_conflict_trimmed_chance
+
+    @property
+    def excess_overlap(self) -> float | None:
+        """Mean spectral overlap rescaled so that random subspaces give 0 and identical ones 1."""
+        o, c = self.mean_spectral_overlap, self.spectral_overlap_chance
+        if o is None or c is None or c >= 1:
+            return None
+        return (o - c) / (1 - c)
+
+    @property
+    def relative_task_norm(self) -> float | None:
+        """Mean over models of |tau_i| / |theta_ref|: how far the models moved."""
+        return sum(self.task_norm) / len(self.task_norm) / self.reference_norm if self.reference_norm else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("mean_task_cosine", "mean_weight_cosine", "mean_spectral_overlap",
+                    "trimmed_conflict_ratio", "excess_overlap", "relative_task_norm"):
+            out[key] = getattr(self, key)
+        return out

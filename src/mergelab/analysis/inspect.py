@@ -1,0 +1,319 @@
+"""`inspect`: data-free diagnostics of models about to be merged, streamed tensor by tensor.
+
+`inspect_models` reads the N models (and the base, if any) one tensor name at a
+time, computes the task-vector geometry of that tensor (analysis/geometry.py)
+and adds it to the sums of its layer, of its kind (attention, mlp, embedding,
+norm, other) and of the whole model. Memory holds one tensor name at a time:
+about 3N + 1 float32 copies of the largest tensor (weights, task vectors, trimmed
+task vectors), never a whole model. `recommend` turns the report into merge-method suggestions with their
+reasons; `render_inspect` draws it as rich tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from mergelab.analysis.geometry import MASS_DENSITIES, GeometrySums, GroupStats, tensor_geometry
+from mergelab.checkpoint.reader import Checkpoint, layer_index
+from mergelab.errors import MergeError, ShapeMismatch
+
+KINDS = ("attention", "mlp", "embedding", "norm", "other")
+_KIND_PATTERNS = (  # first match wins; matched against dotted name components
+    ("norm", re.compile(r"norm|^ln_?\w*$")),
+    ("attention", re.compile(r"attn|attention|^(q|k|v|o|qkv)_proj$|^(query|key|value|c_attn|wqkv|wq|wk|wv|wo)$")),
+    ("mlp", re.compile(r"mlp|ffn|feed_forward|^(up|gate|down|gate_up)_proj$|^(fc1|fc2|c_fc|w1|w2|w3)$"
+                       r"|dense_h_to_4h|dense_4h_to_h|experts|intermediate")),
+    ("embedding", re.compile(r"embed|^wte$|^wpe$|^lm_head$|^word_embeddings$")),
+)
+
+
+def tensor_kind(name: str) -> str:
+    """attention, mlp, embedding, norm or other, from the components of a tensor name."""
+    parts = name.split(".")
+    for kind, pattern in _KIND_PATTERNS:
+        if any(pattern.search(part) for part in parts):
+            return kind
+    return "other"
+
+
+@dataclasses.dataclass
+class InspectReport:
+    """What `inspect_models` found; `to_dict()` is JSON-ready."""
+
+    models: list[str]
+    base: str | None
+    reference: str  # "base": task vectors from the base; "mean": deviations from the models' mean
+    density: float
+    groups: list[GroupStats]  # layers in index order, then each non-layer tensor on its own
+    kinds: dict[str, GroupStats]  # attention / mlp / embedding / norm / other, those present
+    overall: GroupStats
+    skipped: list[dict[str, str]]  # {"tensor": name, "reason": why it was not analysed}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "models": self.models, "base": self.base, "reference": self.reference, "density": self.density,
+            "overall": self.overall.to_dict(),
+            "kinds": {k: g.to_dict() for k, g in self.kinds.items()},
+            "groups": [g.to_dict() for g in self.groups],
+            "skipped": self.skipped,
+        }
+
+
+def _open(model: str | Path | Mapping[str, torch.Tensor], label: str,
+          opened: contextlib.ExitStack) -> tuple[str, Mapping[str, torch.Tensor]]:
+    """(label, mapping): a path opens as a lazy Checkpoint (closed with `opened`); a mapping is used as is."""
+    if isinstance(model, Checkpoint):
+        return str(model.path), model
+    if isinstance(model, Mapping):
+        return label, model
+    return str(model), opened.enter_context(Checkpoint(model))
+
+
+def _shape(mapping: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    return tuple(mapping.shape(name)) if isinstance(mapping, Checkpoint) else tuple(mapping[name].shape)
+
+
+def _is_float(mapping: Mapping[str, torch.Tensor], name: str) -> bool:
+    dtype = mapping.dtype(name) if isinstance(mapping, Checkpoint) else mapping[name].dtype
+    return dtype.is_floating_point
+
+
+def _plan(sources: list[tuple[str, Mapping]]) -> tuple[list[str], list[dict[str, str]]]:
+    """Names to analyse (those every input holds, floating point) and the rest with reasons; checks shapes."""
+    first_label, first = sources[0]
+    skipped = []
+    for label, mapping in sources[1:]:
+        skipped += [{"tensor": n, "reason": f"absent from {first_label}"} for n in mapping if n not in first]
+    names, mismatches = [], []
+    for name in first:
+        absent = [label for label, m in sources[1:] if name not in m]
+        if absent:
+            skipped.append({"tensor": name, "reason": f"absent from {', '.join(absent)}"})
+            continue
+        want = _shape(first, name)
+        mismatches += [f"{label} tensor {name} has shape {_shape(m, name)}, {first_label} has {want}"
+                       for label, m in sources[1:] if _shape(m, name) != want]
+        if not all(_is_float(m, name) for _, m in sources):
+            skipped.append({"tensor": name, "reason": "not floating point (an integer buffer)"})
+        else:
+            names.append(name)
+    if mismatches:
+        more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+        raise ShapeMismatch("; ".join(mismatches[:3]) + more + ". inspect compares models of one architecture: "
+                            "pass fine-tunes of the same model (and its base).")
+    return names, skipped
+
+
+def _group_of(name: str) -> tuple[int, int | str]:
+    """Sort key and identity of a tensor's group: (0, block index) for layers, (1, name) otherwise."""
+    index = layer_index(name)
+    return (1, name) if index is None else (0, index)
+
+
+def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: list[str], density: float
+                ) -> tuple[dict[tuple, GeometrySums], dict[str, GeometrySums], GeometrySums]:
+    """Geometry sums per group, per kind and overall, reading one tensor name at a time."""
+    n = len(models)
+    groups: dict[tuple, GeometrySums] = {}
+    kinds: dict[str, GeometrySums] = {}
+    overall = GeometrySums(n)
+    for name in names:
+        weights = torch.stack([m[name].float() for _, m in models])  # (N, *shape)
+        reference = base[name].float() if base is not None else weights.mean(dim=0)
+        sums = tensor_geometry(weights, reference, density)
+        del weights, reference  # keep at most one tensor name in memory
+        groups.setdefault(_group_of(name), GeometrySums(n)).add(sums)
+        kinds.setdefault(tensor_kind(name), GeometrySums(n)).add(sums)
+        overall.add(sums)
+    return groups, kinds, overall
+
+
+def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
+                   base: str | Path | Mapping[str, torch.Tensor] | None = None, *,
+                   density: float = 0.2) -> InspectReport:
+    """Data-free geometry of the task vectors of `paths`, per layer, per kind and overall.
+
+    Args:
+        paths: model checkpoints (anything `Checkpoint` opens) or state dicts, all of
+            one architecture.
+        base: the model they were fine-tuned from. Without it, task vectors are the
+            deviations from the models' mean; those of two models are exact opposites
+            (cosine -1), so pairwise task-vector numbers only mean something with a base.
+        density: share kept by the TIES-style trim before the trimmed sign-conflict count.
+
+    Raises:
+        ShapeMismatch: a tensor has different shapes in two inputs.
+        MergeError: fewer than two models (one with a base), or density outside (0, 1].
+    """
+    if not 0 < density <= 1:
+        raise MergeError(f"inspect: density must be in (0, 1], got {density}")
+    if len(paths) < (1 if base is not None else 2):
+        raise MergeError("inspect needs at least two models, or one model and --base")
+    with contextlib.ExitStack() as opened:
+        models = [_open(p, f"model_{i}", opened) for i, p in enumerate(paths)]
+        base_src = _open(base, "base", opened) if base is not None else None
+        names, skipped = _plan(models + ([base_src] if base_src else []))
+        groups, kinds, overall = _accumulate(models, base_src[1] if base_src else None, names, density)
+    return InspectReport(
+        models=[label for label, _ in models], base=base_src[0] if base_src else None,
+        reference="base" if base_src else "mean", density=density,
+        groups=[GroupStats.from_sums(f"layer {key[1]}" if key[0] == 0 else str(key[1]), groups[key])
+                for key in sorted(groups)],
+        kinds={k: GroupStats.from_sums(k, kinds[k]) for k in KINDS if k in kinds},
+        overall=GroupStats.from_sums("overall", overall), skipped=skipped,
+    )
+
+
+# ----------------------------------------------------------------------------- recommendation
+
+LINEAR_MIN_COSINE = 0.9
+"""Mean pairwise task-vector cosine above which the models moved in nearly one direction:
+a plain average (linear) keeps almost all of each task vector, nothing to resolve."""
+
+CLOSE_MODELS_MIN_WEIGHT_COSINE = 0.9
+"""Without a base: mean pairwise cosine of the weights above which the models are close
+enough that linear (or slerp, for two) is the natural merge."""
+
+SHARED_ORIGIN_MIN_WEIGHT_COSINE = 0.5
+"""Without a base: below this weight cosine the models look trained from different
+initialisations, whose average usually fails unless their units are aligned first."""
+
+SIGN_CONFLICT_HIGH = 0.5
+"""Trimmed sign-conflict rate in the MLP layers, as a share of the chance rate (independent
+random signs), at or above which sign election (ties, dare_ties) is worth it: 0.5 is about
+the conflict rate of Gaussian task vectors with cosine 0.7, where cancellation under a
+plain sum starts to cost."""
+
+OVERLAP_HIGH = 0.3
+"""Excess spectral overlap (0: random subspaces, 1: identical) at or above which the tasks
+share singular directions, the interference TSV and Iso-CTS are designed to remove."""
+
+OVERLAP_LOW = 0.1
+"""Excess spectral overlap at or below which task subspaces are nearly orthogonal, so task
+vectors add with little interference and task_arithmetic is enough."""
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _recommend_without_base(r: InspectReport) -> list[str]:
+    cos = r.overall.mean_weight_cosine
+    extra = ("pass --base (the model they were fine-tuned from) for task-vector diagnostics and for "
+             "ties / dare_ties / tsv / task_arithmetic, which need it")
+    if cos is not None and cos >= CLOSE_MODELS_MIN_WEIGHT_COSINE:
+        first = (f"linear (or slerp for two models): mean weight cosine {cos:.3f} >= "
+                 f"{CLOSE_MODELS_MIN_WEIGHT_COSINE}; the models are close, a weight average should hold")
+    elif cos is not None and cos < SHARED_ORIGIN_MIN_WEIGHT_COSINE:
+        first = (f"do not average as is: mean weight cosine {cos:.3f} < {SHARED_ORIGIN_MIN_WEIGHT_COSINE}; the "
+                 "models look trained from different starts, align their units (permutation alignment) first")
+    else:
+        first = (f"linear or slerp, with care: mean weight cosine {cos if cos is None else round(cos, 3)} is "
+                 "moderate; check the merge on data (`mergelab analyze` barrier) before trusting it")
+    return [first, extra]
+
+
+def recommend(report: InspectReport) -> list[str]:
+    """Merge methods suggested by an inspect report, most suitable first, each with its reason.
+
+    Rules (thresholds are the module constants above):
+      * mean task-vector cosine >= LINEAR_MIN_COSINE: linear.
+      * trimmed sign-conflict rate of the MLP tensors (all tensors if no MLP is
+        recognised) >= SIGN_CONFLICT_HIGH x chance: ties or dare_ties.
+      * excess spectral overlap >= OVERLAP_HIGH: tsv or iso_cts; <= OVERLAP_LOW: task_arithmetic.
+      * none of these: task_arithmetic as the default, tuned by its scaling curve.
+    Without a base only weight cosines are meaningful: linear/slerp, or a warning.
+    """
+    if report.reference != "base":
+        return _recommend_without_base(report)
+    o = report.overall
+    if len(o.task_norm) < 2:
+        return ["task_arithmetic: one fine-tune, nothing to reconcile; tune its scale with a scaling curve"]
+    out = []
+    cos = o.mean_task_cosine
+    if cos is not None and cos >= LINEAR_MIN_COSINE:
+        out.append(f"linear: mean task-vector cosine {cos:.3f} >= {LINEAR_MIN_COSINE}; the fine-tunes moved "
+                   "in nearly the same direction, so plain averaging is enough")
+    mlp = report.kinds.get("mlp", o)
+    ratio = mlp.trimmed_conflict_ratio
+    if ratio is not None and ratio >= SIGN_CONFLICT_HIGH:
+        where = "MLP layers" if "mlp" in report.kinds else "tensors"
+        out.append(f"ties or dare_ties: after trimming to density {report.density}, {_pct(mlp.sign_conflict_trimmed)}"
+                   f" of contested coordinates in the {where} disagree in sign ({ratio:.2f} x chance, threshold "
+                   f"{SIGN_CONFLICT_HIGH}); electing a sign keeps them from cancelling"
+                   f"{_density_hint(o)}")
+    excess = o.excess_overlap
+    if excess is not None and excess >= OVERLAP_HIGH:
+        out.append(f"tsv or iso_cts: task subspaces overlap (mean top-k overlap {o.mean_spectral_overlap:.2f}, "
+                   f"{excess:.2f} above chance on a 0-1 scale, threshold {OVERLAP_HIGH}); decorrelating or "
+                   "isotropising the shared singular directions reduces interference")
+    elif excess is not None and excess <= OVERLAP_LOW:
+        out.append(f"task_arithmetic: task subspaces barely overlap (excess overlap {excess:.2f} <= {OVERLAP_LOW});"
+                   " the task vectors add with little interference")
+    if not out:
+        out.append("task_arithmetic: no strong signal (moderate cosine, few sign conflicts, moderate overlap); "
+                   "start from a scaled sum and pick lambda with `mergelab analyze` scaling curves")
+    return out
+
+
+def _density_hint(o: GroupStats) -> str:
+    parts = []
+    for d, vals in o.mass_kept.items():
+        vals = [v for v in vals if v is not None]
+        if vals:
+            parts.append(f"{d} keeps {_pct(sum(vals) / len(vals))}")
+    return "; trimming to density " + ", ".join(parts) + " of the task-vector L1 mass" if parts else ""
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def short_names(labels: Sequence[str]) -> list[str]:
+    """Last path component of each label when those are unique, else the labels as given."""
+    leaves = [Path(label).name or label for label in labels]
+    return leaves if len(set(leaves)) == len(leaves) else list(labels)
+
+
+def render_inspect(report: InspectReport, recommendations: list[str] | None = None) -> list[Table]:
+    """rich Tables: per group, per model pair (overall), and the recommendation."""
+    n = len(report.models)
+    per_group = Table(title=f"Task-vector geometry per layer (task vectors from the {report.reference})")
+    for col in ("group", "params", "|tau|/|ref|", "cos(tau)", "sign conflict",
+                f"conflict @{report.density}", "spectral overlap", *(f"mass @{d}" for d in MASS_DENSITIES)):
+        per_group.add_column(col, justify="left" if col == "group" else "right")
+    summaries = [*report.kinds.values(), report.overall]  # drawn in bold below the layers
+    for g in [*report.groups, *summaries]:
+        mass = [[v for v in g.mass_kept[str(d)] if v is not None] for d in MASS_DENSITIES]
+        per_group.add_row(
+            f"[bold]{g.name}[/bold]" if any(g is x for x in summaries) else g.name, f"{g.n_params:,}",
+            _f(g.relative_task_norm), _f(g.mean_task_cosine), _pct(g.sign_conflict),
+            _pct(g.sign_conflict_trimmed), _f(g.mean_spectral_overlap, 2),
+            *(_pct(sum(m) / len(m)) if m else "-" for m in mass))
+    pairs = Table(title="Model pairs (whole model)")
+    for col in ("model i", "model j", "weight cosine", "task-vector cosine", "spectral overlap"):
+        pairs.add_column(col, justify="right" if "cos" in col or "overlap" in col else "left")
+    o = report.overall
+    names = short_names(report.models)
+    for i in range(n):
+        for j in range(i + 1, n):
+            overlap = None if o.spectral_overlap is None else o.spectral_overlap[i][j]
+            pairs.add_row(names[i], names[j], _f(o.weight_cosine[i][j]),
+                          _f(o.task_cosine[i][j]), _f(overlap, 2))
+    advice = Table(title="Recommendation", show_lines=True)
+    advice.add_column("#", justify="right")
+    advice.add_column("method and reason")
+    for k, line in enumerate(recommendations if recommendations is not None else recommend(report), 1):
+        advice.add_row(str(k), line)
+    return [per_group, pairs, advice]

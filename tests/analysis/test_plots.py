@@ -1,0 +1,51 @@
+"""Each plot writes a PNG of the expected size, from results computed here."""
+
+from __future__ import annotations
+
+import matplotlib.image
+import pytest
+import torch
+from torch import nn
+
+from mergelab.analysis.inspect import inspect_models
+from mergelab.analysis.paths import interpolation_path, plane, scaling_curve
+from mergelab.analysis.plots import plot_layer_similarity, plot_path, plot_plane, plot_scaling_curve
+from mergelab.errors import MergeError
+
+
+class Vector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+
+def bowl(model):
+    t = model.theta.detach()
+    return {"loss": float(t.square().sum()), "accuracy": float(1 / (1 + t.square().sum()))}
+
+
+def sd(*v):
+    return {"theta": torch.tensor(v, dtype=torch.float64)}
+
+
+def check_png(path, width, height):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == (height, width)  # figure size in inches x 120 dpi
+
+
+def test_all_plots_write_pngs(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(6, 4, generator=g) for i in range(3)}
+    models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    report = inspect_models(models, base)
+    assert [g.name for g in report.groups] == ["layer 0", "layer 1", "layer 2"]
+    check_png(plot_layer_similarity(report, tmp_path / "sim.png"), 720, int(120 * (1.5 + 0.45 * 3 + 0.07 * 7)))
+    check_png(plot_path(interpolation_path(Vector(), sd(-1, 0), sd(1, 1), bowl, points=5), tmp_path / "p.png"),
+              720, 480)
+    curve = scaling_curve(Vector(), sd(0, 0), [sd(1, 1)], bowl, [0.0, 0.5])
+    check_png(plot_scaling_curve(curve, tmp_path / "nested" / "s.png"), 720, 480)
+    result = plane(Vector(), sd(0, 0), sd(1, 0), sd(0, 1), bowl, grid=4, extra={"m": sd(0.5, 0.5)})
+    check_png(plot_plane(result, tmp_path / "plane.png"), 720, 600)
+    with pytest.raises(MergeError, match="'nope' was not evaluated"):
+        plot_plane(result, tmp_path / "bad.png", metric="nope")
