@@ -26,7 +26,7 @@ from mergelab.progress import ByteProgress
 
 # Elementwise merges of tensors above this many elements run in row chunks of
 # about this size: bounded scratch memory whatever the embedding size.
-CHUNK_ELEMENTS = 64 * 1024 * 1024
+CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -109,26 +109,35 @@ def _work_items(plan: Plan) -> Iterator[tuple[Job, tuple[int, int] | None]]:
 
 def compute(plan: Plan, job: Job, tensors: dict[TensorRef, torch.Tensor], device: torch.device,
             seed: int | None, chunk: tuple[int, int] | None) -> torch.Tensor:
-    """Run the method of `job` on its input tensors; returns the output on CPU in the output dtype."""
+    """Run the method of `job` on its input tensors; returns the output on CPU in the output dtype.
+
+    `tensors` is consumed: inputs are dropped as soon as they are converted, so
+    peak memory is the float32 stack plus the method's own scratch.
+    """
     if job.copy:
-        return tensors[job.rows[0]].to(job.dtype)
+        return tensors.pop(job.rows[0]).to(job.dtype)
     spec = plan.recipe.method
-    compute_dtype = plan.recipe.compute_dtype
+    cdtype = plan.recipe.compute_dtype
     fill = tensors.get(job.vocab_fill) if job.vocab_fill is not None else None
 
-    def prep(ref: TensorRef) -> torch.Tensor:
-        t = tensors[ref]
-        if job.vocab_rows is not None:
-            t = _fit_vocab(t, job, fill, job.vocab_rows)
-        return t.to(device=device, dtype=compute_dtype)
+    def take(ref: TensorRef) -> torch.Tensor:
+        t = tensors[ref] if ref == job.vocab_fill else tensors.pop(ref)
+        return _fit_vocab(t, job, fill, job.vocab_rows) if job.vocab_rows is not None else t
 
-    x = torch.stack([prep(r) for r in job.rows])
-    base = prep(job.base) if job.base is not None else None
+    first = tensors[job.rows[0]]
+    shape = (job.vocab_rows, *first.shape[1:]) if job.vocab_rows is not None else tuple(first.shape)
+    # One pass per input: dtype conversion straight into the stacked buffer, no separate stack copy.
+    x = torch.empty((len(job.rows), *shape), dtype=cdtype, device=device)
+    for i, ref in enumerate(job.rows):
+        x[i].copy_(take(ref))
+    base = take(job.base).to(device=device, dtype=cdtype) if job.base is not None else None
+    tensors.clear()
     gen = None
     if spec.randomized:
         key = job.name if chunk is None else f"{job.name}[{chunk[0]}:{chunk[1]}]"
         gen = make_generator(seed, key, device)
     out = spec.fn(x, base, PerModel(job.model_params), job.shared, gen)
+    del x, base
     return out.to(dtype=job.dtype).cpu()
 
 
@@ -146,19 +155,26 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
     with CheckpointWriter(out_dir, layout, shard_size=shard_size, overwrite=overwrite,
                           protected=protected) as writer, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-prefetch") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as write_pool, \
             ByteProgress(len(plan.jobs), plan.bytes_read, enabled=show_progress) as progress:
         pending: Future | None = pool.submit(reader.read_job, *items[0]) if items else None
+        written: Future | None = None
         for i, (job, rows) in enumerate(items):
             tensors = pending.result()
             pending = pool.submit(reader.read_job, *items[i + 1]) if i + 1 < len(items) else None
-            out = compute(plan, job, tensors, dev, seed, rows)
-            if rows is None:
-                writer.write(job.name, out)
-            else:
-                writer.write_rows(job.name, rows[0], out)
             nread = sum(t.numel() * t.element_size() for t in tensors.values())
-            del tensors, out
+            out = compute(plan, job, tensors, dev, seed, rows)
+            del tensors
+            if written is not None:
+                written.result()  # at most one output in flight: bounded memory, errors surface here
+            if rows is None:
+                written = write_pool.submit(writer.write, job.name, out)
+            else:
+                written = write_pool.submit(writer.write_rows, job.name, rows[0], out)
+            del out
             progress.advance(nread, done=rows is None or rows[1] == job.shape[0])
+        if written is not None:
+            written.result()
         report = RunReport(
             out_dir=out_dir, tensors=len(plan.jobs),
             merged=sum(1 for j in plan.jobs if not j.copy),

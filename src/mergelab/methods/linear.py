@@ -44,14 +44,14 @@ def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearSh
     x: (N, *shape); returns (*shape).
     """
     w = p.tensor("weight", x)
-    out = (x * _bcast(w, x)).sum(0)
     if s.normalize:
         total = float(w.sum())
         if abs(total) < 1e-8:
             raise MergeError("linear: the weights sum to zero, so they cannot be normalised; "
                              "change the weights or set `normalize: false`")
-        out = out / total
-    return out
+        w = w / total
+    # One pass over x: (N,) . (N, M) as a matrix-vector product.
+    return torch.tensordot(w, x, dims=1)
 
 
 class PassthroughModel(MethodParams):
@@ -72,7 +72,8 @@ def passthrough(x: Tensor, base: Tensor | None, p: PerModel[PassthroughModel], s
 
 
 class NearswapShared(MethodParams):
-    t: float = Field(description="similarity threshold: how close the values must be to take the other model's")
+    # MergeKit accepts any t, but a negative one silently returns the base everywhere: reject it.
+    t: float = Field(ge=0, description="distance below which the other model's value is taken as is")
 
 
 @merge_method("nearswap", shared_params=NearswapShared, base="required", min_models=1, max_models=1,
@@ -86,7 +87,7 @@ def nearswap(x: Tensor, base: Tensor, p, s: NearswapShared, gen=None) -> Tensor:
     Nearswap as defined by MergeKit (alchemonaut, QuartetAnemoi-70B-t0.0001, 2024).
 
     Args:
-        t (shared, required): the distance below which v replaces the base entirely.
+        t (shared, required, >= 0): the distance below which v replaces the base entirely.
     """
     v = x[0]
     w = (s.t / (base - v).abs().clamp_min(1e-6)).clamp(0, 1)
@@ -129,6 +130,8 @@ def model_stock(x: Tensor, base: Tensor, p, s: ModelStockShared, gen=None) -> Te
     c = torch.stack(cos).mean(0).unsqueeze(-1)
     denom = 1 + (n - 1) * c
     singular = denom.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(denom), denom))
-    avg = (tau + b).mean(0) if s.filter_wise else x.reshape(n, -1).mean(0)
+    # Where the denominator vanishes there is no finite ratio: keep the base there (MergeKit does too).
+    safe = torch.where(singular, torch.ones_like(denom), denom)
+    t = torch.where(singular, torch.zeros_like(c), n * c / safe)
+    avg = x.mean(0).reshape(b.shape)
     return (t * avg + (1 - t) * b).reshape(shape)

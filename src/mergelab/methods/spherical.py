@@ -23,7 +23,8 @@ def _unit(v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return v / safe, norm
 
 
-def slerp_vectors(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+def slerp_vectors(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995,
+                  eps: float = 1e-8) -> Tensor:
     """Spherical interpolation of the rows of v0 and v1 (..., d); falls back to lerp when nearly colinear.
 
     With cos(omega) = <v0/|v0|, v1/|v1|>:
@@ -72,7 +73,8 @@ class NuslerpModel(MethodParams):
 
 class NuslerpShared(MethodParams):
     nuslerp_flatten: bool = Field(True, description="treat the whole tensor as one vector")
-    nuslerp_row_wise: bool = Field(False, description="when not flattened: interpolate columns instead of rows")
+    nuslerp_row_wise: bool = Field(
+        False, description="when not flattened: slerp each column (vectors along dim 0) instead of each row")
 
 
 def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, *, row_wise: bool, flatten: bool) -> Tensor:
@@ -138,13 +140,20 @@ def multislerp(x: Tensor, base: Tensor | None, p: PerModel[MultislerpModel], s: 
     u_i = v_i / |v_i| (v_i = theta_i, or theta_i - base with a base),
     m = normalise(sum_i w_i u_i), tangent g = sum_i w_i (u_i - <u_i, m> m),
     theta = (cos|g| m + sin|g| g/|g|) * sum_i w_i |v_i|  (+ base).
+    In exact arithmetic g = M - <M, m> m = 0 (M = sum_i w_i u_i), so this is
+    normalise(sum_i w_i u_i) * sum_i w_i |v_i|; the step is kept so the rounding
+    matches MergeKit's.
 
     MergeKit's Multi-SLERP (Goddard, "multislerp", 2025).
 
     Args:
         weight (per model, required): w_i.
-        normalize_weights (shared): w_i / sum_j w_j (default true).
+        normalize_weights (shared): w_i / sum_j w_j (default true); weights summing
+            to zero are an error.
         eps (shared): floor on norms.
+
+    Directions that cancel out fall back to sum_i w_i v_i (+ base) for two models
+    (as MergeKit) or when every v_i is zero (MergeKit raises); otherwise an error.
     """
     n = x.shape[0]
     if n == 1:
@@ -152,14 +161,21 @@ def multislerp(x: Tensor, base: Tensor | None, p: PerModel[MultislerpModel], s: 
     v = (x - base if base is not None else x).reshape(n, -1)
     w = p.tensor("weight", x)
     if s.normalize_weights:
-        w = w / w.sum()
+        total = float(w.sum())
+        if abs(total) < 1e-8:
+            raise MergeError("multislerp: the weights sum to zero, so they cannot be normalised; "
+                             "change the weights or set `normalize_weights: false`")
+        w = w / total
     norms = v.norm(dim=-1, keepdim=True)
     units = v / (norms + s.eps)
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = mean.norm()
     if mean_norm < s.eps:
-        if n == 2:
-            out = (v[0] * w[0] + v[1] * w[1]).reshape(x.shape[1:])
+        # Two antipodal models: MergeKit's linear fallback. Every vector zero (all models equal
+        # the base, or a tensor that is zero everywhere): the merge is that zero vector, where
+        # MergeKit raises for three or more models.
+        if n == 2 or bool((norms <= s.eps).all()):
+            out = (v * w.view(-1, 1)).sum(0).reshape(x.shape[1:])
             return out + base if base is not None else out
         raise MergeError("multislerp: the weighted directions cancel out (antipodal models with balancing "
                          "weights); change the weights")
@@ -173,7 +189,7 @@ def multislerp(x: Tensor, base: Tensor | None, p: PerModel[MultislerpModel], s: 
 
 
 class KarcherShared(MethodParams):
-    max_iter: int = Field(10, ge=1, description="maximum Riemannian gradient steps")
+    max_iter: int = Field(10, ge=0, description="maximum Riemannian gradient steps")
     tol: float = Field(1e-5, gt=0, description="stop when the tangent step is shorter than this")
 
 
@@ -183,10 +199,11 @@ def karcher(x: Tensor, base, p, s: KarcherShared, gen=None) -> Tensor:
 
     Iterate m <- exp_m(sum_i a_i log_m(u_i)) with u_i = theta_i/|theta_i|, uniform
     a_i = 1/N, log_m(u) = omega/sin(omega) (u - cos(omega) m); then
-    theta = (sum_i a_i |theta_i|) m. Zero models are left out of the direction.
+    theta = (sum_i a_i |theta_i|) m. Models with norm <= tol are left out of the
+    direction (not of the norm); a point antipodal to m adds nothing to a step.
 
-    Karcher 1977, "Riemannian center of mass and mollifier smoothing"; as
-    MergeKit's `karcher` method.
+    Karcher 1977, "Riemannian center of mass and mollifier smoothing"; for
+    merging as MergeKit's `karcher` method (its reference: arXiv:2603.04972).
 
     Args:
         max_iter (shared): iteration cap (default 10).
@@ -210,7 +227,12 @@ def karcher(x: Tensor, base, p, s: KarcherShared, gen=None) -> Tensor:
         dots = (units @ mean).clamp(-1, 1)
         omega = torch.arccos(dots)
         moving = omega >= s.tol
-        factor = torch.where(moving, omega / torch.sin(omega).clamp_min(1e-30), torch.zeros_like(omega))
+        # An (almost) antipodal point has no defined direction from m: at omega = pi, sin(omega) is
+        # rounding noise whose sign is arbitrary, so such a point adds nothing to the step.
+        sin = torch.sin(omega)
+        usable = moving & (sin > 1e-6)
+        safe_sin = torch.where(usable, sin, torch.ones_like(sin))
+        factor = torch.where(usable, omega / safe_sin, torch.zeros_like(omega))
         tangent = ((a_valid * factor).unsqueeze(-1) * (units - dots.unsqueeze(-1) * mean)).sum(0)
         t_norm = tangent.norm()
         if float(t_norm) < s.tol:
