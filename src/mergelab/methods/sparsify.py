@@ -53,6 +53,41 @@ def keep_count(share: float, n: int) -> int:
     return min(n, max(1, math.floor(Fraction(repr(float(share))) * n)))
 
 
+_SAMPLE = 65536  # sample size that brackets the k-th largest value before the exact selection
+
+
+def kth_largest(flat: Tensor, k: int) -> Tensor:
+    """The exact k-th largest value of a 1-D tensor, without sorting or a full selection.
+
+    A strided sample locates the k-th largest to within a narrow bracket [lo, hi]
+    (the sample's order statistics, widened by four binomial standard
+    deviations); two comparison passes count the entries above the bracket and
+    inside it, and torch.kthvalue runs on the few entries inside only. If the
+    bracket misses (possible with many tied values) the full selection runs.
+    Same value as flat.kthvalue(n - k + 1), several times faster on big tensors.
+    """
+    n = flat.numel()
+    if n <= 4 * _SAMPLE:
+        return flat.kthvalue(n - k + 1).values
+    stride = n // _SAMPLE
+    sample = flat[::stride]
+    m = sample.numel()
+    q = 1.0 - k / n  # quantile of the answer
+    spread = 4.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
+    lo_rank = min(m, max(1, int((q - spread) * m)))
+    hi_rank = min(m, max(1, int(math.ceil((q + spread) * m))))
+    lo = sample.kthvalue(lo_rank).values
+    hi = sample.kthvalue(hi_rank).values
+    above = int(torch.count_nonzero(flat > hi))
+    if above < k:
+        inside_mask = (flat >= lo).logical_and_(flat <= hi)
+        inside = int(torch.count_nonzero(inside_mask))
+        if above + inside >= k:
+            band = flat[inside_mask]  # (inside,)
+            return band.kthvalue(inside - (k - above) + 1).values
+    return flat.kthvalue(n - k + 1).values
+
+
 def top_k_mask(scores: Tensor, k: int) -> Tensor:
     """Bool mask of the k largest scores, exactly k True, without sorting.
 
@@ -65,7 +100,7 @@ def top_k_mask(scores: Tensor, k: int) -> Tensor:
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     flat = scores.reshape(-1)
-    threshold = flat.kthvalue(n - k + 1).values  # the k-th largest, by selection
+    threshold = kth_largest(flat, k)
     keep = scores >= threshold
     extra = int(keep.sum()) - k
     if extra > 0:
@@ -175,6 +210,75 @@ def disjoint_mean(weighted: Tensor, sign: Tensor, weights: Tensor, *, normalize:
     return total
 
 
+def _ties_blockwise(x: Tensor, base: Tensor, p: PerModel, weights: Tensor, *, normalize: bool) -> Tensor:
+    """TIES' trim, elect and disjoint mean with the same numbers as the whole-tensor primitives.
+
+    Pass 1 finds each model's magnitude threshold on its whole task vector
+    (kth_largest) and how many entries tied at it are kept (the lowest flat
+    indices, as top_k_mask does). Pass 2 walks cache-sized blocks: trims with
+    those thresholds, weights, elects the sign and averages the agreeing
+    entries, so every elementwise step runs on data that is already in cache.
+    """
+    n = x.shape[0]
+    flat_x = x.reshape(n, -1)
+    flat_b = base.reshape(-1)
+    numel = flat_b.numel()
+    thresholds: list[float | None] = []
+    quotas: list[int] = []
+    for i in range(n):
+        density = p[i].density
+        if density >= 1:
+            thresholds.append(None)
+            quotas.append(0)
+            continue
+        k = keep_count(density, numel)
+        mag = torch.sub(flat_x[i], flat_b).abs_()  # (numel,) scratch for one model at a time
+        thr = kth_largest(mag, k)
+        greater = int(torch.count_nonzero(mag > thr))
+        thresholds.append(float(thr))
+        quotas.append(k - greater)  # entries equal to thr that are kept, lowest index first
+        del mag
+    w_list = weights.tolist()
+    out = torch.empty(numel, dtype=x.dtype, device=x.device)
+    used = [0] * n
+    for start in range(0, numel, _CHUNK):
+        stop = min(numel, start + _CHUNK)
+        d = flat_x[:, start:stop] - flat_b[start:stop]  # (N, block)
+        for i in range(n):
+            thr = thresholds[i]
+            if thr is not None:
+                mag = d[i].abs()
+                keep = mag > thr
+                tied = mag == thr
+                if quotas[i] > used[i] and bool(tied.any()):
+                    rank = torch.cumsum(tied, 0) + used[i]  # running count of tied entries
+                    keep |= tied & (rank <= quotas[i])
+                    used[i] = min(quotas[i], int(rank[-1]))
+                d[i].mul_(keep)
+            d[i].mul_(w_list[i])
+        out[start:stop] = disjoint_mean(d, elect_sign(d), weights, normalize=normalize)
+    return out.reshape(base.shape)
+
+
+_CHUNK = 1 << 18  # elements per block: the N rows of a block stay in cache through every step
+
+
+def elect_and_combine(weighted: Tensor, weights: Tensor, *, normalize: bool = True) -> Tensor:
+    """disjoint_mean(weighted, elect_sign(weighted), weights) computed block by block.
+
+    Every step after trimming is elementwise, so working on cache-sized blocks
+    of the flattened tensor gives the same numbers with a fraction of the
+    memory traffic and of the scratch memory of whole-tensor passes.
+    """
+    n = weighted.shape[0]
+    flat = weighted.reshape(n, -1)
+    out = torch.empty(flat.shape[1], dtype=weighted.dtype, device=weighted.device)
+    for start in range(0, flat.shape[1], _CHUNK):
+        block = flat[:, start:start + _CHUNK]
+        out[start:start + _CHUNK] = disjoint_mean(block, elect_sign(block), weights, normalize=normalize)
+    return out.reshape(weighted.shape[1:])
+
+
 # ----------------------------------------------------------------------------- parameters
 
 
@@ -258,10 +362,12 @@ def _merge(name: str, x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticSha
     if not ties:
         merged = weighted_sum(_thinned(x, base, p, s, keep, gen), weights, normalize=s.normalize)
         return add_to_base(base, merged, s.lambda_)
+    if keep is _magnitude and not s.rescale:
+        return add_to_base(base, _ties_blockwise(x, base, p, weights, normalize=s.normalize), s.lambda_)
     deltas = torch.empty_like(x)  # (N, *shape): the sign election needs every task vector at once
     for w, delta in zip(weights.tolist(), _thinned(x, base, p, s, keep, gen, out=deltas)):
         delta.mul_(w)
-    merged = disjoint_mean(deltas, elect_sign(deltas), weights, normalize=s.normalize)
+    merged = elect_and_combine(deltas, weights, normalize=s.normalize)
     del deltas
     return add_to_base(base, merged, s.lambda_)
 
