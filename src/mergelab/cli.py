@@ -154,6 +154,35 @@ def recover(
 
 
 @app.command()
+def inspect(
+    models: list[Path] = typer.Argument(..., help="model folders or weight files"),
+    base: Optional[Path] = typer.Option(None, help="base model the task vectors are measured from"),
+    density: float = typer.Option(0.2, help="TIES density for the trimmed sign-conflict rate"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report as JSON"),
+    plot: Optional[Path] = typer.Option(None, help="write a per-layer similarity heat-map PNG"),
+) -> None:
+    """Will these models merge, and with which method? Data-free, streamed tensor by tensor."""
+    import json
+
+    from mergelab.analysis import inspect_models, recommend, render_inspect
+
+    try:
+        report = inspect_models([str(m) for m in models], base=str(base) if base else None, density=density)
+    except (MergeError, ValueError, OSError) as exc:
+        _fail(exc)
+    advice = recommend(report)
+    for table in render_inspect(report, advice):
+        out.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps({**report.to_dict(), "recommendations": advice}, indent=2))
+    if plot is not None:
+        from mergelab.analysis.plots import plot_layer_similarity
+
+        plot_layer_similarity(report, plot)
+        out.print(f"plot written to {plot}")
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("examples/_out/demo"), help="where the demo writes its files")) -> None:
     """Build two small models, merge them with several methods, print a table."""
     from mergelab.demo import run_demo
