@@ -27,6 +27,15 @@ from mergelab.progress import ByteProgress
 # Elementwise merges of tensors above this many elements run in row chunks of
 # about this size: bounded scratch memory whatever the embedding size.
 CHUNK_ELEMENTS = 16 * 1024 * 1024
+# A job whose inputs exceed this is not read ahead while another such job computes.
+PREFETCH_LIMIT = 128 * 1024 * 1024
+
+
+def _item_bytes(plan: Plan, job: Job, rows: tuple[int, int] | None) -> int:
+    total = sum(plan.checkpoints[r.model].nbytes(r.name) for r in job.refs())
+    if rows is not None and job.shape:
+        total = total * (rows[1] - rows[0]) // job.shape[0]
+    return total
 
 
 @dataclasses.dataclass
@@ -160,8 +169,12 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
         pending: Future | None = pool.submit(reader.read_job, *items[0]) if items else None
         written: Future | None = None
         for i, (job, rows) in enumerate(items):
-            tensors = pending.result()
-            pending = pool.submit(reader.read_job, *items[i + 1]) if i + 1 < len(items) else None
+            tensors = pending.result() if pending is not None else reader.read_job(job, rows)
+            nxt = items[i + 1] if i + 1 < len(items) else None
+            # Prefetch overlaps reading with computing, but two big jobs must not be in memory at once.
+            small = nxt is not None and (_item_bytes(plan, *nxt) <= PREFETCH_LIMIT
+                                         or _item_bytes(plan, job, rows) <= PREFETCH_LIMIT)
+            pending = pool.submit(reader.read_job, *nxt) if small else None
             nread = sum(t.numel() * t.element_size() for t in tensors.values())
             out = compute(plan, job, tensors, dev, seed, rows)
             del tensors

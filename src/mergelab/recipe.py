@@ -1,4 +1,4 @@
-"""YAML recipes in MergeKit's format, validated before any tensor is read.
+"""YAML recipes in MergeKit's format, validated completely before any tensor is read.
 
     merge_method: ties
     base_model: ./base
@@ -7,423 +7,475 @@
         parameters: {weight: 0.5, density: [1.0, 0.5]}      # a gradient over layers
     parameters:
       normalize: true
-      t: [{filter: self_attn, value: 0.3}, {value: 0.5}]    # filters by tensor name
-    dtype: float32
+    dtype: bfloat16
 
-Parameter settings resolve per tensor exactly as MergeKit's do: global
-`parameters`, then the slice's, then the model's own, later levels overriding
-earlier ones. A setting is a scalar, a gradient (a list of numbers
-interpolated linearly over the layer position t in [0, 1], t = i / (L - 1)
-within a slice and 0 for tensors outside the layers), or a list of
-{filter, value} conditions where the first whose filter is a substring of the
-tensor name wins. Every problem is collected and reported at once.
+`load_recipe` reads a file, YAML text or a dict, checks every field, method
+parameter, value and model path, and raises one RecipeError listing every
+problem. `Recipe.parameters_for` resolves a tensor's parameter settings the
+way MergeKit does (global, then slice, then model; gradients and filters are
+in recipe_params.py). docs/recipes.md describes the format.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from mergelab.checkpoint.reader import parse_dtype
 from mergelab.errors import RecipeError
 from mergelab.methods import REGISTRY, MethodSpec
+from mergelab.recipe_params import Setting, evaluate_setting, method_fields, recipe_parameter_problems, suggest
 
-Setting = Any  # scalar | list of scalars | list of {filter, value} | {filter, value}
+__all__ = ["Recipe", "OutputSlice", "Source", "load_recipe", "evaluate_setting"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
-class InputModel(_Strict):
+class ModelEntry(_Strict):
     model: str
     parameters: dict[str, Setting] | None = None
-    stats: str | None = None
+    stats: str | None = None  # mergelab: statistics checkpoint, for methods that need one
 
 
-class InputSlice(_Strict):
+class SourceEntry(_Strict):
     model: str
     layer_range: tuple[int, int]
     parameters: dict[str, Setting] | None = None
     stats: str | None = None
 
 
-class SliceDef(_Strict):
-    sources: list[InputSlice]
+class SliceEntry(_Strict):
+    sources: list[SourceEntry]
     parameters: dict[str, Setting] | None = None
     base_model: str | None = None
+    residual_weight: float | None = None  # accepted as MergeKit 0.1.5 does; it has no effect there either
 
 
-class TokenizerDef(_Strict):
-    source: str | None = None
-
-
-class RecipeModel(_Strict):
-    merge_method: str
-    base_model: str | None = None
-    models: list[InputModel] | None = None
-    slices: list[SliceDef] | None = None
-    parameters: dict[str, Setting] | None = None
-    dtype: str | None = None
-    out_dtype: str | None = None
-    tokenizer_source: str | None = None
-    tokenizer: TokenizerDef | None = None
-    chat_template: str | None = None
-    name: str | None = None
-    vocab_mismatch: Literal["error", "resize"] = "error"
-    seed: int | None = None
+class TokenizerEntry(_Strict):
+    source: str = "union"  # MergeKit's default when `tokenizer:` is given without a source
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
+    """One input of an output slice: a resolved model path and its own parameter settings."""
+
     model: str
-    layer_range: tuple[int, int] | None
-    parameters: Mapping[str, Setting]
+    layer_range: tuple[int, int] | None  # [start, end) of its layers; None: all of them
+    parameters: dict[str, Setting]
+    stats: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputSlice:
-    sources: tuple[Source, ...]
-    parameters: Mapping[str, Setting]
-    base_model: str | None
+    """A run of output layers merged from the same sources (the whole model without `slices`)."""
+
+    sources: list[Source]
+    parameters: dict[str, Setting]
+    base_model: str | None  # the slice's own base model (resolved), else the recipe's applies
 
 
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+class Recipe(_Strict):
+    """A validated recipe; build it with `load_recipe`. Fields are MergeKit's, as written."""
 
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[SliceEntry] | None = None
+    parameters: dict[str, Setting] | None = None
+    dtype: str | None = None
+    out_dtype_name: str | None = Field(None, alias="out_dtype")
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerEntry | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    vocab_mismatch: Literal["error", "resize"] = "error"  # mergelab
+    seed: int | None = None  # mergelab
 
-def _is_scalar(v: Any) -> bool:
-    return isinstance(v, (bool, int, float, str))
+    _source_name: str = PrivateAttr("<recipe>")
+    _paths: dict[str, str] = PrivateAttr(default_factory=dict)  # model reference -> resolved path
 
+    @property
+    def source_name(self) -> str:
+        return self._source_name
 
-def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Any:
-    """MergeKit's rule: scalars as they are, numeric gradients interpolated, first matching filter wins.
+    @property
+    def method(self) -> MethodSpec:
+        return REGISTRY[self.merge_method]
 
-    Returns None when a filter list has no matching condition.
-    """
-    if isinstance(setting, Mapping) and "value" in setting:
-        setting = [setting]
-    if _is_scalar(setting):
-        return setting
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(_is_scalar(v) for v in setting):
-            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
-            if not numeric:
-                return setting[int(t * (len(setting) - 1))]
-            pos = t * (len(setting) - 1)
-            i0 = int(pos)
-            i1 = min(len(setting) - 1, i0 + 1)
-            frac = pos - i0
-            return (1 - frac) * setting[i0] + frac * setting[i1]
-        for cond in setting:
-            filt = cond.get("filter") if isinstance(cond, Mapping) else None
-            if filt is None or filt == "*" or (tensor_name and filt in tensor_name):
-                return evaluate_setting(cond["value"], tensor_name, t)
-    return None
+    def resolve(self, ref: str) -> str:
+        """The path a model reference resolved to when the recipe was loaded."""
+        return self._paths.get(ref) or os.path.normpath(os.path.expanduser(ref))
 
+    @property
+    def base(self) -> str | None:
+        return self.resolve(self.base_model) if self.base_model else None
 
-def _endpoints(setting: Setting) -> list[Any]:
-    """Every concrete value a setting can produce (for validation)."""
-    if isinstance(setting, Mapping):
-        return _endpoints(setting.get("value"))
-    if isinstance(setting, list):
-        out = []
-        for v in setting:
-            out.extend(_endpoints(v))
-        return out
-    return [setting]
-
-
-class Recipe:
-    """A validated recipe with model paths resolved."""
-
-    def __init__(self, model: RecipeModel, raw: dict, source_name: str, resolve):
-        self.model = model
-        self.raw = raw
-        self.source_name = source_name
-        self._resolve = resolve
-        self.method: MethodSpec = REGISTRY[model.merge_method]
-        self.base: str | None = resolve(model.base_model) if model.base_model else None
-        self.slices = model.slices
-        self.vocab_mismatch = model.vocab_mismatch
-        self.seed = model.seed
-        self.parameters = dict(model.parameters or {})
-
-    # -- structure -----------------------------------------------------------------
     def output_slices(self) -> list[OutputSlice]:
-        m = self.model
-        if m.slices:
-            return [OutputSlice(tuple(Source(self._resolve(s.model), tuple(s.layer_range), dict(s.parameters or {}))
-                                      for s in sl.sources), dict(sl.parameters or {}),
-                                self._resolve(sl.base_model) if sl.base_model else None) for sl in m.slices]
-        sources = [Source(self._resolve(im.model), None, dict(im.parameters or {})) for im in m.models or []]
-        if self.base is not None and self.method.base != "ignored" and self.base not in [s.model for s in sources]:
+        """The recipe as output slices, normalised like MergeKit's normalize_config."""
+        if self.slices:
+            return [OutputSlice([Source(self.resolve(s.model), tuple(s.layer_range), dict(s.parameters or {}),
+                                        self.resolve(s.stats) if s.stats else None) for s in sl.sources],
+                                dict(sl.parameters or {}), self.resolve(sl.base_model) if sl.base_model else None)
+                    for sl in self.slices]
+        sources = [Source(self.resolve(m.model), None, dict(m.parameters or {}),
+                          self.resolve(m.stats) if m.stats else None) for m in self.models or []]
+        # Only methods that use a base get it as an input; for the others it would be one more model.
+        if self.base and self.method.base != "ignored" and self.base not in [s.model for s in sources]:
             sources.append(Source(self.base, None, {}))
-        return [OutputSlice(tuple(sources), {}, None)]
+        return [OutputSlice(sources, {}, None)]
 
     def input_paths(self) -> list[str]:
-        out: list[str] = []
-        if self.base is not None:
-            out.append(self.base)
+        """Every distinct model path the merge reads: the base first, then in order of appearance."""
+        out = [self.base] if self.base else []
         for sl in self.output_slices():
-            for s in sl.sources:
-                if s.model not in out:
-                    out.append(s.model)
-            if sl.base_model and sl.base_model not in out:
-                out.append(sl.base_model)
+            for path in [s.model for s in sl.sources] + [sl.base_model]:
+                if path and path not in out:
+                    out.append(path)
         tok = self.tokenizer_source_path()
-        if tok is not None and tok not in out:
+        if tok and tok not in out:
             out.append(tok)
         return out
 
     def tokenizer_source_path(self) -> str | None:
-        src = self.model.tokenizer_source or (self.model.tokenizer.source if self.model.tokenizer else None)
-        if src is None or src == "base":
-            return self.base if src == "base" else None
-        return self._resolve(src)
+        """Where config and tokenizer files come from, if the recipe says (None: the engine decides)."""
+        src = self.tokenizer.source if self.tokenizer else self.tokenizer_source
+        if src is None:
+            return None
+        return self.base if src == "base" else self.resolve(src)
 
     def parameters_for(self, tensor_name: str, t: float, model: str | None,
                        out_slice: OutputSlice | None = None) -> dict[str, Any]:
-        layers: list[Mapping[str, Setting]] = [self.parameters]
+        """The parameter settings that apply to one tensor, each evaluated at (tensor_name, t).
+
+        Levels, later ones overriding earlier ones: the global `parameters`, the
+        slice's `parameters`, then (if `model` is given) that model's or slice
+        source's own. A level whose setting resolves to nothing (a filter list
+        with no match) leaves the earlier level's value. MergeKit matches the
+        filters of per-model parameters against the input tensor's name and of
+        shared ones against the output tensor's name; pass the name accordingly.
+
+        Args:
+            tensor_name: the tensor's name, matched against filters.
+            t: the layer's position in its slice, i / (L - 1) (1 if L == 1), 0 outside layers.
+            model: a resolved model path (as in `Source.model`), or None for shared parameters.
+            out_slice: the output slice the tensor belongs to; None: the model's entry anywhere.
+
+        Returns:
+            {name as the recipe spells it: value}, only names that resolved to a value.
+        """
+        levels: list[Mapping[str, Setting]] = [self.parameters or {}]
+        slices = [out_slice] if out_slice is not None else self.output_slices()
         if out_slice is not None:
-            layers.append(out_slice.parameters)
-            if model is not None:
-                layers += [s.parameters for s in out_slice.sources if s.model == model][:1]
-        elif model is not None:
-            for sl in self.output_slices():
-                layers += [s.parameters for s in sl.sources if s.model == model][:1]
+            levels.append(out_slice.parameters)
+        if model is not None:
+            own = [s.parameters for sl in slices for s in sl.sources if s.model == model]
+            levels += own[:1]
+        fields = method_fields(self.method)
         out: dict[str, Any] = {}
-        for level in layers:
+        for level in levels:
             for key, setting in level.items():
-                value = evaluate_setting(setting, tensor_name, t)
+                convert = fields[key].convert if key in fields else None
+                value = evaluate_setting(setting, tensor_name, t, convert)
                 if value is not None:
                     out[key] = value
         return out
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        # mergelab computes in float32 even when `dtype` names a 16-bit type: one rounding at the end
-        # instead of one per operation. float64 is honoured.
-        return torch.float64 if self.model.dtype in ("float64", "fp64", "double") else torch.float32
+        # 16-bit `dtype`s still compute in float32: one rounding at the end instead of one per
+        # operation, on CPUs that lack fast bf16 anyway. float64 is honoured.
+        return torch.float64 if self.dtype and parse_dtype(self.dtype) == torch.float64 else torch.float32
 
     @property
     def out_dtype(self) -> torch.dtype | None:
-        from mergelab.checkpoint.reader import parse_dtype
-
-        text = self.model.out_dtype or self.model.dtype
+        """`out_dtype`, else `dtype`, else None: keep the inputs' dtype."""
+        text = self.out_dtype_name or self.dtype
         return parse_dtype(text) if text else None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.raw, sort_keys=False)
+        """The recipe as given (fields as written, model references unresolved), for the output's copy."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        return yaml.safe_dump(data, sort_keys=False)
 
 
-# -- loading and validation ---------------------------------------------------------
-
-def _read_source(source) -> tuple[dict, str, Path | None]:
-    if isinstance(source, Mapping):
-        return dict(source), "<recipe>", None
-    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
-                                     and (source.endswith((".yml", ".yaml")) or Path(source).is_file())):
-        path = Path(source)
-        if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist")
-        text, name, folder = path.read_text(), path.name, path.parent
-    else:
-        text, name, folder = str(source), "<recipe>", None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"not valid YAML: {exc}", name) from None
-    if not isinstance(data, dict):
-        raise RecipeError("a recipe is a mapping with at least `merge_method`", name)
-    return data, name, folder
-
-
-def _path_resolver(folder: Path | None):
-    def resolve(ref: str) -> str:
-        p = Path(ref).expanduser()
-        if p.exists() or folder is None or p.is_absolute():
-            return str(p.resolve()) if p.exists() else str(p)
-        alt = folder / p
-        return str(alt.resolve()) if alt.exists() else str(p)
-    return resolve
-
-
-def _schema_problems(exc: ValidationError, data: dict) -> list[str]:
-    out = []
-    for err in exc.errors():
-        loc = err["loc"]
-        path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
-        if err["type"] == "extra_forbidden":
-            fields = {"": RecipeModel, "models": InputModel, "slices": SliceDef, "sources": InputSlice,
-                      "tokenizer": TokenizerDef}
-            owner = next((fields[str(p)] for p in reversed(loc[:-1]) if str(p) in fields), RecipeModel)
-            if loc[0] == "modules":
-                out.append("modules: MergeKit's multi-module syntax is not supported; use models or slices")
-                continue
-            out.append(f"{path} is not a recipe field{_suggest(str(loc[-1]), owner.model_fields)}")
-        else:
-            out.append(f"{path}: {err['msg']}")
-    return out
+# -- loading ----------------------------------------------------------------------------------
 
 
 def load_recipe(source: str | Path | Mapping, *, check_paths: bool = True) -> Recipe:
-    """Read and validate a recipe (file path, YAML text or dict); raises RecipeError listing every problem."""
+    """Read and validate a recipe: a .yml/.yaml path, YAML text, or a dict.
+
+    Args:
+        check_paths: check that every model path exists (False: dry validation, tests).
+
+    Raises:
+        RecipeError: listing every problem found, each with its field path and what to do.
+    """
     data, name, folder = _read_source(source)
-    try:
-        model = RecipeModel.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_schema_problems(exc, data), name) from None
     problems: list[str] = []
-    if model.merge_method not in REGISTRY:
-        raise RecipeError(f"merge_method: unknown method {model.merge_method!r}{_suggest(model.merge_method, REGISTRY)};"
-                          " run `mergelab methods` for the list", name)
-    resolve = _path_resolver(folder)
-    recipe = Recipe(model, data, name, resolve)
-    _check_structure(recipe, problems)
-    _check_parameters(recipe, problems)
-    if check_paths:
-        _check_paths(recipe, problems)
+    has_modules = "modules" in data  # reported as unsupported; no need to add "no models" to that
+    recipe = _validate_schema(data, problems)
+    if recipe is None:
+        raise RecipeError(problems, name)
+    recipe._source_name = name
+    recipe._paths = {ref: _resolve(ref, folder) for _, ref in _references(recipe)}
+    problems += _structure_problems(recipe, has_modules)
+    if recipe.merge_method not in REGISTRY:
+        problems.append(f"merge_method: unknown method {recipe.merge_method!r}"
+                        f"{suggest(recipe.merge_method, REGISTRY)}; `mergelab methods` lists them")
+    else:
+        problems += _method_problems(recipe) + recipe_parameter_problems(recipe)
+    problems += _path_problems(recipe, check_paths)
     if problems:
         raise RecipeError(problems, name)
     return recipe
 
 
-def _check_structure(recipe: Recipe, problems: list[str]) -> None:
-    m, spec = recipe.model, recipe.method
-    if m.models and m.slices:
-        problems.append("models and slices are both given: use one of them")
-    if not m.models and not m.slices:
-        problems.append("models: no models to merge; list them under `models:` (or `slices:`)")
-        return
-    if spec.needs_base and not m.base_model and not (m.slices and all(s.base_model for s in m.slices)):
-        problems.append(f"base_model: {spec.name} needs a base model; add `base_model:`")
-    tok = m.tokenizer_source or (m.tokenizer.source if m.tokenizer else None)
-    if tok == "union":
-        problems.append("tokenizer_source: union (building a merged tokenizer) is not supported; "
-                        "use `base` or a model path, with `vocab_mismatch: resize` if vocabularies differ")
-    for i, sl in enumerate(recipe.output_slices()):
-        where = f"slices[{i}]" if m.slices else "models"
-        base = sl.base_model or recipe.base
-        n = len([s for s in sl.sources if not (spec.base != "ignored" and s.model == base)])
-        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-            want = (f"exactly {spec.min_models}" if spec.max_models == spec.min_models
-                    else f"at least {spec.min_models}" + (f" and at most {spec.max_models}" if spec.max_models else ""))
-            besides = " besides the base model" if spec.base != "ignored" else ""
-            problems.append(f"{where}: {spec.name} merges {want} model(s){besides}, the recipe gives {n}")
-        if m.slices:
-            lengths = set()
-            for j, s in enumerate(sl.sources):
-                a, b = s.layer_range
-                if not 0 <= a < b:
-                    problems.append(f"slices[{i}].sources[{j}].layer_range: [{a}, {b}] must satisfy 0 <= start < end")
-                lengths.add(b - a)
-            if len(lengths) > 1:
-                problems.append(f"slices[{i}]: every source must have the same number of layers, got {sorted(lengths)}")
-    for key in ("dtype", "out_dtype"):
-        text = getattr(m, key)
-        if text is not None:
-            from mergelab.checkpoint.reader import parse_dtype
+def _read_source(source: str | Path | Mapping) -> tuple[dict, str, Path | None]:
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source)), "<recipe>", None
+    text = str(source)
+    if isinstance(source, Path) or ("\n" not in text and (text.endswith((".yml", ".yaml")) or Path(text).is_file())):
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist; check the path")
+        text, name, folder = path.read_text(), path.name, path.parent
+    else:
+        name, folder = "<recipe>", None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"not valid YAML: {exc}", name) from None
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a mapping of fields with at least `merge_method` and `models`", name)
+    return data, name, folder
 
+
+# Nested models by field name, to suggest the right spelling of an unknown key.
+_OWNERS: dict[str, type[BaseModel]] = {"models": ModelEntry, "slices": SliceEntry, "sources": SourceEntry,
+                                       "tokenizer": TokenizerEntry}
+_PRUNABLE = {"parameters", "stats", "residual_weight", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
+             "chat_template", "name", "vocab_mismatch", "seed"}
+
+
+def _validate_schema(data: dict, problems: list[str]) -> Recipe | None:
+    """Recipe from `data`; unknown or invalid optional keys are reported and dropped so that
+    the deeper checks still run and every problem is reported together."""
+    for _ in range(3):
+        try:
+            return Recipe.model_validate(data)
+        except ValidationError as exc:
+            pruned = False
+            for err in exc.errors():
+                msg = _schema_message(err)
+                if msg not in problems:  # what pruning did not fix is raised again on the next try
+                    problems.append(msg)
+                pruned |= _prune(data, err["loc"], err["type"] == "extra_forbidden")
+            if not pruned:
+                return None
+    return None
+
+
+def _prune(data: Any, loc: tuple, extra: bool) -> bool:
+    *parents, last = loc
+    if not (extra or last in _PRUNABLE):
+        return False
+    for p in parents:
+        try:
+            data = data[p]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if isinstance(data, dict) and last in data:
+        del data[last]
+        return True
+    return False
+
+
+def field_path(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+
+
+def _schema_message(err: dict) -> str:
+    loc, kind = err["loc"], err["type"]
+    path = field_path(loc)
+    key = str(loc[-1]) if loc else ""
+    if kind == "extra_forbidden":
+        if loc == ("modules",):
+            return ("modules: MergeKit's multi-module syntax is not supported; for a model with one module, "
+                    "move that module's `models:` or `slices:` to the top level")
+        if loc[:1] == ("tokenizer",) and key in ("tokens", "pad_to_multiple_of"):
+            return (f"{path} is not supported: mergelab copies the tokenizer source's files unchanged and "
+                    "edits no tokens; remove it, or build the tokenizer first")
+        owner = next((_OWNERS[p] for p in reversed(loc[:-1]) if isinstance(p, str) and p in _OWNERS), Recipe)
+        names = [f.alias or n for n, f in owner.model_fields.items()]
+        if any(key in spec.parameter_names() for spec in REGISTRY.values()):
+            return f"{path}: method parameters such as {key} go under `parameters:` (e.g. parameters: {{{key}: ...}})"
+        return f"{path} is not a recipe field{suggest(key, names)}. Fields here: {', '.join(names)}."
+    if kind == "missing":
+        hints = {"merge_method": "add `merge_method: NAME` (`mergelab methods` lists them)",
+                 "model": "each entry needs `model: PATH`",
+                 "layer_range": "give the source's layers as [start, end)",
+                 "sources": "a slice needs `sources:`, a list of {model, layer_range}"}
+        return f"{path} is missing; {hints.get(key, 'add it')}"
+    if len(loc) == 2 and loc[0] == "models" and isinstance(err.get("input"), str):
+        return f"{path}: {err['input']!r} is not a model entry; write `- model: {err['input']}`"
+    if loc and loc[-1] == "vocab_mismatch":
+        return f"vocab_mismatch: {err.get('input')!r} is not valid; use `error` or `resize`"
+    return f"{path}: {err.get('input')!r} is not valid: {err['msg']}"
+
+
+# -- checks beyond the schema -------------------------------------------------------------------
+
+
+def _references(r: Recipe) -> list[tuple[str, str]]:
+    """(field path, model reference as written) for every path the recipe names."""
+    refs = [("base_model", r.base_model)] if r.base_model else []
+    for i, m in enumerate(r.models or []):
+        refs += [(f"models[{i}].model", m.model)] + ([(f"models[{i}].stats", m.stats)] if m.stats else [])
+    for i, sl in enumerate(r.slices or []):
+        refs += [(f"slices[{i}].base_model", sl.base_model)] if sl.base_model else []
+        for j, s in enumerate(sl.sources):
+            where = f"slices[{i}].sources[{j}]"
+            refs += [(f"{where}.model", s.model)] + ([(f"{where}.stats", s.stats)] if s.stats else [])
+    tok, where = (r.tokenizer.source, "tokenizer.source") if r.tokenizer else (r.tokenizer_source, "tokenizer_source")
+    if tok and tok not in ("base", "union"):
+        refs.append((where, tok))
+    return refs
+
+
+def _resolve(ref: str, folder: Path | None) -> str:
+    # The current folder first, then the recipe's folder; what exists nowhere stays as written.
+    p = Path(ref).expanduser()
+    if p.is_absolute():
+        return os.path.normpath(p)
+    if p.exists():
+        return os.path.abspath(p)
+    if folder is not None and (folder / p).exists():
+        return os.path.abspath(folder / p)
+    return os.path.normpath(p)
+
+
+def _structure_problems(r: Recipe, has_modules: bool) -> list[str]:
+    out = []
+    if r.models and r.slices:
+        out.append("models and slices are both given; use `models:` to merge whole models or `slices:` "
+                   "to merge layer ranges, not both")
+    elif not r.models and not r.slices and not has_modules:
+        out.append("models: no models to merge; list them under `models:` (or layer ranges under `slices:`)")
+    for i, sl in enumerate(r.slices or []):
+        if not sl.sources:
+            out.append(f"slices[{i}].sources is empty; list the models and layer ranges this slice takes")
+        for j, s in enumerate(sl.sources):
+            a, b = s.layer_range
+            if not 0 <= a < b:
+                out.append(f"slices[{i}].sources[{j}].layer_range: [{a}, {b}] is not a layer range; "
+                           "it is [start, end) with 0 <= start < end")
+        lengths = [s.layer_range[1] - s.layer_range[0] for s in sl.sources]
+        if len(set(lengths)) > 1:
+            out.append(f"slices[{i}]: its sources span {lengths} layers; every source of a slice must "
+                       "span the same number of layers")
+    groups = [("models", [m.model for m in r.models or []], "models[{}].model")]
+    groups += [(f"slices[{i}]", [s.model for s in sl.sources], f"slices[{i}].sources[{{}}].model")
+               for i, sl in enumerate(r.slices or [])]
+    for _, refs, pattern in groups:
+        first: dict[str, int] = {}
+        for j, ref in enumerate(refs):
+            k = first.setdefault(r.resolve(ref), j)
+            if k != j:
+                out.append(f"{pattern.format(j)}: '{ref}' is already {pattern.format(k)}; "
+                           "list each model once per merge (MergeKit refuses duplicates too)")
+    return out + _tokenizer_problems(r) + _dtype_problems(r)
+
+
+def _tokenizer_problems(r: Recipe) -> list[str]:
+    out = []
+    if r.tokenizer is not None and r.tokenizer_source is not None:
+        out.append("tokenizer_source and tokenizer are both given; keep one (`tokenizer: {source: ...}` "
+                   "or `tokenizer_source: ...`)")
+    where, src = ("tokenizer.source", r.tokenizer.source) if r.tokenizer else ("tokenizer_source", r.tokenizer_source)
+    if src == "union":
+        hint = " (MergeKit's default when `tokenizer:` has no source)" if r.tokenizer else ""
+        out.append(f"{where}: union{hint} is not supported: mergelab builds no merged tokenizer; use `base` "
+                   "or a model path, with `vocab_mismatch: resize` if the vocabularies differ")
+    elif src == "base" and not r.base_model:
+        out.append(f"{where}: base needs a `base_model:`; add one or give a model path")
+    return out
+
+
+def _dtype_problems(r: Recipe) -> list[str]:
+    out = []
+    for key, text in (("dtype", r.dtype), ("out_dtype", r.out_dtype_name)):
+        if text is not None:
             try:
                 parse_dtype(text)
             except ValueError as exc:
-                problems.append(f"{key}: {exc}")
+                out.append(f"{key}: {exc}")
+    return out
 
 
-def _field_validator(cls, field: str):
-    fi = cls.model_fields[field]
-    adapter = TypeAdapter(fi.annotation)
+def _method_problems(r: Recipe) -> list[str]:
+    spec, out = r.method, []
+    uses_base = spec.base != "ignored"
+    if r.slices:
+        for i, sl in enumerate(r.slices):
+            base = r.resolve(sl.base_model) if sl.base_model else r.base
+            if spec.base == "required" and not base:
+                out.append(f"slices[{i}]: {spec.name} needs a base model; add `base_model:` to the recipe "
+                           "or to the slice")
+            elif uses_base and base and base not in [r.resolve(s.model) for s in sl.sources]:
+                out.append(f"slices[{i}]: its base model '{base}' is not among its sources; add it as a "
+                           "source with the layer_range to take from it")
+    elif spec.base == "required" and not r.base:
+        out.append(f"base_model: {spec.name} needs a base model; add `base_model: PATH`")
+    elif not uses_base and r.base and r.base not in [r.resolve(m.model) for m in r.models or []]:
+        # MergeKit would add it as one more merged model; say so instead of quietly doing either.
+        out.append(f"base_model: {spec.name} uses no base model and '{r.base_model}' is not under `models:`; "
+                   "MergeKit would merge it as one more model. List it under `models:` or remove base_model")
+    for i, sl in enumerate(r.output_slices() if r.models or r.slices else []):
+        base = (sl.base_model or r.base) if uses_base else None
+        n = sum(1 for s in sl.sources if s.model != base)
+        lo, hi = spec.min_models, spec.max_models
+        if n < lo or (hi is not None and n > hi):
+            want = f"exactly {lo}" if hi == lo else f"at least {lo}" + (f" and at most {hi}" if hi else "")
+            besides = " besides the base model" if uses_base else ""
+            where = f"slices[{i}]" if r.slices else "models"
+            out.append(f"{where}: {spec.name} merges {want} model(s){besides}; the recipe gives {n}")
+    return out
 
-    def check(value):
-        # Validate one value through the whole model so Field bounds (gt, le, ...) apply.
-        required = {n: f for n, f in cls.model_fields.items() if f.is_required() and n != field}
-        dummy = {n: _dummy_for(f) for n, f in required.items()}
-        cls.model_validate({**dummy, fi.alias or field: value})
-        return adapter
-    return check
 
-
-def _dummy_for(field) -> Any:
-    ann = field.annotation
-    if ann is bool:
-        return False
-    return 1.0
-
-
-def _check_parameters(recipe: Recipe, problems: list[str]) -> None:
-    spec = recipe.method
-    mfields = spec.model_params.model_fields
-    sfields = spec.shared_params.model_fields
-
-    def lookup(key, fields):
-        for n, f in fields.items():
-            if key == n or key == f.alias:
-                return n
-        return None
-
-    def check_block(params: Mapping[str, Setting], where: str, allow_shared: bool) -> None:
-        for key, setting in (params or {}).items():
-            mname, sname = lookup(key, mfields), lookup(key, sfields)
-            if mname is None and sname is None:
-                names = spec.parameter_names()
-                problems.append(f"{where}.{key} is not a parameter of {spec.name}{_suggest(key, names)}. "
-                                f"Parameters of {spec.name}: {', '.join(names) or 'none'}.")
-                continue
-            if sname is not None and mname is None and not allow_shared:
-                problems.append(f"{where}.{key} is a shared parameter of {spec.name}: set it under the "
-                                "top-level `parameters:` instead of per model")
-                continue
-            cls, fname = (spec.model_params, mname) if mname else (spec.shared_params, sname)
-            check = _field_validator(cls, fname)
-            for value in _endpoints(setting):
-                try:
-                    check(value)
-                except ValidationError as exc:
-                    msg = next((e["msg"] for e in exc.errors() if e["loc"] and e["loc"][0] in (fname, key)),
-                               exc.errors()[0]["msg"])
-                    problems.append(f"{where}.{key}: {value!r} is not valid: {msg}")
-                    break
-
-    check_block(recipe.parameters, "parameters", allow_shared=True)
-    m = recipe.model
-    entries = [(f"models[{i}]", im.parameters or {}, im.model) for i, im in enumerate(m.models or [])]
-    for i, sl in enumerate(m.slices or []):
-        check_block(sl.parameters or {}, f"slices[{i}].parameters", allow_shared=True)
-        entries += [(f"slices[{i}].sources[{j}]", s.parameters or {}, s.model) for j, s in enumerate(sl.sources)]
-    for where, params, _ in entries:
-        check_block(params, f"{where}.parameters", allow_shared=False)
-    # Required per-model parameters must be set for every merged model, here or globally.
-    required = [f.alias or n for n, f in mfields.items() if f.is_required()]
-    for where, params, model_ref in entries:
-        is_base = recipe.method.base != "ignored" and recipe.base is not None and \
-            recipe._resolve(model_ref) == recipe.base
-        if is_base:
+def _path_problems(r: Recipe, check_paths: bool) -> list[str]:
+    out, seen = [], set()
+    for where, ref in _references(r):
+        path = r.resolve(ref)
+        if path in seen or Path(path).exists():
             continue
-        for r in required:
-            if r not in params and r not in recipe.parameters and not any(
-                    r in (sl.parameters or {}) for sl in (m.slices or [])):
-                problems.append(f"{where}.parameters.{r} is required by {spec.name} for model '{model_ref}' "
-                                f"(set it per model or under the top-level `parameters:`)")
+        seen.add(path)
+        if "+" in ref:
+            out.append(f"{where}: '{ref}' is a MergeKit LoRA reference (model+lora), not supported yet; "
+                       "merge the adapter into its model first (peft's merge_and_unload) and give that folder")
+        elif "@" in ref:
+            out.append(f"{where}: '{ref}' names a hub revision (model@revision); mergelab reads local "
+                       "paths only and downloads nothing: download that revision and give its folder")
+        elif not check_paths:
+            continue
+        elif _looks_like_hub_id(ref):
+            out.append(f"{where}: '{ref}' is not a local path; mergelab reads local folders and files only "
+                       "and downloads nothing: download the model first and give its folder")
+        else:
+            out.append(f"{where}: '{ref}' does not exist; relative paths resolve against the current "
+                       "folder, then the recipe's folder")
+    return out
 
 
-def _check_paths(recipe: Recipe, problems: list[str]) -> None:
-    for path in recipe.input_paths():
-        if "+" in Path(path).name and not Path(path).exists():
-            problems.append(f"model '{path}': MergeKit's 'model+lora' references are not supported yet; "
-                            "merge the LoRA into its base first")
-        elif not Path(path).exists():
-            looks_hub = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-            hint = (" mergelab reads local paths only and downloads nothing; download the model first"
-                    if looks_hub else " check the path (relative paths resolve against the current folder, "
-                                      "then the recipe's folder)")
-            problems.append(f"model '{path}' does not exist;{hint}")
+def _looks_like_hub_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "~"))

@@ -57,35 +57,37 @@ _SAMPLE = 65536  # sample size that brackets the k-th largest value before the e
 
 
 def kth_largest(flat: Tensor, k: int) -> Tensor:
-    """The exact k-th largest value of a 1-D tensor, without sorting or a full selection.
+    """The exact k-th largest value of a 1-D tensor (same as flat.kthvalue(n - k + 1))."""
+    return kth_largest_and_count(flat, k)[0]
+
+
+def kth_largest_and_count(flat: Tensor, k: int) -> tuple[Tensor, int]:
+    """The exact k-th largest value of a 1-D tensor and how many entries are strictly greater.
 
     A strided sample locates the k-th largest to within a narrow bracket [lo, hi]
     (the sample's order statistics, widened by four binomial standard
-    deviations); two comparison passes count the entries above the bracket and
-    inside it, and torch.kthvalue runs on the few entries inside only. If the
-    bracket misses (possible with many tied values) the full selection runs.
-    Same value as flat.kthvalue(n - k + 1), several times faster on big tensors.
+    deviations); one pass counts the entries above the bracket, one pass
+    gathers those inside it, and torch.kthvalue runs on that small band only.
+    If the bracket misses (possible with many tied values) the full selection
+    runs. Several times faster than a full selection on big tensors.
     """
     n = flat.numel()
-    if n <= 4 * _SAMPLE:
-        return flat.kthvalue(n - k + 1).values
-    stride = n // _SAMPLE
-    sample = flat[::stride]
-    m = sample.numel()
-    q = 1.0 - k / n  # quantile of the answer
-    spread = 4.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
-    lo_rank = min(m, max(1, int((q - spread) * m)))
-    hi_rank = min(m, max(1, int(math.ceil((q + spread) * m))))
-    lo = sample.kthvalue(lo_rank).values
-    hi = sample.kthvalue(hi_rank).values
-    above = int(torch.count_nonzero(flat > hi))
-    if above < k:
-        inside_mask = (flat >= lo).logical_and_(flat <= hi)
-        inside = int(torch.count_nonzero(inside_mask))
-        if above + inside >= k:
-            band = flat[inside_mask]  # (inside,)
-            return band.kthvalue(inside - (k - above) + 1).values
-    return flat.kthvalue(n - k + 1).values
+    if n > 4 * _SAMPLE:
+        stride = n // _SAMPLE
+        sample = flat[::stride]
+        m = sample.numel()
+        q = 1.0 - k / n  # quantile of the answer
+        spread = 4.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
+        lo = sample.kthvalue(min(m, max(1, int((q - spread) * m)))).values
+        hi = sample.kthvalue(min(m, max(1, int(math.ceil((q + spread) * m))))).values
+        above = int(torch.count_nonzero(flat > hi))
+        if above < k:
+            band = flat[(flat >= lo).logical_and_(flat <= hi)]  # (inside,)
+            if above + band.numel() >= k:
+                value = band.kthvalue(band.numel() - (k - above) + 1).values
+                return value, above + int(torch.count_nonzero(band > value))
+    value = flat.kthvalue(n - k + 1).values
+    return value, int(torch.count_nonzero(flat > value))
 
 
 def top_k_mask(scores: Tensor, k: int) -> Tensor:
@@ -210,7 +212,8 @@ def disjoint_mean(weighted: Tensor, sign: Tensor, weights: Tensor, *, normalize:
     return total
 
 
-def _ties_blockwise(x: Tensor, base: Tensor, p: PerModel, weights: Tensor, *, normalize: bool) -> Tensor:
+def _ties_blockwise(x: Tensor, base: Tensor, p: PerModel, weights: Tensor, *, normalize: bool,
+                    lam: float) -> Tensor:
     """TIES' trim, elect and disjoint mean with the same numbers as the whole-tensor primitives.
 
     Pass 1 finds each model's magnitude threshold on its whole task vector
@@ -225,6 +228,8 @@ def _ties_blockwise(x: Tensor, base: Tensor, p: PerModel, weights: Tensor, *, no
     numel = flat_b.numel()
     thresholds: list[float | None] = []
     quotas: list[int] = []
+    # The output buffer doubles as the magnitude scratch of pass 1: one full-size buffer, not two.
+    out = torch.empty(numel, dtype=x.dtype, device=x.device)
     for i in range(n):
         density = p[i].density
         if density >= 1:
@@ -232,14 +237,12 @@ def _ties_blockwise(x: Tensor, base: Tensor, p: PerModel, weights: Tensor, *, no
             quotas.append(0)
             continue
         k = keep_count(density, numel)
-        mag = torch.sub(flat_x[i], flat_b).abs_()  # (numel,) scratch for one model at a time
-        thr = kth_largest(mag, k)
-        greater = int(torch.count_nonzero(mag > thr))
+        mag = torch.sub(flat_x[i], flat_b, out=out).abs_()  # (numel,) |tau_i|
+        thr, greater = kth_largest_and_count(mag, k)
         thresholds.append(float(thr))
         quotas.append(k - greater)  # entries equal to thr that are kept, lowest index first
         del mag
     w_list = weights.tolist()
-    out = torch.empty(numel, dtype=x.dtype, device=x.device)
     used = [0] * n
     for start in range(0, numel, _CHUNK):
         stop = min(numel, start + _CHUNK)
@@ -256,7 +259,9 @@ def _ties_blockwise(x: Tensor, base: Tensor, p: PerModel, weights: Tensor, *, no
                     used[i] = min(quotas[i], int(rank[-1]))
                 d[i].mul_(keep)
             d[i].mul_(w_list[i])
-        out[start:stop] = disjoint_mean(d, elect_sign(d), weights, normalize=normalize)
+        merged = disjoint_mean(d, elect_sign(d), weights, normalize=normalize)
+        # base + lambda * merged, written straight into the output: no second full-size buffer.
+        torch.add(flat_b[start:stop], merged, alpha=lam, out=out[start:stop])
     return out.reshape(base.shape)
 
 
@@ -363,7 +368,7 @@ def _merge(name: str, x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticSha
         merged = weighted_sum(_thinned(x, base, p, s, keep, gen), weights, normalize=s.normalize)
         return add_to_base(base, merged, s.lambda_)
     if keep is _magnitude and not s.rescale:
-        return add_to_base(base, _ties_blockwise(x, base, p, weights, normalize=s.normalize), s.lambda_)
+        return _ties_blockwise(x, base, p, weights, normalize=s.normalize, lam=s.lambda_)
     deltas = torch.empty_like(x)  # (N, *shape): the sign election needs every task vector at once
     for w, delta in zip(weights.tolist(), _thinned(x, base, p, s, keep, gen, out=deltas)):
         delta.mul_(w)

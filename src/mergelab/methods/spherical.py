@@ -31,15 +31,24 @@ def slerp_vectors(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.
         slerp(t) = sin((1 - t) omega) / sin(omega) * v0 + sin(t omega) / sin(omega) * v1
     the coefficients applied to the raw (not normalised) vectors, as MergeKit does.
     """
-    u0, _ = _unit(v0, eps)
-    u1, _ = _unit(v1, eps)
-    dot = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    n0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True)
+    n1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True)
+    n0 = torch.where(n0 > eps, n0, torch.ones_like(n0))
+    n1 = torch.where(n1 > eps, n1, torch.ones_like(n1))
+    # <v0, v1> / (|v0| |v1|) without materialising the unit vectors (two fewer full-size copies).
+    if v0.dim() == 2 and v0.shape[0] == 1:
+        raw = torch.dot(v0[0], v1[0]).view(1, 1)
+    else:
+        raw = torch.linalg.vecdot(v0, v1, dim=-1).unsqueeze(-1)
+    dot = (raw / n0 / n1).clamp(-1, 1)
     colinear = dot.abs() > dot_threshold
     omega = torch.acos(torch.where(colinear, torch.zeros_like(dot), dot))
     sin_omega = torch.sin(omega)
     safe_sin = torch.where(colinear, torch.ones_like(sin_omega), sin_omega)
     c0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * omega) / safe_sin)
     c1 = torch.where(colinear, torch.full_like(dot, t), torch.sin(t * omega) / safe_sin)
+    if c0.numel() == 1:
+        return torch.add(v0 * float(c0), v1, alpha=float(c1))  # one temporary, not three
     return c0 * v0 + c1 * v1
 
 
