@@ -9,7 +9,6 @@ evaluate_setting / resolve_parameter / MergeConfiguration on the same input.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -267,6 +266,20 @@ def test_unknown_method_field_and_condition_key_suggest(toy, dirs):
     assert any("models[0].paramters" in p and "did you mean 'parameters'" in p for p in _problems(d))
     _one(_ties(dirs, parameters={"lambda": [{"fliter": "mlp", "value": 1}]}),
          "parameters.lambda[0].fliter is not a condition key", "did you mean 'filter'")
+
+
+def test_schema_mistakes_explained(toy, dirs):
+    d = _ties(dirs, density=0.5)
+    d["models"][0]["weight"] = 1.0
+    problems = _problems(d)
+    assert "models[0].weight: method parameters such as weight go under `parameters:`" in problems[0]
+    assert "density: method parameters such as density go under `parameters:`" in problems[1]
+    _one({"merge_method": "_test_linear", "models": ["a"]}, "models[0]: 'a' is not a model entry; write `- model: a`")
+    # what pruning cannot fix is reported once, with what it could
+    assert _problems({"models": [], "colour": 1}) == [
+        "merge_method is missing; add `merge_method: NAME` (`mergelab methods` lists them)",
+        "colour is not a recipe field. Fields here: merge_method, base_model, models, slices, parameters, dtype, "
+        "out_dtype, tokenizer_source, tokenizer, chat_template, name, vocab_mismatch, seed."]
 
 
 def test_every_problem_is_reported_at_once(toy, dirs):

@@ -122,6 +122,7 @@ def average(
     decay: str = typer.Option("linear", help="wsm decay shape: linear | cosine | 1-sqrt"),
     alpha: float = typer.Option(0.9, help="ema decay per checkpoint"),
     skip_unstable: bool = typer.Option(False, "--skip-unstable", help="leave out NaN/Inf checkpoints and those after a loss spike"),
+    checkpoint: Optional[list[Path]] = typer.Option(None, "--checkpoint", help="use these checkpoints (repeatable) instead of discovering them in RUN_DIR"),
     out_shard_size: str = typer.Option("5GB", help="maximum size of an output shard"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT_DIR"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
@@ -132,7 +133,7 @@ def average(
     try:
         average_run(run_dir, out_dir, scheme=scheme, last=last, every=every, decay=decay, alpha=alpha,
                     skip_unstable=skip_unstable, out_shard_size=out_shard_size, overwrite=overwrite,
-                    show_progress=not quiet, console=out)
+                    show_progress=not quiet, console=out, explicit=checkpoint or None)
     except (MergeError, ValueError, OSError) as exc:
         _fail(exc)
 

@@ -3,7 +3,7 @@
 Data is scikit-learn's bundled 8x8 digits (nothing is downloaded). A small MLP
 (64-128-128-10) is pretrained on the plain digits; four copies are fine-tuned
 from it on four tasks, each the same digits under one fixed input transform
-(rotated 90 degrees, mirrored, inverted, pixels shuffled), two with Adam and two
+(rotated 90 degrees, mirrored, shifted, pixels shuffled), two with Adam and two
 with plain SGD. The four are then merged with every family of mergelab -- data-free
 (average, task arithmetic, TIES, DARE-TIES, TSV, Iso-C, Iso-CTS, optimizer-aware)
 and data-aware (Fisher, RegMean, gradient matching) -- with the statistics each
@@ -54,15 +54,18 @@ def _mirror(x: torch.Tensor) -> torch.Tensor:
     return x.view(-1, 8, 8).flip(2).reshape(-1, 64)
 
 
-def _invert(x: torch.Tensor) -> torch.Tensor:
-    return 1.0 - x
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    """Move the digit two pixels down and two right, filling with background."""
+    out = torch.zeros(x.shape[0], 8, 8, dtype=x.dtype)
+    out[:, 2:, 2:] = x.view(-1, 8, 8)[:, :6, :6]
+    return out.reshape(-1, 64)
 
 
 # Each task: a fixed transform of the (n, 64) pixels in [0, 1], and the optimizer its model is fine-tuned with.
 TASKS: dict[str, tuple[Callable[..., torch.Tensor], str]] = {
     "rotate": (_rot90, "adam"),
     "mirror": (_mirror, "sgd"),
-    "invert": (_invert, "adam"),
+    "shift": (_shift, "adam"),
     "shuffle": (lambda x, perm: x[:, perm], "sgd"),  # perm: a fixed permutation drawn from the seed
 }
 

@@ -174,14 +174,9 @@ class ParamField:
         return f"{self.name} must be {_kind(self.info.annotation)}{bounds}"
 
 
-_ADAPTERS: dict[Any, TypeAdapter] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _adapter(annotation: Any) -> TypeAdapter:
-    key = repr(annotation)
-    if key not in _ADAPTERS:
-        _ADAPTERS[key] = TypeAdapter(annotation)
-    return _ADAPTERS[key]
+    return TypeAdapter(annotation)
 
 
 def _kind(annotation: Any) -> str:

@@ -100,3 +100,15 @@ def test_cli_average(tmp_path):
     # WSM with a linear decay = uniform weights over the window.
     torch.testing.assert_close(got["layer.weight"], torch.stack([s["layer.weight"] for s in states[-4:]]).mean(0))
     assert "500" in result.output
+
+
+def test_cli_explicit_checkpoints(tmp_path):
+    run, states = _run(tmp_path)
+    picks = [str(run / "checkpoint-500"), str(run / "checkpoint-100")]
+    args = ["average", str(run), str(tmp_path / "out"), "--quiet"]
+    for p in picks:
+        args += ["--checkpoint", p]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    torch.testing.assert_close(got["layer.weight"], (states[0]["layer.weight"] + states[4]["layer.weight"]) / 2)
