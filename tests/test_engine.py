@@ -206,3 +206,22 @@ def test_sentence_transformers_loads_a_merged_minilm(tmp_path):
     e_base = SentenceTransformer(str(base), device="cpu").encode(texts, convert_to_tensor=True)
     # t = 0 returns the base exactly, through reading, writing and the asset copy.
     torch.testing.assert_close(e_out, e_base)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_merge_matches_cpu(llama_family, tmp_path):
+    recipe = {"merge_method": "ties", "base_model": str(llama_family["base"]),
+              "models": [{"model": str(llama_family[k]), "parameters": {"weight": 0.5, "density": 0.5}} for k in "ab"]}
+    mergelab.merge(recipe, tmp_path / "cpu")
+    mergelab.merge(recipe, tmp_path / "gpu", device="cuda")
+    cpu, gpu = _tensors(tmp_path / "cpu"), _tensors(tmp_path / "gpu")
+    for k in cpu:
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_asked_without_gpu_is_a_clear_error(llama_family, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(MergeError, match="--device cpu"):
+        mergelab.merge(_linear(llama_family), tmp_path / "out", device="cuda")
+    assert not (tmp_path / "out").exists()
