@@ -63,6 +63,11 @@ RECIPES = {
     "passthrough_slices": "merge_method: passthrough\nslices:\n"
     "  - sources:\n      - model: {a}\n        layer_range: [0, 3]\n"
     "  - sources:\n      - model: {b}\n        layer_range: [1, 4]\n",
+    "linear_slices_filters": "merge_method: linear\nslices:\n"
+    "  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n"
+    "        parameters: {{weight: [{{filter: layers.1., value: 0.9}}, {{value: 0.3}}]}}\n"
+    "      - model: {b}\n        layer_range: [2, 4]\n"
+    "        parameters: {{weight: [{{filter: layers.3., value: 0.8}}, {{value: 0.5}}]}}\n",
     "slerp_slices": "merge_method: slerp\nbase_model: {a}\nparameters: {{t: [0.2, 0.8]}}\nslices:\n"
     "  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n      - model: {b}\n        layer_range: [2, 4]\n",
 }

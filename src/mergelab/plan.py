@@ -164,7 +164,7 @@ class _Planner:
             return
 
         rows: list[TensorRef] = []
-        row_sources: list[Source] = []
+        row_sources: list[tuple[Source, str]] = []
         vocab_rows = None
         for src, in_name in sources:
             if uses_base and src.model == base_path:
@@ -189,7 +189,7 @@ class _Planner:
                         f"{ref_path} has {tuple(shape)}: these models cannot be merged tensor by tensor")
                     continue
             rows.append(TensorRef(self.index[src.model], name))
-            row_sources.append(src)
+            row_sources.append((src, in_name))
 
         if len(rows) < self.spec.min_models:
             self.jobs.append(Job(out_name, shape, out_dtype, [ref], None, [], None, copy=True,
@@ -211,8 +211,10 @@ class _Planner:
 
         where = f"{self.recipe.source_name}: tensor {out_name}"
         mfields = self.spec.model_params.model_fields
-        for src in row_sources:
-            values = self._params(out_name, t, src.model, out_slice, mfields)
+        for src, in_name in row_sources:
+            # As in MergeKit: a model's own filters match its input tensor's name (its own layer
+            # number in a shifted slice), shared parameters match the output tensor's name.
+            values = self._params(in_name, t, src.model, out_slice, mfields)
             job.model_params.append(self._build(self.spec.model_params, values, f"{where}, model '{src.model}'"))
         sfields = self.spec.shared_params.model_fields
         job.shared = self._build(self.spec.shared_params, self._params(out_name, t, None, out_slice, sfields), where)
