@@ -8,7 +8,8 @@ with plain SGD. The four are then merged with every family of mergelab -- data-f
 (average, task arithmetic, TIES, DARE-TIES, TSV, Iso-C, Iso-CTS, optimizer-aware)
 and data-aware (Fisher, RegMean, gradient matching) -- with the statistics each
 needs computed by mergelab.stats on the tasks' training data. The merged model
-is scored on every task's test split.
+is scored on every task's test split. The whole experiment is repeated over five
+seeds (split, initialisation, batch order) and the table shows means.
 
 No hyperparameter is tuned: every method runs at its paper's default, given in
 MERGES. Results: a rich table, ``digits_demo.json`` and ``digits_demo.png``.
@@ -16,6 +17,7 @@ MERGES. Results: a rich table, ``digits_demo.json`` and ``digits_demo.png``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -40,33 +42,38 @@ class DemoConfig:
     adam_lr: float = 1e-3
     sgd_lr: float = 0.1
     stats_examples: int = 512  # training examples per model for Fisher and Gram statistics
-    seed: int = 0
+    replicates: int = 5  # independent seeds; the table shows their mean
 
 
-FAST = {"hidden": 64, "pretrain_steps": 250, "finetune_steps": 150, "stats_examples": 128}
+FAST = {"hidden": 64, "pretrain_steps": 250, "finetune_steps": 150, "stats_examples": 128, "replicates": 1}
 
 
-def _rot90(x: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
     return x.view(-1, 8, 8).rot90(1, (1, 2)).reshape(-1, 64)
 
 
-def _mirror(x: torch.Tensor) -> torch.Tensor:
+def _mirror(x: torch.Tensor, seed: int) -> torch.Tensor:
     return x.view(-1, 8, 8).flip(2).reshape(-1, 64)
 
 
-def _shift(x: torch.Tensor) -> torch.Tensor:
+def _shift(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Move the digit two pixels down and two right, filling with background."""
     out = torch.zeros(x.shape[0], 8, 8, dtype=x.dtype)
     out[:, 2:, 2:] = x.view(-1, 8, 8)[:, :6, :6]
     return out.reshape(-1, 64)
 
 
-# Each task: a fixed transform of the (n, 64) pixels in [0, 1], and the optimizer its model is fine-tuned with.
-TASKS: dict[str, tuple[Callable[..., torch.Tensor], str]] = {
-    "rotate": (_rot90, "adam"),
+def _shuffle(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """One fixed permutation of the 64 pixels, drawn from the seed."""
+    return x[:, torch.randperm(64, generator=torch.Generator().manual_seed(seed + 1))]
+
+
+# Each task: a fixed transform (n, 64) -> (n, 64) of the pixels, and the optimizer its model is fine-tuned with.
+TASKS: dict[str, tuple[Callable[[torch.Tensor, int], torch.Tensor], str]] = {
+    "rotate": (_rotate, "adam"),
     "mirror": (_mirror, "sgd"),
     "shift": (_shift, "adam"),
-    "shuffle": (lambda x, perm: x[:, perm], "sgd"),  # perm: a fixed permutation drawn from the seed
+    "shuffle": (_shuffle, "sgd"),
 }
 
 # (label, method, parameters) at the defaults of each method's paper (no tuning on any split):
@@ -75,7 +82,9 @@ TASKS: dict[str, tuple[Callable[..., torch.Tensor], str]] = {
 #   DARE density 0.5: the middle of the drop rates the DARE paper sweeps (no single default),
 #   with TIES' sign election and disjoint mean; TSV alpha 1 (the paper's); Iso-C / Iso-CTS
 #   alpha 1 and common fraction 0.8 (the paper's f; alpha is FusionBench's default);
-#   RegMean alpha 0.1 (the authors' released configurations); Fisher floor 1e-6.
+#   RegMean alpha 0.1 (the authors' released configurations); Fisher floor 1e-6 (exact Fisher);
+#   optimizer_aware on metrics divided by each model's learning rate; gradient_matching with
+#   a_t = 1, H = n x Fisher and the base's Fisher on its pretraining data as H_0 (merge_kwargs).
 MERGES: list[tuple[str, str, dict[str, Any]]] = [
     ("average", "linear", {"weight": 1.0}),
     ("task_arithmetic", "task_arithmetic", {"weight": 1.0, "lambda": 0.4}),
@@ -91,6 +100,21 @@ MERGES: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread inside the block, restoring the previous count after.
+
+    For a network this small a second thread only adds synchronisation, and on a busy
+    machine the threads' spin-waits made training ten times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def load_digits_split(seed: int) -> dict[str, torch.Tensor]:
     """Digits as float pixels in [0, 1]; a seeded 70/30 train/test split."""
     from sklearn.datasets import load_digits
@@ -104,10 +128,7 @@ def load_digits_split(seed: int) -> dict[str, torch.Tensor]:
 
 
 def task_inputs(name: str, x: torch.Tensor, seed: int) -> torch.Tensor:
-    fn = TASKS[name][0]
-    if name == "shuffle":
-        return fn(x, torch.randperm(64, generator=torch.Generator().manual_seed(seed + 1)))
-    return fn(x)
+    return TASKS[name][0](x, seed)
 
 
 def make_mlp(hidden: int) -> nn.Module:
@@ -137,24 +158,24 @@ def _batches(x: torch.Tensor, y: torch.Tensor, n: int, size: int = 64) -> list[t
     return [(x[i:min(i + size, n)], y[i:min(i + size, n)]) for i in range(0, min(n, len(y)), size)]
 
 
-def build_models(cfg: DemoConfig, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+def build_models(cfg: DemoConfig, data: dict[str, torch.Tensor], seed: int) -> dict[str, Any]:
     """Pretrain the base, fine-tune one model per task, and compute every statistic the merges need."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     base = make_mlp(cfg.hidden)
     train(base, torch.optim.Adam(base.parameters(), lr=cfg.adam_lr), data["x_train"], data["y_train"],
-          cfg.pretrain_steps, cfg.batch, cfg.seed)
+          cfg.pretrain_steps, cfg.batch, seed)
     n_stats = min(cfg.stats_examples, len(data["y_train"]))
     t0 = time.perf_counter()
     base_fisher = diagonal_fisher(base, _batches(data["x_train"], data["y_train"], n_stats), kind="exact")
     stats_s = time.perf_counter() - t0
     models, fishers, grams, opt_metrics = [], [], [], []
     for k, (name, (_, kind)) in enumerate(TASKS.items()):
-        x = task_inputs(name, data["x_train"], cfg.seed)
+        x = task_inputs(name, data["x_train"], seed)
         model = make_mlp(cfg.hidden)
         model.load_state_dict(base.state_dict())
         opt = (torch.optim.Adam(model.parameters(), lr=cfg.adam_lr) if kind == "adam"
                else torch.optim.SGD(model.parameters(), lr=cfg.sgd_lr))
-        train(model, opt, x, data["y_train"], cfg.finetune_steps, cfg.batch, cfg.seed + 10 + k)
+        train(model, opt, x, data["y_train"], cfg.finetune_steps, cfg.batch, seed + 10 + k)
         t0 = time.perf_counter()
         batches = _batches(x, data["y_train"], n_stats)
         fishers.append(diagonal_fisher(model, batches, kind="exact"))
@@ -191,18 +212,25 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor], seed: int) -> dict
 
 
 def run_merges(cfg: DemoConfig, built: dict[str, Any], data: dict[str, torch.Tensor],
-               individual: dict[str, float]) -> dict[str, Any]:
+               individual: dict[str, float], seed: int) -> dict[str, Any]:
+    """Every merge of MERGES: accuracy per task, average, normalised accuracy, seconds, warnings."""
     out = {}
     for label, method, params in MERGES:
-        kw = merge_kwargs(method, params, built, cfg.seed)
+        kw = merge_kwargs(method, params, built, seed)
+        models = kw.pop("models")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            mergelab.merge_state_dicts(method, models, **kw)
+        # Timed on a second, identical run: torch.linalg's one-off start-up would otherwise be
+        # charged to whichever method happens to run first.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             t0 = time.perf_counter()
-            merged_sd = mergelab.merge_state_dicts(method, kw.pop("models"), **kw)
+            merged_sd = mergelab.merge_state_dicts(method, models, **kw)
             seconds = time.perf_counter() - t0
         model = make_mlp(cfg.hidden)
         model.load_state_dict(merged_sd)
-        acc = evaluate(model, data, cfg.seed)
+        acc = evaluate(model, data, seed)
         out[label] = {
             "method": method, "params": params, "accuracy": acc,
             "average": sum(acc.values()) / len(acc),
@@ -213,32 +241,69 @@ def run_merges(cfg: DemoConfig, built: dict[str, Any], data: dict[str, torch.Ten
     return out
 
 
+def run_once(cfg: DemoConfig, seed: int) -> dict[str, Any]:
+    """One replicate: split, pretraining, fine-tuning, statistics and merges all drawn from ``seed``."""
+    data = load_digits_split(seed)
+    built = build_models(cfg, data, seed)
+    own = {name: evaluate(m, data, seed) for name, m in zip(TASKS, built["models"])}
+    individual = {name: own[name][name] for name in TASKS}
+    return {"seed": seed, "pretrained": evaluate(built["base"], data, seed), "individual": individual,
+            "fine_tuned_on_all_tasks": own, "stats_seconds": built["stats_seconds"],
+            "merges": run_merges(cfg, built, data, individual, seed)}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: list[float]) -> float:
+    m = _mean(values)
+    return (sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over replicates; the std over replicates of each merge's average and normalised accuracy."""
+    def mean_acc(rows: list[dict[str, float]]) -> dict[str, float]:
+        return {t: _mean([r[t] for r in rows]) for t in TASKS}
+
+    merges = {}
+    for label, method, params in MERGES:
+        rs = [run["merges"][label] for run in runs]
+        merges[label] = {
+            "method": method, "params": params, "accuracy": mean_acc([r["accuracy"] for r in rs]),
+            "average": _mean([r["average"] for r in rs]), "average_std": _std([r["average"] for r in rs]),
+            "normalized": _mean([r["normalized"] for r in rs]),
+            "normalized_std": _std([r["normalized"] for r in rs]),
+            "seconds": _mean([r["seconds"] for r in rs]),
+            "warnings": sorted({w for r in rs for w in r["warnings"]}),
+        }
+    return {"pretrained": mean_acc([r["pretrained"] for r in runs]),
+            "individual": mean_acc([r["individual"] for r in runs]), "merges": merges}
+
+
 def run_digits_demo(out_dir: Path, *, fast: bool = False, seed: int = 0, show: bool = True) -> dict:
     """Run the demo, print its table, and write ``digits_demo.json`` and ``digits_demo.png`` to out_dir.
 
     Args:
         out_dir: folder for the JSON and PNG (created if missing).
-        fast: a smaller network and shorter training (what the tests run, a few seconds).
-        seed: seeds the split, the initialisation, the batch order and DARE's masks.
+        fast: one replicate of a smaller network trained for fewer steps (what the tests run).
+        seed: the first replicate's seed (the others take the next ones); it draws the
+            split, the initialisation, the batch order and DARE's masks.
         show: print the rich table.
 
     Returns:
-        The results as written to the JSON: config, tasks, per-model and per-merge accuracies.
+        The results as written to the JSON: config, tasks, each replicate's accuracies
+        (``runs``) and their means over replicates (``pretrained``, ``individual``, ``merges``).
     """
     start = time.perf_counter()
-    cfg = DemoConfig(seed=seed, **(FAST if fast else {}))
-    data = load_digits_split(seed)
-    built = build_models(cfg, data)
-    own = {name: evaluate(m, data, seed) for name, m in zip(TASKS, built["models"])}
-    individual = {name: own[name][name] for name in TASKS}
+    cfg = DemoConfig(**(FAST if fast else {}))
+    with single_thread():
+        runs = [run_once(cfg, seed + r) for r in range(cfg.replicates)]
     result = {
-        "config": dataclasses.asdict(cfg) | {"fast": fast},
+        "config": dataclasses.asdict(cfg) | {"fast": fast, "seeds": [run["seed"] for run in runs]},
         "tasks": {name: {"optimizer": kind} for name, (_, kind) in TASKS.items()},
-        "pretrained": evaluate(built["base"], data, seed),
-        "individual": individual,
-        "fine_tuned_on_all_tasks": own,
-        "stats_seconds": built["stats_seconds"],
-        "merges": run_merges(cfg, built, data, individual),
+        **summarize(runs),
+        "runs": runs,
     }
     result["seconds"] = time.perf_counter() - start
     out_dir = Path(out_dir)
@@ -255,23 +320,26 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     tasks = list(result["tasks"])
-    table = Table(title=f"digits: 4 fine-tunes merged ({result['seconds']:.0f} s in all)")
+    n = len(result["runs"])
+    table = Table(title=f"digits: four fine-tunes merged, test accuracy, mean of {n} seed{'s' * (n > 1)} "
+                        f"({result['seconds']:.0f} s in all)")
     for col in ("model", *tasks, "avg", "norm.", "merge ms"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    pre = result["pretrained"]
-    table.add_row("pretrained base", *[f"{pre[t]:.3f}" for t in tasks], f"{sum(pre.values()) / len(tasks):.3f}",
-                  "", "")
-    ind = result["individual"]
-    table.add_row("individual fine-tuned", *[f"{ind[t]:.3f}" for t in tasks],
-                  f"{sum(ind.values()) / len(tasks):.3f}", "1.000", "", end_section=True)
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+    pre, ind = result["pretrained"], result["individual"]
+    table.add_row("pretrained base", *[f"{pre[t]:.3f}" for t in tasks], f"{_mean(list(pre.values())):.3f}", "", "")
+    table.add_row("individual fine-tuned", *[f"{ind[t]:.3f}" for t in tasks], f"{_mean(list(ind.values())):.3f}",
+                  "1.000", "", end_section=True)
     for label, r in result["merges"].items():
-        table.add_row(label, *[f"{r['accuracy'][t]:.3f}" for t in tasks], f"{r['average']:.3f}",
-                      f"{r['normalized']:.3f}", f"{1000 * r['seconds']:.1f}")
-    Console().print(table)
+        pm = (lambda key: f" ±{r[key + '_std']:.3f}") if n > 1 else (lambda key: "")
+        table.add_row(label, *[f"{r['accuracy'][t]:.3f}" for t in tasks], f"{r['average']:.3f}{pm('average')}",
+                      f"{r['normalized']:.3f}{pm('normalized')}", f"{1000 * r['seconds']:.1f}")
+    console = Console()
+    # Printed to a file or pipe, rich assumes 80 columns and would truncate the numbers.
+    (console if console.is_terminal else Console(width=120)).print(table)
 
 
 def plot_results(result: dict, path: Path) -> Path:
-    """Grouped bars: each merge's accuracy on every task, its normalised accuracy as a black tick."""
+    """Grouped bars: each merge's accuracy on every task; its normalised accuracy as a black tick (± std)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -285,13 +353,15 @@ def plot_results(result: dict, path: Path) -> Path:
         ax.bar([i + (j - (len(tasks) - 1) / 2) * width for i in range(len(rows))],
                [acc[t] for acc in rows.values()], width, label=f"{t} ({result['tasks'][t]['optimizer']})")
     norm = [1.0] + [r["normalized"] for r in result["merges"].values()]
-    ax.scatter(range(len(rows)), norm, marker="_", s=400, color="black", zorder=3, label="normalised (avg)")
+    err = [0.0] + [r["normalized_std"] for r in result["merges"].values()]
+    ax.errorbar(range(len(rows)), norm, yerr=err, fmt="_", markersize=20, color="black", zorder=3,
+                label="normalised accuracy")
     ax.axhline(0.1, color="grey", lw=0.8, ls=":")  # chance level of 10 classes
     ax.set_xticks(range(len(rows)), list(rows), rotation=30, ha="right")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set_title("digits: merging four fine-tunes (Adam and SGD)")
-    ax.legend(fontsize=8, ncol=5, loc="lower left")
+    ax.set_title(f"digits: merging four fine-tunes (Adam and SGD), mean of {len(result['runs'])} seeds")
+    ax.legend(fontsize=8, ncol=5, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
