@@ -36,7 +36,6 @@ RECIPES = {
     "dare_ties": "merge_method: dare_ties\nbase_model: {base}\nmodels:\n"
                  "  - model: {a}\n    parameters: {{weight: 1.0, density: 0.5}}\n"
                  "  - model: {b}\n    parameters: {{weight: 1.0, density: 0.5}}\n",
-    "tsv": "merge_method: tsv\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n",
     "iso_cts": "merge_method: iso_cts\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n",
 }
 
