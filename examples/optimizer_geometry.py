@@ -13,8 +13,10 @@ for its own choice of metric G_k:
     fisher           G_k = diagonal Fisher on the training data
 
 Each merge is scored by its training and test loss and accuracy, and by J under
-each metric (G = I, optimizer, Fisher). Results: a rich table per scenario, and
-``results.json`` and ``optimizer_geometry.png`` in the output folder.
+each metric (G = I, optimizer, Fisher), relative to the linear merge's J. All of
+it is repeated over five seeds (split, initialisation, batch order); the tables
+show means. Results: a rich table per scenario, and ``results.json`` and
+``optimizer_geometry.png`` in the output folder.
 
     python examples/optimizer_geometry.py            # full configuration (well under a minute, 2 cores)
     python examples/optimizer_geometry.py --fast     # a few seconds; what the tests run
@@ -215,7 +217,8 @@ def plot(result: dict, path: Path) -> Path:
     ax_loss.legend(fontsize=8)
     labels = [f"{n}\n{m}" for n in names for m in ("optimizer", "fisher")]
     for j, merge in enumerate(MERGES):
-        vals = [result["scenarios"][n]["rows"][merge][f"J_{m}_vs_linear"] for n in names for m in ("optimizer", "fisher")]
+        vals = [result["scenarios"][n]["rows"][merge][f"J_{m}_vs_linear"]
+                for n in names for m in ("optimizer", "fisher")]
         ax_j.bar([i + (j - 1) * width for i in range(len(labels))], vals, width, label=merge)
     ax_j.set_xticks(range(len(labels)), labels, fontsize=7)
     ax_j.set_yscale("log")

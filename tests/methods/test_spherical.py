@@ -18,36 +18,12 @@ from pydantic import ValidationError
 
 from mergelab.errors import MergeError
 from mergelab.methods import PerModel, get_method
+from method_helpers import merge, mergekit, randn, weights  # noqa: E402
 
 SETTINGS = settings(max_examples=25, deadline=None)
 R2 = 1 / math.sqrt(2)
 
 
-def merge(name, models, base=None, model_params=None, **shared):
-    """Call a registered method the way the engine does; model_params: one dict per model."""
-    spec = get_method(name)
-    x = torch.stack(list(models))
-    rows = model_params or [{}] * len(x)
-    p = PerModel([spec.model_params(**row) for row in rows])
-    return spec.fn(x, base, p, spec.shared_params(**shared), None)
-
-
-def mergekit(name, tensors, base_index=None, **params):
-    """MergeKit 0.1.5's method on the same tensors (base_index: which tensor is the base)."""
-    pytest.importorskip("mergekit", reason="mergekit is the reference (pip install mergelab[bench])")
-    from mergekit.merge_methods import registry
-    from mergekit.merge_methods.base import TensorGroup
-
-    group = TensorGroup.from_tensors([t.clone() for t in tensors], base_index=base_index)
-    return registry.get(name)([group], parameters=params)[0]
-
-
-def randn(*shape, seed=0, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def weights(*ws):
-    return [{"weight": w} for w in ws]
 
 
 def rotation_slerp(t, a, b):
