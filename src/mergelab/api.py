@@ -178,7 +178,10 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
     rec = load_recipe(recipe)
     checkpoints: dict[str, Checkpoint] = {}
     problems = []
-    for path in rec.input_paths():
+    stats_paths = [src.stats for sl in rec.output_slices() for src in sl.sources if getattr(src, "stats", None)]
+    for path in [*rec.input_paths(), *stats_paths]:
+        if path in checkpoints:
+            continue
         try:
             checkpoints[path] = Checkpoint(path)
         except CheckpointError as exc:

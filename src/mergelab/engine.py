@@ -107,7 +107,8 @@ def _work_items(plan: Plan) -> Iterator[tuple[Job, tuple[int, int] | None]]:
         numel = 1
         for d in job.shape:
             numel *= d
-        if job.copy or not chunkable or numel <= CHUNK_ELEMENTS or len(job.shape) < 2 or job.vocab_rows:
+        if job.copy or not chunkable or numel <= CHUNK_ELEMENTS or len(job.shape) < 2 or job.vocab_rows \
+                or job.stats:
             yield job, None
             continue
         row = numel // job.shape[0]
@@ -140,13 +141,17 @@ def compute(plan: Plan, job: Job, tensors: dict[TensorRef, torch.Tensor], device
     for i, ref in enumerate(job.rows):
         x[i].copy_(take(ref))
     base = take(job.base).to(device=device, dtype=cdtype) if job.base is not None else None
+    kwargs = {}
+    if spec.needs_stats:
+        kwargs["stats"] = None if job.stats is None else torch.stack(
+            [tensors.pop(r).to(device=device, dtype=cdtype) for r in job.stats])
     tensors.clear()
     gen = None
     if spec.randomized:
         key = job.name if chunk is None else f"{job.name}[{chunk[0]}:{chunk[1]}]"
         gen = make_generator(seed, key, device)
-    out = spec.fn(x, base, PerModel(job.model_params), job.shared, gen)
-    del x, base
+    out = spec.fn(x, base, PerModel(job.model_params), job.shared, gen, **kwargs)
+    del x, base, kwargs
     return out.to(dtype=job.dtype).cpu()
 
 

@@ -49,6 +49,7 @@ class Job:
     copy: bool = False  # copied from rows[0] (or base) without a method
     vocab_rows: int | None = None  # resize every input's first dim to this (vocab_mismatch: resize)
     vocab_fill: TensorRef | None = None  # where padding rows come from
+    stats: list[TensorRef] | None = None  # per-row statistics (methods with needs_stats)
     note: str | None = None
 
     def refs(self) -> list[TensorRef]:
@@ -57,7 +58,7 @@ class Job:
             out.append(self.base)
         if self.vocab_fill is not None and self.vocab_fill not in out:
             out.append(self.vocab_fill)
-        return out
+        return out + list(self.stats or [])
 
     @property
     def nbytes(self) -> int:
@@ -218,7 +219,29 @@ class _Planner:
             job.model_params.append(self._build(self.spec.model_params, values, f"{where}, model '{src.model}'"))
         sfields = self.spec.shared_params.model_fields
         job.shared = self._build(self.spec.shared_params, self._params(out_name, t, None, out_slice, sfields), where)
+        if self.spec.needs_stats:
+            job.stats = self._stats_refs(out_name, [src for src, _ in row_sources], where)
         self.jobs.append(job)
+
+    def _stats_refs(self, name: str, sources: list[Source], where: str) -> list[TensorRef] | None:
+        """Each row's statistics tensor for `name`; None when no model has one (the method's fallback)."""
+        refs = []
+        for src in sources:
+            path = getattr(src, "stats", None)
+            if path is None:
+                self.problems.append(f"{where}: {self.spec.name} needs statistics; add `stats:` to model "
+                                     f"'{src.model}' (see `mergelab stats`)")
+                return None
+            ck = self.ckpts[self.index[path]]
+            refs.append(TensorRef(self.index[path], name) if name in ck else None)
+        if all(r is None for r in refs):
+            return None
+        if any(r is None for r in refs):
+            missing = [s.stats for s, r in zip(sources, refs) if r is None]
+            self.problems.append(f"{where}: statistics file(s) {', '.join(missing)} have no tensor {name} "
+                                 "while others do; statistics must cover the same tensors for every model")
+            return None
+        return refs
 
     def finish(self) -> None:
         if self.problems:
@@ -231,7 +254,8 @@ def _sources_layer_names(ck: Checkpoint, layer: int) -> list[str]:
 
 
 def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Plan:
-    """Plan every output tensor of `recipe` over opened `checkpoints` (path -> Checkpoint)."""
+    """Plan every output tensor of `recipe` over opened `checkpoints` (path -> Checkpoint,
+    statistics files included)."""
     planner = _Planner(recipe, checkpoints)
     slices = recipe.output_slices()
     config_updates: dict = {}
