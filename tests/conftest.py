@@ -52,3 +52,17 @@ def write_llama_family(root: Path, names=("base", "a", "b", "c"), dtype=torch.fl
 @pytest.fixture(scope="session")
 def llama_family(tmp_path_factory) -> dict[str, Path]:
     return write_llama_family(tmp_path_factory.mktemp("llama"))
+
+
+class TinyTokens(torch.utils.data.Dataset):
+    """Random token sequences as a causal-LM training set (labels = inputs, as HF shifts them)."""
+
+    def __init__(self, n=16, length=8, vocab=96):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

@@ -183,6 +183,61 @@ def inspect(
         out.print(f"plot written to {plot}")
 
 
+stats_app = typer.Typer(help="Statistics for metric-aware merges (fisher, regmean, optimizer_aware).")
+app.add_typer(stats_app, name="stats")
+
+
+def _save_stats(tensors, out_file: Path, kind: str) -> None:
+    from mergelab.stats.io import save_stats
+
+    save_stats(out_file, tensors, kind=kind)
+    out.print(f"wrote {len(tensors)} {kind} tensors to {out_file} "
+              f"({getattr(tensors, 'count', 0)} examples); use it as `stats: {out_file}` in a recipe")
+
+
+@stats_app.command("gram")
+def stats_gram(model: Path, data: Path, out_file: Path,
+               max_examples: int = typer.Option(256, help="examples read from DATA"),
+               seq_len: int = typer.Option(128, help="tokens per example"),
+               batch_size: int = typer.Option(8)) -> None:
+    """Gram matrices X^T X of every linear layer's inputs (RegMean), on a text or JSONL file."""
+    from mergelab.stats.hf_text import gram_for
+
+    try:
+        _save_stats(gram_for(model, data, max_examples=max_examples, seq_len=seq_len, batch_size=batch_size),
+                    out_file, "gram")
+    except (MergeError, ValueError, OSError) as exc:
+        _fail(exc)
+
+
+@stats_app.command("fisher")
+def stats_fisher(model: Path, data: Path, out_file: Path,
+                 kind: str = typer.Option("empirical", help="empirical (data labels) or sampled (model's own)"),
+                 max_examples: int = typer.Option(64), seq_len: int = typer.Option(64),
+                 batch_size: int = typer.Option(4)) -> None:
+    """Diagonal Fisher of a causal LM on a text or JSONL file (per-example gradients with vmap)."""
+    from mergelab.stats.hf_text import fisher_for
+
+    try:
+        _save_stats(fisher_for(model, data, kind=kind, max_examples=max_examples, seq_len=seq_len,
+                               batch_size=batch_size), out_file, "fisher")
+    except (MergeError, ValueError, OSError) as exc:
+        _fail(exc)
+
+
+@stats_app.command("optimizer")
+def stats_optimizer(checkpoint: Path, out_file: Path,
+                    divide_by_lr: bool = typer.Option(False, help="divide metrics by the learning rate")) -> None:
+    """The metric of a model's own optimizer (Adam: sqrt(v_hat)+eps, SGD: 1, ...) from a Trainer checkpoint."""
+    from mergelab.stats.optimizer_state import load_trainer_checkpoint
+
+    try:
+        _save_stats(load_trainer_checkpoint(checkpoint).optimizer_metrics(divide_by_lr=divide_by_lr),
+                    out_file, "optimizer")
+    except (MergeError, ValueError, OSError) as exc:
+        _fail(exc)
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("examples/_out/demo"), help="where the demo writes its files")) -> None:
     """Build two small models, merge them with several methods, print a table."""

@@ -7,22 +7,10 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=16, length=8, vocab=96):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (n, length), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def test_lawa_average_saved_beside_checkpoints_equals_mean_of_checkpoints(tmp_path):
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
-    from conftest import tiny_llama_config
+    from conftest import TinyTokens, tiny_llama_config
     from mergelab.trajectory.callback import AveragingCallback
 
     torch.manual_seed(0)
@@ -31,7 +19,7 @@ def test_lawa_average_saved_beside_checkpoints_equals_mean_of_checkpoints(tmp_pa
                              learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=100,
                              dataloader_num_workers=0, disable_tqdm=True)
     cb = AveragingCallback("lawa", window=2, every=3)
-    Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[cb]).train()
+    Trainer(model=model, args=args, train_dataset=TinyTokens(), callbacks=[cb]).train()
 
     c3 = load_file(str(tmp_path / "checkpoint-3" / "model.safetensors"))
     c6 = load_file(str(tmp_path / "checkpoint-6" / "model.safetensors"))
