@@ -254,3 +254,17 @@ def test_metric_method_without_stats_is_a_clear_error(llama_family, tmp_path):
     with pytest.raises(MergeError, match="stats"):
         mergelab.merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_floored_metrics_are_listed_in_the_report(llama_family, tmp_path):
+    a = _tensors(llama_family["a"])
+    zeros = {k: torch.zeros(v.shape) for k, v in a.items()}
+    ones = {k: torch.ones(v.shape) for k, v in a.items()}
+    save_file(zeros, str(tmp_path / "z.safetensors"))
+    save_file(ones, str(tmp_path / "o.safetensors"))
+    recipe = {"merge_method": "fisher",
+              "models": [{"model": str(llama_family["a"]), "stats": str(tmp_path / "z.safetensors")},
+                         {"model": str(llama_family["b"]), "stats": str(tmp_path / "o.safetensors")}]}
+    mergelab.merge(recipe, tmp_path / "out")
+    info = json.loads((tmp_path / "out" / "mergelab_report.json").read_text())
+    assert any("fisher" in e["how"] for e in info["handled_specially"])

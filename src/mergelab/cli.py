@@ -239,12 +239,22 @@ def stats_optimizer(checkpoint: Path, out_file: Path,
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("examples/_out/demo"), help="where the demo writes its files")) -> None:
-    """Build two small models, merge them with several methods, print a table."""
-    from mergelab.demo import run_demo
-
+def demo(
+    out_dir: Path = typer.Option(Path("examples/_out/demo"), "--out", help="where the demo writes its files"),
+    minilm: bool = typer.Option(False, "--minilm", help="instead: merge two fine-tunes of the real MiniLM "
+                                "through the whole recipe -> folder -> sentence-transformers pipeline"),
+    fast: bool = typer.Option(False, "--fast", help="a reduced configuration (seconds)"),
+) -> None:
+    """Digits: four task models from one base, merged with every method; accuracy table, PNG and JSON."""
     try:
-        run_demo(out)
+        if minilm:
+            from mergelab.demo import run_demo
+
+            run_demo(out_dir)
+        else:
+            from mergelab.digits_demo import run_digits_demo
+
+            run_digits_demo(out_dir, fast=fast)
     except MergeError as exc:
         _fail(exc)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -150,7 +151,13 @@ def compute(plan: Plan, job: Job, tensors: dict[TensorRef, torch.Tensor], device
     if spec.randomized:
         key = job.name if chunk is None else f"{job.name}[{chunk[0]}:{chunk[1]}]"
         gen = make_generator(seed, key, device)
-    out = spec.fn(x, base, PerModel(job.model_params), job.shared, gen, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = spec.fn(x, base, PerModel(job.model_params), job.shared, gen, **kwargs)
+    for w in caught:  # e.g. metric entries floored: kept in the report, not just printed
+        note = f"{spec.name}: {w.message}"
+        if note not in job.warnings:
+            job.warnings.append(note)
     del x, base, kwargs
     return out.to(dtype=job.dtype).cpu()
 
@@ -196,7 +203,8 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
         report = RunReport(
             out_dir=out_dir, tensors=len(plan.jobs),
             merged=sum(1 for j in plan.jobs if not j.copy),
-            copied=[(j.name, j.note or "") for j in plan.jobs if j.copy or j.note],
+            copied=[(j.name, "; ".join(filter(None, [j.note, *j.warnings]))) for j in plan.jobs
+                    if j.copy or j.note or j.warnings],
             left_out=plan.left_out, bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
             seconds=time.perf_counter() - start, device=str(dev))
         extra = extra_files_fn(report) if extra_files_fn else None

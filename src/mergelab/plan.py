@@ -51,6 +51,7 @@ class Job:
     vocab_fill: TensorRef | None = None  # where padding rows come from
     stats: list[TensorRef] | None = None  # per-row statistics (methods with needs_stats)
     note: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)  # raised by the method while merging
 
     def refs(self) -> list[TensorRef]:
         out = list(self.rows)
