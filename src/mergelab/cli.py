@@ -23,7 +23,7 @@ def _fail(exc: Exception) -> None:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 @app.command()
@@ -61,8 +61,9 @@ def merge(
 def _print_plan(plan) -> None:
     rec = plan.recipe
     table = Table(title=f"plan: {rec.method.name}, {len(plan.jobs)} output tensors")
-    for col in ("tensor", "shape", "dtype", "inputs", "how / parameters"):
+    for col in ("tensor", "shape", "dtype", "inputs"):
         table.add_column(col)
+    table.add_column("how / parameters", overflow="fold")
     for job in plan.jobs[:60]:
         if job.copy:
             how = job.note or "copied"
