@@ -227,18 +227,22 @@ def test_cuda_asked_without_gpu_is_a_clear_error(llama_family, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _fisher_recipe(paths, tmp_path, fa, fb) -> dict:
+    """A fisher recipe over models a and b whose statistics files hold `fa` and `fb`."""
+    save_file(fa, str(tmp_path / "fa.safetensors"))
+    save_file(fb, str(tmp_path / "fb.safetensors"))
+    return {"merge_method": "fisher",
+            "models": [{"model": str(paths["a"]), "stats": str(tmp_path / "fa.safetensors")},
+                       {"model": str(paths["b"]), "stats": str(tmp_path / "fb.safetensors")}]}
+
+
 def test_recipe_stats_reach_metric_methods(llama_family, tmp_path):
     """fisher from a recipe with per-model `stats:` files = merge_state_dicts with the same metrics."""
     a, b = _tensors(llama_family["a"]), _tensors(llama_family["b"])
     g = torch.Generator().manual_seed(0)
     fa = {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in a.items()}
     fb = {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in b.items()}
-    save_file(fa, str(tmp_path / "fa.safetensors"))
-    save_file(fb, str(tmp_path / "fb.safetensors"))
-    recipe = {"merge_method": "fisher",
-              "models": [{"model": str(llama_family["a"]), "stats": str(tmp_path / "fa.safetensors")},
-                         {"model": str(llama_family["b"]), "stats": str(tmp_path / "fb.safetensors")}]}
-    mergelab.merge(recipe, tmp_path / "out")
+    mergelab.merge(_fisher_recipe(llama_family, tmp_path, fa, fb), tmp_path / "out")
     got = _tensors(tmp_path / "out")
     want = mergelab.merge_state_dicts("fisher", [a, b], stats=[fa, fb])
     name = "model.layers.1.mlp.down_proj.weight"
@@ -260,11 +264,6 @@ def test_floored_metrics_are_listed_in_the_report(llama_family, tmp_path):
     a = _tensors(llama_family["a"])
     zeros = {k: torch.zeros(v.shape) for k, v in a.items()}
     ones = {k: torch.ones(v.shape) for k, v in a.items()}
-    save_file(zeros, str(tmp_path / "z.safetensors"))
-    save_file(ones, str(tmp_path / "o.safetensors"))
-    recipe = {"merge_method": "fisher",
-              "models": [{"model": str(llama_family["a"]), "stats": str(tmp_path / "z.safetensors")},
-                         {"model": str(llama_family["b"]), "stats": str(tmp_path / "o.safetensors")}]}
-    mergelab.merge(recipe, tmp_path / "out")
+    mergelab.merge(_fisher_recipe(llama_family, tmp_path, zeros, ones), tmp_path / "out")
     info = json.loads((tmp_path / "out" / "mergelab_report.json").read_text())
     assert any("fisher" in e["how"] for e in info["handled_specially"])

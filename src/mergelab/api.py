@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from mergelab.errors import CheckpointError, MergeError, RecipeError, ShapeMismatch
-from mergelab.methods import REGISTRY, MethodSpec, PerModel, get_method
+from mergelab.methods import REGISTRY, MethodSpec, PerModel, get_method, spellings
 
 
 def methods() -> dict[str, dict[str, Any]]:
@@ -30,22 +30,16 @@ def _split_params(spec: MethodSpec, n: int, params: Mapping[str, Any]) -> tuple[
 
     A per-model parameter is a scalar (same for every model) or a sequence of n values.
     """
-    mfields, sfields = spec.model_params.model_fields, spec.shared_params.model_fields
-    unknown = [k for k in params if k not in mfields and k not in sfields
-               and not any(f.alias == k for f in {**mfields, **sfields}.values())]
+    mkeys, skeys = spellings(spec.model_params), spellings(spec.shared_params)
+    unknown = [k for k in params if k not in mkeys and k not in skeys]
     if unknown:
         raise MergeError(f"{unknown[0]!r} is not a parameter of {spec.name}; "
                          f"its parameters are: {', '.join(spec.parameter_names()) or 'none'}")
 
-    def key_of(k: str, fields) -> str | None:
-        if k in fields:
-            return k
-        return next((name for name, f in fields.items() if f.alias == k), None)
-
     per_model: list[dict] = [{} for _ in range(n)]
     shared: dict = {}
     for k, v in params.items():
-        if key_of(k, mfields) is not None:
+        if k in mkeys:
             values = list(v) if isinstance(v, (list, tuple)) else [v] * n
             if len(values) != n:
                 raise MergeError(f"parameter {k!r} of {spec.name} has {len(values)} values for {n} models")

@@ -91,14 +91,14 @@ class _Reader:
         return {ref: self.read(ref, rows) for ref in job.refs()}
 
 
-def _fit_vocab(t: torch.Tensor, job: Job, fill: torch.Tensor | None, want: int) -> torch.Tensor:
+def _fit_vocab(t: torch.Tensor, fill: torch.Tensor | None, want: int) -> torch.Tensor:
     """Cut or pad a vocabulary-indexed tensor's rows to `want` rows (pad from the tokenizer source)."""
     if t.shape[0] == want:
         return t
     if t.shape[0] > want:
         return t[:want]
     assert fill is not None
-    return torch.cat([t, fill[t.shape[0]: t.shape[0] + want - t.shape[0]].to(t.dtype)], dim=0)
+    return torch.cat([t, fill[t.shape[0]:want].to(t.dtype)], dim=0)
 
 
 def _work_items(plan: Plan) -> Iterator[tuple[Job, tuple[int, int] | None]]:
@@ -133,7 +133,7 @@ def compute(plan: Plan, job: Job, tensors: dict[TensorRef, torch.Tensor], device
 
     def take(ref: TensorRef) -> torch.Tensor:
         t = tensors[ref] if ref == job.vocab_fill else tensors.pop(ref)
-        return _fit_vocab(t, job, fill, job.vocab_rows) if job.vocab_rows is not None else t
+        return _fit_vocab(t, fill, job.vocab_rows) if job.vocab_rows is not None else t
 
     first = tensors[job.rows[0]]
     shape = (job.vocab_rows, *first.shape[1:]) if job.vocab_rows is not None else tuple(first.shape)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from mergelab.checkpoint.reader import Checkpoint, layer_index, with_layer_index
 from mergelab.errors import RecipeError, ShapeMismatch
-from mergelab.methods import MethodParams, MethodSpec
+from mergelab.methods import MethodParams, MethodSpec, spellings
 from mergelab.recipe import OutputSlice, Recipe, Source
 
 # Names of input-embedding-like tensors: in slice mode they come from the first
@@ -107,6 +107,7 @@ class _Planner:
         self.ckpts = list(checkpoints.values())
         self.index = {p: i for i, p in enumerate(self.paths)}
         self.problems: list[str] = []
+        self.shape_problems: list[str] = []  # inputs that cannot be merged tensor by tensor
         self.left_out: list[tuple[str, str, str]] = []
         self.jobs: list[Job] = []
         self.out_dtype = recipe.out_dtype
@@ -125,9 +126,10 @@ class _Planner:
             return name
         return ck.alias_for(name)
 
-    def _params(self, name: str, t: float, model: str | None, out_slice: OutputSlice, fields) -> dict:
-        """Resolved settings that belong to `fields`, keyed as the recipe spells them (field name or alias)."""
-        keys = set(fields) | {f.alias for f in fields.values() if f.alias}
+    def _params(self, name: str, t: float, model: str | None, out_slice: OutputSlice,
+                params: type[MethodParams]) -> dict:
+        """Resolved settings that belong to `params`, keyed as the recipe spells them (field name or alias)."""
+        keys = spellings(params)
         values = self.recipe.parameters_for(name, t, model, out_slice)
         return {k: v for k, v in values.items() if k in keys}
 
@@ -179,14 +181,14 @@ class _Planner:
             if other != shape:
                 if self._is_vocab(out_name) and other[1:] == shape[1:] and len(shape) >= 1:
                     if self.recipe.vocab_mismatch != "resize":
-                        self.problems.append(
+                        self.shape_problems.append(
                             f"model '{src.model}' tensor {name} has shape {tuple(other)}, "
                             f"{ref_path} has {tuple(shape)}: vocabularies differ; add `vocab_mismatch: resize` "
                             "(and `tokenizer_source:`) to the recipe to cut or pad rows to the tokenizer source's vocabulary")
                         continue
                     vocab_rows = -1  # decided below
                 else:
-                    self.problems.append(
+                    self.shape_problems.append(
                         f"model '{src.model}' tensor {name} has shape {tuple(other)}, "
                         f"{ref_path} has {tuple(shape)}: these models cannot be merged tensor by tensor")
                     continue
@@ -212,14 +214,13 @@ class _Planner:
             job.note = f"vocabulary resized to {tok_shape[0]} rows of {tok}"
 
         where = f"{self.recipe.source_name}: tensor {out_name}"
-        mfields = self.spec.model_params.model_fields
         for src, in_name in row_sources:
             # As in MergeKit: a model's own filters match its input tensor's name (its own layer
             # number in a shifted slice), shared parameters match the output tensor's name.
-            values = self._params(in_name, t, src.model, out_slice, mfields)
+            values = self._params(in_name, t, src.model, out_slice, self.spec.model_params)
             job.model_params.append(self._build(self.spec.model_params, values, f"{where}, model '{src.model}'"))
-        sfields = self.spec.shared_params.model_fields
-        job.shared = self._build(self.spec.shared_params, self._params(out_name, t, None, out_slice, sfields), where)
+        job.shared = self._build(self.spec.shared_params,
+                                 self._params(out_name, t, None, out_slice, self.spec.shared_params), where)
         if self.spec.needs_stats:
             job.stats = self._stats_refs(out_name, [src for src, _ in row_sources], where)
         self.jobs.append(job)
@@ -246,8 +247,9 @@ class _Planner:
 
     def finish(self) -> None:
         if self.problems:
-            raise ShapeMismatch("\n".join(self.problems)) if all(
-                "shape" in p for p in self.problems) else RecipeError(self.problems, None)
+            raise RecipeError(self.problems + self.shape_problems, None)
+        if self.shape_problems:
+            raise ShapeMismatch("\n".join(self.shape_problems))
 
 
 def _sources_layer_names(ck: Checkpoint, layer: int) -> list[str]:

@@ -50,6 +50,16 @@ class NoParams(MethodParams):
 P = TypeVar("P", bound=MethodParams)
 
 
+def spellings(params: type[MethodParams]) -> dict[str, str]:
+    """Every key a recipe or call may use for `params`' fields (name or alias) -> the field name."""
+    out = {}
+    for name, field in params.model_fields.items():
+        out[name] = name
+        if field.alias:
+            out[field.alias] = name
+    return out
+
+
 class PerModel(Generic[P]):
     """Per-model parameters of one merge, one entry per row of ``x``.
 
