@@ -73,22 +73,59 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+@dataclasses.dataclass
+class _Inputs:
+    """A work item's input tensors: the models' rows stacked as read, and the rest by reference."""
+
+    stack: torch.Tensor | None  # (N, *rows) of job.rows in their storage dtype, or None (see _stackable)
+    tensors: dict[TensorRef, torch.Tensor]  # every other input (all of them when stack is None)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [*self.tensors.values(), *([self.stack] if self.stack is not None else [])]
+        return sum(t.numel() * t.element_size() for t in arrays)
+
+
 class _Reader:
     """Reads the tensors of a row range of a job (None = the whole tensor)."""
 
     def __init__(self, checkpoints: list[Checkpoint]):
         self.ckpts = checkpoints
 
-    def read(self, ref: TensorRef, rows: tuple[int, int] | None) -> torch.Tensor:
-        ck = self.ckpts[ref.model]
+    def _span(self, ref: TensorRef, rows: tuple[int, int] | None) -> tuple[int, int] | None:
         if rows is None:
-            return ck[ref.name]
-        start, stop = rows
-        n = ck.shape(ref.name)[0]
-        return ck.read_rows(ref.name, min(start, n), min(stop, n))
+            return None
+        n = self.ckpts[ref.model].shape(ref.name)[0]
+        return min(rows[0], n), min(rows[1], n)
 
-    def read_job(self, job: Job, rows: tuple[int, int] | None) -> dict[TensorRef, torch.Tensor]:
-        return {ref: self.read(ref, rows) for ref in job.refs()}
+    def read(self, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        ck, span = self.ckpts[ref.model], self._span(ref, rows)
+        if span is None:
+            return ck[ref.name] if out is None else ck.read_into(ref.name, out)
+        return ck.read_rows(ref.name, *span, out=out)
+
+    def _stackable(self, job: Job) -> bool:
+        """The models' tensors can be read straight into one (N, ...) buffer: one dtype and shape, no resize."""
+        if job.copy or job.vocab_rows is not None or not job.rows or len(set(job.rows)) < len(job.rows) \
+                or job.base in job.rows:
+            return False
+        first = job.rows[0]
+        kind = (self.ckpts[first.model].shape(first.name), self.ckpts[first.model].dtype(first.name))
+        return all((self.ckpts[r.model].shape(r.name), self.ckpts[r.model].dtype(r.name)) == kind
+                   for r in job.rows)
+
+    def read_job(self, job: Job, rows: tuple[int, int] | None) -> _Inputs:
+        stack = None
+        if self._stackable(job):
+            first = job.rows[0]
+            shape = self.ckpts[first.model].shape(first.name)
+            if rows is not None:
+                shape = (rows[1] - rows[0], *shape[1:])
+            stack = torch.empty((len(job.rows), *shape), dtype=self.ckpts[first.model].dtype(first.name))
+            for i, ref in enumerate(job.rows):
+                self.read(ref, rows, out=stack[i])
+        rest = [r for r in job.refs() if stack is None or r not in job.rows]
+        return _Inputs(stack, {ref: self.read(ref, rows) for ref in rest})
 
 
 def _fit_vocab(t: torch.Tensor, fill: torch.Tensor | None, want: int) -> torch.Tensor:
@@ -118,17 +155,23 @@ def _work_items(plan: Plan) -> Iterator[tuple[Job, tuple[int, int] | None]]:
             yield job, (start, min(job.shape[0], start + step))
 
 
-def compute(plan: Plan, job: Job, tensors: dict[TensorRef, torch.Tensor], device: torch.device,
-            seed: int | None, chunk: tuple[int, int] | None) -> torch.Tensor:
-    """Run the method of `job` on its input tensors; returns the output on CPU in the output dtype.
+def _stack_inputs(job: Job, inputs: _Inputs, cdtype: torch.dtype, device: torch.device,
+                  native: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, base) for the method: (N, *shape) and (*shape), in cdtype, or as stored when `native`.
 
-    `tensors` is consumed: inputs are dropped as soon as they are converted, so
+    `inputs` is consumed: each input is dropped as soon as it is converted, so
     peak memory is the float32 stack plus the method's own scratch.
     """
-    if job.copy:
-        return tensors.pop(job.rows[0]).to(job.dtype)
-    spec = plan.recipe.method
-    cdtype = plan.recipe.compute_dtype
+    tensors = inputs.tensors
+    if inputs.stack is not None:
+        x = inputs.stack
+        keep = native and x.dtype in NATIVE_DTYPES
+        x = x.to(device=device, dtype=x.dtype if keep else cdtype)
+        inputs.stack = None
+        base = tensors.pop(job.base) if job.base is not None else None
+        if base is not None:
+            base = base.to(device=device, dtype=x.dtype if keep and base.dtype == x.dtype else cdtype)
+        return x, base
     fill = tensors.get(job.vocab_fill) if job.vocab_fill is not None else None
 
     def take(ref: TensorRef) -> torch.Tensor:
@@ -142,11 +185,31 @@ def compute(plan: Plan, job: Job, tensors: dict[TensorRef, torch.Tensor], device
     for i, ref in enumerate(job.rows):
         x[i].copy_(take(ref))
     base = take(job.base).to(device=device, dtype=cdtype) if job.base is not None else None
+    return x, base
+
+
+# Storage dtypes that methods marked `native_dtype` take as they are (they compute in float32 inside).
+NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
+            seed: int | None, chunk: tuple[int, int] | None) -> torch.Tensor:
+    """Run the method of `job` on its inputs; returns the output on CPU in the output dtype.
+
+    Methods get float32 inputs (the recipe's compute dtype), except those marked
+    `native_dtype`, which get bfloat16/float16/float32 inputs as stored when the
+    compute dtype is float32 and do their float32 arithmetic inside.
+    """
+    if job.copy:
+        return inputs.tensors.pop(job.rows[0]).to(job.dtype)
+    spec = plan.recipe.method
+    cdtype = plan.recipe.compute_dtype
+    x, base = _stack_inputs(job, inputs, cdtype, device, spec.native_dtype and cdtype == torch.float32)
     kwargs = {}
     if spec.needs_stats:
         kwargs["stats"] = None if job.stats is None else torch.stack(
-            [tensors.pop(r).to(device=device, dtype=cdtype) for r in job.stats])
-    tensors.clear()
+            [inputs.tensors.pop(r).to(device=device, dtype=cdtype) for r in job.stats])
+    inputs.tensors.clear()
     gen = None
     if spec.randomized:
         key = job.name if chunk is None else f"{job.name}[{chunk[0]}:{chunk[1]}]"
@@ -187,7 +250,7 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
             small = nxt is not None and (_item_bytes(plan, *nxt) <= PREFETCH_LIMIT
                                          or _item_bytes(plan, job, rows) <= PREFETCH_LIMIT)
             pending = pool.submit(reader.read_job, *nxt) if small else None
-            nread = sum(t.numel() * t.element_size() for t in tensors.values())
+            nread = tensors.nbytes
             out = compute(plan, job, tensors, dev, seed, rows)
             del tensors
             if written is not None:

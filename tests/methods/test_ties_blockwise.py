@@ -20,6 +20,7 @@ def _reference(x, base, params, weights, normalize):
 
 def test_blockwise_ties_equals_whole_tensor_with_many_ties(monkeypatch):
     monkeypatch.setattr(sp, "_CHUNK", 1000)  # many blocks, so the tie quota crosses block borders
+    monkeypatch.setenv("MERGELAB_NO_KERNELS", "1")  # the torch path (tests/methods/test_ties_kernel.py: the kernel)
     g = torch.Generator().manual_seed(0)
     base = torch.randint(-3, 4, (70, 90), generator=g).float()
     x = torch.stack([base + torch.randint(-2, 3, (70, 90), generator=g).float() for _ in range(3)])

@@ -233,16 +233,17 @@ class SafetensorsFile:
                 "truncated or replaced after it was opened") from exc
         return out
 
-    def read(self, name: str) -> torch.Tensor:
-        """A new tensor holding `name`, read with one positioned read (no mmap)."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`name`, read with one positioned read (no mmap) into `out` or a new tensor."""
         entry = self.entries[name]
-        return self._fill(torch.empty(entry.shape, dtype=entry.dtype), entry.begin, name)
+        return self._fill(torch.empty(entry.shape, dtype=entry.dtype) if out is None else out, entry.begin, name)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of dim 0 of `name`: one contiguous byte range of the file."""
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start:stop of dim 0 of `name` (one contiguous byte range of the file), into `out` or a new tensor."""
         entry = self.entries[name]
         row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
-        out = torch.empty((stop - start, *entry.shape[1:]), dtype=entry.dtype)
+        if out is None:
+            out = torch.empty((stop - start, *entry.shape[1:]), dtype=entry.dtype)
         return self._fill(out, entry.begin + start * row_bytes, name)
 
     def close(self) -> None:

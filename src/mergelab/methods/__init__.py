@@ -106,6 +106,7 @@ class MethodSpec:
     elementwise: bool
     needs_stats: bool
     doc: str
+    native_dtype: bool = False
 
     @property
     def needs_base(self) -> bool:
@@ -155,6 +156,7 @@ def merge_method(
     randomized: bool = False,
     elementwise: bool = False,
     needs_stats: bool = False,
+    native_dtype: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``.
 
@@ -169,6 +171,9 @@ def merge_method(
         elementwise: output[i] depends on inputs[i] only (and on per-model
             scalars), so the engine may process a big tensor in row chunks.
         needs_stats: takes per-model statistics tensors.
+        native_dtype: takes x and base as stored (bfloat16, float16 or float32)
+            and computes in float32 inside, which saves the engine a full-size
+            float32 copy of every input (the engine passes float32 otherwise).
     """
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -185,6 +190,7 @@ def merge_method(
             randomized=randomized,
             elementwise=elementwise,
             needs_stats=needs_stats,
+            native_dtype=native_dtype,
             doc=(fn.__doc__ or "").strip(),
         )
         return fn

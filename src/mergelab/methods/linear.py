@@ -27,7 +27,8 @@ class LinearShared(MethodParams):
     normalize: bool = Field(True, description="divide by the sum of the weights")
 
 
-@merge_method("linear", model_params=LinearModel, shared_params=LinearShared, elementwise=True)
+@merge_method("linear", model_params=LinearModel, shared_params=LinearShared, elementwise=True,
+              native_dtype=True)
 def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearShared, gen=None) -> Tensor:
     """Weighted average of the models ("model soups").
 
@@ -41,17 +42,22 @@ def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearSh
         normalize: divide by sum_i w_i. Weights summing to zero cannot be
             normalised: an error, where MergeKit would divide by zero.
 
-    x: (N, *shape); returns (*shape).
+    x: (N, *shape), float32 or half precision as stored; returns (*shape) float32.
     """
-    w = p.tensor("weight", x)
+    w = p.tensor("weight", torch.empty(0, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)))
     if s.normalize:
         total = float(w.sum())
         if abs(total) < 1e-8:
             raise MergeError("linear: the weights sum to zero, so they cannot be normalised; "
                              "change the weights or set `normalize: false`")
         w = w / total
-    # One pass over x: (N,) . (N, M) as a matrix-vector product.
-    return torch.tensordot(w, x, dims=1)
+    if x.dtype == w.dtype:  # one pass over x: (N,) . (N, M) as a matrix-vector product
+        return torch.tensordot(w, x, dims=1)
+    # Half-precision rows as stored: accumulate in float32 one row at a time (no float32 copy of x).
+    out = x[0].to(w.dtype).mul_(w[0])
+    for wi, row in zip(w[1:].tolist(), x[1:]):
+        out.add_(row, alpha=wi)
+    return out
 
 
 class PassthroughModel(MethodParams):

@@ -19,6 +19,7 @@ and defaults follow MergeKit 0.1.5; docs/methods.md lists where we differ and wh
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 
@@ -61,25 +62,32 @@ def kth_largest(flat: Tensor, k: int) -> Tensor:
     return kth_largest_and_count(flat, k)[0]
 
 
+def bracket_quantile(sample: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
+    """(lo, hi) from a sample of n values that holds the k-th largest value with high probability.
+
+    The sample's order statistics around quantile q = 1 - k/n, widened by four
+    binomial standard deviations (and two sample steps) on each side.
+    """
+    m = sample.numel()
+    q = 1.0 - k / n  # quantile of the answer
+    spread = 4.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
+    lo = sample.kthvalue(min(m, max(1, int((q - spread) * m)))).values
+    hi = sample.kthvalue(min(m, max(1, int(math.ceil((q + spread) * m))))).values
+    return lo, hi
+
+
 def kth_largest_and_count(flat: Tensor, k: int) -> tuple[Tensor, int]:
     """The exact k-th largest value of a 1-D tensor and how many entries are strictly greater.
 
     A strided sample locates the k-th largest to within a narrow bracket [lo, hi]
-    (the sample's order statistics, widened by four binomial standard
-    deviations); one pass counts the entries above the bracket, one pass
+    (bracket_quantile); one pass counts the entries above the bracket, one pass
     gathers those inside it, and torch.kthvalue runs on that small band only.
     If the bracket misses (possible with many tied values) the full selection
     runs. Several times faster than a full selection on big tensors.
     """
     n = flat.numel()
     if n > 4 * _SAMPLE:
-        stride = n // _SAMPLE
-        sample = flat[::stride]
-        m = sample.numel()
-        q = 1.0 - k / n  # quantile of the answer
-        spread = 4.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
-        lo = sample.kthvalue(min(m, max(1, int((q - spread) * m)))).values
-        hi = sample.kthvalue(min(m, max(1, int(math.ceil((q + spread) * m))))).values
+        lo, hi = bracket_quantile(flat[::n // _SAMPLE], k, n)
         above = int(torch.count_nonzero(flat > hi))
         if above < k:
             band = flat[(flat >= lo).logical_and_(flat <= hi)]  # (inside,)
@@ -357,12 +365,34 @@ def _thinned(x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticShared, keep
         yield delta
 
 
+def as_float32(t: Tensor) -> Tensor:
+    """t in float32 when it is stored in a half-precision dtype (native_dtype methods get those)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def _cpu_ties_kernel(x: Tensor, base: Tensor):
+    """The compiled CPU kernel module when it applies to these inputs and numba is installed, else None."""
+    if x.device.type != "cpu" or os.environ.get("MERGELAB_NO_KERNELS"):
+        return None
+    try:
+        from mergelab.methods import ties_kernel
+    except ImportError:  # numba missing or broken on this platform: the torch path is exact too
+        return None
+    return ties_kernel if ties_kernel.available(x, base) else None
+
+
 def _merge(name: str, x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticShared, gen,
            keep: KeepFn, *, ties: bool, randomized: bool = False) -> Tensor:
     """The generalised task-arithmetic pipeline: thin, weight, (elect and) combine, add to base."""
     check_inputs(name, x, base, p)
     if randomized and gen is None:
         raise MergeError(f"{name} is randomised and needs a torch.Generator; the engine seeds one per tensor")
+    if ties and keep is _magnitude and not s.rescale:
+        kernel = _cpu_ties_kernel(x, base)
+        if kernel is not None:
+            keeps = [None if q.density >= 1 else keep_count(q.density, base.numel()) for q in p]
+            return kernel.ties_merge(x, base, keeps, p.values("weight"), normalize=s.normalize, lam=s.lambda_)
+    x, base = as_float32(x), as_float32(base)
     weights = p.tensor("weight", like=x)  # (N,)
     if not ties:
         merged = weighted_sum(_thinned(x, base, p, s, keep, gen), weights, normalize=s.normalize)
@@ -412,7 +442,8 @@ _BREADCRUMBS = "; gamma (0.01, in [0, 1]) share of largest entries removed"
 _DELLA = "; epsilon (0.15) with 0 < density - epsilon and density + epsilon < 1"
 
 
-@merge_method("ties", model_params=TaskVectorParams, shared_params=TiesShared, base="required")
+@merge_method("ties", model_params=TaskVectorParams, shared_params=TiesShared, base="required",
+              native_dtype=True)
 @_documented(normalize=True, rescale=False)
 def ties(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: TiesShared, gen=None) -> Tensor:
     """TIES-Merging: trim, elect sign, disjoint mean.
