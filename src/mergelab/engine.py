@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -75,22 +77,32 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 @dataclasses.dataclass
 class _Inputs:
-    """A work item's input tensors: the models' rows stacked as read, and the rest by reference."""
+    """A work item's input tensors: views of the inputs' memory maps, nothing read yet."""
 
-    stack: torch.Tensor | None  # (N, *rows) of job.rows in their storage dtype, or None (see _stackable)
-    tensors: dict[TensorRef, torch.Tensor]  # every other input (all of them when stack is None)
+    tensors: dict[TensorRef, torch.Tensor]
 
     @property
     def nbytes(self) -> int:
-        arrays = [*self.tensors.values(), *([self.stack] if self.stack is not None else [])]
-        return sum(t.numel() * t.element_size() for t in arrays)
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+# madvise() advice that maps a range's pages in ahead of use (Linux 5.14+); older kernels get WILLNEED.
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
 
 class _Reader:
-    """Reads the tensors of a row range of a job (None = the whole tensor)."""
+    """Gives the tensors of a row range of a job (None = the whole tensor) as memory-map views.
+
+    Inputs are never copied into buffers of our own: the merge reads the page
+    cache directly (the float32 conversion of non-native methods reads from it
+    too). prefetch() maps the next job's pages in from a background thread;
+    release() unmaps a finished job's pages, so resident memory stays at about
+    two jobs' inputs whatever the model size.
+    """
 
     def __init__(self, checkpoints: list[Checkpoint]):
         self.ckpts = checkpoints
+        self.populate = _POPULATE_READ
 
     def _span(self, ref: TensorRef, rows: tuple[int, int] | None) -> tuple[int, int] | None:
         if rows is None:
@@ -98,34 +110,27 @@ class _Reader:
         n = self.ckpts[ref.model].shape(ref.name)[0]
         return min(rows[0], n), min(rows[1], n)
 
-    def read(self, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None = None) -> torch.Tensor:
-        ck, span = self.ckpts[ref.model], self._span(ref, rows)
-        if span is None:
-            return ck[ref.name] if out is None else ck.read_into(ref.name, out)
-        return ck.read_rows(ref.name, *span, out=out)
+    def inputs(self, job: Job, rows: tuple[int, int] | None) -> _Inputs:
+        return _Inputs({ref: self.ckpts[ref.model].view(ref.name, self._span(ref, rows)) for ref in job.refs()})
 
-    def _stackable(self, job: Job) -> bool:
-        """The models' tensors can be read straight into one (N, ...) buffer: one dtype and shape, no resize."""
-        if job.copy or job.vocab_rows is not None or not job.rows or len(set(job.rows)) < len(job.rows) \
-                or job.base in job.rows:
-            return False
-        first = job.rows[0]
-        kind = (self.ckpts[first.model].shape(first.name), self.ckpts[first.model].dtype(first.name))
-        return all((self.ckpts[r.model].shape(r.name), self.ckpts[r.model].dtype(r.name)) == kind
-                   for r in job.rows)
+    def _advise(self, job: Job, rows: tuple[int, int] | None, advice: int) -> None:
+        for ref in dict.fromkeys(job.refs()):
+            self.ckpts[ref.model].advise(ref.name, advice, self._span(ref, rows))
 
-    def read_job(self, job: Job, rows: tuple[int, int] | None) -> _Inputs:
-        stack = None
-        if self._stackable(job):
-            first = job.rows[0]
-            shape = self.ckpts[first.model].shape(first.name)
-            if rows is not None:
-                shape = (rows[1] - rows[0], *shape[1:])
-            stack = torch.empty((len(job.rows), *shape), dtype=self.ckpts[first.model].dtype(first.name))
-            for i, ref in enumerate(job.rows):
-                self.read(ref, rows, out=stack[i])
-        rest = [r for r in job.refs() if stack is None or r not in job.rows]
-        return _Inputs(stack, {ref: self.read(ref, rows) for ref in rest})
+    def prefetch(self, job: Job, rows: tuple[int, int] | None) -> None:
+        if self.populate is not None:
+            try:
+                for ref in dict.fromkeys(job.refs()):
+                    view = self.ckpts[ref.model].view(ref.name, self._span(ref, rows))
+                    self.ckpts[ref.model].advise(ref.name, self.populate, self._span(ref, rows))
+                    del view
+                return
+            except OSError:
+                self.populate = None
+        self._advise(job, rows, mmap.MADV_WILLNEED)
+
+    def release(self, job: Job, rows: tuple[int, int] | None) -> None:
+        self._advise(job, rows, mmap.MADV_DONTNEED)
 
 
 def _fit_vocab(t: torch.Tensor, fill: torch.Tensor | None, want: int) -> torch.Tensor:
@@ -155,36 +160,32 @@ def _work_items(plan: Plan) -> Iterator[tuple[Job, tuple[int, int] | None]]:
             yield job, (start, min(job.shape[0], start + step))
 
 
-def _stack_inputs(job: Job, inputs: _Inputs, cdtype: torch.dtype, device: torch.device,
-                  native: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x, base) for the method: (N, *shape) and (*shape), in cdtype, or as stored when `native`.
+def _method_inputs(job: Job, inputs: _Inputs, cdtype: torch.dtype, device: torch.device,
+                   native: bool) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]:
+    """(x, base) for the method.
 
-    `inputs` is consumed: each input is dropped as soon as it is converted, so
-    peak memory is the float32 stack plus the method's own scratch.
+    native: x is the list of the N models' tensors as stored (on `device`) and
+    base as stored, when they share a dtype in NATIVE_DTYPES and need no
+    vocabulary resize. Otherwise x is one (N, *shape) tensor and base one
+    (*shape) tensor in cdtype, converted straight from the inputs' pages.
     """
     tensors = inputs.tensors
-    if inputs.stack is not None:
-        x = inputs.stack
-        keep = native and x.dtype in NATIVE_DTYPES
-        x = x.to(device=device, dtype=x.dtype if keep else cdtype)
-        inputs.stack = None
-        base = tensors.pop(job.base) if job.base is not None else None
-        if base is not None:
-            base = base.to(device=device, dtype=x.dtype if keep and base.dtype == x.dtype else cdtype)
-        return x, base
+    rows = [tensors[r] for r in job.rows]
+    dtypes = {t.dtype for t in rows} | ({tensors[job.base].dtype} if job.base is not None else set())
+    if native and job.vocab_rows is None and len(dtypes) == 1 and rows[0].dtype in NATIVE_DTYPES:
+        x = [t.to(device) for t in rows]
+        return x, tensors[job.base].to(device) if job.base is not None else None
     fill = tensors.get(job.vocab_fill) if job.vocab_fill is not None else None
 
-    def take(ref: TensorRef) -> torch.Tensor:
-        t = tensors[ref] if ref == job.vocab_fill else tensors.pop(ref)
+    def fit(t: torch.Tensor) -> torch.Tensor:
         return _fit_vocab(t, fill, job.vocab_rows) if job.vocab_rows is not None else t
 
-    first = tensors[job.rows[0]]
-    shape = (job.vocab_rows, *first.shape[1:]) if job.vocab_rows is not None else tuple(first.shape)
+    shape = (job.vocab_rows, *rows[0].shape[1:]) if job.vocab_rows is not None else tuple(rows[0].shape)
     # One pass per input: dtype conversion straight into the stacked buffer, no separate stack copy.
-    x = torch.empty((len(job.rows), *shape), dtype=cdtype, device=device)
-    for i, ref in enumerate(job.rows):
-        x[i].copy_(take(ref))
-    base = take(job.base).to(device=device, dtype=cdtype) if job.base is not None else None
+    x = torch.empty((len(rows), *shape), dtype=cdtype, device=device)
+    for i, t in enumerate(rows):
+        x[i].copy_(fit(t))
+    base = fit(tensors[job.base]).to(device=device, dtype=cdtype) if job.base is not None else None
     return x, base
 
 
@@ -196,19 +197,20 @@ def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
             seed: int | None, chunk: tuple[int, int] | None) -> torch.Tensor:
     """Run the method of `job` on its inputs; returns the output on CPU in the output dtype.
 
-    Methods get float32 inputs (the recipe's compute dtype), except those marked
-    `native_dtype`, which get bfloat16/float16/float32 inputs as stored when the
-    compute dtype is float32 and do their float32 arithmetic inside.
+    Methods get float32 inputs (the recipe's compute dtype) stacked in one tensor,
+    except those marked `native_dtype`, which get the list of inputs as stored
+    (bfloat16/float16/float32) when the compute dtype is float32 and do their
+    float32 arithmetic inside.
     """
     if job.copy:
-        return inputs.tensors.pop(job.rows[0]).to(job.dtype)
+        return inputs.tensors[job.rows[0]].to(job.dtype)
     spec = plan.recipe.method
     cdtype = plan.recipe.compute_dtype
-    x, base = _stack_inputs(job, inputs, cdtype, device, spec.native_dtype and cdtype == torch.float32)
+    x, base = _method_inputs(job, inputs, cdtype, device, spec.native_dtype and cdtype == torch.float32)
     kwargs = {}
     if spec.needs_stats:
         kwargs["stats"] = None if job.stats is None else torch.stack(
-            [inputs.tensors.pop(r).to(device=device, dtype=cdtype) for r in job.stats])
+            [inputs.tensors[r].to(device=device, dtype=cdtype) for r in job.stats])
     inputs.tensors.clear()
     gen = None
     if spec.randomized:
@@ -241,18 +243,21 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-prefetch") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as write_pool, \
             ByteProgress(len(plan.jobs), plan.bytes_read, enabled=show_progress) as progress:
-        pending: Future | None = pool.submit(reader.read_job, *items[0]) if items else None
+        pending: Future | None = pool.submit(reader.prefetch, *items[0]) if items else None
         written: Future | None = None
         for i, (job, rows) in enumerate(items):
-            tensors = pending.result() if pending is not None else reader.read_job(job, rows)
+            if pending is not None:
+                pending.result()
+            inputs = reader.inputs(job, rows)
             nxt = items[i + 1] if i + 1 < len(items) else None
-            # Prefetch overlaps reading with computing, but two big jobs must not be in memory at once.
+            # Prefetch overlaps paging in with computing, but two big jobs must not be resident at once.
             small = nxt is not None and (_item_bytes(plan, *nxt) <= PREFETCH_LIMIT
                                          or _item_bytes(plan, job, rows) <= PREFETCH_LIMIT)
-            pending = pool.submit(reader.read_job, *nxt) if small else None
-            nread = tensors.nbytes
-            out = compute(plan, job, tensors, dev, seed, rows)
-            del tensors
+            pending = pool.submit(reader.prefetch, *nxt) if small else None
+            nread = inputs.nbytes
+            out = compute(plan, job, inputs, dev, seed, rows)
+            del inputs
+            reader.release(job, rows)
             if written is not None:
                 written.result()  # at most one output in flight: bounded memory, errors surface here
             if rows is None:

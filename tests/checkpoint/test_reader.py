@@ -330,3 +330,26 @@ def test_reading_a_big_tensor_leaves_no_memory_resident(tmp_path):
     assert during - before >= 0.9 * size  # the tensor really is resident while held
     assert peak_growth < 1.2 * size       # and nothing else of its size was
     assert after - before < 0.1 * size    # and it is gone once dropped
+
+
+def test_views_equal_reads_and_never_reach_the_file(tmp_path):
+    import mmap
+
+    tensors = {"a": _sample(torch.bfloat16, (7, 5), 1), "b": _sample(torch.float32, (6, 3), 2),
+               "c": _sample(torch.int8, (3,), 3), "empty": torch.zeros(0, 4)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    before = path.read_bytes()
+    with Checkpoint(path) as ck:
+        for name, want in tensors.items():
+            assert torch.equal(ck.view(name), want) and ck.view(name).dtype == want.dtype
+        assert torch.equal(ck.view("a", (2, 5)), tensors["a"][2:5])
+        ck.advise("a", mmap.MADV_WILLNEED)
+        ck.advise("b", mmap.MADV_DONTNEED, (1, 4))  # dropped pages come back from the file
+        assert torch.equal(ck.view("b"), tensors["b"])
+        v = ck.view("b")
+        v.fill_(0)  # a private mapping: the write stays in this process
+        assert torch.equal(ck["b"], tensors["b"])
+        with pytest.raises(ValueError, match="rows 3:9"):
+            ck.view("c", (3, 9))
+    assert path.read_bytes() == before

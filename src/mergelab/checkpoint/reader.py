@@ -92,6 +92,8 @@ def with_layer_index(name: str, new_index: int) -> str:
 class _Source(Protocol):
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    def view(self, name: str) -> torch.Tensor: ...
+    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> None: ...
     def close(self) -> None: ...
 
 
@@ -150,6 +152,12 @@ class _TorchFile:
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         rows = self.tensors[name][start:stop]
         return _fresh_copy(rows) if out is None else out.copy_(rows)
+
+    def view(self, name: str) -> torch.Tensor:
+        return self.tensors[name]  # memory-mapped (privately) where the file format allows it
+
+    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> None:
+        pass
 
     def close(self) -> None:
         self.tensors = {}
@@ -337,6 +345,27 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             self._check_out(name, out, (stop - start, *shape[1:]), dtype)
         self._check_open()
         return source.read_rows(name, start, stop, out)
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """`name` (or its rows start:stop) without reading it: a view of the file's memory map.
+
+        Costs no memory until the pages are touched, and then only page cache.
+        The mapping is private: writing to the view can never change the file
+        (mergelab never writes to its inputs anyway). Pickled files that cannot
+        be memory-mapped give their loaded tensor.
+        """
+        shape, _, source = self._entry(name)
+        self._check_open()
+        t = source.view(name)
+        if rows is not None:
+            if not shape or not 0 <= rows[0] <= rows[1] <= shape[0]:
+                raise ValueError(f"rows {rows[0]}:{rows[1]} are outside tensor {name} of {self.path} {shape}")
+            t = t[rows[0]:rows[1]]
+        return t
+
+    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> None:
+        """Pass an madvise() hint (mmap.MADV_WILLNEED, MADV_DONTNEED, ...) for the pages of `name`."""
+        self._entry(name)[2].advise(name, advice, rows)
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read the whole tensor `name` into `out` (contiguous, same shape and dtype); returns out."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import mmap
 import os
 import struct
 import threading
@@ -211,6 +212,7 @@ class SafetensorsFile:
         entries, self.metadata = parse_header(path)
         self.entries: dict[str, Entry] = {e.name: e for e in entries}
         self._fd: int | None = None
+        self._map: mmap.mmap | None = None
         self._lock = threading.Lock()
 
     def _descriptor(self) -> int:
@@ -246,8 +248,50 @@ class SafetensorsFile:
             out = torch.empty((stop - start, *entry.shape[1:]), dtype=entry.dtype)
         return self._fill(out, entry.begin + start * row_bytes, name)
 
+    def _mapping(self) -> mmap.mmap:
+        fd = self._descriptor()
+        with self._lock:
+            if self._map is None:
+                # Private (copy-on-write) mapping: tensors viewing it are writable in
+                # memory, but nothing can ever reach the file.
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            return self._map
+
+    def view(self, name: str) -> torch.Tensor:
+        """`name` as a tensor over the file's pages in the page cache: no read and no copy.
+
+        Falls back to read() where a view cannot be made (empty tensors, data not
+        aligned to its element size).
+        """
+        entry = self.entries[name]
+        if entry.nbytes == 0 or entry.begin % entry.dtype.itemsize:
+            return self.read(name)
+        raw = torch.frombuffer(self._mapping(), dtype=torch.uint8, count=entry.nbytes, offset=entry.begin)
+        return raw.view(entry.dtype).reshape(entry.shape)
+
+    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> None:
+        """madvise() the pages of `name` (or of its rows start:stop): prefetch or release them."""
+        entry = self.entries[name]
+        if self._map is None or entry.nbytes == 0 or not hasattr(self._map, "madvise"):
+            return
+        begin, end = entry.begin, entry.end
+        if rows is not None and entry.shape and entry.shape[0]:
+            row_bytes = entry.nbytes // entry.shape[0]
+            begin, end = entry.begin + rows[0] * row_bytes, entry.begin + rows[1] * row_bytes
+        start = begin - begin % mmap.PAGESIZE
+        try:
+            self._map.madvise(advice, start, end - start)
+        except (OSError, ValueError):  # advice unknown to this kernel: it was only a hint
+            pass
+
     def close(self) -> None:
         with self._lock:
+            if self._map is not None:
+                try:
+                    self._map.close()
+                except BufferError:  # tensors still view it: it goes when the last one does
+                    pass
+                self._map = None
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

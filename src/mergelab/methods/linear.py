@@ -42,19 +42,22 @@ def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearSh
         normalize: divide by sum_i w_i. Weights summing to zero cannot be
             normalised: an error, where MergeKit would divide by zero.
 
-    x: (N, *shape), float32 or half precision as stored; returns (*shape) float32.
+    x: (N, *shape), or a list of N tensors, float32 or half precision as stored;
+    returns (*shape) in float32 (float64 for float64 inputs).
     """
-    w = p.tensor("weight", torch.empty(0, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)))
+    first = x[0]
+    w = p.tensor("weight", torch.empty(0, device=first.device, dtype=torch.promote_types(first.dtype, torch.float32)))
     if s.normalize:
         total = float(w.sum())
         if abs(total) < 1e-8:
             raise MergeError("linear: the weights sum to zero, so they cannot be normalised; "
                              "change the weights or set `normalize: false`")
         w = w / total
-    if x.dtype == w.dtype:  # one pass over x: (N,) . (N, M) as a matrix-vector product
+    if isinstance(x, Tensor) and x.dtype == w.dtype:  # one pass: (N,) . (N, M) as a matrix-vector product
         return torch.tensordot(w, x, dims=1)
-    # Half-precision rows as stored: accumulate in float32 one row at a time (no float32 copy of x).
-    out = x[0].to(w.dtype).mul_(w[0])
+    # Rows as stored (a list from the engine, or half precision): accumulate in float32 one
+    # row at a time, reading each row once, with no float32 copy of the inputs.
+    out = first.to(w.dtype, copy=True).mul_(w[0])
     for wi, row in zip(w[1:].tolist(), x[1:]):
         out.add_(row, alpha=wi)
     return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 
 import torch
@@ -365,14 +365,23 @@ def _thinned(x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticShared, keep
         yield delta
 
 
-def as_float32(t: Tensor) -> Tensor:
-    """t in float32 when it is stored in a half-precision dtype (native_dtype methods get those)."""
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+def as_float32(t: Tensor | Sequence[Tensor]) -> Tensor:
+    """t in float32 when stored in half precision; a list of N tensors stacked to (N, *shape).
+
+    native_dtype methods get their inputs as stored, as a list, from the engine.
+    """
+    if isinstance(t, Tensor):
+        return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+    dtype = torch.promote_types(t[0].dtype, torch.float32)
+    out = torch.empty((len(t), *t[0].shape), dtype=dtype, device=t[0].device)
+    for row, src in zip(out, t):
+        row.copy_(src)
+    return out
 
 
 def _cpu_ties_kernel(x: Tensor, base: Tensor):
     """The compiled CPU kernel module when it applies to these inputs and numba is installed, else None."""
-    if x.device.type != "cpu" or os.environ.get("MERGELAB_NO_KERNELS"):
+    if base.device.type != "cpu" or os.environ.get("MERGELAB_NO_KERNELS"):
         return None
     try:
         from mergelab.methods import ties_kernel

@@ -126,8 +126,8 @@ def check_inputs(name: str, x: Tensor, base: Tensor | None, p: PerModel) -> None
     """Raise MergeError unless there is a base and one parameter set per row of x."""
     if base is None:
         raise MergeError(f"{name} adds task vectors to a base model: set `base_model:` in the recipe")
-    if len(p) != x.shape[0]:
-        raise MergeError(f"{name} got {x.shape[0]} models but {len(p)} parameter sets; pass one per model")
+    if len(p) != len(x):
+        raise MergeError(f"{name} got {len(x)} models but {len(p)} parameter sets; pass one per model")
 
 
 @merge_method(

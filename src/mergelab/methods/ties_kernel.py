@@ -23,11 +23,14 @@ the same order per element: bit for bit on the tests). Inputs are never written.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numba
 import numpy as np
 import torch
 from numba import njit, prange, types
 from numba.extending import overload
+
 from torch import Tensor
 
 __all__ = ["available", "ties_merge"]
@@ -123,7 +126,7 @@ def _combine(x, base, lo, hi, floors, keep_all, weights, normalize, lam, out):
 
     Entry j of task vector i is kept when |d| >= floors[i] (or always, keep_all[i]).
     """
-    models = x.shape[0]
+    models = len(x)
     blocks = (hi - lo + _BLOCK - 1) // _BLOCK
     for blk in prange(blocks):
         d = np.empty((models, _TILE), dtype=np.float32)
@@ -183,10 +186,10 @@ def _combine_pair(x, base, lo, hi, floors, keep_all, weights, normalize, lam, ou
         out[j] = b + lam * merged
 
 
-def available(x: Tensor, base: Tensor) -> bool:
-    """Whether the kernel can run on these inputs: CPU, bfloat16 or float32, one dtype."""
-    return (x.device.type == "cpu" and base.device == x.device and x.dtype == base.dtype
-            and x.dtype in (torch.bfloat16, torch.float32) and x.is_contiguous() and base.is_contiguous())
+def available(x: Tensor | Sequence[Tensor], base: Tensor) -> bool:
+    """Whether the kernel can run: CPU, contiguous, all bfloat16 or all float32."""
+    return all(t.device.type == "cpu" and t.dtype == base.dtype and t.is_contiguous() for t in (*x, base)) \
+        and base.dtype in (torch.bfloat16, torch.float32)
 
 
 def _as_array(t: Tensor) -> np.ndarray:
@@ -215,17 +218,17 @@ def _cutoff(row: np.ndarray, base: np.ndarray, threshold: np.float32, keep: int)
     return int(_tie_cutoff(row, base, threshold, start, min(base.shape[0], start + _BLOCK), keep - before))
 
 
-def ties_merge(x: Tensor, base: Tensor, keep: list[int | None], weights: list[float], *,
+def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None], weights: list[float], *,
                normalize: bool, lam: float) -> Tensor:
-    """TIES of x (N, *shape) on base (*shape), both in bfloat16 or float32; returns float32 (*shape).
+    """TIES of x (N, *shape), or N tensors, on base (*shape); bfloat16 or float32 in, float32 (*shape) out.
 
     keep[i] is the number of entries of task vector i kept by magnitude (None: all).
     Same result as sparsify._ties_blockwise on the float32 versions of the inputs.
     """
-    n = x.shape[0]
+    n = len(x)
     if base.numel() == 0:
         return torch.empty(base.shape, dtype=torch.float32)
-    xs = _as_array(x).reshape(n, -1)
+    xs = tuple(_as_array(row) for row in x)
     b = _as_array(base)
     numel = b.shape[0]
     thresholds = np.zeros(n, dtype=np.float32)
