@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mergelab.analyze_cli import analyze_app
 from mergelab.errors import MergeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -183,6 +184,8 @@ def inspect(
         plot_layer_similarity(report, plot)
         out.print(f"plot written to {plot}")
 
+
+app.add_typer(analyze_app, name="analyze")
 
 stats_app = typer.Typer(help="Statistics for metric-aware merges (fisher, regmean, optimizer_aware).")
 app.add_typer(stats_app, name="stats")

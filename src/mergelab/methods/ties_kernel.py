@@ -1,4 +1,4 @@
-"""TIES on the CPU in three streaming passes, compiled with numba.
+"""TIES on the CPU in a few streaming passes, compiled with numba.
 
 The torch version of TIES (sparsify._ties_blockwise) runs some thirty tensor
 operations per block and needs every input converted to float32 first. Here
@@ -10,9 +10,10 @@ float32), and does all its arithmetic per element in float32 registers:
         float32 pattern (which orders like the value for non-negative floats)
         pick a bucket, the low 16 bits inside that bucket pick T_i. No sort and
         no sample, so masses of tied values (common: differences of bfloat16
-        numbers take few distinct values) cost nothing extra. When only some
-        entries equal to T_i fit in k, one more pass counts them per block, so
-        that they are kept lowest index first, as top_k_mask keeps them;
+        numbers take few distinct values) cost nothing extra. The low pass
+        also counts ties per part of the tensor: when only some entries equal
+        to T_i fit in k, a scan of one part finds the index from which they
+        are dropped (lowest index first, as top_k_mask keeps them);
     combine: trim, weight, elect the sign, disjoint mean and add to the base,
         per element for two models (the common case), in tiles that stay in
         L1 cache for more.
@@ -35,9 +36,8 @@ from torch import Tensor
 
 __all__ = ["available", "ties_merge"]
 
-_BLOCK = 1 << 16  # elements per parallel block (and per tie count)
+_BLOCK = 1 << 16  # elements per parallel block of the combine pass
 _BUCKETS = 1 << 16
-_WAYS = 4  # interleaved copies of each histogram
 _TILE = 512  # elements per tile: every model's slice of a tile stays in L1
 
 
@@ -60,41 +60,24 @@ def _bits(value):
 
 @njit(parallel=True, cache=True)
 def _histogram(x, base, high, parts):
-    """Counts of 16 bits of the float32 pattern of |x - base|.
+    """Counts of 16 bits of the float32 pattern of |x - base|, one histogram per part of the tensor.
 
     high < 0: the top 16 bits of every entry. high >= 0: the low 16 bits of the
-    entries whose top 16 bits equal `high` (the others land in an extra bin, so
-    the loop has no branch). Each thread spreads its counts over _WAYS copies of
-    the histogram, so that runs of equal values (common) do not make every
-    increment wait for the previous one.
+    entries whose top 16 bits equal `high`; the others are skipped by a branch
+    that is rarely taken, as such a bucket holds a small share of the entries
+    (counting them in a spare bin would make every increment wait for the last).
     """
     n = base.shape[0]
-    partial = np.zeros((parts, _WAYS, _BUCKETS + 1), dtype=np.int32)
+    partial = np.zeros((parts, _BUCKETS), dtype=np.int32)
     step = (n + parts - 1) // parts
     for t in prange(parts):
         for j in range(t * step, min(n, (t + 1) * step)):
             bits = np.int64(_bits(abs(load(x, j) - load(base, j))))
             if high < 0:
-                key = bits >> 16
-            else:
-                key = (bits & 0xFFFF) if (bits >> 16) == high else _BUCKETS
-            partial[t, j & (_WAYS - 1), key] += 1
-    return partial[:, :, :_BUCKETS].astype(np.int64).sum(axis=0).sum(axis=0)
-
-
-@njit(parallel=True, cache=True)
-def _ties_per_block(x, base, threshold):
-    """How many entries of each block have |x - base| == threshold."""
-    n = base.shape[0]
-    blocks = (n + _BLOCK - 1) // _BLOCK
-    counts = np.zeros(blocks, dtype=np.int64)
-    for blk in prange(blocks):
-        c = 0
-        for j in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
-            if abs(load(x, j) - load(base, j)) == threshold:
-                c += 1
-        counts[blk] = c
-    return counts
+                partial[t, bits >> 16] += 1
+            elif (bits >> 16) == high:
+                partial[t, bits & 0xFFFF] += 1
+    return partial
 
 
 @njit(cache=True)
@@ -199,23 +182,31 @@ def _as_array(t: Tensor) -> np.ndarray:
             else flat.numpy())
 
 
-def _threshold(row: np.ndarray, base: np.ndarray, k: int) -> tuple[np.float32, int, int]:
-    """(T, entries greater than T, entries equal to T) for the k-th largest |row - base|."""
-    parts = numba.get_num_threads()
-    high, above_high = _select(_histogram(row, base, -1, parts), k)
-    low_hist = _histogram(row, base, high, parts)
+def _threshold(row: np.ndarray, base: np.ndarray, k: int) -> tuple[np.float32, int, int, int]:
+    """(T, entries greater than T, entries equal to T, cut-off) for the k-th largest |row - base|.
+
+    Entries equal to T are kept before the flat index `cut-off` and dropped from it
+    on, so that exactly k entries are kept, lowest index first among ties.
+    """
+    n = base.shape[0]
+    threads = numba.get_num_threads()
+    high, above_high = _select(_histogram(row, base, -1, threads).astype(np.int64).sum(axis=0), k)
+    parts = 8 * threads  # the low pass also counts ties per part, to place the cut-off
+    partial = _histogram(row, base, high, parts).astype(np.int64)
+    low_hist = partial.sum(axis=0)
     low, above_low = _select(low_hist, k - above_high)
     bits = np.array([(int(high) << 16) | int(low)], dtype=np.uint32)
-    return bits.view(np.float32)[0], above_high + above_low, int(low_hist[low])
-
-
-def _cutoff(row: np.ndarray, base: np.ndarray, threshold: np.float32, keep: int) -> int:
-    """Flat index from which entries equal to threshold are dropped, `keep` of them coming before."""
-    counts = np.cumsum(_ties_per_block(row, base, threshold))
-    blk = int(np.searchsorted(counts, keep, side="right"))  # first block where the count passes keep
-    before = int(counts[blk - 1]) if blk > 0 else 0
-    start = blk * _BLOCK
-    return int(_tie_cutoff(row, base, threshold, start, min(base.shape[0], start + _BLOCK), keep - before))
+    value = bits.view(np.float32)[0]
+    greater, equal = above_high + above_low, int(low_hist[low])
+    keep = k - greater  # entries equal to T that fit
+    if keep >= equal:
+        return value, greater, equal, n
+    ties = np.cumsum(partial[:, low])
+    part = int(np.searchsorted(ties, keep, side="right"))  # the part where the count passes keep
+    before = int(ties[part - 1]) if part > 0 else 0
+    step = (n + parts - 1) // parts
+    cut = _tie_cutoff(row, base, value, part * step, min(n, (part + 1) * step), keep - before)
+    return value, greater, equal, int(cut)
 
 
 def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None], weights: list[float], *,
@@ -238,10 +229,7 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
         if k is None or k >= numel:
             continue
         keep_all[i] = False
-        thr, greater, equal = _threshold(xs[i], b, k)
-        thresholds[i] = thr
-        if k - greater < equal:  # only some entries equal to T fit: keep those of lowest index
-            cutoffs[i] = _cutoff(xs[i], b, thr, k - greater)
+        thresholds[i], _, _, cutoffs[i] = _threshold(xs[i], b, k)
     out = torch.empty(numel, dtype=torch.float32)
     combine = _combine_pair if n == 2 else _combine
     w = np.asarray(weights, dtype=np.float32)

@@ -1,0 +1,501 @@
+"""`mergelab analyze`: interpolation paths, scaling curves, loss planes and the effective noise scale.
+
+A recipe in torchtune's sense: it turns command-line options into a template model
+and an evaluator, reads the checkpoints, and hands them to `mergelab.analysis`.
+
+Evaluator SPEC (`--eval`):
+    causal-lm          mean next-token loss of a Hugging Face causal LM, built from the
+                       first model's config.json, on --text FILE (tokenized with
+                       --tokenizer, default the first model's folder) or --tokens F.pt;
+    classifier         cross-entropy and accuracy on --data F.pt ({"X": ..., "y": ...} or
+                       (X, y)) of the nn.Module that --model module:factory builds;
+    module:function    a user function (also path/to/file.py:function) returning a dict of
+                       metrics. With --model it is called with the module, weights loaded;
+                       without, with the state dict itself (name -> tensor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import typer
+from rich.console import Console
+from torch import nn
+
+from mergelab.analysis import evaluators as ev
+from mergelab.analysis import paths as ap
+from mergelab.checkpoint.reader import Checkpoint
+from mergelab.errors import MergeError
+
+analyze_app = typer.Typer(no_args_is_help=True, help=(
+    "Why does a merge work or fail? Paths, barriers, scaling curves and loss planes (these take an evaluator, "
+    "--eval) and the effective noise scale. --eval causal-lm: loss of a Hugging Face causal LM on --text or "
+    "--tokens; --eval classifier: loss and accuracy on --data of the network --model builds; --eval "
+    "module:function (or file.py:function): your function, given the model (with --model) or else the "
+    "state dict, returning a dict of metrics."))
+console = Console(stderr=True)
+out = Console()
+CAUGHT = (MergeError, ValueError, OSError)
+BUILT_IN = ("causal-lm", "classifier")
+
+# Options shared by path, scaling and plane (typer reads these defaults afresh for each command).
+EVAL = typer.Option(..., "--eval", help="causal-lm | classifier | module:function | file.py:function")
+MODEL = typer.Option(None, "--model", help="module:factory or file.py:factory, a zero-argument function "
+                     "returning the nn.Module (needed by classifier; optional for a user function)")
+DATA = typer.Option(None, "--data", help="classifier data: a torch file of {'X': inputs, 'y': labels} or (X, y)")
+TEXT = typer.Option(None, "--text", help="causal-lm: a UTF-8 text file")
+TOKENS = typer.Option(None, "--tokens", help="causal-lm: a torch file holding a 1-D tensor of token ids")
+TOKENIZER = typer.Option(None, "--tokenizer", help="causal-lm: tokenizer folder for --text (default: first model)")
+SEQ_LEN = typer.Option(128, "--seq-len", help="causal-lm: tokens predicted per window")
+MAX_BATCHES = typer.Option(16, "--max-batches", help="causal-lm: batches evaluated at each point")
+BATCH_SIZE = typer.Option(None, "--batch-size", help="examples per forward pass (classifier 256, causal-lm 4)")
+BN_DATA = typer.Option(None, "--bn-data", help="recompute batch-norm statistics at every point from these "
+                       "inputs (a tensor, {'X': ...} or (X, y) torch file)")
+DEVICE = typer.Option(None, "--device", help="where the model runs: cpu (default), cuda, cuda:1")
+JSON_OUT = typer.Option(None, "--json", help="write the full result as JSON")
+PLOT = typer.Option(None, "--plot", help="write a PNG plot")
+
+
+def _fail(exc: Exception) -> None:
+    # soft_wrap keeps long paths in one piece, so they can be copied from the message.
+    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _load_torch_file(path: Path, what: str) -> Any:
+    """A torch (weights_only) or safetensors file's contents; `what` names the option in errors."""
+    if not path.is_file():
+        raise MergeError(f"{what} {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MergeError(f"{what} {path}: cannot read it as a torch or safetensors file "
+                         f"({type(exc).__name__}: {exc})") from exc
+
+
+def _inputs_and_labels(obj: Any, path: Path, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(X, y) from {"X": ..., "y": ...}, (X, y) or a lone tensor X (then y is None)."""
+    if isinstance(obj, torch.Tensor):
+        return obj, None
+    if isinstance(obj, Mapping) and "X" in obj:
+        return obj["X"], obj.get("y")
+    if isinstance(obj, (list, tuple)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj):
+        return obj[0], obj[1]
+    found = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
+    raise MergeError(f"{what} {path}: expected {{'X': inputs, 'y': labels}} or (X, y) saved with torch.save, "
+                     f"found {found}")
+
+
+def _token_ids(path: Path) -> torch.Tensor:
+    obj = _load_torch_file(path, "--tokens")
+    ids = obj.get("input_ids") if isinstance(obj, Mapping) else obj
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+        raise MergeError(f"--tokens {path}: expected an integer tensor of token ids (or {{'input_ids': ...}})")
+    return ids.reshape(-1)
+
+
+def read_state(ck: Checkpoint, want: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of `ck`; names in `want` it lacks but stores under an alias (tied lm_head) are filled in."""
+    state = {name: ck[name] for name in ck}
+    for name in want:
+        alias = None if name in state else ck.alias_for(name)
+        if alias is not None:
+            state[name] = state[alias]
+    return state
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    out.print(f"JSON written to {path}", soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------- evaluator setup
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """The evaluator options of path, scaling and plane, as given on the command line."""
+
+    spec: str
+    model: Optional[str] = None
+    data: Optional[Path] = None
+    text: Optional[Path] = None
+    tokens: Optional[Path] = None
+    tokenizer: Optional[Path] = None
+    seq_len: int = 128
+    max_batches: int = 16
+    batch_size: Optional[int] = None
+    bn_data: Optional[Path] = None
+    device: Optional[str] = None  # None: cpu
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the analyses need: a template module, an evaluator, batch-norm batches, a description."""
+
+    template: nn.Module
+    evaluator: ev.Evaluator
+    description: str
+    refresh_bn: list[torch.Tensor] | None = None
+
+
+class StateDictTemplate(nn.Module):
+    """Template for evaluators that take a state dict: holds the current point's tensors, no parameters."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.tensors = dict(state)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        self.tensors = dict(state_dict)
+
+
+def _on_state_dict(fn: ev.Evaluator) -> ev.Evaluator:
+    @functools.wraps(fn)  # keeps the user's name, which evaluation errors quote
+    def evaluate_state_dict(model: StateDictTemplate) -> Mapping[str, float]:
+        return fn(model.tensors)
+
+    return evaluate_state_dict
+
+
+def _reject(o: EvalOptions, kind: str, *names: str) -> None:
+    """Options that `kind` would ignore are an error, not a silent no-op."""
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(o, n) is not None]
+    if given:
+        raise MergeError(f"{', '.join(given)} not used by --eval {kind}; leave {'them' if len(given) > 1 else 'it'} "
+                         "out (see `mergelab analyze path --help` for which evaluator reads which option)")
+
+
+def _to_device(module: nn.Module, device: str | None) -> nn.Module:
+    try:
+        return module.to(device or "cpu")
+    except (RuntimeError, AssertionError) as exc:  # an unknown name, or torch built without that backend
+        raise MergeError(f"--device {device}: cannot move the model there ({exc}); use cpu, cuda or cuda:N") from exc
+
+
+def _factory_module(spec: str, device: str | None) -> nn.Module:
+    try:
+        factory = ev.load_evaluator(spec)  # the same module:function import, reported as --model
+    except MergeError as exc:
+        raise MergeError(str(exc).replace(f"evaluator {spec!r}", f"--model {spec!r}", 1)) from exc
+    try:
+        module = factory()
+    except Exception as exc:
+        raise MergeError(f"--model {spec!r}: calling it failed ({type(exc).__name__}: {exc}); it must build "
+                         "the model with no arguments") from exc
+    if not isinstance(module, nn.Module):
+        raise MergeError(f"--model {spec!r} returned {type(module).__name__}, not a torch nn.Module")
+    return _to_device(module, device)
+
+
+def _hf_causal_lm(folder: Path, device: str | None) -> nn.Module:
+    if not (folder / "config.json").is_file():
+        raise MergeError(f"--eval causal-lm builds the model from {folder / 'config.json'}, which does not "
+                         "exist; give Hugging Face model folders, or use --model with your own evaluator")
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:
+        raise MergeError(f"{folder}: cannot build a causal LM from its config.json "
+                         f"({type(exc).__name__}: {exc})") from exc
+    return _to_device(model, device)
+
+
+def _causal_lm(o: EvalOptions, first: Path) -> Setup:
+    _reject(o, "causal-lm", "model", "data", "bn_data")
+    if (o.text is None) == (o.tokens is None):
+        raise MergeError("--eval causal-lm needs one of --text FILE (tokenized with --tokenizer, default the "
+                         "first model's folder) or --tokens F.pt (token ids), not both or neither")
+    template = _hf_causal_lm(first, o.device)
+    if o.tokens is not None:
+        _reject(o, "causal-lm with --tokens", "tokenizer")
+        source, what = _token_ids(o.tokens), f"tokens {o.tokens}"
+    else:
+        source, what = o.text, f"text {o.text}"
+    tokenizer = o.tokenizer or first
+    if not Path(tokenizer).is_dir():
+        raise MergeError(f"--tokenizer {tokenizer} is not a folder; give a local tokenizer folder")
+    try:
+        evaluator = ev.causal_lm_evaluator(source, o.seq_len, o.max_batches, batch_size=o.batch_size or 4,
+                                           tokenizer=tokenizer)
+    except MergeError:
+        raise
+    except Exception as exc:  # transformers' own errors for a folder without tokenizer files
+        raise MergeError(f"--tokenizer {tokenizer}: cannot load a tokenizer ({type(exc).__name__}: {exc}); pass "
+                         "--tokenizer DIR with tokenizer files, or --tokens F.pt") from exc
+    return Setup(template, evaluator, f"causal-lm loss on {what}, seq_len {o.seq_len}")
+
+
+def _classifier(o: EvalOptions) -> Setup:
+    _reject(o, "classifier", "text", "tokens", "tokenizer")
+    if o.data is None or o.model is None:
+        raise MergeError("--eval classifier needs --data F.pt (inputs and labels) and --model module:factory "
+                         "(builds the network)")
+    X, y = _inputs_and_labels(_load_torch_file(o.data, "--data"), o.data, "--data")
+    if y is None:
+        raise MergeError(f"--data {o.data}: holds inputs only; save {{'X': inputs, 'y': labels}}")
+    evaluator = ev.classifier_evaluator(X, y, batch_size=o.batch_size or 256)
+    return Setup(_factory_module(o.model, o.device), evaluator, f"classifier on {o.data} ({len(y)} examples)")
+
+
+def _user(o: EvalOptions, first: Checkpoint) -> Setup:
+    _reject(o, o.spec, "data", "text", "tokens", "tokenizer")
+    fn = ev.load_evaluator(o.spec)
+    if o.model is None:
+        if o.bn_data is not None:
+            raise MergeError("--bn-data needs a module to refresh; give --model module:factory")
+        _reject(o, f"{o.spec} without --model (it is given CPU state dicts)", "device")
+        return Setup(StateDictTemplate(read_state(first)), _on_state_dict(fn), f"{o.spec} on state dicts")
+    return Setup(_factory_module(o.model, o.device), fn, f"{o.spec} on {o.model}")
+
+
+def _bn_batches(o: EvalOptions, template: nn.Module) -> list[torch.Tensor] | None:
+    if o.bn_data is None:
+        return None
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in template.modules()):
+        raise MergeError(f"--bn-data: the model of --eval {o.spec} has no batch-norm layers; leave --bn-data out")
+    X, _ = _inputs_and_labels(_load_torch_file(o.bn_data, "--bn-data"), o.bn_data, "--bn-data")
+    size = o.batch_size or 256
+    return [X[i:i + size] for i in range(0, len(X), size)]
+
+
+def prepare(o: EvalOptions, models: Sequence[Path]) -> tuple[Setup, list[dict[str, torch.Tensor]]]:
+    """The setup for `o` and the models' state dicts (opened first, so a bad path fails before any work)."""
+    checkpoints = [Checkpoint(m) for m in models]
+    try:
+        if o.spec == "causal-lm":
+            setup = _causal_lm(o, Path(models[0]))
+        elif o.spec == "classifier":
+            setup = _classifier(o)
+        elif ":" in o.spec:
+            setup = _user(o, checkpoints[0])
+        else:
+            raise MergeError(f"--eval {o.spec!r} is not an evaluator: use {' or '.join(BUILT_IN)}, or name your "
+                             "function as module:function or path/to/file.py:function")
+        setup.refresh_bn = _bn_batches(o, setup.template)
+        want = list(setup.template.state_dict())
+        # A state-dict template was built from the first model: reuse it rather than read that model twice.
+        held = setup.template.tensors if isinstance(setup.template, StateDictTemplate) else None
+        states = [held if i == 0 and held is not None else read_state(ck, want) for i, ck in enumerate(checkpoints)]
+    finally:
+        for ck in checkpoints:
+            ck.close()
+    ev.float_keys(dict(zip(map(str, models), states)))  # names and shapes agree; errors name the files
+    return setup, states
+
+
+def _labels(models: Sequence[Path]) -> list[str]:
+    from mergelab.analysis.inspect import short_names
+
+    return short_names([str(m) for m in models])
+
+
+# ----------------------------------------------------------------------------- headlines
+
+
+def path_headline(r: ap.PathResult) -> dict[str, float]:
+    """Barrier of every metric and its merge gain (midpoint minus the endpoints' mean)."""
+    return {**{f"{m} barrier": v for m, v in r.barriers.items()},
+            **{f"{m} merge gain": v for m, v in r.merge_gain.items()}}
+
+
+def plane_headline(r: ap.PlaneResult) -> dict[str, dict[str, Any]]:
+    """Per metric, the best grid point (min for losses, max for accuracy-like) and the best model."""
+    heads = {}
+    for m, rows in r.metrics.items():
+        pick = max if m in ap.MAXIMIZED else min
+        value, iy, ix = pick((v, iy, ix) for iy, row in enumerate(rows) for ix, v in enumerate(row))
+        best_model = pick(r.point_metrics, key=lambda label: r.point_metrics[label][m])
+        heads[m] = {"grid_best": value, "at": [r.x[ix], r.y[iy]],
+                    "best_model": best_model, "best_model_value": r.point_metrics[best_model][m]}
+    return heads
+
+
+def _print_headline(title: str, items: Mapping[str, Any]) -> None:
+    def fmt(key: str, v: Any) -> str:
+        return f"{v:{'+' if 'gain' in key else ''}.4g}" if isinstance(v, float) else str(v)
+
+    text = "; ".join(f"{k} {fmt(k, v)}" for k, v in items.items())
+    out.print(f"[bold]{title}:[/] {text}", highlight=False, soft_wrap=True)
+
+
+def _finish(payload: dict[str, Any], json_out: Optional[Path], plot: Optional[Path], plotter: Any,
+            result: Any) -> None:
+    if json_out is not None:
+        _write_json(json_out, payload)
+    if plot is not None:
+        plotter(result, plot)
+        out.print(f"plot written to {plot}", soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@analyze_app.command("path")
+def path_cmd(
+    model_a: Path = typer.Argument(..., help="model at alpha = 0 (folder or weight file)"),
+    model_b: Path = typer.Argument(..., help="model at alpha = 1"),
+    points: int = typer.Option(11, "--points", help="evenly spaced alphas in [0, 1] (0.5 is always added)"),
+    slerp: bool = typer.Option(False, "--slerp", help="spherical interpolation per tensor instead of linear"),
+    spec: str = EVAL, model: Optional[str] = MODEL, data: Optional[Path] = DATA, text: Optional[Path] = TEXT,
+    tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
+    max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
+    device: Optional[str] = DEVICE, json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT,
+) -> None:
+    """Metrics along the path from A to B: loss and accuracy barriers, merge gain at the midpoint."""
+    o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
+    try:
+        setup, (a, b) = prepare(o, [model_a, model_b])
+        result = ap.interpolation_path(setup.template, a, b, setup.evaluator, points=points,
+                                       method="slerp" if slerp else "linear", refresh_bn=setup.refresh_bn)
+        out.print(ap.render_path(result))
+        head = path_headline(result)
+        _print_headline("path", head)
+        from mergelab.analysis.plots import plot_path
+
+        _finish({**result.to_dict(), "models": [str(model_a), str(model_b)], "evaluator": setup.description,
+                 "headline": head}, json_out, plot, plot_path, result)
+    except CAUGHT as exc:
+        _fail(exc)
+
+
+def parse_lambdas(text: str) -> list[float]:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MergeError(f"--lambdas {text!r}: give comma-separated numbers, e.g. 0,0.25,0.5,1") from None
+    if not values:
+        raise MergeError("--lambdas is empty; give comma-separated numbers, e.g. 0,0.25,0.5,1")
+    return values
+
+
+@analyze_app.command("scaling")
+def scaling_cmd(
+    base: Path = typer.Argument(..., help="the pretrained model the task vectors are measured from"),
+    finetuned: list[Path] = typer.Argument(..., help="its fine-tunes"),
+    lambdas: str = typer.Option(",".join(f"{i / 10:g}" for i in range(11)), "--lambdas",
+                                help="scaling coefficients, comma-separated"),
+    select: str = typer.Option("loss", "--select", help="metric that picks the best lambda (accuracy: highest)"),
+    spec: str = EVAL, model: Optional[str] = MODEL, data: Optional[Path] = DATA, text: Optional[Path] = TEXT,
+    tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
+    max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
+    device: Optional[str] = DEVICE, json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT,
+) -> None:
+    """Task arithmetic's curve: metrics of base + lambda * sum_i (FT_i - base), and the best lambda."""
+    o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
+    try:
+        grid = parse_lambdas(lambdas)
+        setup, (base_sd, *tasks) = prepare(o, [base, *finetuned])
+        result = ap.scaling_curve(setup.template, base_sd, tasks, setup.evaluator, grid,
+                                  refresh_bn=setup.refresh_bn, select=select)
+        out.print(ap.render_scaling(result))
+        head = {"best lambda": result.best_lambda, f"{result.select} there": result.best_value}
+        _print_headline("scaling", head)
+        from mergelab.analysis.plots import plot_scaling_curve
+
+        _finish({**result.to_dict(), "base": str(base), "models": [str(m) for m in finetuned],
+                 "evaluator": setup.description}, json_out, plot, plot_scaling_curve, result)
+    except CAUGHT as exc:
+        _fail(exc)
+
+
+@analyze_app.command("plane")
+def plane_cmd(
+    model_o: Path = typer.Argument(..., help="origin of the plane (e.g. the base model)"),
+    model_a: Path = typer.Argument(..., help="second model: fixes the x axis"),
+    model_b: Path = typer.Argument(..., help="third model: fixes the plane"),
+    grid: int = typer.Option(15, "--grid", help="points per axis (grid x grid evaluations)"),
+    margin: float = typer.Option(0.2, "--margin", help="share of the models' span added on each side"),
+    extra: Optional[list[Path]] = typer.Option(None, "--extra", help="another model (e.g. a merge) to place "
+                                               "on the plane; repeatable"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="metric to plot (default: loss)"),
+    spec: str = EVAL, model: Optional[str] = MODEL, data: Optional[Path] = DATA, text: Optional[Path] = TEXT,
+    tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
+    max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
+    device: Optional[str] = DEVICE, json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT,
+) -> None:
+    """Metrics on a grid in the plane through three models (Garipov et al., 2018), with the best grid point."""
+    o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
+    paths = [model_o, model_a, model_b, *(extra or [])]
+    try:
+        labels = _labels(paths)
+        setup, states = prepare(o, paths)
+        result = ap.plane(setup.template, *states[:3], setup.evaluator, grid=grid, margin=margin,
+                          refresh_bn=setup.refresh_bn, names=labels[:3], extra=dict(zip(labels[3:], states[3:])))
+        out.print(ap.render_plane(result))
+        head = plane_headline(result)
+        for m, h in head.items():
+            _print_headline(f"plane {'max' if m in ap.MAXIMIZED else 'min'} {m}",
+                            {"grid": h["grid_best"], "at (x, y)": f"({h['at'][0]:.4g}, {h['at'][1]:.4g})",
+                             f"best model {h['best_model']}": h["best_model_value"]})
+        from mergelab.analysis.plots import plot_plane
+
+        _finish({**result.to_dict(), "models": [str(p) for p in paths], "evaluator": setup.description,
+                 "headline": head}, json_out, plot, functools.partial(plot_plane, metric=metric), result)
+    except CAUGHT as exc:
+        _fail(exc)
+
+
+@analyze_app.command("noise-scale")
+def noise_scale_cmd(
+    lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="examples per optimizer step, all devices and "
+                                        "accumulation steps together"),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="heavy-ball momentum or Adam's beta1 "
+                                             "(default 0 with --lr, read from the run with --trainer-state)"),
+    k: float = typer.Option(1.0, "--k", help="power of 1/(1 - m): 1 the SDE temperature, 2 counts momentum twice"),
+    aug_var: float = typer.Option(1.0, "--aug-var", help="factor on the gradient-noise variance from augmentation"),
+    trainer_state: Optional[Path] = typer.Option(None, "--trainer-state", help="a Trainer run or checkpoint "
+                                                 "folder, or its training_args.json / trainer_state.json"),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="data-parallel processes of that run"),
+    json_out: Optional[Path] = JSON_OUT,
+) -> None:
+    """Effective noise scale S = lr / (B (1 - m)^k) x v_aug of a training setup (arXiv:2510.04686)."""
+    from mergelab.analysis.noise_scale import (
+        NoiseScale,
+        effective_noise_scale,
+        noise_scale_from_trainer,
+        render_noise_scale,
+    )
+
+    try:
+        if trainer_state is not None:
+            if lr is not None or batch is not None:
+                raise MergeError("give either --trainer-state or --lr and --batch, not both")
+            result = noise_scale_from_trainer(trainer_state, world_size=world_size, momentum=momentum, k=k,
+                                              augmentation_variance=aug_var)
+        else:
+            if lr is None or batch is None:
+                raise MergeError("give --lr and --batch (the global batch size), or --trainer-state RUN_DIR")
+            if world_size is not None:
+                raise MergeError("--world-size is read only with --trainer-state; give --batch as the global "
+                                 "batch size (per device x accumulation steps x devices)")
+            m = momentum or 0.0
+            s = effective_noise_scale(lr, batch, m, k=k, augmentation_variance=aug_var)
+            result = NoiseScale(s, lr, batch, m, k, aug_var, notes=[])
+        out.print(render_noise_scale(result))
+        _print_headline("noise scale", {"S": result.noise_scale})
+        if json_out is not None:
+            _write_json(json_out, result.to_dict())
+    except CAUGHT as exc:
+        _fail(exc)
