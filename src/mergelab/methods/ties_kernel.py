@@ -190,10 +190,10 @@ def _threshold(row: np.ndarray, base: np.ndarray, k: int) -> tuple[np.float32, i
     """
     n = base.shape[0]
     threads = numba.get_num_threads()
-    high, above_high = _select(_histogram(row, base, -1, threads).astype(np.int64).sum(axis=0), k)
+    high, above_high = _select(_histogram(row, base, -1, threads).sum(axis=0, dtype=np.int64), k)
     parts = 8 * threads  # the low pass also counts ties per part, to place the cut-off
-    partial = _histogram(row, base, high, parts).astype(np.int64)
-    low_hist = partial.sum(axis=0)
+    partial = _histogram(row, base, high, parts)
+    low_hist = partial.sum(axis=0, dtype=np.int64)
     low, above_low = _select(low_hist, k - above_high)
     bits = np.array([(int(high) << 16) | int(low)], dtype=np.uint32)
     value = bits.view(np.float32)[0]
@@ -201,7 +201,7 @@ def _threshold(row: np.ndarray, base: np.ndarray, k: int) -> tuple[np.float32, i
     keep = k - greater  # entries equal to T that fit
     if keep >= equal:
         return value, greater, equal, n
-    ties = np.cumsum(partial[:, low])
+    ties = np.cumsum(partial[:, low], dtype=np.int64)
     part = int(np.searchsorted(ties, keep, side="right"))  # the part where the count passes keep
     before = int(ties[part - 1]) if part > 0 else 0
     step = (n + parts - 1) // parts
