@@ -65,17 +65,18 @@ def test_hand_worked_ties_with_tied_magnitudes():
     assert got.tolist() == [-2.0, -1.0, 0.0, 1.0]
 
 
-def test_threshold_is_the_exact_kth_largest():
+def test_threshold_is_the_exact_kth_largest_and_the_cutoff_keeps_exactly_k():
     g = torch.Generator().manual_seed(2)
     for values in (torch.randn(200_000, generator=g), _quantised((200_000,), 40, g)):
         base = torch.zeros_like(values)
         mags = values.abs()
         n = mags.numel()
         for k in (1, 999, n // 2, n - 1):
-            thr, greater, equal, _ = tk._threshold(values.numpy(), base.numpy(), k)
+            (thr,), (cut,) = tk._thresholds((values.numpy(),), base.numpy(), [k])
             want = mags.kthvalue(n - k + 1).values
             assert thr == want.item()
-            assert greater == int((mags > want).sum()) and equal == int((mags == want).sum())
+            assert int((mags > want).sum()) + int((mags[:cut] == want).sum()) == k
+            assert cut == n or mags[cut] == want  # the cut-off sits on a tied entry
 
 
 def test_ties_method_uses_kernel_and_torch_path_alike(monkeypatch):

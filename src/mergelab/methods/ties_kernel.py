@@ -59,24 +59,31 @@ def _bits(value):
 
 
 @njit(parallel=True, cache=True)
-def _histogram(x, base, high, parts):
-    """Counts of 16 bits of the float32 pattern of |x - base|, one histogram per part of the tensor.
+def _histograms(xs, base, highs, parts):
+    """Counts of 16 bits of the float32 pattern of |xs[i] - base|, per model i and per part of the tensor.
 
-    high < 0: the top 16 bits of every entry. high >= 0: the low 16 bits of the
-    entries whose top 16 bits equal `high`; the others are skipped by a branch
-    that is rarely taken, as such a bucket holds a small share of the entries
-    (counting them in a spare bin would make every increment wait for the last).
+    highs[i] == -1: the top 16 bits of every entry. highs[i] >= 0: the low 16
+    bits of the entries whose top 16 bits equal highs[i]; the others are
+    skipped by a branch that is rarely taken, as such a bucket holds a small
+    share of the entries (counting them in a spare bin would make every
+    increment wait for the last). highs[i] < -1: model i is skipped. One pass
+    serves every model, so the base is read once.
     """
     n = base.shape[0]
-    partial = np.zeros((parts, _BUCKETS), dtype=np.int32)
+    partial = np.zeros((len(xs), parts, _BUCKETS), dtype=np.int32)
     step = (n + parts - 1) // parts
     for t in prange(parts):
         for j in range(t * step, min(n, (t + 1) * step)):
-            bits = np.int64(_bits(abs(load(x, j) - load(base, j))))
-            if high < 0:
-                partial[t, bits >> 16] += 1
-            elif (bits >> 16) == high:
-                partial[t, bits & 0xFFFF] += 1
+            b = load(base, j)
+            for i in range(len(xs)):
+                high = highs[i]
+                if high < -1:
+                    continue
+                bits = np.int64(_bits(abs(load(xs[i], j) - b)))
+                if high < 0:
+                    partial[i, t, bits >> 16] += 1
+                elif (bits >> 16) == high:
+                    partial[i, t, bits & 0xFFFF] += 1
     return partial
 
 
@@ -182,31 +189,45 @@ def _as_array(t: Tensor) -> np.ndarray:
             else flat.numpy())
 
 
-def _threshold(row: np.ndarray, base: np.ndarray, k: int) -> tuple[np.float32, int, int, int]:
-    """(T, entries greater than T, entries equal to T, cut-off) for the k-th largest |row - base|.
+def _thresholds(xs: tuple[np.ndarray, ...], base: np.ndarray, keep: list[int | None]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(T_i, cut-off_i) per model: T_i the keep[i]-th largest |xs[i] - base| (None: no trim, T_i = 0).
 
-    Entries equal to T are kept before the flat index `cut-off` and dropped from it
-    on, so that exactly k entries are kept, lowest index first among ties.
+    Entries equal to T_i are kept before the flat index cut-off_i and dropped
+    from it on, so that exactly keep[i] entries are kept, lowest index first
+    among ties (cut-off n when every tied entry fits).
     """
-    n = base.shape[0]
+    n, models = base.shape[0], len(xs)
+    trim = [k is not None and k < n for k in keep]
+    thresholds = np.zeros(models, dtype=np.float32)
+    cutoffs = np.full(models, n, dtype=np.int64)
+    if not any(trim):
+        return thresholds, cutoffs
     threads = numba.get_num_threads()
-    high, above_high = _select(_histogram(row, base, -1, threads).sum(axis=0, dtype=np.int64), k)
-    parts = 8 * threads  # the low pass also counts ties per part, to place the cut-off
-    partial = _histogram(row, base, high, parts)
-    low_hist = partial.sum(axis=0, dtype=np.int64)
-    low, above_low = _select(low_hist, k - above_high)
-    bits = np.array([(int(high) << 16) | int(low)], dtype=np.uint32)
-    value = bits.view(np.float32)[0]
-    greater, equal = above_high + above_low, int(low_hist[low])
-    keep = k - greater  # entries equal to T that fit
-    if keep >= equal:
-        return value, greater, equal, n
-    ties = np.cumsum(partial[:, low], dtype=np.int64)
-    part = int(np.searchsorted(ties, keep, side="right"))  # the part where the count passes keep
-    before = int(ties[part - 1]) if part > 0 else 0
-    step = (n + parts - 1) // parts
-    cut = _tie_cutoff(row, base, value, part * step, min(n, (part + 1) * step), keep - before)
-    return value, greater, equal, int(cut)
+    highs = np.array([-1 if t else -2 for t in trim], dtype=np.int64)
+    top = _histograms(xs, base, highs, threads).sum(axis=1, dtype=np.int64)  # (models, buckets)
+    above_high = np.zeros(models, dtype=np.int64)
+    for i in range(models):
+        if trim[i]:
+            highs[i], above_high[i] = _select(top[i], keep[i])
+    parts = 8 * threads  # the low pass also counts ties per part, to place the cut-offs
+    partial = _histograms(xs, base, highs, parts)  # (models, parts, buckets)
+    for i in range(models):
+        if not trim[i]:
+            continue
+        low_hist = partial[i].sum(axis=0, dtype=np.int64)
+        low, above_low = _select(low_hist, keep[i] - above_high[i])
+        bits = np.array([(int(highs[i]) << 16) | int(low)], dtype=np.uint32)
+        thresholds[i] = bits.view(np.float32)[0]
+        fit = keep[i] - (above_high[i] + above_low)  # entries equal to T_i that fit
+        if fit < low_hist[low]:
+            ties = np.cumsum(partial[i, :, low], dtype=np.int64)
+            part = int(np.searchsorted(ties, fit, side="right"))  # the part where the count passes fit
+            before = int(ties[part - 1]) if part > 0 else 0
+            step = (n + parts - 1) // parts
+            cutoffs[i] = _tie_cutoff(xs[i], base, thresholds[i], part * step, min(n, (part + 1) * step),
+                                     fit - before)
+    return thresholds, cutoffs
 
 
 def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None], weights: list[float], *,
@@ -222,14 +243,8 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
     xs = tuple(_as_array(row) for row in x)
     b = _as_array(base)
     numel = b.shape[0]
-    thresholds = np.zeros(n, dtype=np.float32)
-    keep_all = np.ones(n, dtype=np.bool_)
-    cutoffs = np.full(n, numel, dtype=np.int64)  # entries equal to T_i are kept before this index
-    for i, k in enumerate(keep):
-        if k is None or k >= numel:
-            continue
-        keep_all[i] = False
-        thresholds[i], _, _, cutoffs[i] = _threshold(xs[i], b, k)
+    keep_all = np.array([k is None or k >= numel for k in keep], dtype=np.bool_)
+    thresholds, cutoffs = _thresholds(xs, b, keep)
     out = torch.empty(numel, dtype=torch.float32)
     combine = _combine_pair if n == 2 else _combine
     w = np.asarray(weights, dtype=np.float32)
