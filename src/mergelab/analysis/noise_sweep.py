@@ -1,0 +1,250 @@
+"""Does the effective noise scale predict how well two models merge? An experiment on digits.
+
+Zhang, Theus, Teney, Orvieto, Pang and Mauw (2025), "How does the optimizer
+implicitly bias the model merging loss landscape?", arXiv:2510.04686, report that
+the merge gain of models trained apart depends on the optimizer mostly through the
+effective noise scale S = lr / (B (1 - m)^k), non-monotonically, with a sweet spot.
+
+The experiment here, small enough for two CPU cores:
+
+1. a shared checkpoint: an MLP (64-64-64-10) trained briefly on scikit-learn's
+   digits with one fixed configuration;
+2. for every (lr, B, m) of a grid and every seed, two branches copied from it and
+   trained with SGD (heavy-ball momentum m, batch B, learning rate lr) on the same
+   data in different minibatch orders, for the same number of *examples seen*
+   (epochs, not steps), so that batch sizes are compared at equal data and a bigger
+   batch means fewer, less noisy steps, as in the SDE view behind S;
+3. the pair is merged with mergelab (linear at 0.5, and task arithmetic from the
+   shared checkpoint with lambda chosen on a validation split) and the merge is
+   scored on a held-out test split: merge gain = merged metric minus the mean of the
+   two endpoints' metrics, plus the loss and accuracy barriers along the straight path.
+
+"Do the curves line up on S?" is answered with a number, not only a picture: the
+share of the variance of the merge gain explained by a quadratic in log10 of each
+candidate (lr, B, lr / B, S with k = 1, S with k = 2), over the configurations that
+trained without diverging. A quadratic can show a peak: its vertex is reported as
+the sweet spot when the fit is concave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import mergelab
+from mergelab.analysis.evaluators import classifier_evaluator
+from mergelab.analysis.noise_scale import effective_noise_scale
+from mergelab.analysis.paths import interpolation_path
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """The grid and the sizes of the experiment (defaults: the full run, a few minutes on 2 cores)."""
+
+    lrs: Sequence[float] = (0.003, 0.01, 0.03, 0.1, 0.3)
+    batches: Sequence[int] = (8, 32, 128)
+    momenta: Sequence[float] = (0.0, 0.9)
+    seeds: Sequence[int] = (0, 1, 2)
+    hidden: int = 64
+    shared_steps: int = 300  # steps of the shared checkpoint (lr 0.05, B 32, m 0.9)
+    epochs: float = 20.0  # examples seen per branch, in passes over the training split
+    lambdas: Sequence[float] = (0.25, 0.5, 0.75, 1.0)  # task arithmetic's lambda, chosen on validation
+    path_points: int = 11
+    k: float = 1.0  # power of 1 / (1 - m) in S for the main plot (k = 2 is scored too)
+
+
+def _data(seed: int) -> dict[str, torch.Tensor]:
+    """Digits pixels in [0, 1]: 70% train; the rest split evenly into validation and test."""
+    from mergelab.digits_demo import load_digits_split
+
+    d = load_digits_split(seed)
+    half = len(d["y_test"]) // 2
+    return {"x_train": d["x_train"], "y_train": d["y_train"],
+            "x_val": d["x_test"][:half], "y_val": d["y_test"][:half],
+            "x_test": d["x_test"][half:], "y_test": d["y_test"][half:]}
+
+
+def _train_sgd(model: nn.Module, data: dict[str, torch.Tensor], *, lr: float, batch: int, momentum: float,
+               steps: int, seed: int) -> bool:
+    """SGD with heavy-ball momentum on minibatches drawn by `seed`; False if the loss became non-finite."""
+    from mergelab.digits_demo import train
+
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    train(model, opt, data["x_train"], data["y_train"], steps=steps, batch=batch, seed=seed)
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _shared_checkpoint(cfg: SweepConfig, data: dict[str, torch.Tensor], seed: int) -> nn.Module:
+    from mergelab.digits_demo import make_mlp
+
+    torch.manual_seed(seed)
+    model = make_mlp(cfg.hidden)
+    _train_sgd(model, data, lr=0.05, batch=32, momentum=0.9, steps=cfg.shared_steps, seed=10_000 + seed)
+    return model
+
+
+def _score(template: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> dict:
+    template.load_state_dict(state)
+    return classifier_evaluator(x, y)(template)
+
+
+def _pair_row(cfg: SweepConfig, data: dict[str, torch.Tensor], shared: nn.Module, lr: float, batch: int,
+              momentum: float, seed: int) -> dict[str, Any]:
+    """Train one branch pair under (lr, batch, momentum) and measure its merges."""
+    import copy
+
+    steps = max(1, round(cfg.epochs * len(data["y_train"]) / batch))
+    row: dict[str, Any] = {"lr": lr, "batch": batch, "momentum": momentum, "seed": seed, "steps": steps,
+                           "S": effective_noise_scale(lr, batch, momentum, k=cfg.k),
+                           "S_k2": effective_noise_scale(lr, batch, momentum, k=2)}
+    branches = []
+    for b in range(2):
+        model = copy.deepcopy(shared)
+        ok = _train_sgd(model, data, lr=lr, batch=batch, momentum=momentum, steps=steps,
+                        seed=1000 * seed + 100 * b + 7)
+        if not ok:
+            return {**row, "diverged": True}
+        branches.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    template = copy.deepcopy(shared)
+    base = {k: v.detach().clone() for k, v in shared.state_dict().items()}
+    test = (data["x_test"], data["y_test"])
+    ends = [_score(template, sd, *test) for sd in branches]
+    mean_end = {m: (ends[0][m] + ends[1][m]) / 2 for m in ("loss", "accuracy")}
+    linear = _score(template, mergelab.merge_state_dicts("linear", branches, weight=[0.5, 0.5]), *test)
+
+    def task_arithmetic(lam: float) -> dict[str, torch.Tensor]:
+        return mergelab.merge_state_dicts("task_arithmetic", branches, base=base, weight=[lam, lam])
+
+    best = max(cfg.lambdas, key=lambda lam: _score(template, task_arithmetic(lam), data["x_val"],
+                                                   data["y_val"])["accuracy"])
+    ta = _score(template, task_arithmetic(best), *test)
+    path = interpolation_path(template, branches[0], branches[1], classifier_evaluator(*test),
+                              points=cfg.path_points)
+    return {**row, "diverged": False,
+            "acc_a": ends[0]["accuracy"], "acc_b": ends[1]["accuracy"],
+            "loss_a": ends[0]["loss"], "loss_b": ends[1]["loss"],
+            "acc_linear": linear["accuracy"], "loss_linear": linear["loss"],
+            "gain_linear": linear["accuracy"] - mean_end["accuracy"],
+            "loss_gain_linear": linear["loss"] - mean_end["loss"],
+            "ta_lambda": best, "acc_ta": ta["accuracy"], "gain_ta": ta["accuracy"] - mean_end["accuracy"],
+            "loss_barrier": path.barriers["loss"], "acc_barrier": path.barriers["accuracy"]}
+
+
+def run_sweep(cfg: SweepConfig = SweepConfig(), *, progress: bool = True) -> list[dict[str, Any]]:
+    """Every (lr, B, m, seed) of the grid: one row per branch pair (see _pair_row for the fields)."""
+    from rich.progress import Progress
+
+    from mergelab.digits_demo import single_thread
+
+    grid = list(itertools.product(cfg.seeds, cfg.lrs, cfg.batches, cfg.momenta))
+    rows: list[dict[str, Any]] = []
+    with single_thread(), Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("branch pairs", total=len(grid))
+        shared: dict[int, tuple[dict, nn.Module]] = {}
+        for seed, lr, batch, momentum in grid:
+            if seed not in shared:
+                data = _data(seed)
+                shared[seed] = (data, _shared_checkpoint(cfg, data, seed))
+            data, model = shared[seed]
+            rows.append(_pair_row(cfg, data, model, lr, batch, momentum, seed))
+            bar.advance(task)
+    return rows
+
+
+def quadratic_r2(x: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
+    """(R^2 of y ~ a + b x + c x^2 by least squares, x at the vertex when c < 0, else None)."""
+    if len(x) < 4 or float(np.var(y)) == 0:
+        return math.nan, None
+    design = np.stack([np.ones_like(x), x, x * x], axis=1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    resid = y - design @ coef
+    r2 = 1.0 - float(resid @ resid) / float(((y - y.mean()) ** 2).sum())
+    peak = float(-coef[1] / (2 * coef[2])) if coef[2] < 0 else None
+    return r2, peak
+
+
+PREDICTORS = {
+    "lr": lambda r: r["lr"],
+    "batch": lambda r: r["batch"],
+    "lr / B": lambda r: r["lr"] / r["batch"],
+    "S (k=1)": lambda r: r["S"],
+    "S (k=2)": lambda r: r["S_k2"],
+}
+
+
+def collapse(rows: Sequence[dict[str, Any]], target: str = "gain_linear") -> dict[str, dict[str, float | None]]:
+    """For each predictor: R^2 of a quadratic in its log10 for the mean `target` per configuration.
+
+    Seeds are averaged first (one point per (lr, B, m)), so the R^2 measures how
+    well the configurations line up, not seed noise. The vertex is given as the
+    predictor's value (10 ** log10 vertex) when the fit is concave.
+    """
+    configs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if not r["diverged"]:
+            configs.setdefault((r["lr"], r["batch"], r["momentum"]), []).append(r)
+    points = [(group[0], float(np.mean([g[target] for g in group]))) for group in configs.values()]
+    out: dict[str, dict[str, float | None]] = {}
+    y = np.array([p[1] for p in points])
+    for name, fn in PREDICTORS.items():
+        x = np.log10(np.array([fn(p[0]) for p in points], dtype=float))
+        r2, peak = quadratic_r2(x, y)
+        out[name] = {"r2": r2, "peak": None if peak is None else 10 ** peak, "configs": len(points)}
+    return out
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seed means per (lr, B, m), sorted by S: the table of docs/results.md."""
+    configs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        configs.setdefault((r["lr"], r["batch"], r["momentum"]), []).append(r)
+    table = []
+    for (lr, batch, momentum), group in configs.items():
+        ok = [g for g in group if not g["diverged"]]
+        entry = {"lr": lr, "batch": batch, "momentum": momentum, "S": group[0]["S"],
+                 "runs": len(group), "diverged": len(group) - len(ok)}
+        for key in ("acc_a", "acc_linear", "gain_linear", "gain_ta", "ta_lambda", "loss_barrier", "acc_barrier"):
+            entry[key] = float(np.mean([g[key] for g in ok])) if ok else math.nan
+        table.append(entry)
+    return sorted(table, key=lambda e: e["S"])
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, k: float = 1.0) -> Path:
+    """Four panels: linear-merge accuracy gain against lr, B and S (log x), and the loss barrier against S."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    table = summary_table(rows)
+    fig = Figure(figsize=(16, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 4)
+    markers = {b: m for b, m in zip(sorted({e["batch"] for e in table}), "osD^v")}
+    panels = [("lr", "learning rate", "gain_linear"), ("batch", "batch size", "gain_linear"),
+              ("S", f"S = lr / (B (1-m)^{k:g})", "gain_linear"), ("S", f"S = lr / (B (1-m)^{k:g})", "loss_barrier")]
+    for ax, (key, label, target) in zip(axes, panels):
+        for e in table:
+            if math.isnan(e[target]):
+                continue
+            color = "tab:blue" if e["momentum"] == 0 else "tab:red"
+            ax.scatter(e[key], e[target], marker=markers[e["batch"]], color=color, alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy gain of the 0.5 merge" if target == "gain_linear" else "loss barrier")
+        ax.axhline(0, color="grey", lw=0.5)
+    handles = [axes[0].scatter([], [], color=c, label=f"momentum {m:g}") for m, c in ((0, "tab:blue"), (0.9, "tab:red"))]
+    handles += [axes[0].scatter([], [], marker=mk, color="k", label=f"B = {b}") for b, mk in markers.items()]
+    axes[0].legend(handles=handles, fontsize=7)
+    fig.suptitle("Two SGD branches from one digits checkpoint, merged: merge gain by training configuration")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
