@@ -31,7 +31,7 @@ from mergelab.analysis.noise_sweep import SweepConfig, collapse, plot_sweep, run
 
 FAST = SweepConfig(lrs=(0.01, 0.1), batches=(8, 128), momenta=(0.0, 0.9), seeds=(0,), epochs=3.0,
                    shared_steps=100, path_points=5)
-FULL = SweepConfig(lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0))
+FULL = SweepConfig()
 
 
 def _fmt(v) -> str:
@@ -40,19 +40,20 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def render(table: list[dict], fits: dict[str, dict]) -> tuple[Table, Table]:
+def render(table: list[dict], fits: dict[str, dict], target: str = "gain_linear") -> tuple[Table, Table]:
     t = Table(title="Seed means per configuration, by S (k=1)")
-    cols = ["lr", "batch", "momentum", "S", "diverged", "acc_a", "acc_linear", "gain_linear", "gain_ta",
+    cols = ["lr", "batch", "momentum", "S", "failed", "acc_a", "gain_linear", "loss_gain_linear", "gain_ta",
             "loss_barrier"]
     for c in cols:
         t.add_column(c, justify="right")
     for e in table:
         t.add_row(*(_fmt(e[c]) for c in cols))
-    f = Table(title="How well each predictor lines up the linear-merge gain (quadratic in log10)")
-    for c in ("predictor", "R^2", "vertex (peak)"):
+    f = Table(title=f"How well each predictor lines up {target} (on log10 of the predictor)")
+    for c in ("predictor", "Spearman", "smoother LOO R^2", "quadratic R^2", "quadratic vertex"):
         f.add_column(c, justify="right")
     for name, fit in fits.items():
-        f.add_row(name, _fmt(fit["r2"]), _fmt(fit["peak"]) if fit["peak"] is not None else "no peak")
+        f.add_row(name, _fmt(fit["spearman"]), _fmt(fit["smooth_r2"]), _fmt(fit["r2"]),
+                  _fmt(fit["peak"]) if fit["peak"] is not None else "no peak")
     return t, f
 
 
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = run_sweep(cfg, progress=not args.quiet)
     seconds = time.perf_counter() - start
     table = summary_table(rows)
-    fits = {"gain_linear": collapse(rows, "gain_linear"), "gain_ta": collapse(rows, "gain_ta"),
-            "loss_barrier": collapse(rows, "loss_barrier")}
+    fits = {t: collapse(rows, t) for t in ("gain_linear", "loss_gain_linear", "gain_ta", "loss_barrier")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
     summary = {"seconds": seconds, "config": dataclasses.asdict(cfg), "table": table, "fits": fits}
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
         console = Console()
         for t in render(table, fits["gain_linear"]):
             console.print(t)
+        console.print(render(table, fits["loss_gain_linear"], "loss_gain_linear")[1])
+        console.print(render(table, fits["loss_barrier"], "loss_barrier")[1])
         console.print(f"{len(rows)} branch pairs in {seconds:.0f} s; plot: {plot}")
     return summary
 

@@ -8,7 +8,7 @@ import pytest
 from mergelab.analysis import noise_sweep as ns
 
 TINY = ns.SweepConfig(lrs=(0.05,), batches=(16, 64), momenta=(0.0, 0.9), seeds=(0,), epochs=1.0,
-                      shared_steps=20, lambdas=(0.5, 1.0), path_points=3, hidden=16)
+                      shared_steps=20, lambdas=(0.5, 1.0), path_points=3, hidden=16, min_accuracy=0.0)
 
 
 def test_quadratic_fit_recovers_a_known_peak_and_r2():
@@ -28,11 +28,14 @@ def test_collapse_scores_the_true_predictor_highest():
             for m in (0.0, 0.9):
                 s = lr / (batch * (1 - m))
                 rows.append({"lr": lr, "batch": batch, "momentum": m, "S": s, "S_k2": lr / (batch * (1 - m) ** 2),
-                             "diverged": False, "gain_linear": -(math.log10(s) + 2.5) ** 2})
+                             "failed": False, "gain_linear": -(math.log10(s) + 2.5) ** 2})
     fits = ns.collapse(rows)
     assert fits["S (k=1)"]["r2"] == pytest.approx(1.0)
     assert fits["S (k=1)"]["peak"] == pytest.approx(10 ** -2.5)
     assert max(fits[k]["r2"] for k in ("lr", "batch", "lr / B")) < 0.9
+    assert fits["S (k=1)"]["smooth_r2"] > max(fits[k]["smooth_r2"] for k in ("lr", "batch", "lr / B"))
+    monotone = [{**r, "gain_linear": math.log10(r["S"])} for r in rows]
+    assert ns.collapse(monotone)["S (k=1)"]["spearman"] == pytest.approx(1.0)
 
 
 def test_branches_that_do_not_move_merge_with_zero_gain_and_zero_barrier():
@@ -47,7 +50,7 @@ def test_branches_that_do_not_move_merge_with_zero_gain_and_zero_barrier():
 def test_reduced_sweep_is_deterministic_and_plots(tmp_path):
     rows = ns.run_sweep(TINY, progress=False)
     assert rows == ns.run_sweep(TINY, progress=False)
-    assert len(rows) == 4 and not any(r["diverged"] for r in rows)
+    assert len(rows) == 4 and not any(r["failed"] for r in rows)
     for r in rows:
         assert r["S"] == pytest.approx(r["lr"] / (r["batch"] * (1 - r["momentum"])))
         assert r["steps"] == round(TINY.epochs * 1257 / r["batch"])  # equal examples seen
@@ -69,3 +72,11 @@ def test_the_example_runs_fast(tmp_path):
     summary = module.main(["--fast", "--quiet", "--out", str(tmp_path)])
     assert (tmp_path / "noise_scale_sweep.png").is_file() and (tmp_path / "rows.json").is_file()
     assert set(summary["fits"]["gain_linear"]) == set(ns.PREDICTORS)
+
+
+def test_smoother_r2_is_high_for_a_curve_and_low_for_noise():
+    x = np.linspace(-4, -1, 30)
+    curve = np.where(x < -2, x + 4, -5 * (x + 2) + 2)  # rise then a cliff: no quadratic shape
+    assert ns.smooth_r2(x, curve) > 0.8
+    noise = np.random.default_rng(0).standard_normal(30)
+    assert ns.smooth_r2(x, noise) < 0.2

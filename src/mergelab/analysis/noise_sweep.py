@@ -7,8 +7,9 @@ effective noise scale S = lr / (B (1 - m)^k), non-monotonically, with a sweet sp
 
 The experiment here, small enough for two CPU cores:
 
-1. a shared checkpoint: an MLP (64-64-64-10) trained briefly on scikit-learn's
-   digits with one fixed configuration;
+1. a shared checkpoint: an MLP (64-64-64-10) trained briefly (30 SGD steps) on
+   scikit-learn's digits with one fixed configuration, early enough that the
+   branches still travel far from it;
 2. for every (lr, B, m) of a grid and every seed, two branches copied from it and
    trained with SGD (heavy-ball momentum m, batch B, learning rate lr) on the same
    data in different minibatch orders, for the same number of *examples seen*
@@ -17,13 +18,17 @@ The experiment here, small enough for two CPU cores:
 3. the pair is merged with mergelab (linear at 0.5, and task arithmetic from the
    shared checkpoint with lambda chosen on a validation split) and the merge is
    scored on a held-out test split: merge gain = merged metric minus the mean of the
-   two endpoints' metrics, plus the loss and accuracy barriers along the straight path.
+   two endpoints' metrics (for the loss: the endpoints' mean minus the merge's, so
+   positive is better for both), plus the loss and accuracy barriers along the
+   straight path. A pair whose branch ends below `min_accuracy` on the test split
+   (or with non-finite weights) counts as failed and is left out of every fit.
 
-"Do the curves line up on S?" is answered with a number, not only a picture: the
-share of the variance of the merge gain explained by a quadratic in log10 of each
-candidate (lr, B, lr / B, S with k = 1, S with k = 2), over the configurations that
-trained without diverging. A quadratic can show a peak: its vertex is reported as
-the sweet spot when the fit is concave.
+"Do the curves line up on S?" is answered with numbers, not only a picture: for
+each candidate predictor (lr, B, lr / B, S with k = 1, S with k = 2), the rank
+correlation of the merge gain with it, the leave-one-out R^2 of a kernel smoother of the merge gain on log10 of it (how
+well one curve of that predictor, of any shape, explains the configurations),
+and the R^2 of a quadratic, whose vertex is reported as the sweet spot when the
+fit is concave. Failed configurations are left out.
 """
 
 from __future__ import annotations
@@ -52,9 +57,10 @@ class SweepConfig:
     lrs: Sequence[float] = (0.003, 0.01, 0.03, 0.1, 0.3)
     batches: Sequence[int] = (8, 32, 128)
     momenta: Sequence[float] = (0.0, 0.9)
-    seeds: Sequence[int] = (0, 1, 2)
+    seeds: Sequence[int] = (0, 1, 2, 3, 4)
     hidden: int = 64
-    shared_steps: int = 300  # steps of the shared checkpoint (lr 0.05, B 32, m 0.9)
+    shared_steps: int = 30  # steps of the shared checkpoint (lr 0.05, B 32, m 0.9): early, so branches travel
+    min_accuracy: float = 0.5  # a branch below this test accuracy counts as a failed run
     epochs: float = 20.0  # examples seen per branch, in passes over the training split
     lambdas: Sequence[float] = (0.25, 0.5, 0.75, 1.0)  # task arithmetic's lambda, chosen on validation
     path_points: int = 11
@@ -111,12 +117,14 @@ def _pair_row(cfg: SweepConfig, data: dict[str, torch.Tensor], shared: nn.Module
         ok = _train_sgd(model, data, lr=lr, batch=batch, momentum=momentum, steps=steps,
                         seed=1000 * seed + 100 * b + 7)
         if not ok:
-            return {**row, "diverged": True}
+            return {**row, "failed": True}
         branches.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     template = copy.deepcopy(shared)
     base = {k: v.detach().clone() for k, v in shared.state_dict().items()}
     test = (data["x_test"], data["y_test"])
     ends = [_score(template, sd, *test) for sd in branches]
+    if min(e["accuracy"] for e in ends) < cfg.min_accuracy:  # trained into a useless state: no merge to judge
+        return {**row, "failed": True, "acc_a": ends[0]["accuracy"], "acc_b": ends[1]["accuracy"]}
     mean_end = {m: (ends[0][m] + ends[1][m]) / 2 for m in ("loss", "accuracy")}
     linear = _score(template, mergelab.merge_state_dicts("linear", branches, weight=[0.5, 0.5]), *test)
 
@@ -128,12 +136,12 @@ def _pair_row(cfg: SweepConfig, data: dict[str, torch.Tensor], shared: nn.Module
     ta = _score(template, task_arithmetic(best), *test)
     path = interpolation_path(template, branches[0], branches[1], classifier_evaluator(*test),
                               points=cfg.path_points)
-    return {**row, "diverged": False,
+    return {**row, "failed": False,
             "acc_a": ends[0]["accuracy"], "acc_b": ends[1]["accuracy"],
             "loss_a": ends[0]["loss"], "loss_b": ends[1]["loss"],
             "acc_linear": linear["accuracy"], "loss_linear": linear["loss"],
             "gain_linear": linear["accuracy"] - mean_end["accuracy"],
-            "loss_gain_linear": linear["loss"] - mean_end["loss"],
+            "loss_gain_linear": mean_end["loss"] - linear["loss"],
             "ta_lambda": best, "acc_ta": ta["accuracy"], "gain_ta": ta["accuracy"] - mean_end["accuracy"],
             "loss_barrier": path.barriers["loss"], "acc_barrier": path.barriers["accuracy"]}
 
@@ -171,6 +179,30 @@ def quadratic_r2(x: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
     return r2, peak
 
 
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic) if len(x) > 2 and np.ptp(x) > 0 and np.ptp(y) > 0 else math.nan
+
+
+def smooth_r2(x: np.ndarray, y: np.ndarray, bandwidth: float = 0.3) -> float:
+    """Leave-one-out R^2 of a Gaussian-kernel smoother of y on x (Nadaraya-Watson).
+
+    Measures how well *some* smooth curve of x predicts y, whatever its shape
+    (rise then fall, a plateau, a cliff): each point is predicted from the others
+    only, weighted by exp(-(x_i - x_j)^2 / (2 bandwidth^2)), so a predictor that
+    lines the points up on one curve scores near 1 and one that scatters them
+    near 0 or below.
+    """
+    if len(x) < 4 or float(np.var(y)) == 0:
+        return math.nan
+    w = np.exp(-((x[:, None] - x[None, :]) ** 2) / (2 * bandwidth ** 2))
+    np.fill_diagonal(w, 0.0)
+    total = w.sum(axis=1)
+    pred = np.where(total > 0, (w @ y) / np.where(total > 0, total, 1.0), y.mean())
+    return 1.0 - float(((y - pred) ** 2).sum()) / float(((y - y.mean()) ** 2).sum())
+
+
 PREDICTORS = {
     "lr": lambda r: r["lr"],
     "batch": lambda r: r["batch"],
@@ -181,15 +213,17 @@ PREDICTORS = {
 
 
 def collapse(rows: Sequence[dict[str, Any]], target: str = "gain_linear") -> dict[str, dict[str, float | None]]:
-    """For each predictor: R^2 of a quadratic in its log10 for the mean `target` per configuration.
+    """For each predictor, how well the mean `target` per configuration lines up on its log10.
 
-    Seeds are averaged first (one point per (lr, B, m)), so the R^2 measures how
-    well the configurations line up, not seed noise. The vertex is given as the
-    predictor's value (10 ** log10 vertex) when the fit is concave.
+    Seeds are averaged first (one point per (lr, B, m)), so the scores measure how
+    well the configurations line up, not seed noise. spearman: rank correlation
+    (how monotone the gain is in the predictor); smooth_r2: leave-one-out R^2
+    of a kernel smoother (any curve shape); r2: R^2 of a quadratic, whose vertex
+    is given as the predictor's value (10 ** log10 vertex) when it is concave.
     """
     configs: dict[tuple, list[dict]] = {}
     for r in rows:
-        if not r["diverged"]:
+        if not r["failed"]:
             configs.setdefault((r["lr"], r["batch"], r["momentum"]), []).append(r)
     points = [(group[0], float(np.mean([g[target] for g in group]))) for group in configs.values()]
     out: dict[str, dict[str, float | None]] = {}
@@ -197,7 +231,8 @@ def collapse(rows: Sequence[dict[str, Any]], target: str = "gain_linear") -> dic
     for name, fn in PREDICTORS.items():
         x = np.log10(np.array([fn(p[0]) for p in points], dtype=float))
         r2, peak = quadratic_r2(x, y)
-        out[name] = {"r2": r2, "peak": None if peak is None else 10 ** peak, "configs": len(points)}
+        out[name] = {"spearman": _spearman(x, y), "smooth_r2": smooth_r2(x, y), "r2": r2,
+                     "peak": None if peak is None else 10 ** peak, "configs": len(points)}
     return out
 
 
@@ -208,41 +243,45 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         configs.setdefault((r["lr"], r["batch"], r["momentum"]), []).append(r)
     table = []
     for (lr, batch, momentum), group in configs.items():
-        ok = [g for g in group if not g["diverged"]]
+        ok = [g for g in group if not g["failed"]]
         entry = {"lr": lr, "batch": batch, "momentum": momentum, "S": group[0]["S"],
-                 "runs": len(group), "diverged": len(group) - len(ok)}
-        for key in ("acc_a", "acc_linear", "gain_linear", "gain_ta", "ta_lambda", "loss_barrier", "acc_barrier"):
+                 "runs": len(group), "failed": len(group) - len(ok)}
+        for key in ("acc_a", "acc_linear", "gain_linear", "loss_gain_linear", "gain_ta", "ta_lambda",
+                    "loss_barrier", "acc_barrier"):
             entry[key] = float(np.mean([g[key] for g in ok])) if ok else math.nan
         table.append(entry)
     return sorted(table, key=lambda e: e["S"])
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, k: float = 1.0) -> Path:
-    """Four panels: linear-merge accuracy gain against lr, B and S (log x), and the loss barrier against S."""
+    """Accuracy gain (top) and loss gain (bottom) of the 0.5 merge against lr, B and S (log x), seed means."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     table = summary_table(rows)
-    fig = Figure(figsize=(16, 4))
+    fig = Figure(figsize=(15, 8))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 4)
+    axes = fig.subplots(2, 3)
     markers = {b: m for b, m in zip(sorted({e["batch"] for e in table}), "osD^v")}
-    panels = [("lr", "learning rate", "gain_linear"), ("batch", "batch size", "gain_linear"),
-              ("S", f"S = lr / (B (1-m)^{k:g})", "gain_linear"), ("S", f"S = lr / (B (1-m)^{k:g})", "loss_barrier")]
-    for ax, (key, label, target) in zip(axes, panels):
-        for e in table:
-            if math.isnan(e[target]):
-                continue
-            color = "tab:blue" if e["momentum"] == 0 else "tab:red"
-            ax.scatter(e[key], e[target], marker=markers[e["batch"]], color=color, alpha=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("accuracy gain of the 0.5 merge" if target == "gain_linear" else "loss barrier")
-        ax.axhline(0, color="grey", lw=0.5)
+    columns = [("lr", "learning rate"), ("batch", "batch size"), ("S", f"S = lr / (B (1-m)^{k:g})")]
+    rows_ = [("gain_linear", "accuracy gain of the 0.5 merge"), ("loss_gain_linear", "loss gain of the 0.5 merge")]
+    for (target, ylabel), line in zip(rows_, axes):
+        for ax, (key, label) in zip(line, columns):
+            for e in table:
+                if math.isnan(e[target]):
+                    continue
+                color = "tab:blue" if e["momentum"] == 0 else "tab:red"
+                ax.scatter(e[key], e[target], marker=markers[e["batch"]], color=color, alpha=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel(ylabel)
+            ax.axhline(0, color="grey", lw=0.5)
+    axes = axes[0]
     handles = [axes[0].scatter([], [], color=c, label=f"momentum {m:g}") for m, c in ((0, "tab:blue"), (0.9, "tab:red"))]
     handles += [axes[0].scatter([], [], marker=mk, color="k", label=f"B = {b}") for b, mk in markers.items()]
     axes[0].legend(handles=handles, fontsize=7)
-    fig.suptitle("Two SGD branches from one digits checkpoint, merged: merge gain by training configuration")
+    fig.suptitle("Two SGD branches from one digits checkpoint, merged at 0.5: gain by training configuration "
+                 "(failed runs left out)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
