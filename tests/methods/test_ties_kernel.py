@@ -16,9 +16,10 @@ def _torch_ties(x, base, params, normalize=True, lam=1.0):
     return sp._ties_blockwise(x.float(), base.float(), PerModel(params), weights, normalize=normalize, lam=lam)
 
 
-def _kernel_ties(x, base, params, normalize=True, lam=1.0):
+def _kernel_ties(x, base, params, normalize=True, lam=1.0, out_dtype=torch.float32):
     keeps = [None if q.density >= 1 else keep_count(q.density, base.numel()) for q in params]
-    return tk.ties_merge(x, base, keeps, [q.weight for q in params], normalize=normalize, lam=lam)
+    return tk.ties_merge(x, base, keeps, [q.weight for q in params], normalize=normalize, lam=lam,
+                         out_dtype=out_dtype)
 
 
 def _quantised(shape, levels, gen):
@@ -39,6 +40,11 @@ def test_kernel_equals_torch_path(n_models, dtype):
         got = _kernel_ties(x, base, params, normalize)
         assert got.dtype == torch.float32 and got.shape == base.shape
         assert torch.equal(got, want)
+        # rounded to bfloat16 inside the kernel exactly as torch rounds the float32 result
+        rounded = _kernel_ties(x, base, params, normalize, out_dtype=torch.bfloat16)
+        assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, want.to(torch.bfloat16))
+        assert torch.equal(_kernel_ties(list(x), base, params, normalize, out_dtype=torch.float16),
+                           want.to(torch.float16))
 
 
 @pytest.mark.parametrize("n_models", [2, 4])
@@ -89,6 +95,24 @@ def test_ties_method_uses_kernel_and_torch_path_alike(monkeypatch):
     slow = sp.ties(x, base, params, TiesShared())
     assert torch.equal(fast, slow)
     assert fast.dtype == torch.float32
+
+
+def test_bfloat16_rounding_matches_torch_at_every_halfway_case():
+    # every float32 bit pattern around bfloat16 halfway points (ties to even), plus
+    # signed zeros, infinities and values that round up into the next exponent
+    hi = torch.arange(0, 1 << 16, 97, dtype=torch.int64) << 16
+    lows = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)
+    bits = (hi[:, None] | lows[None, :]).reshape(-1).to(torch.int32)
+    values = bits.view(torch.float32)
+    values = values[~torch.isnan(values)]  # NaN payloads differ between torch's own code paths
+    values = torch.cat([values, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.3895314e38])])
+    base = torch.zeros_like(values)
+    def merged(dtype):
+        return tk.ties_merge(values[None], base, [None], [1.0], normalize=False, lam=1.0, out_dtype=dtype)
+
+    full = merged(torch.float32)
+    assert torch.equal(full[values != 0], values[values != 0])  # one model, weight 1: itself (-0.0 -> 0.0)
+    assert torch.equal(merged(torch.bfloat16).view(torch.int16), full.to(torch.bfloat16).view(torch.int16))
 
 
 def test_kernel_refuses_what_it_cannot_run():

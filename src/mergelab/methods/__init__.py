@@ -171,9 +171,11 @@ def merge_method(
         elementwise: output[i] depends on inputs[i] only (and on per-model
             scalars), so the engine may process a big tensor in row chunks.
         needs_stats: takes per-model statistics tensors.
-        native_dtype: takes x and base as stored (bfloat16, float16 or float32)
-            and computes in float32 inside, which saves the engine a full-size
-            float32 copy of every input (the engine passes float32 otherwise).
+        native_dtype: takes x as a list of the inputs as stored (bfloat16,
+            float16 or float32) and base as stored, computes in float32 inside
+            and returns in the `out_dtype` keyword's dtype, which saves the
+            engine a float32 copy of every input and a conversion pass (the
+            engine passes stacked float32 otherwise).
     """
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -29,7 +29,8 @@ class LinearShared(MethodParams):
 
 @merge_method("linear", model_params=LinearModel, shared_params=LinearShared, elementwise=True,
               native_dtype=True)
-def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearShared, gen=None) -> Tensor:
+def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearShared, gen=None,
+           out_dtype: torch.dtype | None = None) -> Tensor:
     """Weighted average of the models ("model soups").
 
     theta = sum_i w_i theta_i / sum_i w_i   (normalize: true, the default)
@@ -43,7 +44,7 @@ def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearSh
             normalised: an error, where MergeKit would divide by zero.
 
     x: (N, *shape), or a list of N tensors, float32 or half precision as stored;
-    returns (*shape) in float32 (float64 for float64 inputs).
+    returns (*shape) in float32 (float64 for float64 inputs), or in out_dtype.
     """
     first = x[0]
     w = p.tensor("weight", torch.empty(0, device=first.device, dtype=torch.promote_types(first.dtype, torch.float32)))
@@ -54,13 +55,14 @@ def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearSh
                              "change the weights or set `normalize: false`")
         w = w / total
     if isinstance(x, Tensor) and x.dtype == w.dtype:  # one pass: (N,) . (N, M) as a matrix-vector product
-        return torch.tensordot(w, x, dims=1)
+        out = torch.tensordot(w, x, dims=1)
+        return out if out_dtype is None else out.to(out_dtype)
     # Rows as stored (a list from the engine, or half precision): accumulate in float32 one
     # row at a time, reading each row once, with no float32 copy of the inputs.
     out = first.to(w.dtype, copy=True).mul_(w[0])
     for wi, row in zip(w[1:].tolist(), x[1:]):
         out.add_(row, alpha=wi)
-    return out
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 class PassthroughModel(MethodParams):

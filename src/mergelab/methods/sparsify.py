@@ -391,8 +391,14 @@ def _cpu_ties_kernel(x: Tensor, base: Tensor):
 
 
 def _merge(name: str, x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticShared, gen,
-           keep: KeepFn, *, ties: bool, randomized: bool = False) -> Tensor:
+           keep: KeepFn, *, ties: bool, randomized: bool = False, out_dtype: torch.dtype | None = None) -> Tensor:
     """The generalised task-arithmetic pipeline: thin, weight, (elect and) combine, add to base."""
+    merged = _merge_float(name, x, base, p, s, gen, keep, ties=ties, randomized=randomized, out_dtype=out_dtype)
+    return merged if out_dtype is None else merged.to(out_dtype)
+
+
+def _merge_float(name: str, x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticShared, gen,
+                 keep: KeepFn, *, ties: bool, randomized: bool, out_dtype: torch.dtype | None) -> Tensor:
     check_inputs(name, x, base, p)
     if randomized and gen is None:
         raise MergeError(f"{name} is randomised and needs a torch.Generator; the engine seeds one per tensor")
@@ -400,7 +406,8 @@ def _merge(name: str, x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticSha
         kernel = _cpu_ties_kernel(x, base)
         if kernel is not None:
             keeps = [None if q.density >= 1 else keep_count(q.density, base.numel()) for q in p]
-            return kernel.ties_merge(x, base, keeps, p.values("weight"), normalize=s.normalize, lam=s.lambda_)
+            return kernel.ties_merge(x, base, keeps, p.values("weight"), normalize=s.normalize, lam=s.lambda_,
+                                     out_dtype=out_dtype or torch.float32)
     x, base = as_float32(x), as_float32(base)
     weights = p.tensor("weight", like=x)  # (N,)
     if not ties:
@@ -454,7 +461,8 @@ _DELLA = "; epsilon (0.15) with 0 < density - epsilon and density + epsilon < 1"
 @merge_method("ties", model_params=TaskVectorParams, shared_params=TiesShared, base="required",
               native_dtype=True)
 @_documented(normalize=True, rescale=False)
-def ties(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: TiesShared, gen=None) -> Tensor:
+def ties(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: TiesShared, gen=None,
+         out_dtype: torch.dtype | None = None) -> Tensor:
     """TIES-Merging: trim, elect sign, disjoint mean.
 
     tau_i = keep_top_magnitude(theta_i - theta_base, density_i), d_i = w_i tau_i,
@@ -462,8 +470,12 @@ def ties(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: TiesShared, 
     Z = sum_i w_i [sign d_i = s] if normalize else 1.
     Yadav, Tam, Choshen, Raffel, Bansal, 2023, "TIES-Merging: Resolving Interference
     When Merging Models", arXiv:2306.01708.
+
+    x may be a list of N tensors as stored (bfloat16 / float16 / float32); the
+    result is float32 unless out_dtype asks for another (the CPU kernel then
+    rounds in the same pass).
     """
-    return _merge("ties", x, base, p, s, gen, _magnitude, ties=True)
+    return _merge("ties", x, base, p, s, gen, _magnitude, ties=True, out_dtype=out_dtype)
 
 
 @merge_method("dare_ties", model_params=TaskVectorParams, shared_params=DareShared, base="required",

@@ -53,6 +53,26 @@ def _load(a, j):
     return lambda a, j: a[j]
 
 
+def store(a, j, value):
+    """a[j] = value (float32), rounded to bfloat16 when a holds bfloat16 bits (compiled by the overload)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(store, inline="always")
+def _store(a, j, value):
+    if a.dtype == types.uint16:
+        def to_bfloat16(a, j, value):
+            # Round to nearest even, as torch converts float32 to bfloat16; NaN stays NaN.
+            bits = np.uint32(np.float32(value).view(np.uint32))
+            rounded = np.uint32(bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+            a[j] = np.uint16(0x7FC0) if value != value else np.uint16(rounded >> np.uint32(16))
+        return to_bfloat16
+
+    def as_float(a, j, value):
+        a[j] = value
+    return as_float
+
+
 @njit(inline="always")
 def _bits(value):
     return np.float32(value).view(np.uint32)
@@ -149,7 +169,7 @@ def _combine(x, base, lo, hi, floors, keep_all, weights, normalize, lam, out):
                 m = merged[t]
                 if normalize:
                     m = m / (divisor[t] if divisor[t] != 0 else np.float32(1.0))
-                out[j0 + t] = load(base, j0 + t) + lam * m
+                store(out, j0 + t, load(base, j0 + t) + lam * m)
 
 
 @njit(parallel=True, cache=True)
@@ -173,7 +193,7 @@ def _combine_pair(x, base, lo, hi, floors, keep_all, weights, normalize, lam, ou
         if normalize:
             divisor = (w0 if a0 else zero) + (w1 if a1 else zero)
             merged = merged / (divisor if divisor != 0 else np.float32(1.0))
-        out[j] = b + lam * merged
+        store(out, j, b + lam * merged)
 
 
 def available(x: Tensor | Sequence[Tensor], base: Tensor) -> bool:
@@ -231,21 +251,22 @@ def _thresholds(xs: tuple[np.ndarray, ...], base: np.ndarray, keep: list[int | N
 
 
 def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None], weights: list[float], *,
-               normalize: bool, lam: float) -> Tensor:
+               normalize: bool, lam: float, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """TIES of x (N, *shape), or N tensors, on base (*shape); bfloat16 or float32 in, float32 (*shape) out.
 
     keep[i] is the number of entries of task vector i kept by magnitude (None: all).
-    Same result as sparsify._ties_blockwise on the float32 versions of the inputs.
+    Same result as sparsify._ties_blockwise on the float32 versions of the inputs;
+    out_dtype bfloat16 rounds it as torch's .to(torch.bfloat16) does, in the same pass.
     """
     n = len(x)
     if base.numel() == 0:
-        return torch.empty(base.shape, dtype=torch.float32)
+        return torch.empty(base.shape, dtype=out_dtype)
     xs = tuple(_as_array(row) for row in x)
     b = _as_array(base)
     numel = b.shape[0]
     keep_all = np.array([k is None or k >= numel for k in keep], dtype=np.bool_)
     thresholds, cutoffs = _thresholds(xs, b, keep)
-    out = torch.empty(numel, dtype=torch.float32)
+    out = torch.empty(numel, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
     combine = _combine_pair if n == 2 else _combine
     w = np.asarray(weights, dtype=np.float32)
     # Between consecutive cutoffs each model's rule is one comparison, |d| >= floor:
@@ -254,5 +275,5 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
     above = np.nextafter(thresholds, np.float32(np.inf))
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         floors = np.where(lo < cutoffs, thresholds, above).astype(np.float32)
-        combine(xs, b, lo, hi, floors, keep_all, w, bool(normalize), np.float32(lam), out.numpy())
-    return out.reshape(base.shape)
+        combine(xs, b, lo, hi, floors, keep_all, w, bool(normalize), np.float32(lam), _as_array(out))
+    return out.reshape(base.shape).to(out_dtype)
