@@ -120,4 +120,4 @@ def test_kernel_refuses_what_it_cannot_run():
     assert not tk.available(x, torch.zeros(8, dtype=torch.float16))  # float16: the torch path runs
     assert not tk.available(torch.zeros(2, 8), torch.zeros(8, dtype=torch.float64))
     assert tk.available(torch.zeros(2, 8), torch.zeros(8))
-    assert np.asarray(tk._as_array(torch.zeros(3, dtype=torch.bfloat16))).dtype == np.uint16
+    assert np.asarray(tk.as_array(torch.zeros(3, dtype=torch.bfloat16))).dtype == np.uint16

@@ -6,6 +6,8 @@ parameters and defaults.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -17,6 +19,17 @@ from mergelab.methods import MethodParams, PerModel, merge_method
 def _bcast(w: Tensor, x: Tensor) -> Tensor:
     """(N,) weights -> (N, 1, ..., 1) to broadcast against x (N, *shape)."""
     return w.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _cpu_kernel(x):
+    """The compiled weighted-sum module for CPU inputs (bfloat16 or float32), or None (torch path)."""
+    if os.environ.get("MERGELAB_NO_KERNELS"):
+        return None
+    try:
+        from mergelab.methods import linear_kernel
+    except ImportError:  # numba missing or broken: the torch path gives the same numbers to rounding
+        return None
+    return linear_kernel if linear_kernel.available(list(x)) else None
 
 
 class LinearModel(MethodParams):
@@ -54,6 +67,9 @@ def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearSh
             raise MergeError("linear: the weights sum to zero, so they cannot be normalised; "
                              "change the weights or set `normalize: false`")
         w = w / total
+    kernel = _cpu_kernel(x)
+    if kernel is not None:  # one compiled pass: read each input once, write the output once
+        return kernel.weighted_sum(list(x), w.tolist(), out_dtype)
     if isinstance(x, Tensor) and x.dtype == w.dtype:  # one pass: (N,) . (N, M) as a matrix-vector product
         out = torch.tensordot(w, x, dims=1)
         return out if out_dtype is None else out.to(out_dtype)

@@ -29,48 +29,16 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 import torch
-from numba import njit, prange, types
-from numba.extending import overload
-
+from numba import njit, prange
 from torch import Tensor
+
+from mergelab.methods.kernel_io import as_array, load, store, usable
 
 __all__ = ["available", "ties_merge"]
 
 _BLOCK = 1 << 16  # elements per parallel block of the combine pass
 _BUCKETS = 1 << 16
 _TILE = 512  # elements per tile: every model's slice of a tile stays in L1
-
-
-def load(a, j):
-    """a[j] as float32; a holds bfloat16 bits (uint16) or float32 values (compiled by the overload below)."""
-    raise NotImplementedError("only callable from numba-compiled code")
-
-
-@overload(load, inline="always")
-def _load(a, j):
-    if a.dtype == types.uint16:
-        return lambda a, j: np.uint32(np.uint32(a[j]) << 16).view(np.float32)
-    return lambda a, j: a[j]
-
-
-def store(a, j, value):
-    """a[j] = value (float32), rounded to bfloat16 when a holds bfloat16 bits (compiled by the overload)."""
-    raise NotImplementedError("only callable from numba-compiled code")
-
-
-@overload(store, inline="always")
-def _store(a, j, value):
-    if a.dtype == types.uint16:
-        def to_bfloat16(a, j, value):
-            # Round to nearest even, as torch converts float32 to bfloat16; NaN stays NaN.
-            bits = np.uint32(np.float32(value).view(np.uint32))
-            rounded = np.uint32(bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-            a[j] = np.uint16(0x7FC0) if value != value else np.uint16(rounded >> np.uint32(16))
-        return to_bfloat16
-
-    def as_float(a, j, value):
-        a[j] = value
-    return as_float
 
 
 @njit(inline="always")
@@ -198,15 +166,7 @@ def _combine_pair(x, base, lo, hi, floors, keep_all, weights, normalize, lam, ou
 
 def available(x: Tensor | Sequence[Tensor], base: Tensor) -> bool:
     """Whether the kernel can run: CPU, contiguous, all bfloat16 or all float32."""
-    return all(t.device.type == "cpu" and t.dtype == base.dtype and t.is_contiguous() for t in (*x, base)) \
-        and base.dtype in (torch.bfloat16, torch.float32)
-
-
-def _as_array(t: Tensor) -> np.ndarray:
-    """A numpy view of t's memory: bfloat16 as its uint16 bits, float32 as is."""
-    flat = t.reshape(-1)
-    return (flat.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16
-            else flat.numpy())
+    return usable([*x, base])
 
 
 def _thresholds(xs: tuple[np.ndarray, ...], base: np.ndarray, keep: list[int | None]
@@ -261,8 +221,8 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
     n = len(x)
     if base.numel() == 0:
         return torch.empty(base.shape, dtype=out_dtype)
-    xs = tuple(_as_array(row) for row in x)
-    b = _as_array(base)
+    xs = tuple(as_array(row) for row in x)
+    b = as_array(base)
     numel = b.shape[0]
     keep_all = np.array([k is None or k >= numel for k in keep], dtype=np.bool_)
     thresholds, cutoffs = _thresholds(xs, b, keep)
@@ -275,5 +235,5 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
     above = np.nextafter(thresholds, np.float32(np.inf))
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         floors = np.where(lo < cutoffs, thresholds, above).astype(np.float32)
-        combine(xs, b, lo, hi, floors, keep_all, w, bool(normalize), np.float32(lam), _as_array(out))
+        combine(xs, b, lo, hi, floors, keep_all, w, bool(normalize), np.float32(lam), as_array(out))
     return out.reshape(base.shape).to(out_dtype)

@@ -1,0 +1,58 @@
+"""The weighted sum of linear merging on the CPU in one compiled pass (numba).
+
+out[j] = sum_i w_i x_i[j], read in the storage dtype (bfloat16 bits or float32),
+summed in float32 registers in model order, and written in the output dtype
+(bfloat16 rounded to nearest even, as torch rounds, or float32). One read of
+each input and one write of the output: no float32 copies, no conversion pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import Tensor
+
+from mergelab.methods.kernel_io import as_array, load, store, usable
+
+__all__ = ["available", "weighted_sum"]
+
+_BLOCK = 1 << 16
+
+
+@njit(parallel=True, cache=True)
+def _weighted_sum_pair(x, weights, out):
+    x0, x1 = x[0], x[1]
+    w0, w1 = weights[0], weights[1]
+    for j in prange(out.shape[0]):
+        store(out, j, load(x0, j) * w0 + load(x1, j) * w1)
+
+
+@njit(parallel=True, cache=True)
+def _weighted_sum(x, weights, out):
+    n = out.shape[0]
+    for blk in prange((n + _BLOCK - 1) // _BLOCK):  # blocks: numba's parfor pass rejects the flat form
+        for j in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
+            acc = load(x[0], j) * weights[0]
+            for i in range(1, len(x)):
+                acc += load(x[i], j) * weights[i]
+            store(out, j, acc)
+
+
+def available(x: Sequence[Tensor]) -> bool:
+    """Whether the kernel can run on these rows: CPU, contiguous, all bfloat16 or all float32."""
+    return len(x) > 0 and usable(list(x))
+
+
+def weighted_sum(x: Sequence[Tensor], weights: Sequence[float], out_dtype: torch.dtype | None = None) -> Tensor:
+    """sum_i weights[i] * x[i] for N tensors of one shape; float32 result unless out_dtype says otherwise."""
+    shape = x[0].shape
+    store_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+    out = torch.empty(shape, dtype=store_dtype)
+    if out.numel():
+        rows = tuple(as_array(t) for t in x)
+        w = np.asarray(weights, dtype=np.float32)
+        (_weighted_sum_pair if len(rows) == 2 else _weighted_sum)(rows, w, as_array(out))
+    return out if out_dtype is None or out_dtype == store_dtype else out.to(out_dtype)
