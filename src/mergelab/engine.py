@@ -113,20 +113,15 @@ class _Reader:
     def inputs(self, job: Job, rows: tuple[int, int] | None) -> _Inputs:
         return _Inputs({ref: self.ckpts[ref.model].view(ref.name, self._span(ref, rows)) for ref in job.refs()})
 
-    def _advise(self, job: Job, rows: tuple[int, int] | None, advice: int) -> None:
-        for ref in dict.fromkeys(job.refs()):
-            self.ckpts[ref.model].advise(ref.name, advice, self._span(ref, rows))
+    def _advise(self, job: Job, rows: tuple[int, int] | None, advice: int) -> bool:
+        results = [self.ckpts[ref.model].advise(ref.name, advice, self._span(ref, rows))
+                   for ref in dict.fromkeys(job.refs())]
+        return all(results)
 
     def prefetch(self, job: Job, rows: tuple[int, int] | None) -> None:
-        if self.populate is not None:
-            try:
-                for ref in dict.fromkeys(job.refs()):
-                    view = self.ckpts[ref.model].view(ref.name, self._span(ref, rows))
-                    self.ckpts[ref.model].advise(ref.name, self.populate, self._span(ref, rows))
-                    del view
-                return
-            except OSError:
-                self.populate = None
+        if self.populate is not None and self._advise(job, rows, self.populate):
+            return
+        self.populate = None  # refused once (an older kernel): read-ahead hints from now on
         self._advise(job, rows, mmap.MADV_WILLNEED)
 
     def release(self, job: Job, rows: tuple[int, int] | None) -> None:

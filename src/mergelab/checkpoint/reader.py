@@ -93,7 +93,7 @@ class _Source(Protocol):
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
     def view(self, name: str) -> torch.Tensor: ...
-    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> None: ...
+    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -156,8 +156,8 @@ class _TorchFile:
     def view(self, name: str) -> torch.Tensor:
         return self.tensors[name]  # memory-mapped (privately) where the file format allows it
 
-    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> None:
-        pass
+    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> bool:
+        return True  # loaded by torch: nothing to advise
 
     def close(self) -> None:
         self.tensors = {}
@@ -363,9 +363,13 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             t = t[rows[0]:rows[1]]
         return t
 
-    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> None:
-        """Pass an madvise() hint (mmap.MADV_WILLNEED, MADV_DONTNEED, ...) for the pages of `name`."""
-        self._entry(name)[2].advise(name, advice, rows)
+    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> bool:
+        """Pass an madvise() hint (mmap.MADV_WILLNEED, MADV_DONTNEED, ...) for the pages of `name`.
+
+        Returns False when the system refused it (e.g. an advice this kernel does not know).
+        """
+        self._check_open()
+        return self._entry(name)[2].advise(name, advice, rows)
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read the whole tensor `name` into `out` (contiguous, same shape and dtype); returns out."""

@@ -269,20 +269,24 @@ class SafetensorsFile:
         raw = torch.frombuffer(self._mapping(), dtype=torch.uint8, count=entry.nbytes, offset=entry.begin)
         return raw.view(entry.dtype).reshape(entry.shape)
 
-    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> None:
-        """madvise() the pages of `name` (or of its rows start:stop): prefetch or release them."""
+    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> bool:
+        """madvise() the pages of `name` (or of its rows start:stop); False if the system refused the advice."""
         entry = self.entries[name]
-        if self._map is None or entry.nbytes == 0 or not hasattr(self._map, "madvise"):
-            return
+        if entry.nbytes == 0 or entry.begin % entry.dtype.itemsize:  # never viewed through the map
+            return True
+        mapping = self._mapping()
+        if not hasattr(mapping, "madvise"):
+            return False
         begin, end = entry.begin, entry.end
         if rows is not None and entry.shape and entry.shape[0]:
             row_bytes = entry.nbytes // entry.shape[0]
             begin, end = entry.begin + rows[0] * row_bytes, entry.begin + rows[1] * row_bytes
         start = begin - begin % mmap.PAGESIZE
         try:
-            self._map.madvise(advice, start, end - start)
+            mapping.madvise(advice, start, end - start)
         except (OSError, ValueError):  # advice unknown to this kernel: it was only a hint
-            pass
+            return False
+        return True
 
     def close(self) -> None:
         with self._lock:

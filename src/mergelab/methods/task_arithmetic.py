@@ -12,7 +12,6 @@ same tensors (within float rounding) except where docs/methods.md lists a differ
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
