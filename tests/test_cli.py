@@ -8,7 +8,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab.cli.main import app
 
 
 def _recipe(tmp_path, paths, **extra):

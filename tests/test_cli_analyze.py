@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab.cli.main import app
 from conftest import write_llama_family
 
 EVALUATORS = '''

@@ -1,17 +1,15 @@
-"""mergelab: merge neural networks by combining their weights."""
+"""mergelab: merge neural networks by combining their weights.
 
-__version__ = "0.1.0"
+Importing the package has no side effects: the public functions load their
+modules (and torch) on first use, and the process environment is left alone.
+"""
 
-import os
+from __future__ import annotations
 
-# Before torch is first imported: ask its CPU allocator for 2 MB-aligned big
-# buffers marked for transparent huge pages. Merging allocates and frees
-# tensors of hundreds of MB per job; with 4 KB pages the kernel's page faults
-# and zeroing took a third of a TinyLlama merge's time. Set it to 0 to opt out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import sys
+import types
 
-from mergelab.api import merge, merge_state_dicts, merge_tensors, methods  # noqa: E402
-from mergelab.errors import (  # noqa: E402
+from mergelab.errors import (
     CheckpointError,
     MergeError,
     RecipeError,
@@ -19,14 +17,35 @@ from mergelab.errors import (  # noqa: E402
     StatsError,
 )
 
-__all__ = [
-    "merge",
-    "merge_state_dicts",
-    "merge_tensors",
-    "methods",
-    "MergeError",
-    "RecipeError",
-    "CheckpointError",
-    "ShapeMismatch",
-    "StatsError",
-]
+__version__ = "0.1.0"
+
+_API = ("merge", "merge_state_dicts", "merge_tensors", "methods")
+
+__all__ = [*_API, "MergeError", "RecipeError", "CheckpointError", "ShapeMismatch", "StatsError"]
+
+
+class _Package(types.ModuleType):
+    """`mergelab.methods` is both a function of the API and a subpackage; the
+    function wins on attribute access, so importing the subpackage later (which
+    tries to set the attribute) cannot shadow it."""
+
+    @property
+    def methods(self):
+        from mergelab.api import methods
+
+        return methods
+
+    @methods.setter
+    def methods(self, value) -> None:
+        if not isinstance(value, types.ModuleType):
+            raise AttributeError("mergelab.methods is the API function; it cannot be replaced")
+
+    def __getattr__(self, name: str):
+        if name in _API:
+            from mergelab import api
+
+            return getattr(api, name)
+        raise AttributeError(f"module 'mergelab' has no attribute {name!r}")
+
+
+sys.modules[__name__].__class__ = _Package

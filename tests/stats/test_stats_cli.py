@@ -4,7 +4,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab.cli.main import app
 from mergelab.stats.io import load_stats
 
 

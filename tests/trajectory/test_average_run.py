@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from mergelab.cli import app
+from mergelab.cli.main import app
 from mergelab.errors import CheckpointError, ShapeMismatch
 from mergelab.trajectory.run import average_run, plan_average, recover_run
 

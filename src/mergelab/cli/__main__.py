@@ -1,0 +1,3 @@
+from mergelab.cli.main import main
+
+main()
