@@ -155,11 +155,13 @@ def merge_state_dicts(method: str, models: Sequence[Any], *, base: Any = None,
 
 def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
           out_shard_size: int | str = "5GB", overwrite: bool = False, dry_run: bool = False,
-          show_progress: bool = False):
+          show_progress: bool = False, allow_nonfinite: bool = False):
     """Run a recipe (path, YAML text or dict) and write the merged model to `out_dir`.
 
     Everything is validated before the first tensor is read: the recipe, every
-    input file, shapes and vocabularies. Returns the run report (or the plan
+    input file, shapes and vocabularies, the output path and the arguments.
+    Input tensors holding NaN/Inf stop the merge (NonFiniteError, nothing
+    written) unless `allow_nonfinite`. Returns the run report (or the plan
     when dry_run=True).
     """
     from mergelab.card import output_files
@@ -169,6 +171,11 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
     from mergelab.plan import make_plan
     from mergelab.recipe import load_recipe
 
+    from mergelab.checkpoint.output import check_output
+    from mergelab.engine import resolve_device
+
+    shard_size = parse_size(out_shard_size)
+    resolve_device(device)
     rec = load_recipe(recipe)
     checkpoints: dict[str, Checkpoint] = {}
     problems = []
@@ -185,10 +192,12 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
     plan = make_plan(rec, checkpoints)
     if dry_run:
         return plan
+    check_output(out_dir, kind="folder", inputs=[Path(ck.folder or ck.path) for ck in plan.checkpoints],
+                 overwrite=overwrite, what="output folder")
     if seed is None:
         seed = rec.seed
-    return execute(plan, out_dir, device=device, seed=seed, shard_size=parse_size(out_shard_size),
-                   overwrite=overwrite, show_progress=show_progress,
+    return execute(plan, out_dir, device=device, seed=seed, shard_size=shard_size,
+                   overwrite=overwrite, show_progress=show_progress, allow_nonfinite=allow_nonfinite,
                    extra_files_fn=lambda report: output_files(plan, report, seed))
 
 

@@ -24,6 +24,7 @@ def report_dict(plan: "Plan", report: "RunReport", seed: int | None) -> dict:
         "merged": report.merged,
         "handled_specially": [{"tensor": n, "how": why} for n, why in report.copied],
         "left_out": [{"model": m, "tensor": t, "why": why} for m, t, why in report.left_out],
+        "nonfinite_inputs": list(report.nonfinite),
         "bytes_read": report.bytes_read,
         "bytes_written": report.bytes_written,
         "seconds": round(report.seconds, 3),
@@ -54,6 +55,10 @@ def model_card(plan: "Plan", report: "RunReport", seed: int | None) -> str:
         lines += [f"- `{n}`: {why}" for n, why in special[:200]]
         if len(special) > 200:
             lines.append(f"- ... and {len(special) - 200} more (see mergelab_report.json)")
+        lines.append("")
+    if report.nonfinite:
+        lines += ["## Inputs with NaN/Inf (merged as they were, by request)", ""]
+        lines += [f"- `{t}`" for t in report.nonfinite[:200]]
         lines.append("")
     if report.left_out:
         lines += ["## Input tensors left out", ""]

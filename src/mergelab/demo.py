@@ -132,6 +132,8 @@ def run_demo(out: Path, methods: list[str] | None = None) -> list[dict]:
         table.add_row(r["method"], f"{r['cos_to_a']:.4f}", f"{r['cos_to_b']:.4f}", f"{r['mean']:.4f}",
                       f"{r['seconds']:.2f} s")
     console.print(table)
-    (out / "demo_results.json").write_text(json.dumps(rows, indent=2))
+    from mergelab.checkpoint.output import write_file_atomic
+
+    write_file_atomic(out / "demo_results.json", json.dumps(rows, indent=2), overwrite=True, what="demo JSON")
     console.print(f"results in {out / 'demo_results.json'}; merged models in {out}/merged_*")
     return rows

@@ -306,10 +306,13 @@ def run_digits_demo(out_dir: Path, *, fast: bool = False, seed: int = 0, show: b
         "runs": runs,
     }
     result["seconds"] = time.perf_counter() - start
+    from mergelab.checkpoint.output import atomic_file, write_file_atomic
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "digits_demo.json").write_text(json.dumps(result, indent=2))
-    plot_results(result, out_dir / "digits_demo.png")
+    # The demo's own files: replaced on a rerun, each written whole or not at all.
+    write_file_atomic(out_dir / "digits_demo.json", json.dumps(result, indent=2), overwrite=True, what="demo JSON")
+    with atomic_file(out_dir / "digits_demo.png", overwrite=True, what="demo plot") as temp:
+        plot_results(result, temp)
     if show:
         print_table(result)
     return result

@@ -23,6 +23,7 @@ import torch
 
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
+from mergelab.errors import InvalidInput, NonFiniteError
 from mergelab.methods import PerModel
 from mergelab.plan import Job, Plan, TensorRef
 from mergelab.progress import ByteProgress
@@ -52,6 +53,7 @@ class RunReport:
     bytes_written: int
     seconds: float
     device: str
+    nonfinite: list[str] = dataclasses.field(default_factory=list)  # "tensor (model path)" with NaN/Inf inputs
 
 
 def tensor_seed(seed: int | None, name: str) -> int:
@@ -67,7 +69,12 @@ def make_generator(seed: int | None, name: str, device: torch.device) -> torch.G
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidInput(f"device {device!r} is not a device torch knows; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise InvalidInput(f"device {device!r}: mergelab merges on cpu or cuda (cuda:N); use one of those")
     if dev.type == "cuda" and not torch.cuda.is_available():
         from mergelab.errors import MergeError
 
@@ -188,6 +195,24 @@ def _method_inputs(job: Job, inputs: _Inputs, cdtype: torch.dtype, device: torch
 NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def nonfinite_inputs(plan: Plan, inputs: _Inputs) -> list[str]:
+    """The inputs of a work item that hold NaN or Inf, as "tensor (checkpoint path)".
+
+    One float32-accumulated sum per input, no temporary of the tensor's size:
+    a finite sum proves every element finite; only a non-finite sum (NaN/Inf
+    present, or finite values overflowing the sum) triggers the exact check.
+    """
+    bad = []
+    for ref, t in inputs.tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
+            continue
+        if not bool(torch.isfinite(t).all()):
+            bad.append(f"{ref.name} ({plan.checkpoints[ref.model].path})")
+    return bad
+
+
 def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
             seed: int | None, chunk: tuple[int, int] | None) -> torch.Tensor:
     """Run the method of `job` on its inputs; returns the output on CPU in the output dtype.
@@ -226,14 +251,20 @@ def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
 
 def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
             shard_size: int = 5 * 10**9, overwrite: bool = False, show_progress: bool = True,
-            extra_files_fn=None) -> RunReport:
-    """Run `plan` and write the result atomically to `out_dir`."""
+            extra_files_fn=None, allow_nonfinite: bool = False) -> RunReport:
+    """Run `plan` and write the result atomically to `out_dir`.
+
+    Inputs holding NaN/Inf stop the run (NonFiniteError, nothing written) unless
+    `allow_nonfinite`, in which case they are merged as they are and listed in
+    the report.
+    """
     dev = resolve_device(device)
     out_dir = Path(out_dir)
     layout = [TensorInfo(j.name, tuple(j.shape), j.dtype) for j in plan.jobs]
     protected = [Path(ck.folder or ck.path) for ck in plan.checkpoints]
     reader = _Reader(plan.checkpoints)
     items = list(_work_items(plan))
+    nonfinite: list[str] = []
     start = time.perf_counter()
     with CheckpointWriter(out_dir, layout, shard_size=shard_size, overwrite=overwrite,
                           protected=protected) as writer, \
@@ -252,6 +283,13 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
                                          or _item_bytes(plan, job, rows) <= PREFETCH_LIMIT)
             pending = pool.submit(reader.prefetch, *nxt) if small else None
             nread = inputs.nbytes
+            bad = nonfinite_inputs(plan, inputs)
+            if bad and not allow_nonfinite:
+                raise NonFiniteError(
+                    f"input {bad[0]} holds NaN or Inf values, so the merge of {job.name} would be NaN or silently "
+                    "wrong; nothing was written. Repair or leave out that checkpoint, or allow non-finite inputs "
+                    "(allow_nonfinite=True; --allow-nonfinite), which writes the merge and lists every such tensor")
+            nonfinite.extend(b for b in bad if b not in nonfinite)
             out = compute(plan, job, inputs, dev, seed, rows)
             del inputs
             reader.release(job, rows)
@@ -271,7 +309,7 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
             copied=[(j.name, "; ".join(filter(None, [j.note, *j.warnings]))) for j in plan.jobs
                     if j.copy or j.note or j.warnings],
             left_out=plan.left_out, bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
-            seconds=time.perf_counter() - start, device=str(dev))
+            seconds=time.perf_counter() - start, device=str(dev), nonfinite=nonfinite)
         extra = extra_files_fn(report) if extra_files_fn else None
         writer.finish(assets_from=plan.assets_from.folder, config_updates=plan.config_updates,
                       extra_files=extra)

@@ -36,3 +36,15 @@ class ShapeMismatch(MergeError):
 
 class StatsError(MergeError):
     """Statistics (Fisher, Gram, optimizer state) do not fit the model they belong to."""
+
+
+class OutputError(MergeError):
+    """An output path may not be written (it is an input, is not mergelab's to replace, ...) or writing failed."""
+
+
+class InvalidInput(MergeError, ValueError):
+    """A bad argument or input value (also a ValueError, for Python callers that catch those)."""
+
+
+class NonFiniteError(MergeError):
+    """Input tensors hold NaN or Inf where a finite model is expected."""

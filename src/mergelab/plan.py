@@ -108,6 +108,7 @@ class _Planner:
         self.index = {p: i for i, p in enumerate(self.paths)}
         self.problems: list[str] = []
         self.shape_problems: list[str] = []  # inputs that cannot be merged tensor by tensor
+        self.zero_sums: set[tuple] = set()  # weight sets already reported as summing to zero
         self.left_out: list[tuple[str, str, str]] = []
         self.jobs: list[Job] = []
         self.out_dtype = recipe.out_dtype
@@ -223,7 +224,21 @@ class _Planner:
                                  self._params(out_name, t, None, out_slice, self.spec.shared_params), where)
         if self.spec.needs_stats:
             job.stats = self._stats_refs(out_name, [src for src, _ in row_sources], where)
+        self._check_weight_sum(job, where)
         self.jobs.append(job)
+
+    def _check_weight_sum(self, job: Job, where: str) -> None:
+        """Weights that `normalize` would divide by must not sum to zero: caught here, before any reading."""
+        if not (self.spec.divides_by_weight_sum and getattr(job.shared, "normalize", False)):
+            return
+        weights = [getattr(p, "weight", None) for p in job.model_params]
+        if any(not isinstance(w, (int, float)) for w in weights):
+            return
+        if abs(sum(weights)) < 1e-8 and tuple(weights) not in self.zero_sums:
+            self.zero_sums.add(tuple(weights))  # one message per set of weights, not one per tensor
+            self.problems.append(f"{where} (and any other with these weights): the weights {weights} sum to zero, "
+                                 "so `normalize: true` would divide by zero; change the weights or set "
+                                 "`normalize: false`")
 
     def _stats_refs(self, name: str, sources: list[Source], where: str) -> list[TensorRef] | None:
         """Each row's statistics tensor for `name`; None when no model has one (the method's fallback)."""
@@ -301,6 +316,16 @@ def _plan_slices(planner: _Planner, slices: Sequence[OutputSlice]) -> int:
     post = [n for n in non_layer if n not in pre]
     for name in pre:
         planner.add(name, [(s, name) for s in first.sources], 0.0, first)
+    for i, sl in enumerate(slices):
+        for j, src in enumerate(sl.sources):
+            have = planner.ckpts[planner.index[src.model]].num_layers
+            if src.layer_range[1] > have:
+                planner.problems.append(
+                    f"slices[{i}].sources[{j}].layer_range: [{src.layer_range[0]}, {src.layer_range[1]}] goes past "
+                    f"the {have} layers of {src.model}; its layers are 0..{have - 1}, so the range ends at {have} "
+                    "at most")
+    if planner.problems:
+        return 0
     offset = 0
     for sl in slices:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -240,24 +241,100 @@ def load_recipe(source: str | Path | Mapping, *, check_paths: bool = True) -> Re
     return recipe
 
 
+# Limits on what a recipe can be. Real recipes are a few KB with a few hundred values; these
+# bounds refuse at once what would otherwise hang (YAML alias bombs, megabyte lists) or recurse.
+MAX_RECIPE_BYTES = 1024 * 1024
+MAX_RECIPE_VALUES = 100_000  # scalars and containers, counted with YAML aliases expanded
+MAX_RECIPE_DEPTH = 32
+_NUMERIC_KEYS = {"weight", "density", "t", "lambda", "epsilon", "gamma", "alpha", "beta", "select_topk", "k",
+                 "filter_wise", "normalize", "rescale", "int8_mask", "eps", "scale", "filter_value"}
+
+
+def _check_size(data: Any, name: str) -> None:
+    """Refuse a recipe with too many values (counted with aliases expanded) or nested too deeply."""
+    count = 0
+    stack = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_VALUES:
+            raise RecipeError(f"the recipe holds more than {MAX_RECIPE_VALUES} values (YAML anchors and aliases "
+                              "count once per use); real recipes are far smaller; check the file", name)
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"the recipe is nested more than {MAX_RECIPE_DEPTH} levels deep; check the file", name)
+        if isinstance(item, Mapping):
+            stack.extend((v, depth + 1) for v in item.values())
+            stack.extend((k, depth + 1) for k in item.keys() if isinstance(k, (list, dict, tuple)))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def _nonfinite_problems(data: Any, loc: tuple = (), key: str | None = None) -> list[str]:
+    """Field paths holding NaN or Inf (as numbers, or as strings where a number belongs)."""
+    out: list[str] = []
+    if isinstance(data, float) and not math.isfinite(data):
+        out.append(f"{field_path(loc)}: {data} is not a finite number; give a real value")
+    elif isinstance(data, str) and key in _NUMERIC_KEYS:
+        try:
+            value = float(data)
+        except ValueError:
+            value = 0.0
+        if not math.isfinite(value):
+            out.append(f"{field_path(loc)}: {data!r} is not a finite number; give a real value")
+    elif isinstance(data, Mapping):
+        for k, v in data.items():
+            out += _nonfinite_problems(v, (*loc, k), k if k != "value" else key)
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            out += _nonfinite_problems(v, (*loc, i), key)
+    return out
+
+
 def _read_source(source: str | Path | Mapping) -> tuple[dict, str, Path | None]:
     if isinstance(source, Mapping):
+        _check_size(source, "<recipe>")
         return copy.deepcopy(dict(source)), "<recipe>", None
     text = str(source)
-    if isinstance(source, Path) or ("\n" not in text and (text.endswith((".yml", ".yaml")) or Path(text).is_file())):
+    looks_like_path = "\n" not in text and len(text) < 4096 and (
+        text.endswith((".yml", ".yaml")) or Path(text).is_file())
+    if isinstance(source, Path) or looks_like_path:
         path = Path(source)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist; check the path")
-        text, name, folder = path.read_text(), path.name, path.parent
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe file {path} is {size / 1e6:.1f} MB; recipes are at most "
+                              f"{MAX_RECIPE_BYTES // 1024} KB (is this the right file?)")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"recipe file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                              "save it as UTF-8") from None
+        except OSError as exc:
+            raise RecipeError(f"recipe file {path} cannot be read ({exc.strerror or exc})") from None
+        name, folder = path.name, path.parent
     else:
         name, folder = "<recipe>", None
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"the recipe text is over {MAX_RECIPE_BYTES // 1024} KB; recipes are far smaller")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"not valid YAML: {exc}", name) from None
+        raise RecipeError(f"not valid YAML: {_short(str(exc))}", name) from None
+    except RecursionError:
+        raise RecipeError(f"the recipe is nested too deeply to be real; check the file", name) from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping of fields with at least `merge_method` and `models`", name)
+    _check_size(data, name)
+    problems = _nonfinite_problems(data)
+    if problems:
+        raise RecipeError(problems, name)
     return data, name, folder
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """A value echoed in a message, cut to `limit` characters."""
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
 
 
 # Nested models by field name, to suggest the right spelling of an unknown key.
@@ -327,10 +404,10 @@ def _schema_message(err: dict) -> str:
                  "sources": "a slice needs `sources:`, a list of {model, layer_range}"}
         return f"{path} is missing; {hints.get(key, 'add it')}"
     if len(loc) == 2 and loc[0] == "models" and isinstance(err.get("input"), str):
-        return f"{path}: {err['input']!r} is not a model entry; write `- model: {err['input']}`"
+        return f"{path}: {_short(repr(err['input']))} is not a model entry; write `- model: {_short(err['input'])}`"
     if loc and loc[-1] == "vocab_mismatch":
-        return f"vocab_mismatch: {err.get('input')!r} is not valid; use `error` or `resize`"
-    return f"{path}: {err.get('input')!r} is not valid: {err['msg']}"
+        return f"vocab_mismatch: {_short(repr(err.get('input')))} is not valid; use `error` or `resize`"
+    return f"{path}: {_short(repr(err.get('input')))} is not valid: {err['msg']}"
 
 
 # -- checks beyond the schema -------------------------------------------------------------------

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.safetensors_format import parse_header
 from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo, parse_size, plan_shards
-from mergelab.errors import CheckpointError, ShapeMismatch
+from mergelab.errors import OutputError, CheckpointError, ShapeMismatch
 
 from conftest import tiny_llama_config
 
@@ -90,7 +90,7 @@ def test_sharding_splits_greedily_and_index_is_correct(tmp_path):
 
 def test_one_shard_is_model_safetensors_without_index(tmp_path):
     out = _write_all(tmp_path / "out", {"w": torch.ones(3)}, 10**9)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".mergelab-output", "model.safetensors"]
 
 
 @settings(max_examples=25, deadline=None)
@@ -169,7 +169,10 @@ def test_existing_output_needs_overwrite_and_is_replaced_atomically(tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     layout = [TensorInfo("w", (2,), torch.float32)]
-    with pytest.raises(CheckpointError, match="pass --overwrite"):
+    with pytest.raises(OutputError, match="did not write"):  # not mergelab's folder: never replaced
+        CheckpointWriter(out, layout, shard_size=10, overwrite=True)
+    (out / ".mergelab-output").write_text("")
+    with pytest.raises(OutputError, match="already exists.*overwrite=True"):
         CheckpointWriter(out, layout, shard_size=10)
     with pytest.raises(RuntimeError):  # a failed overwrite keeps the old folder as it was
         with CheckpointWriter(out, layout, shard_size=10, overwrite=True):
@@ -178,7 +181,7 @@ def test_existing_output_needs_overwrite_and_is_replaced_atomically(tmp_path):
     with CheckpointWriter(out, layout, shard_size=10, overwrite=True) as w:
         w.write("w", torch.ones(2))
         w.finish()
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".mergelab-output", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .old- or .partial- left
 
 
@@ -188,14 +191,14 @@ def test_refuses_to_write_where_an_input_lives(tmp_path, where):
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"x")
     out = {"inside": model / "merged", "same": model, "contains": tmp_path / "models"}[where]
-    with pytest.raises(CheckpointError, match="refusing to write into input folder.*choose another OUT_DIR"):
+    with pytest.raises(OutputError, match="refusing to use .* as the output folder: it (is|lies inside|contains) the input"):
         CheckpointWriter(out, [], shard_size=10, overwrite=True, protected=[model])
     assert (model / "model.safetensors").read_bytes() == b"x" and not (model / "merged").exists()
 
 
 def test_lone_file_input_is_protected_too(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match="refusing"):
+    with pytest.raises(OutputError, match="refusing"):
         CheckpointWriter(tmp_path, [], shard_size=10, overwrite=True, protected=[tmp_path / "x.safetensors"])
 
 
@@ -223,7 +226,7 @@ def test_assets_are_copied_config_updated_and_weights_never(tmp_path):
         w.write("w", torch.ones(1))
         out = w.finish(assets_from=src, config_updates={"num_hidden_layers": 6, "torch_dtype": "bfloat16"},
                        extra_files={"README.md": "# merged\n", "sub/recipe.bin": b"\x00\x01"})
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != ".mergelab-output")
     assert files == ["1_Pooling/config.json", "2_Dense/config.json", "README.md", "chat_template.jinja",
                      "config.json", "generation_config.json", "model.safetensors", "modules.json",
                      "sentence_bert_config.json", "sub/recipe.bin", "tokenizer.json", "tokenizer_config.json",

@@ -5,8 +5,8 @@ the first tensor is merged, so every shard's header is written up front and
 each tensor has a fixed byte range: tensors can then be written in any order,
 whole or in row blocks, with only the tensor at hand in memory.
 
-Everything goes into a hidden ``.<name>.partial-<random>`` folder beside the
-output folder, which is renamed into place only once every tensor is written,
+Everything goes into a hidden ``.<name>.partial-<pid>-<random>`` folder beside the
+output folder (checked first by `mergelab.checkpoint.output.check_output`), which is renamed into place only once every tensor is written,
 so a crash never leaves something that looks like a finished model.
 """
 
@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import threading
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,8 @@ from typing import Any
 import torch
 
 from mergelab.checkpoint.safetensors_format import DTYPE_CODES, build_header, pwrite_all, tensor_bytes
-from mergelab.errors import CheckpointError, ShapeMismatch
+from mergelab.checkpoint.output import MARKER, check_output, partial_path, replace_folder
+from mergelab.errors import CheckpointError, InvalidInput, ShapeMismatch
 
 __all__ = ["CheckpointWriter", "TensorInfo", "parse_size"]
 
@@ -40,23 +40,45 @@ ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 _MODULE_FOLDER = re.compile(r"^\d+_\w+$")  # sentence-transformers modules: 1_Pooling, 2_Normalize, ...
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# Byte units, unambiguous: decimal (KB, MB, GB, TB, as transformers counts) and binary (KiB ...).
+_BYTE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# MergeKit's spelling (its parse_kmb): K, M, B = thousand, million, billion, case-insensitive.
+# MergeKit documents the number as "parameters per shard" but its writer compares it with
+# each tensor's numel x element_size, i.e. bytes; we do the same so shards match MergeKit's.
+_KMB = {"k": 10**3, "m": 10**6, "b": 10**9}
+_MAX_SIZE = 2**62
 
 
 def parse_size(value: str | int) -> int:
-    """Bytes in "5GB" (decimal units, as transformers counts them), "2GiB" (binary), "1e9" or an int."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    """Bytes per output shard from "5GB", "500MB", "2GiB", MergeKit's "5B"/"500M"/"100K", or a plain integer.
+
+    "5B" is MergeKit's spelling of 5 billion (not 5 bytes) and means what it
+    means to MergeKit (5e9, compared with tensor bytes). Anything else (a bare
+    "G", a fraction of a byte, a non-finite number) is refused.
+    """
+    from mergelab.errors import InvalidInput
+
+    hint = ("write a shard size like 5GB, 500MB or 2GiB (bytes), MergeKit's 5B / 500M "
+            "(billions / millions, as mergekit-yaml reads them), or a whole number of bytes")
+    if isinstance(value, bool):
+        raise InvalidInput(f"cannot read shard size {value!r}; {hint}")
+    if isinstance(value, int):
         size = value
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
         unit = match.group(2).lower() if match else None
-        if unit not in _UNITS:
-            raise ValueError(f"cannot read size {value!r}; write it like 5GB, 500MB, 2GiB or 1e9 (bytes)")
-        size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"size {value!r} must be positive")
+        if unit is None or (unit and unit not in _BYTE_UNITS and unit not in _KMB):
+            raise InvalidInput(f"cannot read shard size {value!r}; {hint}")
+        number = float(match.group(1))
+        scaled = number * (_BYTE_UNITS.get(unit) or _KMB.get(unit) or 1)
+        if not math.isfinite(scaled) or scaled >= _MAX_SIZE:
+            raise InvalidInput(f"shard size {value!r} is too large; {hint}")
+        if not unit and not number.is_integer():
+            raise InvalidInput(f"shard size {value!r} is not a whole number of bytes; {hint}")
+        size = int(scaled)
+    if size <= 0 or size >= _MAX_SIZE:
+        raise InvalidInput(f"shard size {value!r} must be a positive size below 4 EB; {hint}")
     return size
 
 
@@ -111,19 +133,6 @@ def shard_names(count: int) -> list[str]:
     if count == 1:
         return ["model.safetensors"]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def _check_target(out_dir: Path, overwrite: bool, protected: Sequence[Path]) -> None:
-    for path in protected:
-        p = Path(path).expanduser().resolve()
-        if out_dir == p or p in out_dir.parents or out_dir in p.parents:
-            raise CheckpointError(f"refusing to write into input folder {path} (output {out_dir} "
-                                  "would overlap it); choose another OUT_DIR")
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise CheckpointError(f"{out_dir} already exists; pass --overwrite to replace it")
-        if not out_dir.is_dir() or out_dir.is_symlink():
-            raise CheckpointError(f"{out_dir} exists and is not a folder; remove it or choose another OUT_DIR")
 
 
 def _check_layout(layout: Sequence[TensorInfo]) -> None:
@@ -200,11 +209,11 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | Path, layout: Sequence[TensorInfo], *, shard_size: int,
                  overwrite: bool = False, protected: Sequence[Path] = ()):
-        self.out_dir = Path(out_dir).expanduser().resolve()
         self.layout = list(layout)
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
-            raise ValueError(f"shard_size must be a positive number of bytes, got {shard_size!r}")
-        _check_target(self.out_dir, overwrite, protected)
+            raise InvalidInput(f"shard_size must be a positive number of bytes, got {shard_size!r}")
+        self.out_dir = check_output(out_dir, kind="folder", inputs=protected, overwrite=overwrite,
+                                    what="output folder")
         _check_layout(self.layout)
         self.overwrite = overwrite
         self.skipped_assets: list[str] = []
@@ -212,10 +221,11 @@ class CheckpointWriter:
         self._state = "open"  # open -> finishing -> finished, or -> aborted
         self._fds: list[int] = []
         self._slots: dict[str, _Slot] = {}
-        self.temp = self.out_dir.parent / f".{self.out_dir.name}.partial-{secrets.token_hex(4)}"
+        self.temp = partial_path(self.out_dir)
         try:
             self.temp.parent.mkdir(parents=True, exist_ok=True)
             self.temp.mkdir()
+            (self.temp / MARKER).write_text("written by mergelab; `--overwrite` may replace this folder\n")
         except OSError as exc:
             raise CheckpointError(f"cannot create {self.temp} beside the output folder "
                                   f"({exc.strerror or exc}); check the path and permissions") from exc
@@ -310,7 +320,8 @@ class CheckpointWriter:
 
     # -- finishing -----------------------------------------------------------------
     def finish(self, *, assets_from: Path | None = None, config_updates: dict | None = None,
-               extra_files: Mapping[str, str | bytes] | None = None) -> Path:
+               extra_files: Mapping[str, str | bytes] | None = None,
+               copy_files: Mapping[str, Path] | None = None) -> Path:
         """Check every tensor was written, add index, assets and extra files, and move into place.
 
         Args:
@@ -318,6 +329,8 @@ class CheckpointWriter:
                 tokenizer and sentence-transformers files from (never weights).
             config_updates: top-level keys to set in the copied config.json.
             extra_files: relative path -> content, written last (they win over copied files).
+            copy_files: relative path -> file to copy in (e.g. optimizer state for resuming);
+                copied into the temporary folder, so they are there before it is renamed.
 
         Returns:
             out_dir, now holding the finished model.
@@ -336,12 +349,15 @@ class CheckpointWriter:
                 _write_file(self.temp / "model.safetensors.index.json", self._index_json())
             if assets_from is not None:
                 self.skipped_assets += copy_assets(Path(assets_from), self.temp, config_updates or {})
+            for rel, src in (copy_files or {}).items():
+                _copy_file(Path(src), self._extra_path(rel))
             for rel, content in (extra_files or {}).items():
                 _write_file(self._extra_path(rel), content.encode("utf-8") if isinstance(content, str) else content)
             _fsync_path(self.temp)
             self._move_into_place()
         except OSError as exc:
-            raise CheckpointError(f"finishing {self.out_dir} failed ({exc}); nothing was written there") from exc
+            raise CheckpointError(f"finishing {self.out_dir} failed ({exc.strerror or exc}); is the disk full? "
+                                  "nothing was written there") from exc
         self._state = "finished"
         return self.out_dir
 
@@ -370,23 +386,7 @@ class CheckpointWriter:
                 os.close(fd)
 
     def _move_into_place(self) -> None:
-        out = self.out_dir
-        if not (out.exists() or out.is_symlink()):
-            os.rename(self.temp, out)
-        elif not self.overwrite:
-            raise CheckpointError(f"{out} appeared while the merge ran; pass --overwrite to replace it")
-        else:
-            # Two renames and a delete: at every moment out_dir is either the
-            # complete old model or the complete new one.
-            old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-            os.rename(out, old)
-            try:
-                os.rename(self.temp, out)
-            except OSError:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_path(out.parent)
+        replace_folder(self.temp, self.out_dir, overwrite=self.overwrite)
 
     def abort(self) -> None:
         """Delete the temporary folder and everything in it; safe to call more than once."""

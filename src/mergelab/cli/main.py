@@ -12,25 +12,33 @@ import os
 # itself never changes the environment of a host process.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+import signal  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional
+from typing import Optional  # noqa: E402
 
-import typer
-from rich.console import Console
-from rich.table import Table
+import typer  # noqa: E402
+from rich.table import Table  # noqa: E402
 
-from mergelab.cli.analyze import analyze_app
-from mergelab.errors import MergeError
+from mergelab.cli.analyze import analyze_app  # noqa: E402
+from mergelab.cli.common import (  # noqa: E402
+    CLEAN_PARTIALS,
+    OVERWRITE,
+    check_outputs,
+    console,
+    fail,
+    out,
+    report_partials,
+    save_plot,
+    user_errors,
+    write_json,
+)
+from mergelab.errors import MergeError  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge neural networks by combining their weights.")
-console = Console(stderr=True)
-out = Console()
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
-    raise typer.Exit(code=2)
+_fail = fail
 
 
 def _gb(n: int) -> str:
@@ -45,17 +53,21 @@ def merge(
     seed: Optional[int] = typer.Option(None, help="seed of randomised methods (dare, della)"),
     out_shard_size: str = typer.Option("5GB", help="maximum size of an output shard"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and stop"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT_DIR"),
+    overwrite: bool = OVERWRITE,
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="write the merge even where input "
+                                         "tensors hold NaN/Inf (they are listed either way)"),
+    clean_partials: bool = CLEAN_PARTIALS,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Merge the models of RECIPE into OUT_DIR."""
     import mergelab
 
-    try:
+    with user_errors():
+        if not dry_run:
+            report_partials(out_dir, clean_partials)
         result = mergelab.merge(recipe, out_dir, device=device, seed=seed, out_shard_size=out_shard_size,
-                                overwrite=overwrite, dry_run=dry_run, show_progress=not quiet)
-    except (MergeError, ValueError, OSError) as exc:
-        _fail(exc)
+                                overwrite=overwrite, dry_run=dry_run, show_progress=not quiet,
+                                allow_nonfinite=allow_nonfinite)
     if dry_run:
         _print_plan(result)
         return
@@ -64,6 +76,9 @@ def merge(
               f"{len(r.copied)} handled specially, {len(r.left_out)} input tensors left out) "
               f"into {r.out_dir} in {r.seconds:.1f} s; read {_gb(r.bytes_read)}, wrote {_gb(r.bytes_written)}"
               f" ({r.bytes_read / max(r.seconds, 1e-9) / 1e9:.2f} GB/s)")
+    if getattr(r, "nonfinite", None):
+        out.print(f"[yellow]warning:[/] {len(r.nonfinite)} tensor(s) had NaN/Inf inputs (--allow-nonfinite): "
+                  + ", ".join(r.nonfinite[:5]) + (" ..." if len(r.nonfinite) > 5 else ""))
     if r.left_out:
         out.print(f"left out (see {r.out_dir}/mergelab_report.json): "
                   + ", ".join(f"{t}" for _, t, _ in r.left_out[:5]) + (" ..." if len(r.left_out) > 5 else ""))
@@ -136,34 +151,41 @@ def average(
     skip_unstable: bool = typer.Option(False, "--skip-unstable", help="leave out NaN/Inf checkpoints and those after a loss spike"),
     checkpoint: Optional[list[Path]] = typer.Option(None, "--checkpoint", help="use these checkpoints (repeatable) instead of discovering them in RUN_DIR"),
     out_shard_size: str = typer.Option("5GB", help="maximum size of an output shard"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT_DIR"),
+    allow_missing_tensors: bool = typer.Option(False, "--allow-missing-tensors", help="average a tensor "
+                                               "that only some checkpoints hold over those (reported); "
+                                               "refused otherwise"),
+    overwrite: bool = OVERWRITE,
+    clean_partials: bool = CLEAN_PARTIALS,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Average the checkpoints of one training run (SMA, WMA, EMA, LAWA, WSM)."""
     from mergelab.trajectory.run import average_run
 
-    try:
+    with user_errors():
+        report_partials(out_dir, clean_partials)
         average_run(run_dir, out_dir, scheme=scheme, last=last, every=every, decay=decay, alpha=alpha,
                     skip_unstable=skip_unstable, out_shard_size=out_shard_size, overwrite=overwrite,
-                    show_progress=not quiet, console=out, explicit=checkpoint or None)
-    except (MergeError, ValueError, OSError) as exc:
-        _fail(exc)
+                    show_progress=not quiet, console=out, explicit=checkpoint or None,
+                    allow_missing_tensors=allow_missing_tensors)
 
 
 @app.command()
 def recover(
     run_dir: Path = typer.Argument(..., help="folder of a crashed or diverged training run"),
     out_dir: Path = typer.Argument(..., help="folder training can resume from"),
-    last: int = typer.Option(3, help="how many of the newest stable checkpoints to average"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing OUT_DIR"),
+    last: int = typer.Option(3, help="how many of the newest stable checkpoints to average (1 or more)"),
+    allow_missing_tensors: bool = typer.Option(False, "--allow-missing-tensors", help="average a tensor "
+                                               "that only some checkpoints hold over those (reported)"),
+    overwrite: bool = OVERWRITE,
+    clean_partials: bool = CLEAN_PARTIALS,
 ) -> None:
     """Average the last stable checkpoints of a run into a folder training can resume from."""
     from mergelab.trajectory.run import recover_run
 
-    try:
-        recover_run(run_dir, out_dir, last=last, overwrite=overwrite, console=out)
-    except (MergeError, ValueError, OSError) as exc:
-        _fail(exc)
+    with user_errors():
+        report_partials(out_dir, clean_partials)
+        recover_run(run_dir, out_dir, last=last, overwrite=overwrite, console=out,
+                    allow_missing_tensors=allow_missing_tensors)
 
 
 @app.command()
@@ -173,26 +195,25 @@ def inspect(
     density: float = typer.Option(0.2, help="TIES density for the trimmed sign-conflict rate"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a per-layer similarity heat-map PNG"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing --json / --plot files"),
 ) -> None:
     """Will these models merge, and with which method? Data-free, streamed tensor by tensor."""
-    import json
-
     from mergelab.analysis import inspect_models, recommend, render_inspect
 
-    try:
+    inputs = [*models, *([base] if base else [])]
+    with user_errors():
+        check_outputs([(json_out, "file", "--json file"), (plot, "file", "--plot file")], inputs, overwrite)
         report = inspect_models([str(m) for m in models], base=str(base) if base else None, density=density)
-    except (MergeError, ValueError, OSError) as exc:
-        _fail(exc)
-    advice = recommend(report)
-    for table in render_inspect(report, advice):
-        out.print(table)
-    if json_out is not None:
-        json_out.write_text(json.dumps({**report.to_dict(), "recommendations": advice}, indent=2))
-    if plot is not None:
-        from mergelab.analysis.plots import plot_layer_similarity
+        advice = recommend(report)
+        for table in render_inspect(report, advice):
+            out.print(table)
+        if json_out is not None:
+            write_json(json_out, {**report.to_dict(), "recommendations": advice}, inputs=inputs,
+                       overwrite=overwrite)
+        if plot is not None:
+            from mergelab.analysis.plots import plot_layer_similarity
 
-        plot_layer_similarity(report, plot)
-        out.print(f"plot written to {plot}")
+            save_plot(plot_layer_similarity, report, plot, inputs=inputs, overwrite=overwrite)
 
 
 app.add_typer(analyze_app, name="analyze")
@@ -201,10 +222,13 @@ stats_app = typer.Typer(help="Statistics for metric-aware merges (fisher, regmea
 app.add_typer(stats_app, name="stats")
 
 
-def _save_stats(tensors, out_file: Path, kind: str) -> None:
+def _save_stats(compute, out_file: Path, kind: str, inputs: list[Path], overwrite: bool) -> None:
+    """Check OUT_FILE first (never an input, never an existing file without --overwrite), compute, write atomically."""
     from mergelab.stats.io import save_stats
 
-    save_stats(out_file, tensors, kind=kind)
+    check_outputs([(out_file, "file", "stats file")], inputs, overwrite)
+    tensors = compute()
+    save_stats(out_file, tensors, kind=kind, inputs=inputs, overwrite=overwrite)
     out.print(f"wrote {len(tensors)} {kind} tensors to {out_file} "
               f"({getattr(tensors, 'count', 0)} examples); use it as `stats: {out_file}` in a recipe")
 
@@ -213,43 +237,38 @@ def _save_stats(tensors, out_file: Path, kind: str) -> None:
 def stats_gram(model: Path, data: Path, out_file: Path,
                max_examples: int = typer.Option(256, help="examples read from DATA"),
                seq_len: int = typer.Option(128, help="tokens per example"),
-               batch_size: int = typer.Option(8)) -> None:
+               batch_size: int = typer.Option(8), overwrite: bool = OVERWRITE) -> None:
     """Gram matrices X^T X of every linear layer's inputs (RegMean), on a text or JSONL file."""
     from mergelab.stats.hf_text import gram_for
 
-    try:
-        _save_stats(gram_for(model, data, max_examples=max_examples, seq_len=seq_len, batch_size=batch_size),
-                    out_file, "gram")
-    except (MergeError, ValueError, OSError) as exc:
-        _fail(exc)
+    with user_errors():
+        _save_stats(lambda: gram_for(model, data, max_examples=max_examples, seq_len=seq_len,
+                                     batch_size=batch_size), out_file, "gram", [model, data], overwrite)
 
 
 @stats_app.command("fisher")
 def stats_fisher(model: Path, data: Path, out_file: Path,
                  kind: str = typer.Option("empirical", help="empirical (data labels) or sampled (model's own)"),
                  max_examples: int = typer.Option(64), seq_len: int = typer.Option(64),
-                 batch_size: int = typer.Option(4)) -> None:
+                 batch_size: int = typer.Option(4), overwrite: bool = OVERWRITE) -> None:
     """Diagonal Fisher of a causal LM on a text or JSONL file (per-example gradients with vmap)."""
     from mergelab.stats.hf_text import fisher_for
 
-    try:
-        _save_stats(fisher_for(model, data, kind=kind, max_examples=max_examples, seq_len=seq_len,
-                               batch_size=batch_size), out_file, "fisher")
-    except (MergeError, ValueError, OSError) as exc:
-        _fail(exc)
+    with user_errors():
+        _save_stats(lambda: fisher_for(model, data, kind=kind, max_examples=max_examples, seq_len=seq_len,
+                                       batch_size=batch_size), out_file, "fisher", [model, data], overwrite)
 
 
 @stats_app.command("optimizer")
 def stats_optimizer(checkpoint: Path, out_file: Path,
-                    divide_by_lr: bool = typer.Option(False, help="divide metrics by the learning rate")) -> None:
+                    divide_by_lr: bool = typer.Option(False, help="divide metrics by the learning rate"),
+                    overwrite: bool = OVERWRITE) -> None:
     """The metric of a model's own optimizer (Adam: sqrt(v_hat)+eps, SGD: 1, ...) from a Trainer checkpoint."""
     from mergelab.stats.optimizer_state import load_trainer_checkpoint
 
-    try:
-        _save_stats(load_trainer_checkpoint(checkpoint).optimizer_metrics(divide_by_lr=divide_by_lr),
-                    out_file, "optimizer")
-    except (MergeError, ValueError, OSError) as exc:
-        _fail(exc)
+    with user_errors():
+        _save_stats(lambda: load_trainer_checkpoint(checkpoint).optimizer_metrics(divide_by_lr=divide_by_lr),
+                    out_file, "optimizer", [checkpoint], overwrite)
 
 
 @app.command()
@@ -260,7 +279,13 @@ def demo(
     fast: bool = typer.Option(False, "--fast", help="a reduced configuration (seconds)"),
 ) -> None:
     """Digits: four task models from one base, merged with every method; accuracy table, PNG and JSON."""
-    try:
+    from mergelab.checkpoint.output import MARKER, check_output
+
+    with user_errors():
+        # The demo's folder is its own: made here and marked, so a rerun may replace its files.
+        folder = check_output(out_dir, kind="folder", overwrite=True, what="demo folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MARKER).touch()
         if minilm:
             from mergelab.demo import run_demo
 
@@ -269,13 +294,28 @@ def demo(
             from mergelab.digits_demo import run_digits_demo
 
             run_digits_demo(out_dir, fast=fast)
-    except MergeError as exc:
-        _fail(exc)
+
+
+def _terminate(signum, frame) -> None:
+    # SIGTERM unwinds like Ctrl-C: every writer's context removes its temporary folder.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
-    """Entry point of the `mergelab` command."""
-    app()
+    """Entry point of the `mergelab` command.
+
+    mergelab's own errors were turned into one line and exit code 2 inside the
+    commands; any other exception is a bug, shown with its traceback.
+    """
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except Exception:  # noqa: BLE001 - the last resort: a bug, reported as one
+        traceback.print_exc()
+        console.print("[bold red]this is a bug in mergelab[/]: please report it with the command line and the "
+                      "traceback above", highlight=False)
+        sys.exit(70)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ class MethodSpec:
     needs_stats: bool
     doc: str
     native_dtype: bool = False
+    divides_by_weight_sum: bool = False
 
     @property
     def needs_base(self) -> bool:
@@ -157,6 +158,7 @@ def merge_method(
     elementwise: bool = False,
     needs_stats: bool = False,
     native_dtype: bool = False,
+    divides_by_weight_sum: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``.
 
@@ -171,6 +173,8 @@ def merge_method(
         elementwise: output[i] depends on inputs[i] only (and on per-model
             scalars), so the engine may process a big tensor in row chunks.
         needs_stats: takes per-model statistics tensors.
+        divides_by_weight_sum: with the shared `normalize` set, divides by sum_i weight_i;
+            the planner refuses weights summing to zero before any tensor is read.
         native_dtype: takes x as a list of the inputs as stored (bfloat16,
             float16 or float32) and base as stored, computes in float32 inside
             and returns in the `out_dtype` keyword's dtype, which saves the
@@ -193,6 +197,7 @@ def merge_method(
             elementwise=elementwise,
             needs_stats=needs_stats,
             native_dtype=native_dtype,
+            divides_by_weight_sum=divides_by_weight_sum,
             doc=(fn.__doc__ or "").strip(),
         )
         return fn

@@ -41,7 +41,7 @@ class LinearShared(MethodParams):
 
 
 @merge_method("linear", model_params=LinearModel, shared_params=LinearShared, elementwise=True,
-              native_dtype=True)
+              native_dtype=True, divides_by_weight_sum=True)
 def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearShared, gen=None,
            out_dtype: torch.dtype | None = None) -> Tensor:
     """Weighted average of the models ("model soups").

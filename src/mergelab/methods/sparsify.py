@@ -494,7 +494,7 @@ def dare_ties(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: DareSha
 
 
 @merge_method("dare_linear", model_params=TaskVectorParams, shared_params=DareShared, base="required",
-              randomized=True)
+              randomized=True, divides_by_weight_sum=True)
 @_documented(normalize=False, rescale=True, randomized=True)
 def dare_linear(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: DareShared, gen=None) -> Tensor:
     """DARE: random drop and rescale of each task vector, then task arithmetic.
@@ -509,7 +509,7 @@ def dare_linear(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: DareS
 
 
 @merge_method("breadcrumbs", model_params=BreadcrumbsParams, shared_params=TaskArithmeticShared,
-              base="required")
+              base="required", divides_by_weight_sum=True)
 @_documented(normalize=False, rescale=False, extra=_BREADCRUMBS)
 def breadcrumbs(x: Tensor, base: Tensor, p: PerModel[BreadcrumbsParams], s: TaskArithmeticShared,
                 gen=None) -> Tensor:
@@ -554,7 +554,7 @@ def della(x: Tensor, base: Tensor, p: PerModel[DellaParams], s: DellaShared, gen
 
 
 @merge_method("della_linear", model_params=DellaParams, shared_params=DareShared, base="required",
-              randomized=True)
+              randomized=True, divides_by_weight_sum=True)
 @_documented(normalize=False, rescale=True, extra=_DELLA, randomized=True)
 def della_linear(x: Tensor, base: Tensor, p: PerModel[DellaParams], s: DareShared, gen=None) -> Tensor:
     """DELLA without sign election: magnitude-ranked random drop and rescale, then task arithmetic.

@@ -135,6 +135,7 @@ def check_inputs(name: str, x: Tensor, base: Tensor | None, p: PerModel) -> None
     shared_params=TaskArithmeticShared,
     base="required",
     elementwise=True,
+    divides_by_weight_sum=True,
 )
 def task_arithmetic(
     x: Tensor, base: Tensor, p: PerModel[TaskArithmeticParams], s: TaskArithmeticShared, gen=None

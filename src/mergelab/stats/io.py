@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,8 @@ def _check_kind(kind: str, where: str) -> None:
 
 
 def save_stats(path: str | Path, tensors: Mapping[str, torch.Tensor], *, kind: str | None = None,
-               count: int | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+               count: int | None = None, extra: Mapping[str, Any] | None = None,
+               inputs: Sequence[str | Path] = (), overwrite: bool = False) -> Path:
     """Write a stats checkpoint (float32 safetensors) atomically: a temporary file renamed into place.
 
     Args:
@@ -59,6 +60,9 @@ def save_stats(path: str | Path, tensors: Mapping[str, torch.Tensor], *, kind: s
         kind: "fisher", "gram" or "optimizer"; defaults to ``tensors.kind`` for a StatsDict.
         count: examples the statistics average over; defaults to ``tensors.count`` (else 0).
         extra: JSON-serialisable details; merged over ``tensors.extra``.
+        inputs: files and folders the statistics were computed from; the path may not be,
+            or lie inside, any of them.
+        overwrite: replace an existing file at `path` (refused otherwise).
 
     Returns:
         The path written.
@@ -88,14 +92,10 @@ def save_stats(path: str | Path, tensors: Mapping[str, torch.Tensor], *, kind: s
         out[name] = t
     meta = {"format": FORMAT, "version": VERSION, "kind": kind, "count": str(int(count)),
             "extra": json.dumps(details, sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    from mergelab.checkpoint.output import atomic_file
+
+    with atomic_file(path, inputs=inputs, overwrite=overwrite, what="stats file") as tmp:
         save_file(out, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

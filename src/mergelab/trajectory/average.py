@@ -16,7 +16,7 @@ import torch
 
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
-from mergelab.errors import ShapeMismatch
+from mergelab.errors import InvalidInput, NonFiniteError, ShapeMismatch
 from mergelab.progress import ByteProgress
 from mergelab.trajectory.discovery import RunCheckpoint
 
@@ -27,22 +27,55 @@ class AverageReport:
     used: list[tuple[int, str, float]]  # (step, path, weight)
     skipped: list[tuple[int, str, str]]  # (step, path, why)
     tensors: int
+    partial: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # tensor -> checkpoints it came from
+
+
+def tensor_sources(ckpts: Sequence[Checkpoint], labels: Sequence[str], *,
+                   allow_missing: bool = False) -> dict[str, list[int]]:
+    """Which checkpoints each tensor is averaged over, after checking they agree.
+
+    Every checkpoint must hold the same tensor names with the same shapes.
+    With `allow_missing`, a tensor that only some checkpoints hold is averaged
+    over those (the caller reports it); shapes must still agree.
+
+    Raises:
+        ShapeMismatch: naming the tensor and the checkpoints that differ.
+    """
+    names: dict[str, list[int]] = {}
+    for k, ck in enumerate(ckpts):
+        for name in ck.keys():
+            names.setdefault(name, []).append(k)
+    missing = {n: ks for n, ks in names.items() if len(ks) != len(ckpts)}
+    if missing and not allow_missing:
+        lines = []
+        for n, ks in list(missing.items())[:5]:
+            absent = [labels[k] for k in range(len(ckpts)) if k not in ks]
+            lines.append(f"{n} is missing from {', '.join(absent[:3])}" + (" ..." if len(absent) > 3 else ""))
+        more = f" (and {len(missing) - 5} more tensors)" if len(missing) > 5 else ""
+        raise ShapeMismatch("the checkpoints do not hold the same tensors: " + "; ".join(lines) + more
+                            + ". Leave out the odd checkpoints, or average each tensor over the checkpoints "
+                            "that hold it (allow_missing_tensors=True; --allow-missing-tensors)")
+    for name, ks in names.items():
+        ref = ckpts[ks[-1]]
+        for k in ks:
+            if ckpts[k].shape(name) != ref.shape(name):
+                raise ShapeMismatch(f"checkpoint {labels[k]} tensor {name} has shape {tuple(ckpts[k].shape(name))}, "
+                                    f"checkpoint {labels[ks[-1]]} has {tuple(ref.shape(name))}")
+    return names
 
 
 def check_compatible(ckpts: Sequence[Checkpoint], labels: Sequence[str]) -> None:
-    """Every checkpoint has the same tensor names and shapes as the newest one."""
-    ref = ckpts[-1]
-    for ck, label in zip(ckpts, labels):
-        for name in ref.keys():
-            if name not in ck:
-                raise ShapeMismatch(f"checkpoint {label} has no tensor {name}, the newest checkpoint has")
-            if ck.shape(name) != ref.shape(name):
-                raise ShapeMismatch(f"checkpoint {label} tensor {name} has shape {tuple(ck.shape(name))}, "
-                                    f"the newest checkpoint has {tuple(ref.shape(name))}")
+    """Every checkpoint holds the same tensor names and shapes."""
+    tensor_sources(ckpts, labels)
 
 
-def average_tensor(ckpts: Sequence[Checkpoint], weights: Sequence[float], name: str) -> torch.Tensor:
-    """sum_k w_k theta_k[name] in float32, reading one checkpoint's tensor at a time."""
+def average_tensor(ckpts: Sequence[Checkpoint], weights: Sequence[float], name: str,
+                   labels: Sequence[str] | None = None) -> torch.Tensor:
+    """sum_k w_k theta_k[name] in float32, reading one checkpoint's tensor at a time.
+
+    Raises:
+        NonFiniteError: a checkpoint's tensor holds NaN/Inf (named), so the average would too.
+    """
     acc = None
     for ck, w in zip(ckpts, weights):
         t = ck[name].to(torch.float32)
@@ -50,6 +83,13 @@ def average_tensor(ckpts: Sequence[Checkpoint], weights: Sequence[float], name: 
             acc = t.mul_(w)
         else:
             acc.add_(t, alpha=w)
+    if acc is not None and acc.is_floating_point() and not torch.isfinite(acc.sum()):
+        for k, ck in enumerate(ckpts):
+            if not bool(torch.isfinite(ck[name]).all()):
+                label = labels[k] if labels else str(ck.path)
+                raise NonFiniteError(f"checkpoint {label} tensor {name} holds NaN or Inf values, so the average "
+                                     "would too; nothing was written. Leave out unstable checkpoints "
+                                     "(skip_unstable=True; --skip-unstable) or choose the checkpoints yourself")
     return acc
 
 
@@ -64,31 +104,50 @@ def nonfinite(ck: Checkpoint) -> str | None:
 
 def average_checkpoints(chosen: Sequence[RunCheckpoint], weights: Sequence[float], out_dir: str | Path, *,
                         shard_size: int = 5 * 10**9, overwrite: bool = False, show_progress: bool = True,
-                        out_dtype: torch.dtype | None = None, extra_files: dict | None = None) -> AverageReport:
-    """Write sum_k weights[k] * chosen[k] to out_dir. Non-float tensors come from the newest checkpoint."""
+                        out_dtype: torch.dtype | None = None, extra_files: dict | None = None,
+                        extra_files_fn=None, copy_files: dict | None = None,
+                        allow_missing_tensors: bool = False) -> AverageReport:
+    """Write sum_k weights[k] * chosen[k] to out_dir. Non-float tensors come from the newest checkpoint.
+
+    A tensor held by only some checkpoints (allowed with `allow_missing_tensors`)
+    is averaged over those, with their weights renormalised to sum to one; the
+    report lists it with the checkpoints it came from. `extra_files_fn(report)`
+    returns files written beside the weights (after the report is known);
+    `copy_files` are copied into the output before it is moved into place.
+    """
     if len(chosen) != len(weights):
-        raise ValueError("one weight per checkpoint")
+        raise InvalidInput("one weight per checkpoint")
     ckpts = [Checkpoint(c.path) for c in chosen]
     labels = [str(c.path) for c in chosen]
-    check_compatible(ckpts, labels)
+    sources = tensor_sources(ckpts, labels, allow_missing=allow_missing_tensors)
     newest = ckpts[-1]
-    names = list(newest.keys())
-    layout = [TensorInfo(n, tuple(newest.shape(n)), (out_dtype if newest.dtype(n).is_floating_point else None)
-                         or newest.dtype(n)) for n in names]
+    names = list(newest.keys()) + [n for n in sources if n not in newest]
+    holder = {n: ckpts[sources[n][-1]] for n in names}
+    layout = [TensorInfo(n, tuple(holder[n].shape(n)), (out_dtype if holder[n].dtype(n).is_floating_point else None)
+                         or holder[n].dtype(n)) for n in names]
     total = sum(ck.total_bytes for ck in ckpts)
     protected = [Path(ck.folder or ck.path) for ck in ckpts]
+    partial = {n: [labels[k] for k in ks] for n, ks in sources.items() if len(ks) != len(ckpts)}
+    used = [(c.step, str(c.path), float(wt)) for c, wt in zip(chosen, weights)]
+    report = AverageReport(Path(out_dir), used, [], len(names), partial)
     with CheckpointWriter(out_dir, layout, shard_size=shard_size, overwrite=overwrite, protected=protected) as w, \
             ByteProgress(len(names), total, enabled=show_progress, label="averaging") as progress:
         for info in layout:
-            if newest.dtype(info.name).is_floating_point:
-                out = average_tensor(ckpts, weights, info.name).to(info.dtype)
+            ks = sources[info.name]
+            if holder[info.name].dtype(info.name).is_floating_point:
+                ws = [weights[k] for k in ks]
+                scale = sum(ws)
+                out = average_tensor([ckpts[k] for k in ks], [x / scale for x in ws], info.name,
+                                     [labels[k] for k in ks]).to(info.dtype)
             else:
-                out = newest[info.name]
+                out = holder[info.name][info.name]
             w.write(info.name, out)
-            progress.advance(sum(ck.nbytes(info.name) for ck in ckpts))
-        w.finish(assets_from=newest.folder, extra_files=extra_files)
-    used = [(c.step, str(c.path), float(wt)) for c, wt in zip(chosen, weights)]
-    return AverageReport(Path(out_dir), used, [], len(names))
+            progress.advance(sum(ckpts[k].nbytes(info.name) for k in ks))
+        files = dict(extra_files or {})
+        if extra_files_fn is not None:
+            files.update(extra_files_fn(report))
+        w.finish(assets_from=newest.folder, extra_files=files, copy_files=copy_files)
+    return report
 
 
 def deviation_cosines(ckpts: Sequence[Checkpoint], *, max_elements: int = 2_000_000) -> torch.Tensor:
@@ -101,7 +160,7 @@ def deviation_cosines(ckpts: Sequence[Checkpoint], *, max_elements: int = 2_000_
     k = len(ckpts)
     gram = torch.zeros(k, k, dtype=torch.float64)
     for name in ckpts[-1].keys():
-        if not ckpts[-1].dtype(name).is_floating_point:
+        if not ckpts[-1].dtype(name).is_floating_point or any(name not in ck for ck in ckpts):
             continue
         flat = [ck[name].reshape(-1) for ck in ckpts]
         stride = max(1, math.ceil(flat[0].numel() / max_elements))
@@ -123,6 +182,8 @@ def recommend(cos: torch.Tensor) -> str:
     the oldest with the newest deviation.
     """
     k = cos.shape[0]
+    if not bool(torch.isfinite(cos).all()):
+        return ("no advice: some checkpoints hold NaN or Inf values (leave them out with --skip-unstable)")
     if k < 3:
         return "too few checkpoints to judge; plain averaging (sma) is the safe default"
     noise = -1.0 / (k - 1)

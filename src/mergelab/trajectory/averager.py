@@ -23,6 +23,8 @@ call `refresh_batchnorm` to recompute its statistics.
 
 from __future__ import annotations
 
+from mergelab.errors import InvalidInput
+
 from collections import deque
 from collections.abc import Iterable
 
@@ -36,11 +38,11 @@ class WeightAverager:
     def __init__(self, model: nn.Module, scheme: str = "ema", *, decay: float = 0.999,
                  warmup: bool = False, window: int = 5, device: str | torch.device = "cpu"):
         if scheme not in ("ema", "swa", "lawa"):
-            raise ValueError(f"unknown scheme {scheme!r}; choose ema, swa or lawa")
+            raise InvalidInput(f"unknown scheme {scheme!r}; choose ema, swa or lawa")
         if scheme == "ema" and not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema decay must be in [0, 1), got {decay}")
+            raise InvalidInput(f"ema decay must be in [0, 1), got {decay}")
         if scheme == "lawa" and window < 1:
-            raise ValueError(f"lawa window must be at least 1, got {window}")
+            raise InvalidInput(f"lawa window must be at least 1, got {window}")
         self.scheme, self.decay, self.warmup, self.window = scheme, decay, warmup, window
         self.device = torch.device(device)
         self.names = [n for n, p in model.named_parameters()]
@@ -52,7 +54,7 @@ class WeightAverager:
         params = dict(model.named_parameters())
         missing = [n for n in self.names if n not in params]
         if missing:
-            raise ValueError(f"model has no parameter {missing[0]!r}; WeightAverager was built for another model")
+            raise InvalidInput(f"model has no parameter {missing[0]!r}; WeightAverager was built for another model")
         return [params[n].detach() for n in self.names]
 
     def current_decay(self) -> float:
@@ -105,7 +107,7 @@ class WeightAverager:
 
     def load_state_dict(self, state: dict) -> None:
         if state["names"] != self.names or state["scheme"] != self.scheme:
-            raise ValueError("averager state was saved for another model or scheme")
+            raise InvalidInput("averager state was saved for another model or scheme")
         self.decay, self.warmup, self.window = state["decay"], state["warmup"], state["window"]
         self.num_updates = state["num_updates"]
         self.average = None if state["average"] is None else [t.to(self.device) for t in state["average"]]

@@ -22,6 +22,8 @@ Which average when:
 
 from __future__ import annotations
 
+from mergelab.errors import InvalidInput
+
 from pathlib import Path
 
 import torch
@@ -40,9 +42,9 @@ class AveragingCallback(TrainerCallback):
     def __init__(self, scheme: str = "ema", *, decay: float = 0.999, warmup: bool = False, window: int = 5,
                  every: int = 1, start_step: int = 0, copy_to_model: bool = False):
         if every < 1:
-            raise ValueError(f"every must be at least 1, got {every}")
+            raise InvalidInput(f"every must be at least 1, got {every}")
         if scheme not in ("ema", "swa", "lawa"):
-            raise ValueError(f"unknown scheme {scheme!r}; choose ema, swa or lawa")
+            raise InvalidInput(f"unknown scheme {scheme!r}; choose ema, swa or lawa")
         self.kwargs = dict(scheme=scheme, decay=decay, warmup=warmup, window=window)
         self.every, self.start_step, self.copy_to_model = every, start_step, copy_to_model
         self.averager: WeightAverager | None = None

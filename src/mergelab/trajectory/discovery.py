@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergelab.errors import CheckpointError
+from mergelab.errors import CheckpointError, InvalidInput
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _MARKED = re.compile(r"(?:checkpoint|step|iter|iteration|ckpt|global_step)[-_=]?0*(\d+)", re.IGNORECASE)
@@ -88,13 +88,13 @@ def discover(run_dir: str | Path, *, explicit: Sequence[str | Path] | None = Non
 def select(checkpoints: list[RunCheckpoint], *, last: int | None = None, every: int = 1) -> list[RunCheckpoint]:
     """Keep every `every`-th checkpoint counting back from the newest, then the newest `last` of those."""
     if every < 1:
-        raise ValueError(f"--every must be at least 1, got {every}")
+        raise InvalidInput(f"--every must be at least 1, got {every}")
     picked = checkpoints[::-1][::every][::-1]
     if last is not None:
         if last < 1:
-            raise ValueError(f"--last must be at least 1, got {last}")
+            raise InvalidInput(f"--last must be at least 1, got {last}")
         if last > len(picked):
-            raise ValueError(f"--last {last} asks for more checkpoints than the run has ({len(picked)} after "
+            raise InvalidInput(f"--last {last} asks for more checkpoints than the run has ({len(picked)} after "
                              f"--every {every}); use --last {len(picked)} or fewer")
         picked = picked[-last:]
     return picked

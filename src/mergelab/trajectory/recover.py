@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mergelab.checkpoint.reader import Checkpoint
+from mergelab.errors import CheckpointError
+from mergelab.jsonfile import read_json
 from mergelab.trajectory.discovery import RunCheckpoint
 
 
@@ -25,10 +27,26 @@ def loss_history(run_dir: Path, checkpoints: Sequence[RunCheckpoint]) -> list[tu
                                                      if c.path.is_dir()]
     for f in candidates:
         if f.is_file():
-            state = json.loads(f.read_text())
-            return [(int(e["step"]), float(e["loss"])) for e in state.get("log_history", [])
-                    if "loss" in e and "step" in e]
+            return _history_of(read_json(f, "trainer state"), f)
     return []
+
+
+def _history_of(state: object, path: Path) -> list[tuple[int, float]]:
+    """(step, loss) pairs of a trainer_state.json's log_history, checked entry by entry."""
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        raise CheckpointError(f"{path}: is not a Trainer state (a JSON object with a log_history list); "
+                              "fix or remove it")
+    out = []
+    for i, e in enumerate(history):
+        if not isinstance(e, dict) or "loss" not in e or "step" not in e:
+            continue
+        try:
+            out.append((int(e["step"]), float(e["loss"])))
+        except (TypeError, ValueError, OverflowError):
+            raise CheckpointError(f"{path}: log_history[{i}] has step {e['step']!r} and loss {e['loss']!r}, "
+                                  "not numbers; fix or remove the file") from None
+    return out
 
 
 def first_spike(history: Sequence[tuple[int, float]], *, spike_factor: float = 3.0, window: int = 10) -> int | None:
@@ -69,15 +87,8 @@ def _first_nonfinite(ck: Checkpoint) -> str | None:
 RESUME_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "rng_state.pth")
 
 
-def copy_resume_state(newest_stable: RunCheckpoint, out_dir: Path) -> list[str]:
-    """Copy the optimizer/scheduler/trainer state of the newest stable checkpoint, so training can resume."""
-    import shutil
-
-    copied = []
-    if newest_stable.path.is_dir():
-        for name in RESUME_FILES:
-            src = newest_stable.path / name
-            if src.is_file():
-                shutil.copy2(src, out_dir / name)
-                copied.append(name)
-    return copied
+def resume_files(newest_stable: RunCheckpoint) -> dict[str, Path]:
+    """The optimizer/scheduler/trainer state files of the newest stable checkpoint (name -> path)."""
+    if not newest_stable.path.is_dir():
+        return {}
+    return {name: newest_stable.path / name for name in RESUME_FILES if (newest_stable.path / name).is_file()}

@@ -10,10 +10,11 @@ from rich.table import Table
 
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import parse_size
-from mergelab.errors import CheckpointError
-from mergelab.trajectory.average import average_checkpoints, check_compatible, deviation_cosines, recommend
+from mergelab.checkpoint.output import check_output
+from mergelab.errors import CheckpointError, InvalidInput
+from mergelab.trajectory.average import average_checkpoints, deviation_cosines, recommend, tensor_sources
 from mergelab.trajectory.discovery import RunCheckpoint, discover, select
-from mergelab.trajectory.recover import copy_resume_state, stable_checkpoints
+from mergelab.trajectory.recover import resume_files, stable_checkpoints
 from mergelab.trajectory.schedules import scheme_weights
 
 
@@ -46,35 +47,67 @@ def plan_average(run_dir, *, scheme: str = "sma", last: int | None = None, every
     return chosen, weights, skipped
 
 
-def correlation_report(chosen: list[RunCheckpoint]) -> dict:
+def correlation_report(chosen: list[RunCheckpoint], *, allow_missing_tensors: bool = False) -> dict:
     ckpts = [Checkpoint(c.path) for c in chosen]
-    check_compatible(ckpts, [str(c.path) for c in chosen])
+    tensor_sources(ckpts, [str(c.path) for c in chosen], allow_missing=allow_missing_tensors)
     cos = deviation_cosines(ckpts)
-    return {"steps": [c.step for c in chosen], "deviation_cosine": cos.tolist(), "recommendation": recommend(cos)}
+    finite = bool(cos.isfinite().all())
+    return {"steps": [c.step for c in chosen], "deviation_cosine": cos.tolist() if finite else None,
+            "recommendation": recommend(cos)}
+
+
+def _with_partial(info: dict):
+    """extra_files_fn: the JSON summary, with the tensors that came from fewer checkpoints."""
+    name = next(iter(info))
+    body = info[name]
+
+    def files(report) -> dict[str, str]:
+        return {name: json.dumps({**body, "tensors_from_fewer_checkpoints": report.partial}, indent=2)}
+    return files
 
 
 def average_run(run_dir, out_dir, *, scheme="sma", last=None, every=1, decay="linear", alpha=0.9,
                 skip_unstable=False, out_shard_size="5GB", overwrite=False, show_progress=True,
-                console: Console | None = None, explicit=None):
+                console: Console | None = None, explicit=None, allow_missing_tensors: bool = False):
+    shard_size = parse_size(out_shard_size)
+    check_output(out_dir, kind="folder", inputs=[run_dir, *(explicit or [])], overwrite=overwrite,
+                 what="output folder")
     chosen, weights, skipped = plan_average(run_dir, scheme=scheme, last=last, every=every, decay=decay,
                                             alpha=alpha, skip_unstable=skip_unstable, explicit=explicit)
     _show(console, chosen, weights, skipped, f"{scheme} average of {len(chosen)} checkpoints")
-    corr = correlation_report(chosen)
+    corr = correlation_report(chosen, allow_missing_tensors=allow_missing_tensors)
     if console is not None:
         console.print(corr["recommendation"])
     info = {"scheme": scheme, "decay": decay if scheme == "wsm" else None, "alpha": alpha if scheme == "ema" else None,
             "used": [{"step": c.step, "path": str(c.path), "weight": w} for c, w in zip(chosen, weights)],
             "skipped": [{"step": c.step, "path": str(c.path), "why": why} for c, why in skipped],
             "correlation": corr}
-    report = average_checkpoints(chosen, weights, out_dir, shard_size=parse_size(out_shard_size),
+    report = average_checkpoints(chosen, weights, out_dir, shard_size=shard_size,
                                  overwrite=overwrite, show_progress=show_progress,
-                                 extra_files={"mergelab_average.json": json.dumps(info, indent=2)})
+                                 extra_files_fn=_with_partial({"mergelab_average.json": info}),
+                                 allow_missing_tensors=allow_missing_tensors)
+    _show_partial(console, report)
     report.skipped = [(c.step, str(c.path), why) for c, why in skipped]
     return report
 
 
-def recover_run(run_dir, out_dir, *, last: int = 3, overwrite: bool = False, console: Console | None = None):
-    """Average the newest `last` stable checkpoints; copy the newest stable one's optimizer state beside them."""
+def _show_partial(console: Console | None, report) -> None:
+    if console is not None and report.partial:
+        console.print(f"[yellow]{len(report.partial)} tensor(s) came from fewer checkpoints[/] (listed in the "
+                      "output's JSON): " + ", ".join(list(report.partial)[:5]))
+
+
+def recover_run(run_dir, out_dir, *, last: int = 3, overwrite: bool = False, console: Console | None = None,
+                allow_missing_tensors: bool = False):
+    """Average the newest `last` stable checkpoints; copy the newest stable one's optimizer state beside them.
+
+    The optimizer/scheduler/trainer state is copied into the output's temporary
+    folder with the weights, so the folder appears complete or not at all.
+    """
+    if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+        raise InvalidInput(f"last must be a whole number of checkpoints, 1 or more (got {last!r}); "
+                           "--last 3 averages the three newest stable checkpoints")
+    check_output(out_dir, kind="folder", inputs=[run_dir], overwrite=overwrite, what="output folder")
     found = discover(run_dir)
     stable, skipped = stable_checkpoints(Path(run_dir), found)
     if not stable:
@@ -86,9 +119,12 @@ def recover_run(run_dir, out_dir, *, last: int = 3, overwrite: bool = False, con
     info = {"used": [{"step": c.step, "path": str(c.path)} for c in chosen],
             "skipped": [{"step": c.step, "path": str(c.path), "why": why} for c, why in skipped],
             "resume_state_from": str(chosen[-1].path)}
+    resume = resume_files(chosen[-1])
+    copied = list(resume)
     report = average_checkpoints(chosen, weights, out_dir, overwrite=overwrite, show_progress=console is not None,
-                                 extra_files={"mergelab_recover.json": json.dumps(info, indent=2)})
-    copied = copy_resume_state(chosen[-1], Path(out_dir))
+                                 extra_files_fn=_with_partial({"mergelab_recover.json": info}),
+                                 copy_files=resume, allow_missing_tensors=allow_missing_tensors)
+    _show_partial(console, report)
     if console is not None:
         console.print(f"wrote {out_dir}; resume state copied from {chosen[-1].path.name}: {', '.join(copied) or 'none found'}")
     report.skipped = [(c.step, str(c.path), why) for c, why in skipped]

@@ -23,6 +23,8 @@ non-negative weights summing to one; the average is sum_k c_k theta_k.
 
 from __future__ import annotations
 
+from mergelab.errors import InvalidInput
+
 import math
 from collections.abc import Sequence
 
@@ -37,7 +39,7 @@ def decay_shape(k: int, decay: str) -> list[float]:
     the last checkpoint), so every checkpoint gets a positive weight.
     """
     if decay not in DECAYS:
-        raise ValueError(f"unknown decay {decay!r}; choose one of {', '.join(DECAYS)}")
+        raise InvalidInput(f"unknown decay {decay!r}; choose one of {', '.join(DECAYS)}")
     out = []
     for i in range(k):
         x = i / k
@@ -56,7 +58,7 @@ def wsm_weights(shape: Sequence[float]) -> list[float]:
     k = len(shape)
     c = [shape[j] - shape[j + 1] for j in range(k - 1)] + [shape[-1]]
     if any(v < -1e-12 for v in c):
-        raise ValueError("a decay shape must not increase")
+        raise InvalidInput("a decay shape must not increase")
     total = sum(c)
     return [v / total for v in c]
 
@@ -64,7 +66,7 @@ def wsm_weights(shape: Sequence[float]) -> list[float]:
 def scheme_weights(scheme: str, count: int, *, alpha: float = 0.9, decay: str = "linear") -> list[float]:
     """Weights for `count` checkpoints (oldest first) under `scheme`."""
     if count < 1:
-        raise ValueError("no checkpoints to average")
+        raise InvalidInput("no checkpoints to average")
     if scheme in ("sma", "lawa"):
         return [1.0 / count] * count
     if scheme == "wma":
@@ -72,10 +74,10 @@ def scheme_weights(scheme: str, count: int, *, alpha: float = 0.9, decay: str = 
         return [(k + 1) / total for k in range(count)]
     if scheme == "ema":
         if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"ema alpha must be in [0, 1), got {alpha}")
+            raise InvalidInput(f"ema alpha must be in [0, 1), got {alpha}")
         w = [(1 - alpha) * alpha ** (count - 1 - k) for k in range(count)]
         w[0] = alpha ** (count - 1)
         return w
     if scheme == "wsm":
         return wsm_weights(decay_shape(count, decay))
-    raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    raise InvalidInput(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
