@@ -158,6 +158,9 @@ def load_evaluator(spec: str) -> Evaluator:
             module = importlib.import_module(module_name)
     except MergeError:
         raise
+    except SystemExit as exc:
+        raise MergeError(f"evaluator {spec!r}: importing {module_name} called sys.exit({exc.code!r}); an evaluator "
+                         "module must not exit the process") from None
     except Exception as exc:
         raise MergeError(f"evaluator {spec!r}: importing {module_name} failed ({type(exc).__name__}: {exc})") from exc
     fn = getattr(module, attr, None)
@@ -182,6 +185,9 @@ def evaluate(evaluator: Evaluator, model: nn.Module, at: str) -> dict[str, float
     name = evaluator_name(evaluator)
     try:
         result = evaluator(model)
+    except SystemExit as exc:  # sys.exit(0) in an evaluator is a failure, not a finished analysis
+        raise MergeError(f"evaluator {name} called sys.exit({exc.code!r}) at {at}; an evaluator must return a "
+                         "dict of metrics, not exit the process") from None
     except Exception as exc:
         raise MergeError(f"evaluator {name} failed at {at}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(result, Mapping) or not result:

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from mergelab.analysis.geometry import MASS_DENSITIES, GeometrySums, GroupStats, tensor_geometry
 from mergelab.checkpoint.reader import Checkpoint, layer_index
-from mergelab.errors import MergeError, ShapeMismatch
+from mergelab.errors import NonFiniteError, MergeError, ShapeMismatch
 
 KINDS = ("attention", "mlp", "embedding", "norm", "other")
 _KIND_PATTERNS = (  # first match wins; matched against dotted name components
@@ -128,6 +128,10 @@ def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: 
     for name in names:
         weights = torch.stack([m[name].float() for _, m in models])  # (N, *shape)
         reference = base[name].float() if base is not None else weights.mean(dim=0)
+        if not (torch.isfinite(weights.sum()) and torch.isfinite(reference.sum())):
+            where = [label for (label, _), w in zip(models, weights) if not bool(torch.isfinite(w).all())]
+            raise NonFiniteError(f"tensor {name} of {', '.join(where) or 'the base'} holds NaN or Inf values; "
+                                 "no geometry can be measured on it; repair or leave out that model")
         sums = tensor_geometry(weights, reference, density)
         del weights, reference  # keep at most one tensor name in memory
         groups.setdefault(_group_of(name), GeometrySums(n)).add(sums)

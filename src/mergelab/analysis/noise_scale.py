@@ -32,7 +32,6 @@ or unused), since augmentation adds sampling noise on top of minibatch noise.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -95,12 +94,17 @@ def _read_source(source: str | Path | Mapping[str, Any] | Any) -> tuple[dict[str
     path = Path(source)
     files = [path / "training_args.json", path / "trainer_state.json"] if path.is_dir() else [path]
     found = {}
+    from mergelab.jsonfile import read_json
+
     for f in files:
         if f.is_file():
-            try:
-                found[f.name] = json.loads(f.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise MergeError(f"{f}: cannot read it as JSON ({exc})") from exc
+            data = read_json(f, "training arguments or trainer state")
+            if not isinstance(data, dict):
+                raise MergeError(f"{f}: is a JSON {type(data).__name__}, not the object a Trainer writes "
+                                 "(training_args.json or trainer_state.json); check the file")
+            if not isinstance(data.get("log_history", []), list):
+                raise MergeError(f"{f}: log_history is not a list; check the file")
+            found[f.name] = data
     if not found:
         raise MergeError(f"{path}: no training_args.json or trainer_state.json there; save the arguments with "
                          "`json.dump(args.to_dict(), ...)`, or pass lr, batch size and momentum directly")
@@ -151,7 +155,8 @@ def noise_scale_from_trainer(folder_or_args: str | Path | Mapping[str, Any] | An
     notes: list[str] = []
     lr = args.get("learning_rate")
     if lr is None:
-        logged = [e["learning_rate"] for e in state.get("log_history", []) if "learning_rate" in e]
+        logged = [e["learning_rate"] for e in state.get("log_history", [])
+                  if isinstance(e, dict) and isinstance(e.get("learning_rate"), (int, float))]
         if not logged:
             raise MergeError(f"{label}: no learning_rate in the training arguments or the logged history; "
                              "pass the training arguments (training_args.json)")

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
 from mergelab.analysis import paths as ap
 from mergelab.analysis.eval_setup import EvalOptions, model_labels, prepare
+from mergelab.cli.common import check_outputs, console, fail, out, save_plot, write_json
 from mergelab.errors import MergeError
 
 analyze_app = typer.Typer(no_args_is_help=True, help=(
@@ -28,9 +28,7 @@ analyze_app = typer.Typer(no_args_is_help=True, help=(
     "--tokens; --eval classifier: loss and accuracy on --data of the network --model builds; --eval "
     "module:function (or file.py:function): your function, given the model (with --model) or else the "
     "state dict, returning a dict of metrics."))
-console = Console(stderr=True)
-out = Console()
-CAUGHT = (MergeError, ValueError, OSError)
+CAUGHT = MergeError
 
 # Options shared by path, scaling and plane (typer reads these defaults afresh for each command).
 EVAL = typer.Option(..., "--eval", help="causal-lm | classifier | module:function | file.py:function")
@@ -48,18 +46,13 @@ BN_DATA = typer.Option(None, "--bn-data", help="recompute batch-norm statistics 
 DEVICE = typer.Option(None, "--device", help="where the model runs: cpu (default), cuda, cuda:1")
 JSON_OUT = typer.Option(None, "--json", help="write the full result as JSON")
 PLOT = typer.Option(None, "--plot", help="write a PNG plot")
+OVERWRITE = typer.Option(False, "--overwrite", help="replace existing --json / --plot files")
+_fail = fail
 
 
-def _fail(exc: Exception) -> None:
-    # soft_wrap keeps long paths in one piece, so they can be copied from the message.
-    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
-    out.print(f"JSON written to {path}", soft_wrap=True)
+def _outputs(json_out: Optional[Path], plot: Optional[Path], inputs: list[Path], overwrite: bool) -> None:
+    """Check the --json / --plot paths before any evaluation starts."""
+    check_outputs([(json_out, "file", "--json file"), (plot, "file", "--plot file")], inputs, overwrite)
 
 
 # ----------------------------------------------------------------------------- headlines
@@ -92,12 +85,11 @@ def _print_headline(title: str, items: Mapping[str, Any]) -> None:
 
 
 def _finish(payload: dict[str, Any], json_out: Optional[Path], plot: Optional[Path], plotter: Any,
-            result: Any) -> None:
+            result: Any, inputs: list[Path], overwrite: bool) -> None:
     if json_out is not None:
-        _write_json(json_out, payload)
+        write_json(json_out, payload, inputs=inputs, overwrite=overwrite)
     if plot is not None:
-        plotter(result, plot)
-        out.print(f"plot written to {plot}", soft_wrap=True)
+        save_plot(plotter, result, plot, inputs=inputs, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -113,10 +105,13 @@ def path_cmd(
     tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
     max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
     device: Optional[str] = DEVICE, json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Metrics along the path from A to B: loss and accuracy barriers, merge gain at the midpoint."""
     o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
+    inputs = [model_a, model_b]
     try:
+        _outputs(json_out, plot, inputs, overwrite)
         setup, (a, b) = prepare(o, [model_a, model_b])
         result = ap.interpolation_path(setup.template, a, b, setup.evaluator, points=points,
                                        method="slerp" if slerp else "linear", refresh_bn=setup.refresh_bn)
@@ -126,7 +121,7 @@ def path_cmd(
         from mergelab.analysis.plots import plot_path
 
         _finish({**result.to_dict(), "models": [str(model_a), str(model_b)], "evaluator": setup.description,
-                 "headline": head}, json_out, plot, plot_path, result)
+                 "headline": head}, json_out, plot, plot_path, result, inputs, overwrite)
     except CAUGHT as exc:
         _fail(exc)
 
@@ -153,10 +148,13 @@ def scaling_cmd(
     tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
     max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
     device: Optional[str] = DEVICE, json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Task arithmetic's curve: metrics of base + lambda * sum_i (FT_i - base), and the best lambda."""
     o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
+    inputs = [base, *finetuned]
     try:
+        _outputs(json_out, plot, inputs, overwrite)
         grid = parse_lambdas(lambdas)
         setup, (base_sd, *tasks) = prepare(o, [base, *finetuned])
         result = ap.scaling_curve(setup.template, base_sd, tasks, setup.evaluator, grid,
@@ -167,7 +165,7 @@ def scaling_cmd(
         from mergelab.analysis.plots import plot_scaling_curve
 
         _finish({**result.to_dict(), "base": str(base), "models": [str(m) for m in finetuned],
-                 "evaluator": setup.description}, json_out, plot, plot_scaling_curve, result)
+                 "evaluator": setup.description}, json_out, plot, plot_scaling_curve, result, inputs, overwrite)
     except CAUGHT as exc:
         _fail(exc)
 
@@ -186,11 +184,13 @@ def plane_cmd(
     tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
     max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
     device: Optional[str] = DEVICE, json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Metrics on a grid in the plane through three models (Garipov et al., 2018), with the best grid point."""
     o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
     paths = [model_o, model_a, model_b, *(extra or [])]
     try:
+        _outputs(json_out, plot, paths, overwrite)
         labels = model_labels(paths)
         setup, states = prepare(o, paths)
         result = ap.plane(setup.template, *states[:3], setup.evaluator, grid=grid, margin=margin,
@@ -204,7 +204,8 @@ def plane_cmd(
         from mergelab.analysis.plots import plot_plane
 
         _finish({**result.to_dict(), "models": [str(p) for p in paths], "evaluator": setup.description,
-                 "headline": head}, json_out, plot, functools.partial(plot_plane, metric=metric), result)
+                 "headline": head}, json_out, plot, functools.partial(plot_plane, metric=metric), result,
+                paths, overwrite)
     except CAUGHT as exc:
         _fail(exc)
 
@@ -222,6 +223,7 @@ def noise_scale_cmd(
                                                  "folder, or its training_args.json / trainer_state.json"),
     world_size: Optional[int] = typer.Option(None, "--world-size", help="data-parallel processes of that run"),
     json_out: Optional[Path] = JSON_OUT,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Effective noise scale S = lr / (B (1 - m)^k) x v_aug of a training setup (arXiv:2510.04686)."""
     from mergelab.analysis.noise_scale import (
@@ -231,7 +233,9 @@ def noise_scale_cmd(
         render_noise_scale,
     )
 
+    inputs = [trainer_state] if trainer_state is not None else []
     try:
+        _outputs(json_out, None, inputs, overwrite)
         if trainer_state is not None:
             if lr is not None or batch is not None:
                 raise MergeError("give either --trainer-state or --lr and --batch, not both")
@@ -249,6 +253,6 @@ def noise_scale_cmd(
         out.print(render_noise_scale(result))
         _print_headline("noise scale", {"S": result.noise_scale})
         if json_out is not None:
-            _write_json(json_out, result.to_dict())
+            write_json(json_out, result.to_dict(), inputs=inputs, overwrite=overwrite)
     except CAUGHT as exc:
         _fail(exc)

@@ -22,7 +22,12 @@ def read_texts(path: str | Path, max_examples: int) -> list[str]:
     if not path.is_file():
         raise StatsError(f"data file {path} does not exist")
     texts: list[str] = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise StatsError(f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         "save it as UTF-8") from None
+    for i, line in enumerate(content.splitlines()):
         line = line.strip()
         if not line:
             continue
@@ -40,14 +45,34 @@ def read_texts(path: str | Path, max_examples: int) -> list[str]:
 
 
 def load_model(model_dir: str | Path):
-    """(model, tokenizer) from a local folder; causal LMs with their LM head, other models bare."""
+    """(model, tokenizer) from a local folder; causal LMs with their LM head, other models bare.
+
+    Only the local folder is read (never the network): a path that is not a
+    model folder is refused at once. Any failure of transformers to load it
+    (a damaged config, an unsafe pickle refused by weights_only loading, ...)
+    becomes a StatsError naming the folder.
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(model_dir)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(model_dir, torch_dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise StatsError(f"model folder {folder} does not exist; give the local folder of a Hugging Face model")
+    if not (folder / "config.json").is_file():
+        raise StatsError(f"{folder} has no config.json; give the folder of a Hugging Face model")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        cls = AutoModelForCausalLM if causal else AutoModel
+        model = cls.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds; all mean "this folder does not load"
+        if type(exc).__name__ == "UnpicklingError":
+            raise StatsError(f"refused to load the weights in {folder}: their pickle holds more than plain tensors, "
+                             "and mergelab unpickles with weights_only=True, never running code from a file; "
+                             "get safetensors weights from a source you trust") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise StatsError(f"cannot load the model in {folder} with transformers ({type(exc).__name__}: "
+                         f"{first[:300]}); check the folder's config and weights") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return model.eval(), tok, causal
