@@ -417,3 +417,13 @@ def test_unexpected_exceptions_keep_their_traceback_and_ask_for_a_report(tmp_pat
     assert exc.value.code == 70
     err = capsys.readouterr().err
     assert "Traceback" in err and "bug in mergelab" in err
+
+
+def test_finite_inputs_merged_into_inf_are_refused(pair, tmp_path):
+    a, b, _ = pair
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "out_dtype": "float16",
+                                      "parameters": {"normalize": False}, "models": [
+        {"model": str(a), "parameters": {"weight": 1e6}}, {"model": str(b), "parameters": {"weight": 1e6}}]}))
+    assert_refused(run("merge", recipe, tmp_path / "o", "--quiet"), "came out NaN or Inf from finite inputs")
+    assert not (tmp_path / "o").exists()

@@ -202,15 +202,16 @@ def nonfinite_inputs(plan: Plan, inputs: _Inputs) -> list[str]:
     a finite sum proves every element finite; only a non-finite sum (NaN/Inf
     present, or finite values overflowing the sum) triggers the exact check.
     """
-    bad = []
-    for ref, t in inputs.tensors.items():
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
-        if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
-            continue
-        if not bool(torch.isfinite(t).all()):
-            bad.append(f"{ref.name} ({plan.checkpoints[ref.model].path})")
-    return bad
+    return [f"{ref.name} ({plan.checkpoints[ref.model].path})" for ref, t in inputs.tensors.items() if _nonfinite(t)]
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds NaN/Inf: one float32-accumulated sum, an exact check only if that is not finite."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
+        return False
+    return not bool(torch.isfinite(t).all())
 
 
 def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
@@ -291,6 +292,10 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
                     "(allow_nonfinite=True; --allow-nonfinite), which writes the merge and lists every such tensor")
             nonfinite.extend(b for b in bad if b not in nonfinite)
             out = compute(plan, job, inputs, dev, seed, rows)
+            if not bad and not allow_nonfinite and _nonfinite(out):
+                raise NonFiniteError(
+                    f"the merge of {job.name} came out NaN or Inf from finite inputs (weights or other recipe "
+                    "numbers too large for the output dtype?); nothing was written. Check the recipe's numbers")
             del inputs
             reader.release(job, rows)
             if written is not None:

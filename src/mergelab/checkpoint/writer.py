@@ -234,7 +234,7 @@ class CheckpointWriter:
         except OSError as exc:
             self.abort()
             raise CheckpointError(f"cannot create shard files in {self.temp} ({exc.strerror or exc}); "
-                                  "check free space and permissions") from exc
+                                  "is the disk full? check free space and permissions") from exc
         except BaseException:
             self.abort()
             raise
