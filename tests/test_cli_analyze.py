@@ -149,7 +149,7 @@ def test_causal_lm_path_on_a_tied_tiny_llama_from_tokens_and_text(tmp_path):
     for source in (["--tokens", tmp_path / "ids.pt"], ["--text", tmp_path / "text.txt"]):
         out = tmp_path / "lm.json"
         ok(run("path", paths["a"], paths["a"], "--eval", "causal-lm", *source, "--seq-len", 8, "--points", 2,
-               "--json", out))
+               "--json", out, "--overwrite"))  # the second source replaces the first one's report
         got = json.loads(out.read_text())
         assert got["metrics"]["loss"] == pytest.approx([want] * 3, rel=1e-5)
         assert got["barriers"]["loss"] == 0.0
@@ -205,8 +205,9 @@ def test_noise_scale_from_a_trainer_folder(tmp_path, world, want):
     (tmp_path / "training_args.json").write_text(json.dumps(
         {"learning_rate": 3e-4, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 4,
          "optim": "adamw_torch", "adam_beta1": 0.9}))
-    result = ok(run("noise-scale", "--trainer-state", tmp_path, *world, "--json", tmp_path / "s.json"))
-    got = json.loads((tmp_path / "s.json").read_text())
+    out = tmp_path.parent / f"{tmp_path.name}-s.json"  # not inside the trainer folder, which is an input
+    result = ok(run("noise-scale", "--trainer-state", tmp_path, *world, "--json", out))
+    got = json.loads(out.read_text())
     assert got["noise_scale"] == pytest.approx(want, rel=1e-12) and got["batch_size"] == 32 * (len(world) or 1)
     assert "adam_beta1" in result.output  # the assumption made reading the optimizer is shown
 

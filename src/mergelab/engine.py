@@ -78,7 +78,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         from mergelab.errors import MergeError
 
-        raise MergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        raise MergeError("device cuda was asked for but torch sees no CUDA GPU; merge on the cpu (device=\"cpu\", --device cpu)")
     return dev
 
 

@@ -160,7 +160,7 @@ def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
     if not 0 < density <= 1:
         raise MergeError(f"inspect: density must be in (0, 1], got {density}")
     if len(paths) < (1 if base is not None else 2):
-        raise MergeError("inspect needs at least two models, or one model and --base")
+        raise MergeError("inspect needs at least two models, or one model and a base (base=, --base)")
     with contextlib.ExitStack() as opened:
         models = [_open(p, f"model_{i}", opened) for i, p in enumerate(paths)]
         base_src = _open(base, "base", opened) if base is not None else None
