@@ -98,14 +98,15 @@ def changed_error(path: Path, before: FileState, now: FileState | None) -> Check
     elif (now.inode, now.device) != (before.inode, before.device):
         what = "was replaced by another file"
     elif now.size < before.size:
-        what = f"was truncated ({before.size} -> {now.size} bytes)"
+        what = f"was truncated from {before.size} to {now.size} bytes"
     elif now.size != before.size:
-        what = f"grew ({before.size} -> {now.size} bytes)"
+        what = f"grew from {before.size} to {now.size} bytes"
     else:
         what = "was modified"
     return CheckpointError(
         f"{path}: file changed or was truncated while reading (it {what} after mergelab opened it); "
-        "nothing was written from it - wait until whatever is writing it has finished, then run again")
+        "its tensors cannot be trusted - wait until whatever is changing it has finished (or restore it), "
+        "then run again")
 
 
 def _index_list(value: object) -> bool:
