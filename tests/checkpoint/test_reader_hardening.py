@@ -511,3 +511,29 @@ def test_merge_of_an_input_truncated_between_jobs_exits_with_the_clear_error(tmp
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert f"{victim}: file changed or was truncated while reading" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# -- values the fuzzers found accepted too leniently ------------------------------------------------
+
+
+@pytest.mark.parametrize("metadata", [{"n": 0}, "", [1], {"a": None}])
+def test_metadata_must_be_strings_as_the_format_says(tmp_path, metadata):
+    path = _raw(tmp_path / "m.safetensors", {"__metadata__": metadata, "a": _u8(0, 2)}, b"\0\0")
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: __metadata__ is not a JSON object of strings"):
+        Checkpoint(path)
+
+
+@pytest.mark.parametrize("config, attribute, message", [
+    ({"tie_word_embeddings": "false"}, "tied_embeddings", r"tie_word_embeddings is 'false', not true or false"),
+    ({"tie_word_embeddings": 0}, "tied_embeddings", "tie_word_embeddings is '0'"),
+    ({"num_hidden_layers": -2}, "num_layers", r"its layer count is '-2', not a non-negative integer"),
+    ({"num_hidden_layers": "32"}, "num_layers", "its layer count is '32'"),
+    ({"text_config": {"n_layer": 2.5}}, "num_layers", "its layer count is '2.5'"),
+])
+def test_config_values_of_the_wrong_type_are_refused_not_guessed(tmp_path, config, attribute, message):
+    save_file({"model.embed_tokens.weight": torch.ones(3, 2)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ck = Checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        getattr(ck, attribute)
+    assert str(info.value).startswith(str(tmp_path / "config.json"))

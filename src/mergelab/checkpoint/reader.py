@@ -609,8 +609,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def num_layers(self) -> int:
         """Config's num_hidden_layers / n_layer / num_layers, else 1 + the largest block index seen, else 0."""
         value = self._config_value("num_hidden_layers", "n_layer", "num_layers")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if value is not None:
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+            raise CheckpointError(f"{self.folder / 'config.json' if self.folder else self.path}: its layer count "
+                                  f"is {str(value)[:40]!r}, not a non-negative integer; fix config.json")
         seen = [i for i in map(layer_index, self._where) if i is not None]
         return 1 + max(seen) if seen else 0
 
@@ -621,8 +624,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def tied_embeddings(self) -> bool:
         """Whether lm_head shares the input embedding: config's tie_word_embeddings, else inferred."""
         value = self._config_value("tie_word_embeddings")
-        if value is not None:
-            return bool(value)
+        if isinstance(value, bool):
+            return value
+        if value is not None:  # "false" is a true string: guessing would make lm_head wrong either way
+            raise CheckpointError(f"{self.folder / 'config.json' if self.folder else self.path}: "
+                                  f"tie_word_embeddings is {str(value)[:40]!r}, not true or false; fix config.json")
         return "lm_head.weight" not in self._where and self._embedding_name() is not None
 
     def alias_for(self, name: str) -> str | None:

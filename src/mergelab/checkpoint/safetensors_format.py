@@ -186,13 +186,14 @@ def read_header(path: Path) -> tuple[list[Entry], dict[str, str], FileState]:
         os.close(fd)
     header = parse_json(bytes(raw), path, "safetensors header", expect=dict, object_pairs_hook=no_duplicate_keys,
                         advice="the file looks truncated or corrupt (re-download or re-save it)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise _corrupt(path, "__metadata__ is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, "__metadata__ is not a JSON object of strings")
     data_start = 8 + hlen
     entries = [_entry(path, name, info, data_start) for name, info in header.items()]
     _check_coverage(path, entries, data_start, size)
-    return entries, {str(k): str(v) for k, v in metadata.items()}, FileState.of(info)
+    return entries, metadata, FileState.of(info)
 
 
 def parse_header(path: Path) -> tuple[list[Entry], dict[str, str]]:
