@@ -537,3 +537,19 @@ def test_config_values_of_the_wrong_type_are_refused_not_guessed(tmp_path, confi
     with pytest.raises(CheckpointError, match=message) as info:
         getattr(ck, attribute)
     assert str(info.value).startswith(str(tmp_path / "config.json"))
+
+
+@pytest.mark.parametrize("path, message", [
+    ("", r"^an empty path \(an unset variable\?\) is not a checkpoint path"),
+    ("a\0b", r"^'a\\x00b' \(it holds a NUL\) is not a checkpoint path"),
+    ("x" * 5000, r"^x{300}: cannot be read \(File name too long: x{300}\); check the path"),
+])
+def test_impossible_paths_are_one_clear_error(path, message):
+    with pytest.raises(CheckpointError, match=message):
+        Checkpoint(path)
+
+
+def test_dangling_link_is_named_as_such(tmp_path):
+    (tmp_path / "model").symlink_to(tmp_path / "gone")
+    with pytest.raises(CheckpointError, match=r"model is a symbolic link to .*gone, which does not exist"):
+        Checkpoint(tmp_path / "model")

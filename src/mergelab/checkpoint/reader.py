@@ -6,6 +6,15 @@ by an index) and then reads each tensor only when asked for it. Safetensors
 tensors are read with one positioned read into a freshly allocated tensor, so
 reading a model costs the memory of the tensor being read and nothing more.
 Pickled files are loaded with ``weights_only=True`` only.
+
+What is refused, always with one CheckpointError naming the file (and tensor)
+and what to do: damaged safetensors files (see safetensors_format.read_header:
+holes, overlaps, tensors past the end, bad JSON), JSON files (config, index,
+modules.json) that are not UTF-8, not the expected type or nested absurdly deep
+(mergelab.jsonfile), index files naming shards outside the model folder or a
+tensor stored in two shards, LoRA/PEFT adapters (is_peft_adapter), files that
+are pipes or devices, and files that change after they were opened
+(Checkpoint.check_unchanged).
 """
 
 from __future__ import annotations
@@ -237,10 +246,13 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: has no \"weight_map\" of tensor name -> shard file; "
                               "the index is corrupt, re-download or re-save the model")
+    first_of: dict[str, str] = {}  # shard -> first tensor naming it: each shard name is checked once
     for name, shard in weight_map.items():
         if not isinstance(shard, str):
             raise CheckpointError(f"{index}: weight_map maps tensor {name} to {str(shard)[:60]}, not to a "
                                   "shard file name; the index is corrupt, re-download or re-save the model")
+        first_of.setdefault(shard, name)
+    for shard, name in first_of.items():
         problem = _shard_name_problem(shard)
         if problem:
             raise CheckpointError(f"{index}: shard file name {shard[:200]!r} of tensor {name} {problem}; an "
@@ -387,6 +399,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     Every file is opened and checked when the Checkpoint is made, so a damaged
     or incomplete model fails before any merge work; tensors are read only by
     ``ck[name]`` or ``ck.read_rows``, each into a new CPU tensor in its stored dtype.
+    Each file's size, modification time and inode are recorded at opening;
+    reads and check_unchanged() refuse a file that changed since.
 
     Attributes:
         path: the path as given.
@@ -404,14 +418,30 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self._sources: list[_Source] = []
         self._where: dict[str, tuple[tuple[int, ...], torch.dtype, _Source]] = {}
         self._closed = False
-        real = self.path.expanduser()
+        text = str(path)
+        if not text.strip() or "\0" in text:
+            what = "an empty path (an unset variable?)" if not text.strip() else f"{text[:200]!r} (it holds a NUL)"
+            raise CheckpointError(f"{what} is not a checkpoint path; expected {ACCEPTED}")
+        try:
+            self._open(self.path.expanduser())
+        except OSError as exc:  # a name too long, a folder we may not list, an I/O error
+            self.close()
+            raise CheckpointError(f"{text[:300]}: cannot be read ({exc.strerror or exc}"
+                                  f"{f': {str(exc.filename)[:300]}' if exc.filename else ''}); check the path and "
+                                  "its permissions") from None
+
+    # -- opening -----------------------------------------------------------------
+    def _open(self, real: Path) -> None:
         if not real.exists():
-            if _HF_ID.match(str(path)):
+            if real.is_symlink():
+                raise CheckpointError(f"{self.path} is a symbolic link to {os.readlink(real)}, which does not "
+                                      "exist (or a loop of links); point it at the model")
+            if _HF_ID.match(str(self.path)):
                 raise CheckpointError(
-                    f"{path} does not exist here; if it is a Hugging Face model id: only local paths are "
-                    f"supported and nothing is downloaded (fetch it first, e.g. `hf download {path} "
+                    f"{self.path} does not exist here; if it is a Hugging Face model id: only local paths are "
+                    f"supported and nothing is downloaded (fetch it first, e.g. `hf download {self.path} "
                     "--local-dir DIR`, and pass DIR)")
-            raise CheckpointError(f"{path} does not exist; expected {ACCEPTED}")
+            raise CheckpointError(f"{self.path} does not exist; expected {ACCEPTED}")
         if is_peft_adapter(real):
             evidence = "it holds adapter_config.json" if real.is_dir() else f"its name is {real.name}"
             raise _adapter_error(real, evidence)
