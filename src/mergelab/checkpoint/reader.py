@@ -223,10 +223,6 @@ def _names_in(source: SafetensorsFile | _TorchFile) -> dict[str, tuple[tuple[int
     return {n: (tuple(t.shape), t.dtype) for n, t in source.tensors.items()}
 
 
-def _read_json(path: Path, what: str, **kw: Any) -> Any:
-    return read_json_file(path, what, **kw)
-
-
 def _shard_name_problem(name: str) -> str | None:
     """Why `name`, a shard file named by an index, cannot be a file inside the model folder; None if it can."""
     if not name.strip():
@@ -241,7 +237,7 @@ def _shard_name_problem(name: str) -> str | None:
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
-    data = _read_json(index, "index", expect=dict, object_pairs_hook=no_duplicate_keys)
+    data = read_json_file(index, "index", expect=dict, object_pairs_hook=no_duplicate_keys)
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: has no \"weight_map\" of tensor name -> shard file; "
@@ -292,7 +288,7 @@ def module_folders(src: str | Path) -> list[str]:
     names = {p.name for p in src.iterdir() if _MODULE_FOLDER.match(p.name) and p.is_dir()}
     modules_json = src / "modules.json"
     if modules_json.is_file() or modules_json.is_symlink():
-        modules = _read_json(modules_json, "modules.json", expect=list, advice="fix it or remove it")
+        modules = read_json_file(modules_json, "modules.json", expect=list, advice="fix it or remove it")
         for i, module in enumerate(modules):
             path = module.get("path", "") if isinstance(module, dict) else None
             if not isinstance(path, str):
@@ -454,11 +450,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             self.close()
             raise _adapter_error(real, f"it stores LoRA factors, e.g. tensor {lora}")
 
-    # -- opening -----------------------------------------------------------------
     def _open_folder(self, folder: Path) -> None:
         self.folder = folder
         if (folder / "config.json").is_file():
-            self.config = _read_json(folder / "config.json", "config", expect=dict)
+            self.config = read_json_file(folder / "config.json", "config", expect=dict)
         # The order transformers uses: safetensors before pickles, one file before an index.
         for name in ("model.safetensors", "model.safetensors.index.json",
                      "pytorch_model.bin", "pytorch_model.bin.index.json"):
