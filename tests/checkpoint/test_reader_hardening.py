@@ -374,10 +374,14 @@ def test_modified_in_place_or_replaced_or_deleted_is_reported(tmp_path):
     path = _two_tensor_file(tmp_path / "x.safetensors")
     ck = Checkpoint(path)
     ck["first"]
+    viewed = ck.view("second")  # a job's input, about to be merged
     with open(path, "r+b") as fh:  # same size, new bytes
         fh.seek(-4, os.SEEK_END)
         fh.write(b"\0\0\0\0")
     os.utime(path, ns=(0, 1))  # a distinct modification time even on coarse-clock file systems
+    assert float(viewed[-1]) == 0.0  # the view silently shows the new bytes: only a check can tell
+    with pytest.raises(CheckpointError, match="it was modified after mergelab opened it"):
+        ck.check_unchanged(["second"])  # what the engine calls after computing a job
     with pytest.raises(CheckpointError, match="it was modified after mergelab opened it"):
         ck["second"]
     ck2 = Checkpoint(path)
