@@ -577,6 +577,12 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         The mapping is private: writing to the view can never change the file
         (mergelab never writes to its inputs anyway). Pickled files that cannot
         be memory-mapped give their loaded tensor.
+
+        The file is checked (one fstat) before the view is made. If it is then
+        truncated while the view is still to be read, touching the lost pages
+        kills the process with SIGBUS, which no Python code can catch; calling
+        check_unchanged() after prefetching and again after using the view
+        narrows that window and catches in-place changes (see SafetensorsFile).
         """
         shape, _, source = self._entry(name)
         self._check_open()
