@@ -277,6 +277,14 @@ def test_bad_modules_json_is_refused(tmp_path, modules, message):
     assert str(model / "modules.json") in str(info.value)
 
 
+@pytest.mark.parametrize("content, message", [(DEEP, "too deeply"), (b"[\xff]", "not UTF-8")])
+def test_unreadable_modules_json_is_one_clear_error(tmp_path, content, message):
+    model = _st_model(tmp_path / "m")
+    (model / "modules.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"modules.json: this modules.json .*{message}.*fix it or remove it"):
+        module_files(model)
+
+
 def test_file_links_in_module_folders(tmp_path):
     model = _st_model(tmp_path / "m")
     (model / "notes.txt").write_text("inside")
