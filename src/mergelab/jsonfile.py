@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +23,27 @@ from typing import Any
 
 from mergelab.errors import CheckpointError, MergeError
 
-__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "parse_json", "read_json_file", "no_duplicate_keys"]
+__all__ = ["MAX_JSON_BYTES", "MAX_JSON_DEPTH", "has_control_characters", "no_duplicate_keys", "parse_json",
+           "read_json_file", "shown"]
 
 MAX_JSON_BYTES = 100 * 1024 * 1024  # the safetensors library's header limit; configs are kilobytes
 MAX_JSON_DEPTH = 64
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def has_control_characters(text: str) -> bool:
+    """Whether `text` holds a character that would break a one-line message (newline, escape, NUL, ...)."""
+    return _CONTROL.search(text) is not None
+
+
+def shown(text: object, limit: int = 200) -> str:
+    """A value read from an untrusted file, fit for a one-line message: control characters escaped, cut to `limit`."""
+    text = str(text)
+    if has_control_characters(text):
+        text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -565,3 +565,33 @@ def test_dangling_link_is_named_as_such(tmp_path):
     (tmp_path / "model").symlink_to(tmp_path / "gone")
     with pytest.raises(CheckpointError, match=r"model is a symbolic link to .*gone, which does not exist"):
         Checkpoint(tmp_path / "model")
+
+
+def test_names_that_would_break_a_one_line_message_are_refused(tmp_path):
+    path = _raw(tmp_path / "n.safetensors", {"a\nb": _u8(0, 2)}, b"\0\0")
+    with pytest.raises(CheckpointError, match=r"tensor name 'a\\\\nb' holds control characters") as info:
+        Checkpoint(path)
+    assert "\n" not in str(info.value)
+    long_name = "x" * 10_000
+    path = _raw(tmp_path / "l.safetensors", {long_name: _u8(0, 2)}, b"\0\0\0")
+    with pytest.raises(CheckpointError, match=r"x{200}\.\.\.\) belong to no tensor") as info:
+        Checkpoint(path)
+    assert len(str(info.value)) < 500
+    folder = _folder_with_index(tmp_path / "m", json.dumps({"weight_map": {"a\rb": "s.safetensors"}}).encode())
+    with pytest.raises(CheckpointError, match=r"tensor name 'a\\\\rb' holds control characters"):
+        Checkpoint(folder)
+    torch.save({"w\x1b[31m": torch.ones(1)}, tmp_path / "esc.bin")
+    with pytest.raises(CheckpointError, match=r"esc\.bin: key 'w\\\\x1b\[31m' holds control characters"):
+        Checkpoint(tmp_path / "esc.bin")
+
+
+def test_torch_load_errors_are_one_line(tmp_path):
+    torch.save({"w": torch.ones(1000)}, tmp_path / "whole.bin")
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "whole.bin").read_bytes()[:700])
+    (tmp_path / "zip.bin").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    (tmp_path / "pickle.bin").write_bytes(b"\x80\x02cos\nsystem\nq\x00.")  # a global torch refuses to load
+    for name in ("cut.bin", "zip.bin", "pickle.bin"):
+        with pytest.raises(CheckpointError) as info:
+            Checkpoint(tmp_path / name)
+        text = str(info.value)
+        assert "\n" not in text and len(text) < 600 and text.startswith(str(tmp_path / name)), text

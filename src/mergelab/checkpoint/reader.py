@@ -39,7 +39,7 @@ from mergelab.checkpoint.safetensors_format import (
     changed_error,
 )
 from mergelab.errors import CheckpointError, MergeError
-from mergelab.jsonfile import no_duplicate_keys, read_json_file
+from mergelab.jsonfile import has_control_characters, no_duplicate_keys, read_json_file, shown
 
 __all__ = ["Checkpoint", "DTYPES", "DTYPE_CODES", "is_peft_adapter", "layer_index", "module_files",
            "module_folders", "parse_dtype", "with_layer_index"]
@@ -131,14 +131,14 @@ def _torch_load(path: Path, mmap: bool) -> Any:
             raise CheckpointError(
                 f"{path}: loading it needs unsafe unpickling (it stores Python objects other than "
                 "tensors), which mergelab refuses; convert it to safetensors with a script you trust") from None
-        raise CheckpointError(f"{path}: not a readable torch file ({exc}); it looks truncated or corrupt") from exc
+        raise CheckpointError(f"{path}: not a readable torch file ({shown(exc)}); it looks truncated or corrupt") from exc
     except RuntimeError as exc:
         if mmap and "mmap" in str(exc):
             return None
-        raise CheckpointError(f"{path}: not a readable torch file ({str(exc)[:200]}); "
+        raise CheckpointError(f"{path}: not a readable torch file ({shown(exc)}); "
                               "it looks truncated or corrupt") from exc
     except Exception as exc:  # EOFError, zipfile and struct errors: all mean a damaged file
-        raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc}); "
+        raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {shown(exc)}); "
                               "it looks truncated or corrupt") from exc
 
 
@@ -162,6 +162,9 @@ class _TorchFile:
                 break
         self.tensors: dict[str, torch.Tensor] = {}
         for key, value in obj.items():
+            if has_control_characters(str(key)):
+                raise CheckpointError(f"{path}: key {shown(key)!r} holds control characters (a newline, NUL, ...); "
+                                      "the file is corrupt or crafted, re-save it")
             if isinstance(value, torch.Tensor):
                 self.tensors[str(key)] = value
             else:
@@ -245,13 +248,16 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     first_of: dict[str, str] = {}  # shard -> first tensor naming it: each shard name is checked once
     for name, shard in weight_map.items():
         if not isinstance(shard, str):
-            raise CheckpointError(f"{index}: weight_map maps tensor {name} to {str(shard)[:60]}, not to a "
+            raise CheckpointError(f"{index}: weight_map maps tensor {shown(name)} to {shown(shard, 60)}, not to a "
                                   "shard file name; the index is corrupt, re-download or re-save the model")
+        if has_control_characters(name):
+            raise CheckpointError(f"{index}: tensor name {shown(name)!r} holds control characters (a newline, "
+                                  "NUL, ...); the index is corrupt, re-download or re-save the model")
         first_of.setdefault(shard, name)
     for shard, name in first_of.items():
         problem = _shard_name_problem(shard)
         if problem:
-            raise CheckpointError(f"{index}: shard file name {shard[:200]!r} of tensor {name} {problem}; an "
+            raise CheckpointError(f"{index}: shard file name {shown(shard)!r} of tensor {shown(name)} {problem}; an "
                                   "index may only name files inside its own folder - the index is corrupt or "
                                   "was crafted, do not use this model")
     return weight_map
@@ -299,7 +305,7 @@ def module_folders(src: str | Path) -> list[str]:
                 continue  # the model folder itself (the Transformer module)
             problem = _shard_name_problem(path)
             if problem:
-                raise CheckpointError(f"{modules_json}: module path {path[:200]!r} {problem}; module folders "
+                raise CheckpointError(f"{modules_json}: module path {shown(path)!r} {problem}; module folders "
                                       "must lie inside the model folder - fix modules.json")
             names.add(path)
     found = []
@@ -373,7 +379,7 @@ def _adapter_error(path: Path, evidence: str) -> CheckpointError:
             base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
         except MergeError:
             pass
-    base_text = f" (its base model: {str(base)[:200]})" if isinstance(base, str) and base else ""
+    base_text = f" (its base model: {shown(base)})" if isinstance(base, str) and base else ""
     return CheckpointError(
         f"{path}: is a LoRA/PEFT adapter ({evidence}), not a full model{base_text}; merging adapters as if "
         "they were models would average their A and B factors separately, which is not the average of "
@@ -448,7 +454,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         lora = next((n for n in self._where if _LORA_TENSOR.search(n)), None)
         if lora is not None:
             self.close()
-            raise _adapter_error(real, f"it stores LoRA factors, e.g. tensor {lora}")
+            raise _adapter_error(real, f"it stores LoRA factors, e.g. tensor {shown(lora)}")
 
     def _open_folder(self, folder: Path) -> None:
         self.folder = folder
@@ -483,11 +489,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         missing = [s for s in shard_names if not (index.parent / s).is_file()]
         if missing:
             raise CheckpointError(f"{index}: names shard file(s) missing from {index.parent}: "
-                                  f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                                  f"{', '.join(shown(m) for m in missing[:5])}{' ...' if len(missing) > 5 else ''}; "
                                   "the download is incomplete, fetch them again")
         outside = next((s for s in shard_names if not _inside(index.parent / s, index.parent)), None)
         if outside is not None:
-            raise CheckpointError(f"{index}: shard {outside} leads outside the model folder (to "
+            raise CheckpointError(f"{index}: shard {shown(outside)} leads outside the model folder (to "
                                   f"{(index.parent / outside).resolve()}); an index may only name files inside "
                                   "its own folder - copy the shard into the folder if it belongs to this model")
         shards: dict[str, SafetensorsFile | _TorchFile] = {}
@@ -500,12 +506,14 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         absent = [n for n, s in weight_map.items() if n not in stored[s]]
         if absent:
             raise CheckpointError(f"{index}: lists {len(absent)} tensor(s) absent from their shard, first "
-                                  f"{absent[0]} in {weight_map[absent[0]]}; the index does not match the shards")
+                                  f"{shown(absent[0])} in {shown(weight_map[absent[0]])}; the index does not match "
+                                  "the shards")
         for shard, names in stored.items():
             twice = next((n for n in names if n in weight_map and weight_map[n] != shard), None)
             if twice is not None:
-                raise CheckpointError(f"{index}: tensor {twice} is stored in two shards, {weight_map[twice]} "
-                                      f"(as the index says) and {shard}; which copy is right is unknown - "
+                raise CheckpointError(f"{index}: tensor {shown(twice)} is stored in two shards, "
+                                      f"{shown(weight_map[twice])} (as the index says) and {shown(shard)}; which "
+                                      "copy is right is unknown - "
                                       "re-download or re-save the model")
         for name, shard in weight_map.items():
             shape, dtype = stored[shard][name]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from mergelab.errors import CheckpointError
-from mergelab.jsonfile import no_duplicate_keys, parse_json
+from mergelab.jsonfile import has_control_characters, no_duplicate_keys, parse_json, shown
 
 # safetensors dtype code -> torch dtype. Float8 and unsigned types are included
 # only when this torch build has them.
@@ -121,24 +121,27 @@ _MAX_ELEMENTS = 2**62
 
 def _entry(path: Path, name: str, info: object, data_start: int) -> Entry:
     """Validate one header entry and turn it into an Entry with absolute offsets."""
+    if has_control_characters(name):
+        raise _corrupt(path, f"tensor name {shown(name)!r} holds control characters (a newline, NUL, ...)")
+    name_shown = shown(name)
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-        raise _corrupt(path, f"tensor {name}: header entry lacks dtype/shape/data_offsets")
+        raise _corrupt(path, f"tensor {name_shown}: header entry lacks dtype/shape/data_offsets")
     code = info["dtype"]
     if not isinstance(code, str) or code not in DTYPES:
         raise CheckpointError(
-            f"{path}: tensor {name} has dtype {str(code)[:40]!r}, which mergelab cannot read "
+            f"{path}: tensor {name_shown} has dtype {str(code)[:40]!r}, which mergelab cannot read "
             f"(known: {', '.join(DTYPES)})")
     shape, offsets = info["shape"], info["data_offsets"]
     if not (_index_list(shape) and _index_list(offsets) and len(offsets) == 2):
-        raise _corrupt(path, f"tensor {name}: shape {str(shape)[:80]} or data_offsets {str(offsets)[:80]} "
+        raise _corrupt(path, f"tensor {name_shown}: shape {str(shape)[:80]} or data_offsets {str(offsets)[:80]} "
                              "are not lists of non-negative integers")
     if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
-        raise _corrupt(path, f"tensor {name}: shape {str(shape)[:80]} is impossibly large")
+        raise _corrupt(path, f"tensor {name_shown}: shape {str(shape)[:80]} is impossibly large")
     begin, end = offsets
     dtype = DTYPES[code]
     want = math.prod(shape) * dtype.itemsize
     if end - begin != want:
-        raise _corrupt(path, f"tensor {name}: data_offsets {offsets} span {end - begin} bytes but "
+        raise _corrupt(path, f"tensor {name_shown}: data_offsets {offsets} span {end - begin} bytes but "
                              f"shape {shape} of {code} needs {want}")
     return Entry(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
@@ -207,17 +210,17 @@ def _check_coverage(path: Path, entries: Sequence[Entry], data_start: int, size:
     pos, previous = data_start, None
     for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
         if entry.end > size:
-            raise _corrupt(path, f"tensor {entry.name} ends at byte {entry.end} but the file has "
+            raise _corrupt(path, f"tensor {shown(entry.name)} ends at byte {entry.end} but the file has "
                                  f"only {size} bytes")
         if entry.begin < pos:
-            raise _corrupt(path, f"tensors {previous.name if previous else '(header)'} and {entry.name} overlap")
+            raise _corrupt(path, f"tensors {shown(previous.name) if previous else '(header)'} and {shown(entry.name)} overlap")
         if entry.begin > pos:
-            after = f"after tensor {previous.name}" if previous else "at the start of the data buffer"
+            after = f"after tensor {shown(previous.name)}" if previous else "at the start of the data buffer"
             raise _corrupt(path, f"{entry.begin - pos} bytes {after} belong to no tensor (a hole before "
-                                 f"tensor {entry.name})")
+                                 f"tensor {shown(entry.name)})")
         pos, previous = entry.end, entry
     if pos != size:
-        after = f"after the last tensor ({previous.name})" if previous else "after the header (no tensors)"
+        after = f"after the last tensor ({shown(previous.name)})" if previous else "after the header (no tensors)"
         raise _corrupt(path, f"{size - pos} bytes {after} belong to no tensor")
 
 
@@ -330,7 +333,7 @@ class SafetensorsFile:
         except (OSError, EOFError) as exc:
             self._verify(fd)
             raise CheckpointError(
-                f"{self.path}: reading tensor {name} failed ({exc}); the file was probably "
+                f"{self.path}: reading tensor {shown(name)} failed ({exc}); the file was probably "
                 "truncated or replaced after it was opened") from exc
         self._verify(fd)  # changed while we read it: what we read may be half old, half new
         return out
