@@ -190,6 +190,10 @@ def test_hugging_face_cache_snapshots_with_links_to_blobs_are_read(tmp_path):
         (snapshot / name).symlink_to(Path("../../blobs") / blob)
     with Checkpoint(snapshot) as ck:
         assert torch.equal(ck["a"], torch.ones(2)) and torch.equal(ck["b"], torch.zeros(3))
+    (repo / "blobs" / "ppp").write_text("{}")
+    (snapshot / "1_Pooling").mkdir()
+    (snapshot / "1_Pooling" / "config.json").symlink_to(Path("../../../blobs/ppp"))
+    assert module_files(snapshot) == ["1_Pooling/config.json"]
 
 
 def test_tensor_stored_in_two_shards_is_refused(tmp_path):
