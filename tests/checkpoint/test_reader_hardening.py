@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergelab.checkpoint.reader import Checkpoint, is_peft_adapter, module_files, module_folders
+from mergelab.checkpoint.reader import Checkpoint, asset_file, is_peft_adapter, module_files, module_folders
 from mergelab.checkpoint.safetensors_format import SafetensorsFile
 from mergelab.errors import CheckpointError
 from mergelab.jsonfile import parse_json, read_json_file
@@ -307,6 +307,26 @@ def test_file_links_in_module_folders(tmp_path):
     os.mkfifo(model / "1_Pooling" / "pipe")
     with pytest.raises(CheckpointError, match=r"1_Pooling/pipe: not a regular file"):
         module_files(model)
+
+
+def test_asset_files_that_lead_outside_or_are_not_files_are_refused(tmp_path):
+    model = _st_model(tmp_path / "m")
+    (model / "tokenizer_config.json").write_text("{}")
+    assert asset_file(model, "tokenizer_config.json") == model / "tokenizer_config.json"
+    assert asset_file(model, "tokenizer.json") is None
+    (tmp_path / "token").write_text("hf_secret")
+    (model / "tokenizer.json").symlink_to(tmp_path / "token")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: a symbolic link leading outside the model folder"):
+        asset_file(model, "tokenizer.json")
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.json").symlink_to(model / "tokenizer_config.json")  # inside: fine
+    assert asset_file(model, "tokenizer.json") == model / "tokenizer.json"
+    os.mkfifo(model / "vocab.txt")
+    with pytest.raises(CheckpointError, match=r"vocab\.txt: not a regular file"):
+        asset_file(model, "vocab.txt")
+    (model / "merges.txt").symlink_to(model / "gone")
+    with pytest.raises(CheckpointError, match=r"merges\.txt: not a regular file .*broken link"):
+        asset_file(model, "merges.txt")
 
 
 # -- PEFT adapters ---------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from mergelab.checkpoint.safetensors_format import (
 from mergelab.errors import CheckpointError, MergeError
 from mergelab.jsonfile import has_control_characters, no_duplicate_keys, read_json_file, shown
 
-__all__ = ["Checkpoint", "DTYPES", "DTYPE_CODES", "is_peft_adapter", "layer_index", "module_files",
+__all__ = ["Checkpoint", "DTYPES", "DTYPE_CODES", "asset_file", "is_peft_adapter", "layer_index", "module_files",
            "module_folders", "parse_dtype", "with_layer_index"]
 
 ACCEPTED = ("a Hugging Face model folder (config.json with model.safetensors, model.safetensors.index.json "
@@ -276,6 +276,28 @@ def _inside(path: Path, folder: Path) -> bool:
     return root.parent.name == "snapshots" and real.is_relative_to(root.parent.parent / "blobs")
 
 
+def asset_file(src: str | Path, rel: str) -> Path | None:
+    """The file `rel` (e.g. "tokenizer.json") of model folder `src`, checked before it is copied; None if absent.
+
+    Files next to the weights are copied into merged models, so one that is a
+    symbolic link leading outside `src` (say tokenizer.json -> ~/.ssh/id_rsa in
+    a cloned repository) would leak into an upload: refused with CheckpointError,
+    as is anything that is not a regular file (a pipe would block the copy).
+    Links into a Hugging Face cache's blobs folder count as inside (see _inside).
+    """
+    path = Path(src) / rel
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_symlink() and not _inside(path, Path(src)):
+        raise CheckpointError(f"{path}: a symbolic link leading outside the model folder (to {path.resolve()}); "
+                              "its content would be copied into the merged model - replace the link by a copy "
+                              "of the file if it belongs to the model")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a folder, pipe, device or broken link); mergelab "
+                              "copies this file into merged models - remove it or replace it by a file")
+    return path
+
+
 # sentence-transformers module folders: 1_Pooling, 2_Normalize, ...
 _MODULE_FOLDER = re.compile(r"^\d+_\w+$")
 
@@ -340,15 +362,9 @@ def module_files(src: str | Path) -> list[str]:
                                           "folders - replace it by a copy")
             dirs.sort()
             for entry in sorted(files):
-                path = Path(root) / entry
-                if path.is_symlink() and not _inside(path, src):
-                    raise CheckpointError(f"{path}: a symbolic link leading outside the model folder (to "
-                                          f"{path.resolve()}); its content would be copied into the merged model "
-                                          "- replace the link by a copy of the file if it belongs to the model")
-                if not path.is_file():
-                    raise CheckpointError(f"{path}: not a regular file (a pipe, device or broken link) in a "
-                                          "sentence-transformers module folder; remove it")
-                out.append(path.relative_to(src).as_posix())
+                rel = (Path(root) / entry).relative_to(src).as_posix()
+                asset_file(src, rel)
+                out.append(rel)
     return out
 
 
