@@ -593,7 +593,7 @@ def test_dangling_link_is_named_as_such(tmp_path):
 
 def test_names_that_would_break_a_one_line_message_are_refused(tmp_path):
     path = _raw(tmp_path / "n.safetensors", {"a\nb": _u8(0, 2)}, b"\0\0")
-    with pytest.raises(CheckpointError, match=r"tensor name 'a\\\\nb' holds control characters") as info:
+    with pytest.raises(CheckpointError, match=r"tensor name 'a\\nb' holds control characters") as info:
         Checkpoint(path)
     assert "\n" not in str(info.value)
     long_name = "x" * 10_000
@@ -602,10 +602,10 @@ def test_names_that_would_break_a_one_line_message_are_refused(tmp_path):
         Checkpoint(path)
     assert len(str(info.value)) < 500
     folder = _folder_with_index(tmp_path / "m", json.dumps({"weight_map": {"a\rb": "s.safetensors"}}).encode())
-    with pytest.raises(CheckpointError, match=r"tensor name 'a\\\\rb' holds control characters"):
+    with pytest.raises(CheckpointError, match=r"tensor name 'a\\rb' holds control characters"):
         Checkpoint(folder)
     torch.save({"w\x1b[31m": torch.ones(1)}, tmp_path / "esc.bin")
-    with pytest.raises(CheckpointError, match=r"esc\.bin: key 'w\\\\x1b\[31m' holds control characters"):
+    with pytest.raises(CheckpointError, match=r"esc\.bin: key 'w\\x1b\[31m' holds control characters"):
         Checkpoint(tmp_path / "esc.bin")
 
 

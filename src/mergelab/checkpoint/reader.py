@@ -163,7 +163,7 @@ class _TorchFile:
         self.tensors: dict[str, torch.Tensor] = {}
         for key, value in obj.items():
             if has_control_characters(str(key)):
-                raise CheckpointError(f"{path}: key {shown(key)!r} holds control characters (a newline, NUL, ...); "
+                raise CheckpointError(f"{path}: key '{shown(key)}' holds control characters (a newline, NUL, ...); "
                                       "the file is corrupt or crafted, re-save it")
             if isinstance(value, torch.Tensor):
                 self.tensors[str(key)] = value
@@ -251,13 +251,13 @@ def _read_weight_map(index: Path) -> dict[str, str]:
             raise CheckpointError(f"{index}: weight_map maps tensor {shown(name)} to {shown(shard, 60)}, not to a "
                                   "shard file name; the index is corrupt, re-download or re-save the model")
         if has_control_characters(name):
-            raise CheckpointError(f"{index}: tensor name {shown(name)!r} holds control characters (a newline, "
+            raise CheckpointError(f"{index}: tensor name '{shown(name)}' holds control characters (a newline, "
                                   "NUL, ...); the index is corrupt, re-download or re-save the model")
         first_of.setdefault(shard, name)
     for shard, name in first_of.items():
         problem = _shard_name_problem(shard)
         if problem:
-            raise CheckpointError(f"{index}: shard file name {shown(shard)!r} of tensor {shown(name)} {problem}; an "
+            raise CheckpointError(f"{index}: shard file name '{shown(shard)}' of tensor {shown(name)} {problem}; an "
                                   "index may only name files inside its own folder - the index is corrupt or "
                                   "was crafted, do not use this model")
     return weight_map
@@ -327,7 +327,7 @@ def module_folders(src: str | Path) -> list[str]:
                 continue  # the model folder itself (the Transformer module)
             problem = _shard_name_problem(path)
             if problem:
-                raise CheckpointError(f"{modules_json}: module path {shown(path)!r} {problem}; module folders "
+                raise CheckpointError(f"{modules_json}: module path '{shown(path)}' {problem}; module folders "
                                       "must lie inside the model folder - fix modules.json")
             names.add(path)
     found = []

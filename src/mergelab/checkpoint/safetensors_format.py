@@ -122,7 +122,7 @@ _MAX_ELEMENTS = 2**62
 def _entry(path: Path, name: str, info: object, data_start: int) -> Entry:
     """Validate one header entry and turn it into an Entry with absolute offsets."""
     if has_control_characters(name):
-        raise _corrupt(path, f"tensor name {shown(name)!r} holds control characters (a newline, NUL, ...)")
+        raise _corrupt(path, f"tensor name '{shown(name)}' holds control characters (a newline, NUL, ...)")
     name_shown = shown(name)
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise _corrupt(path, f"tensor {name_shown}: header entry lacks dtype/shape/data_offsets")
