@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -484,7 +485,8 @@ def _run_child(script: str, args: list[str], truncate: Path) -> subprocess.Compl
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # never wait forever for a stuck child
+        assert ready and proc.stdout.readline().strip() == "ready", "the child did not get ready"
         _truncate(truncate)
         out, err = proc.communicate("go\n", timeout=60)
     finally:
