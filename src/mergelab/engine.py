@@ -126,10 +126,24 @@ class _Reader:
         return all(results)
 
     def prefetch(self, job: Job, rows: tuple[int, int] | None) -> None:
-        if self.populate is not None and self._advise(job, rows, self.populate):
-            return
-        self.populate = None  # refused once (an older kernel): read-ahead hints from now on
-        self._advise(job, rows, mmap.MADV_WILLNEED)
+        if self.populate is None or not self._advise(job, rows, self.populate):
+            self.populate = None  # refused once (an older kernel): read-ahead hints from now on
+            self._advise(job, rows, mmap.MADV_WILLNEED)
+        self.check_unchanged(job)
+
+    def check_unchanged(self, job: Job) -> None:
+        """CheckpointError if a file holding one of the job's inputs changed (size, mtime, inode) since opening.
+
+        Called after prefetching a job (before its pages are touched, so a
+        truncated file is an error, not SIGBUS) and after computing it (before
+        the output is written, so bytes changed in place mid-job are never
+        merged).
+        """
+        by_model: dict[int, list[str]] = {}
+        for ref in job.refs():
+            by_model.setdefault(ref.model, []).append(ref.name)
+        for model, names in by_model.items():
+            self.ckpts[model].check_unchanged(names)
 
     def release(self, job: Job, rows: tuple[int, int] | None) -> None:
         self._advise(job, rows, mmap.MADV_DONTNEED)
@@ -276,7 +290,9 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
         written: Future | None = None
         for i, (job, rows) in enumerate(items):
             if pending is not None:
-                pending.result()
+                pending.result()  # its own check ran after paging in
+            else:
+                reader.check_unchanged(job)
             inputs = reader.inputs(job, rows)
             nxt = items[i + 1] if i + 1 < len(items) else None
             # Prefetch overlaps paging in with computing, but two big jobs must not be resident at once.
@@ -292,6 +308,7 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
                     "(allow_nonfinite=True; --allow-nonfinite), which writes the merge and lists every such tensor")
             nonfinite.extend(b for b in bad if b not in nonfinite)
             out = compute(plan, job, inputs, dev, seed, rows)
+            reader.check_unchanged(job)
             if not bad and not allow_nonfinite and _nonfinite(out):
                 raise NonFiniteError(
                     f"the merge of {job.name} came out NaN or Inf from finite inputs (weights or other recipe "

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.safetensors_format import parse_header
-from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo, parse_size, plan_shards
+from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo, copy_assets, parse_size, plan_shards
 from mergelab.errors import OutputError, CheckpointError, ShapeMismatch
 
 from conftest import tiny_llama_config
@@ -277,3 +277,25 @@ def test_parse_size(text, size):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="size"):
         parse_size(text)
+def test_copy_assets_never_follows_links_out_of_the_model_folder(tmp_path):
+    src, secret = tmp_path / "src", tmp_path / "home"
+    (src / "1_Pooling").mkdir(parents=True)
+    secret.mkdir()
+    (secret / "token").write_text("hf_secret")
+    (src / "config.json").write_text("{}")
+    (src / "1_Pooling" / "config.json").write_text("{}")
+    (src / "2_Normalize").symlink_to(secret)
+    with pytest.raises(CheckpointError, match="2_Normalize: this sentence-transformers module folder is a symbolic link"):
+        copy_assets(src, tmp_path / "out1", {})
+    (src / "2_Normalize").unlink()
+    (src / "tokenizer.json").symlink_to(secret / "token")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: a symbolic link leading outside the model folder"):
+        copy_assets(src, tmp_path / "out2", {})
+    (src / "tokenizer.json").unlink()
+    (src / "config.json").write_bytes(b"[" * 100000 + b"]" * 100000)
+    with pytest.raises(CheckpointError, match=r"config\.json: this config nests JSON values too deeply"):
+        copy_assets(src, tmp_path / "out3", {})
+    (src / "config.json").write_text("{}")
+    (tmp_path / "out4").mkdir()
+    assert copy_assets(src, tmp_path / "out4", {}) == []
+    assert (tmp_path / "out4" / "1_Pooling" / "config.json").read_text() == "{}"

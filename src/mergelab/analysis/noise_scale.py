@@ -94,11 +94,11 @@ def _read_source(source: str | Path | Mapping[str, Any] | Any) -> tuple[dict[str
     path = Path(source)
     files = [path / "training_args.json", path / "trainer_state.json"] if path.is_dir() else [path]
     found = {}
-    from mergelab.jsonfile import read_json
+    from mergelab.jsonfile import read_json_file
 
     for f in files:
         if f.is_file():
-            data = read_json(f, "training arguments or trainer state")
+            data = read_json_file(f, "training arguments or trainer state", error=MergeError)
             if not isinstance(data, dict):
                 raise MergeError(f"{f}: is a JSON {type(data).__name__}, not the object a Trainer writes "
                                  "(training_args.json or trainer_state.json); check the file")

@@ -6,25 +6,43 @@ by an index) and then reads each tensor only when asked for it. Safetensors
 tensors are read with one positioned read into a freshly allocated tensor, so
 reading a model costs the memory of the tensor being read and nothing more.
 Pickled files are loaded with ``weights_only=True`` only.
+
+What is refused, always with one CheckpointError naming the file (and tensor)
+and what to do: damaged safetensors files (see safetensors_format.read_header:
+holes, overlaps, tensors past the end, bad JSON), JSON files (config, index,
+modules.json) that are not UTF-8, not the expected type or nested absurdly deep
+(mergelab.jsonfile), index files naming shards outside the model folder or a
+tensor stored in two shards, LoRA/PEFT adapters (is_peft_adapter), files that
+are pipes or devices, and files that change after they were opened
+(Checkpoint.check_unchanged).
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import pickle
 import re
+import stat
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Protocol
 
 import torch
 
-from mergelab.checkpoint.safetensors_format import DTYPE_CODES, DTYPES, SafetensorsFile
-from mergelab.errors import CheckpointError
+from mergelab.checkpoint.safetensors_format import (
+    DTYPE_CODES,
+    DTYPES,
+    FileState,
+    SafetensorsFile,
+    changed_error,
+)
+from mergelab.errors import CheckpointError, MergeError
+from mergelab.jsonfile import has_control_characters, no_duplicate_keys, read_json_file, shown
 
-__all__ = ["Checkpoint", "DTYPES", "DTYPE_CODES", "layer_index", "with_layer_index", "parse_dtype"]
+__all__ = ["Checkpoint", "DTYPES", "DTYPE_CODES", "asset_file", "is_peft_adapter", "layer_index", "module_files",
+           "module_folders", "parse_dtype", "with_layer_index"]
 
 ACCEPTED = ("a Hugging Face model folder (config.json with model.safetensors, model.safetensors.index.json "
             "and its shards, pytorch_model.bin, or pytorch_model.bin.index.json and its shards), a folder "
@@ -94,6 +112,7 @@ class _Source(Protocol):
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
     def view(self, name: str) -> torch.Tensor: ...
     def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> bool: ...
+    def check_unchanged(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -112,14 +131,14 @@ def _torch_load(path: Path, mmap: bool) -> Any:
             raise CheckpointError(
                 f"{path}: loading it needs unsafe unpickling (it stores Python objects other than "
                 "tensors), which mergelab refuses; convert it to safetensors with a script you trust") from None
-        raise CheckpointError(f"{path}: not a readable torch file ({exc}); it looks truncated or corrupt") from exc
+        raise CheckpointError(f"{path}: not a readable torch file ({shown(exc)}); it looks truncated or corrupt") from exc
     except RuntimeError as exc:
         if mmap and "mmap" in str(exc):
             return None
-        raise CheckpointError(f"{path}: not a readable torch file ({str(exc)[:200]}); "
+        raise CheckpointError(f"{path}: not a readable torch file ({shown(exc)}); "
                               "it looks truncated or corrupt") from exc
     except Exception as exc:  # EOFError, zipfile and struct errors: all mean a damaged file
-        raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc}); "
+        raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {shown(exc)}); "
                               "it looks truncated or corrupt") from exc
 
 
@@ -128,9 +147,11 @@ class _TorchFile:
 
     def __init__(self, path: Path):
         self.path = path
+        self.state = _regular_file_state(path)
         obj = _torch_load(path, mmap=True)
         if obj is None:  # pre-1.6 torch.save format: no zip container to map
             obj = _torch_load(path, mmap=False)
+        self.check_unchanged()  # changed while torch read it
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict (name -> tensor)")
         self.skipped: list[str] = []
@@ -141,19 +162,34 @@ class _TorchFile:
                 break
         self.tensors: dict[str, torch.Tensor] = {}
         for key, value in obj.items():
+            if has_control_characters(str(key)):
+                raise CheckpointError(f"{path}: key '{shown(key)}' holds control characters (a newline, NUL, ...); "
+                                      "the file is corrupt or crafted, re-save it")
             if isinstance(value, torch.Tensor):
                 self.tensors[str(key)] = value
             else:
                 self.skipped.append(str(key))
 
+    def check_unchanged(self) -> None:
+        """Raise CheckpointError if the file at `path` is not the one loaded (tensors may be mapped from it)."""
+        try:
+            now: FileState | None = FileState.of(os.stat(self.path))
+        except FileNotFoundError:
+            now = None
+        if now != self.state:
+            raise changed_error(self.path, self.state, now)
+
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_unchanged()
         return _fresh_copy(self.tensors[name]) if out is None else out.copy_(self.tensors[name])
 
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_unchanged()
         rows = self.tensors[name][start:stop]
         return _fresh_copy(rows) if out is None else out.copy_(rows)
 
     def view(self, name: str) -> torch.Tensor:
+        self.check_unchanged()
         return self.tensors[name]  # memory-mapped (privately) where the file format allows it
 
     def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> bool:
@@ -161,6 +197,18 @@ class _TorchFile:
 
     def close(self) -> None:
         self.tensors = {}
+
+
+def _regular_file_state(path: Path) -> FileState:
+    """The FileState of `path`, which must be a regular file (a FIFO would block the reader forever)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path}: is not a regular file (a folder, pipe or device); give the "
+                              "weight file itself")
+    return FileState.of(info)
 
 
 def _open_file(path: Path) -> SafetensorsFile | _TorchFile:
@@ -178,21 +226,182 @@ def _names_in(source: SafetensorsFile | _TorchFile) -> dict[str, tuple[tuple[int
     return {n: (tuple(t.shape), t.dtype) for n, t in source.tensors.items()}
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read this {what} ({exc}); fix or re-download it") from exc
+def _shard_name_problem(name: str) -> str | None:
+    """Why `name`, a shard file named by an index, cannot be a file inside the model folder; None if it can."""
+    if not name.strip():
+        return "is empty"
+    if "\0" in name:
+        return "contains a NUL character"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        return "is an absolute path"
+    if ".." in PurePosixPath(name).parts or ".." in PureWindowsPath(name).parts:
+        return "climbs out of the folder with '..'"
+    return None
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
-    data = _read_json(index, "index")
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    data = read_json_file(index, "index", expect=dict, object_pairs_hook=no_duplicate_keys)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: has no \"weight_map\" of tensor name -> shard file; "
                               "the index is corrupt, re-download or re-save the model")
+    first_of: dict[str, str] = {}  # shard -> first tensor naming it: each shard name is checked once
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index}: weight_map maps tensor {shown(name)} to {shown(shard, 60)}, not to a "
+                                  "shard file name; the index is corrupt, re-download or re-save the model")
+        if has_control_characters(name):
+            raise CheckpointError(f"{index}: tensor name '{shown(name)}' holds control characters (a newline, "
+                                  "NUL, ...); the index is corrupt, re-download or re-save the model")
+        first_of.setdefault(shard, name)
+    for shard, name in first_of.items():
+        problem = _shard_name_problem(shard)
+        if problem:
+            raise CheckpointError(f"{index}: shard file name '{shown(shard)}' of tensor {shown(name)} {problem}; an "
+                                  "index may only name files inside its own folder - the index is corrupt or "
+                                  "was crafted, do not use this model")
     return weight_map
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, symbolic links resolved, lies inside `folder` (resolved).
+
+    A Hugging Face cache snapshot (HUB/models--org--name/snapshots/REV) holds
+    links into the cache's blobs folder (HUB/models--org--name/blobs); those
+    count as inside.
+    """
+    real, root = path.resolve(), folder.resolve()
+    if real.is_relative_to(root):
+        return True
+    return root.parent.name == "snapshots" and real.is_relative_to(root.parent.parent / "blobs")
+
+
+def asset_file(src: str | Path, rel: str) -> Path | None:
+    """The file `rel` (e.g. "tokenizer.json") of model folder `src`, checked before it is copied; None if absent.
+
+    Files next to the weights are copied into merged models, so one that is a
+    symbolic link leading outside `src` (say tokenizer.json -> ~/.ssh/id_rsa in
+    a cloned repository) would leak into an upload: refused with CheckpointError,
+    as is anything that is not a regular file (a pipe would block the copy).
+    Links into a Hugging Face cache's blobs folder count as inside (see _inside).
+    """
+    path = Path(src) / rel
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_symlink() and not _inside(path, Path(src)):
+        raise CheckpointError(f"{path}: a symbolic link leading outside the model folder (to {path.resolve()}); "
+                              "its content would be copied into the merged model - replace the link by a copy "
+                              "of the file if it belongs to the model")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a folder, pipe, device or broken link); mergelab "
+                              "copies this file into merged models - remove it or replace it by a file")
+    return path
+
+
+# sentence-transformers module folders: 1_Pooling, 2_Normalize, ...
+_MODULE_FOLDER = re.compile(r"^\d+_\w+$")
+
+
+def module_folders(src: str | Path) -> list[str]:
+    """The sentence-transformers module folders of model folder `src`, checked, as relative paths.
+
+    They are the non-empty "path"s of modules.json plus every folder named like
+    1_Pooling. Folders that do not exist are left out. Raises CheckpointError
+    for a modules.json that is not a list of objects with string paths, a path
+    that is absolute or climbs out with '..', and a module folder that is a
+    symbolic link: its files are copied into merged models, so it must be part
+    of the model folder itself.
+    """
+    src = Path(src)
+    names = {p.name for p in src.iterdir() if _MODULE_FOLDER.match(p.name) and p.is_dir()}
+    modules_json = src / "modules.json"
+    if modules_json.is_file() or modules_json.is_symlink():
+        modules = read_json_file(modules_json, "modules.json", expect=list, advice="fix it or remove it")
+        for i, module in enumerate(modules):
+            path = module.get("path", "") if isinstance(module, dict) else None
+            if not isinstance(path, str):
+                raise CheckpointError(f"{modules_json}: entry {i} is not an object with a string \"path\"; "
+                                      "fix it or remove it")
+            path = path.strip().rstrip("/")
+            if not path or path == ".":
+                continue  # the model folder itself (the Transformer module)
+            problem = _shard_name_problem(path)
+            if problem:
+                raise CheckpointError(f"{modules_json}: module path '{shown(path)}' {problem}; module folders "
+                                      "must lie inside the model folder - fix modules.json")
+            names.add(path)
+    found = []
+    for name in sorted(names):
+        folder = src / name
+        if any((src / PurePosixPath(*PurePosixPath(name).parts[:i + 1])).is_symlink()
+               for i in range(len(PurePosixPath(name).parts))):
+            raise CheckpointError(f"{folder}: this sentence-transformers module folder is a symbolic link "
+                                  f"(to {folder.resolve()}); its files would be copied into the merged model, "
+                                  "so mergelab only takes real folders - replace the link by a copy")
+        if folder.is_dir():
+            found.append(name)
+    return found
+
+
+def module_files(src: str | Path) -> list[str]:
+    """Every file in the module folders (see module_folders) of `src`, as paths relative to `src`, checked.
+
+    A file that is a symbolic link must resolve inside `src` (or, for a Hugging
+    Face cache snapshot, into its blobs folder); links to folders, and entries
+    that are not regular files (pipes, devices), are refused with CheckpointError.
+    Links are not followed into folders.
+    """
+    src = Path(src)
+    out = []
+    for name in module_folders(src):
+        for root, dirs, files in os.walk(src / name, followlinks=False):
+            for entry in sorted(dirs):
+                if (Path(root) / entry).is_symlink():
+                    raise CheckpointError(f"{Path(root) / entry}: a symbolic link to a folder inside a "
+                                          "sentence-transformers module folder; mergelab does not copy linked "
+                                          "folders - replace it by a copy")
+            dirs.sort()
+            for entry in sorted(files):
+                rel = (Path(root) / entry).relative_to(src).as_posix()
+                asset_file(src, rel)
+                out.append(rel)
+    return out
+
+
+# Tensor names of LoRA factors as PEFT saves them (also DoRA magnitudes).
+_LORA_TENSOR = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def is_peft_adapter(path: str | Path) -> bool:
+    """Whether `path` is a LoRA/PEFT adapter rather than a model: a folder holding adapter_config.json
+    (transformers loads such a folder as an adapter too), or an adapter_model.safetensors/.bin file.
+
+    Looks at file names only; Checkpoint also refuses files whose tensors are
+    LoRA factors (names with lora_A / lora_B).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return (path / "adapter_config.json").is_file()
+    return path.name in _ADAPTER_WEIGHTS
+
+
+def _adapter_error(path: Path, evidence: str) -> CheckpointError:
+    base = None
+    config = path / "adapter_config.json" if path.is_dir() else path.parent / "adapter_config.json"
+    if config.is_file():
+        try:
+            data = read_json_file(config, "adapter config", max_bytes=10**6)
+            base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+        except MergeError:
+            pass
+    base_text = f" (its base model: {shown(base)})" if isinstance(base, str) and base else ""
+    return CheckpointError(
+        f"{path}: is a LoRA/PEFT adapter ({evidence}), not a full model{base_text}; merging adapters as if "
+        "they were models would average their A and B factors separately, which is not the average of "
+        "their updates B@A (a wrong model). Apply it to its base model first (PEFT: "
+        "PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(DIR)) and merge DIR, "
+        "or use a model+lora / adapter merge where mergelab supports one")
 
 
 def _human_bytes(n: int) -> str:
@@ -208,6 +417,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     Every file is opened and checked when the Checkpoint is made, so a damaged
     or incomplete model fails before any merge work; tensors are read only by
     ``ck[name]`` or ``ck.read_rows``, each into a new CPU tensor in its stored dtype.
+    Each file's size, modification time and inode are recorded at opening;
+    reads and check_unchanged() refuse a file that changed since.
 
     Attributes:
         path: the path as given.
@@ -225,27 +436,46 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self._sources: list[_Source] = []
         self._where: dict[str, tuple[tuple[int, ...], torch.dtype, _Source]] = {}
         self._closed = False
-        real = self.path.expanduser()
+        text = str(path)
+        if not text.strip() or "\0" in text:
+            what = "an empty path (an unset variable?)" if not text.strip() else f"{text[:200]!r} (it holds a NUL)"
+            raise CheckpointError(f"{what} is not a checkpoint path; expected {ACCEPTED}")
+        try:
+            self._open(self.path.expanduser())
+        except OSError as exc:  # a name too long, a folder we may not list, an I/O error
+            self.close()
+            raise CheckpointError(f"{text[:300]}: cannot be read ({exc.strerror or exc}"
+                                  f"{f': {str(exc.filename)[:300]}' if exc.filename else ''}); check the path and "
+                                  "its permissions") from None
+
+    # -- opening -----------------------------------------------------------------
+    def _open(self, real: Path) -> None:
         if not real.exists():
-            if _HF_ID.match(str(path)):
+            if real.is_symlink():
+                raise CheckpointError(f"{self.path} is a symbolic link to {os.readlink(real)}, which does not "
+                                      "exist (or a loop of links); point it at the model")
+            if _HF_ID.match(str(self.path)):
                 raise CheckpointError(
-                    f"{path} does not exist here; if it is a Hugging Face model id: only local paths are "
-                    f"supported and nothing is downloaded (fetch it first, e.g. `hf download {path} "
+                    f"{self.path} does not exist here; if it is a Hugging Face model id: only local paths are "
+                    f"supported and nothing is downloaded (fetch it first, e.g. `hf download {self.path} "
                     "--local-dir DIR`, and pass DIR)")
-            raise CheckpointError(f"{path} does not exist; expected {ACCEPTED}")
+            raise CheckpointError(f"{self.path} does not exist; expected {ACCEPTED}")
+        if is_peft_adapter(real):
+            evidence = "it holds adapter_config.json" if real.is_dir() else f"its name is {real.name}"
+            raise _adapter_error(real, evidence)
         if real.is_dir():
             self._open_folder(real)
         else:
             self._add(_open_file(real))
+        lora = next((n for n in self._where if _LORA_TENSOR.search(n)), None)
+        if lora is not None:
+            self.close()
+            raise _adapter_error(real, f"it stores LoRA factors, e.g. tensor {shown(lora)}")
 
-    # -- opening -----------------------------------------------------------------
     def _open_folder(self, folder: Path) -> None:
         self.folder = folder
         if (folder / "config.json").is_file():
-            config = _read_json(folder / "config.json", "config")
-            if not isinstance(config, dict):
-                raise CheckpointError(f"{folder / 'config.json'}: is not a JSON object; fix or re-download it")
-            self.config = config
+            self.config = read_json_file(folder / "config.json", "config", expect=dict)
         # The order transformers uses: safetensors before pickles, one file before an index.
         for name in ("model.safetensors", "model.safetensors.index.json",
                      "pytorch_model.bin", "pytorch_model.bin.index.json"):
@@ -275,14 +505,32 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         missing = [s for s in shard_names if not (index.parent / s).is_file()]
         if missing:
             raise CheckpointError(f"{index}: names shard file(s) missing from {index.parent}: "
-                                  f"{', '.join(missing)}; the download is incomplete, fetch them again")
-        shards = {s: _open_file(index.parent / s) for s in shard_names}
-        self._sources += shards.values()
+                                  f"{', '.join(shown(m) for m in missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                                  "the download is incomplete, fetch them again")
+        outside = next((s for s in shard_names if not _inside(index.parent / s, index.parent)), None)
+        if outside is not None:
+            raise CheckpointError(f"{index}: shard {shown(outside)} leads outside the model folder (to "
+                                  f"{(index.parent / outside).resolve()}); an index may only name files inside "
+                                  "its own folder - copy the shard into the folder if it belongs to this model")
+        shards: dict[str, SafetensorsFile | _TorchFile] = {}
+        try:
+            for s in shard_names:
+                shards[s] = _open_file(index.parent / s)
+        finally:
+            self._sources += shards.values()
         stored = {s: _names_in(src) for s, src in shards.items()}
         absent = [n for n, s in weight_map.items() if n not in stored[s]]
         if absent:
             raise CheckpointError(f"{index}: lists {len(absent)} tensor(s) absent from their shard, first "
-                                  f"{absent[0]} in {weight_map[absent[0]]}; the index does not match the shards")
+                                  f"{shown(absent[0])} in {shown(weight_map[absent[0]])}; the index does not match "
+                                  "the shards")
+        for shard, names in stored.items():
+            twice = next((n for n in names if n in weight_map and weight_map[n] != shard), None)
+            if twice is not None:
+                raise CheckpointError(f"{index}: tensor {shown(twice)} is stored in two shards, "
+                                      f"{shown(weight_map[twice])} (as the index says) and {shown(shard)}; which "
+                                      "copy is right is unknown - "
+                                      "re-download or re-save the model")
         for name, shard in weight_map.items():
             shape, dtype = stored[shard][name]
             self._where[name] = (shape, dtype, shards[shard])
@@ -353,6 +601,12 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         The mapping is private: writing to the view can never change the file
         (mergelab never writes to its inputs anyway). Pickled files that cannot
         be memory-mapped give their loaded tensor.
+
+        The file is checked (one fstat) before the view is made. If it is then
+        truncated while the view is still to be read, touching the lost pages
+        kills the process with SIGBUS, which no Python code can catch; calling
+        check_unchanged() after prefetching and again after using the view
+        narrows that window and catches in-place changes (see SafetensorsFile).
         """
         shape, _, source = self._entry(name)
         self._check_open()
@@ -370,6 +624,20 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """
         self._check_open()
         return self._entry(name)[2].advise(name, advice, rows)
+
+    def check_unchanged(self, names: Iterable[str] | None = None) -> None:
+        """Raise CheckpointError if a file holding one of `names` (default: every file) changed since opening.
+
+        "Changed" means: another size, modification time, inode or device, or
+        the path gone. Call it before touching a job's tensors through view()
+        (a truncated file would kill the process with SIGBUS there; see
+        SafetensorsFile) and after prefetching them. One stat per file.
+        Raises KeyError for a name this checkpoint does not store.
+        """
+        self._check_open()
+        sources = self._sources if names is None else {id(s): s for s in (self._entry(n)[2] for n in names)}.values()
+        for source in sources:
+            source.check_unchanged()
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read the whole tensor `name` into `out` (contiguous, same shape and dtype); returns out."""
@@ -396,8 +664,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def num_layers(self) -> int:
         """Config's num_hidden_layers / n_layer / num_layers, else 1 + the largest block index seen, else 0."""
         value = self._config_value("num_hidden_layers", "n_layer", "num_layers")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if value is not None:
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+            raise CheckpointError(f"{self.folder / 'config.json' if self.folder else self.path}: its layer count "
+                                  f"is {str(value)[:40]!r}, not a non-negative integer; fix config.json")
         seen = [i for i in map(layer_index, self._where) if i is not None]
         return 1 + max(seen) if seen else 0
 
@@ -408,8 +679,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def tied_embeddings(self) -> bool:
         """Whether lm_head shares the input embedding: config's tie_word_embeddings, else inferred."""
         value = self._config_value("tie_word_embeddings")
-        if value is not None:
-            return bool(value)
+        if isinstance(value, bool):
+            return value
+        if value is not None:  # "false" is a true string: guessing would make lm_head wrong either way
+            raise CheckpointError(f"{self.folder / 'config.json' if self.folder else self.path}: "
+                                  f"tie_word_embeddings is {str(value)[:40]!r}, not true or false; fix config.json")
         return "lm_head.weight" not in self._where and self._embedding_name() is not None
 
     def alias_for(self, name: str) -> str | None:

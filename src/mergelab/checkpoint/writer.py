@@ -26,8 +26,10 @@ from typing import Any
 import torch
 
 from mergelab.checkpoint.safetensors_format import DTYPE_CODES, build_header, pwrite_all, tensor_bytes
+from mergelab.checkpoint.reader import asset_file, module_files
 from mergelab.checkpoint.output import MARKER, check_output, partial_path, replace_folder
 from mergelab.errors import CheckpointError, InvalidInput, ShapeMismatch
+from mergelab.jsonfile import read_json_file
 
 __all__ = ["CheckpointWriter", "TensorInfo", "parse_size"]
 
@@ -38,7 +40,6 @@ ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "chat_template.json", "modules.json", "sentence_bert_config.json",
                "config_sentence_transformers.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
-_MODULE_FOLDER = re.compile(r"^\d+_\w+$")  # sentence-transformers modules: 1_Pooling, 2_Normalize, ...
 
 # Byte units, unambiguous: decimal (KB, MB, GB, TB, as transformers counts) and binary (KiB ...).
 _BYTE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -426,18 +427,6 @@ def _copy_file(src: Path, dst: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _module_folders(src: Path) -> list[str]:
-    """Sentence-transformers module folders: from modules.json, plus any 1_Pooling-style folder."""
-    names = {p.name for p in src.iterdir() if p.is_dir() and _MODULE_FOLDER.match(p.name)}
-    if (src / "modules.json").is_file():
-        try:
-            modules = json.loads((src / "modules.json").read_text(encoding="utf-8"))
-            names |= {m["path"] for m in modules if isinstance(m, dict) and m.get("path")}
-        except (ValueError, TypeError, KeyError) as exc:
-            raise CheckpointError(f"{src / 'modules.json'}: cannot be read ({exc}); fix it or remove it") from exc
-    return sorted(n for n in names if (src / n).is_dir() and ".." not in Path(n).parts)
-
-
 def copy_assets(src: Path, dst: Path, config_updates: Mapping[str, Any]) -> list[str]:
     """Copy config, tokenizer and sentence-transformers files from `src` to `dst`.
 
@@ -447,27 +436,18 @@ def copy_assets(src: Path, dst: Path, config_updates: Mapping[str, Any]) -> list
         raise CheckpointError(f"assets folder {src} is not a folder; give the model folder to copy "
                               "config and tokenizer files from")
     for fname in ASSET_FILES:
-        if not (src / fname).is_file():
+        if asset_file(src, fname) is None:  # checked: no link out of src, no pipe
             continue
         if fname == "config.json":
-            try:
-                config = json.loads((src / fname).read_text(encoding="utf-8"))
-            except ValueError as exc:
-                raise CheckpointError(f"{src / fname}: is not valid JSON ({exc}); fix it") from exc
-            if not isinstance(config, dict):
-                raise CheckpointError(f"{src / fname}: is not a JSON object; fix it")
+            config = read_json_file(src / fname, "config", expect=dict, advice="fix it")
             text = json.dumps(_updated_config(config, config_updates), indent=2) + "\n"
             _write_file(dst / fname, text.encode("utf-8"))
         else:
             _copy_file(src / fname, dst / fname)
     skipped = []
-    for folder in _module_folders(src):
-        for path in sorted((src / folder).rglob("*")):
-            if not path.is_file():
-                continue
-            rel = path.relative_to(src)
-            if path.name.lower().endswith(WEIGHT_SUFFIXES):
-                skipped.append(str(rel))
-            else:
-                _copy_file(path, dst / rel)
+    for rel in module_files(src):  # checked: no links out of src, no pipes
+        if rel.lower().endswith(WEIGHT_SUFFIXES):
+            skipped.append(rel)
+        else:
+            _copy_file(src / rel, dst / rel)
     return skipped

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.errors import CheckpointError
-from mergelab.jsonfile import read_json
+from mergelab.jsonfile import read_json_file
 from mergelab.trajectory.discovery import RunCheckpoint
 
 
@@ -27,7 +27,7 @@ def loss_history(run_dir: Path, checkpoints: Sequence[RunCheckpoint]) -> list[tu
                                                      if c.path.is_dir()]
     for f in candidates:
         if f.is_file():
-            return _history_of(read_json(f, "trainer state"), f)
+            return _history_of(read_json_file(f, "trainer state", advice="it should be the file transformers' Trainer wrote; fix or remove it"), f)
     return []
 
 
