@@ -3,16 +3,17 @@
 import pytest
 import torch
 
-from mergelab.methods import PerModel, get_method
+from mergelab.methods import PerModel, get_method, run_method
 
 
 def merge(name, models, base=None, model_params=None, **shared):
-    """Call a registered method the way the engine does; model_params: one dict per model."""
+    """Call a registered method the way the engine does (run_method); model_params: one dict per model."""
     spec = get_method(name)
-    x = torch.stack(list(models))
-    rows = model_params or [{}] * len(x)
+    xs = list(models)
+    rows = model_params or [{}] * len(xs)
     p = PerModel([spec.model_params(**row) for row in rows])
-    return spec.fn(x, base, p, spec.shared_params(**shared), None)
+    cdtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    return run_method(spec, xs, base, p, spec.shared_params(**shared), None, out_dtype=cdtype, compute_dtype=cdtype)
 
 
 def mergekit(name, tensors, base_index=None, **params):

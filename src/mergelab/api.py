@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from mergelab.errors import CheckpointError, MergeError, RecipeError, ShapeMismatch
-from mergelab.methods import REGISTRY, MethodSpec, PerModel, get_method, spellings
+from mergelab.methods import REGISTRY, MethodSpec, PerModel, get_method, run_method, spellings
 
 
 def methods() -> dict[str, dict[str, Any]]:
@@ -92,17 +92,15 @@ def merge_tensors(method: str, tensors: Sequence[torch.Tensor], *, base: torch.T
         raise MergeError(f"{method} merges {bound} models (besides the base), got {n}")
     model_params, shared = _split_params(spec, n, params)
     cdtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-    x = torch.stack([t.to(cdtype) for t in tensors])
-    b = base.to(cdtype) if base is not None else None
     kwargs = {}
     if spec.needs_stats:
         # None lets the method fall back where its paper does (RegMean averages tensors without a Gram).
         kwargs["stats"] = None if stats is None else torch.stack([s.to(cdtype) for s in stats])
         if base_stats is not None:
             kwargs["base_stats"] = base_stats.to(cdtype)
-    gen = make_generator(seed, name, x.device) if spec.randomized else None
-    out = spec.fn(x, b, PerModel(model_params), shared, gen, **kwargs)
-    return out.to(tensors[0].dtype)
+    gen = make_generator(seed, name, tensors[0].device) if spec.randomized else None
+    return run_method(spec, list(tensors), base, PerModel(model_params), shared, gen, out_dtype=tensors[0].dtype,
+                      compute_dtype=cdtype, **kwargs)
 
 
 def _as_state_dict(m: Any) -> Mapping[str, torch.Tensor]:

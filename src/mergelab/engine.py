@@ -24,7 +24,7 @@ import torch
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
 from mergelab.errors import InvalidInput, NonFiniteError
-from mergelab.methods import PerModel
+from mergelab.methods import PerModel, run_method
 from mergelab.plan import Job, Plan, TensorRef
 from mergelab.progress import ByteProgress
 
@@ -101,7 +101,7 @@ class _Reader:
     """Gives the tensors of a row range of a job (None = the whole tensor) as memory-map views.
 
     Inputs are never copied into buffers of our own: the merge reads the page
-    cache directly (the float32 conversion of non-native methods reads from it
+    cache directly (the float32 conversion of the reference methods reads from it
     too). prefetch() maps the next job's pages in from a background thread;
     release() unmaps a finished job's pages, so resident memory stays at about
     two jobs' inputs whatever the model size.
@@ -176,37 +176,17 @@ def _work_items(plan: Plan) -> Iterator[tuple[Job, tuple[int, int] | None]]:
             yield job, (start, min(job.shape[0], start + step))
 
 
-def _method_inputs(job: Job, inputs: _Inputs, cdtype: torch.dtype, device: torch.device,
-                   native: bool) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]:
-    """(x, base) for the method.
-
-    native: x is the list of the N models' tensors as stored (on `device`) and
-    base as stored, when they share a dtype in NATIVE_DTYPES and need no
-    vocabulary resize. Otherwise x is one (N, *shape) tensor and base one
-    (*shape) tensor in cdtype, converted straight from the inputs' pages.
-    """
+def _method_inputs(job: Job, inputs: _Inputs, device: torch.device
+                   ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(rows, base): the models' tensors and the base's, as stored, on `device`, vocabularies fitted."""
     tensors = inputs.tensors
-    rows = [tensors[r] for r in job.rows]
-    dtypes = {t.dtype for t in rows} | ({tensors[job.base].dtype} if job.base is not None else set())
-    if native and job.vocab_rows is None and len(dtypes) == 1 and rows[0].dtype in NATIVE_DTYPES:
-        x = [t.to(device) for t in rows]
-        return x, tensors[job.base].to(device) if job.base is not None else None
     fill = tensors.get(job.vocab_fill) if job.vocab_fill is not None else None
 
     def fit(t: torch.Tensor) -> torch.Tensor:
-        return _fit_vocab(t, fill, job.vocab_rows) if job.vocab_rows is not None else t
+        t = _fit_vocab(t, fill, job.vocab_rows) if job.vocab_rows is not None else t
+        return t.to(device)
 
-    shape = (job.vocab_rows, *rows[0].shape[1:]) if job.vocab_rows is not None else tuple(rows[0].shape)
-    # One pass per input: dtype conversion straight into the stacked buffer, no separate stack copy.
-    x = torch.empty((len(rows), *shape), dtype=cdtype, device=device)
-    for i, t in enumerate(rows):
-        x[i].copy_(fit(t))
-    base = fit(tensors[job.base]).to(device=device, dtype=cdtype) if job.base is not None else None
-    return x, base
-
-
-# Storage dtypes that methods marked `native_dtype` take as they are (they compute in float32 inside).
-NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+    return [fit(tensors[r]) for r in job.rows], fit(tensors[job.base]) if job.base is not None else None
 
 
 def nonfinite_inputs(plan: Plan, inputs: _Inputs) -> list[str]:
@@ -230,23 +210,15 @@ def _nonfinite(t: torch.Tensor) -> bool:
 
 def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
             seed: int | None, chunk: tuple[int, int] | None) -> torch.Tensor:
-    """Run the method of `job` on its inputs; returns the output on CPU in the output dtype.
-
-    Methods get float32 inputs (the recipe's compute dtype) stacked in one tensor,
-    except those marked `native_dtype`, which get the list of inputs as stored
-    (bfloat16/float16/float32) when the compute dtype is float32 and do their
-    float32 arithmetic inside.
-    """
+    """Run the method of `job` on its inputs (through run_method); the output on CPU in the output dtype."""
     if job.copy:
         return inputs.tensors[job.rows[0]].to(job.dtype)
     spec = plan.recipe.method
     cdtype = plan.recipe.compute_dtype
-    x, base = _method_inputs(job, inputs, cdtype, device, spec.native_dtype and cdtype == torch.float32)
-    kwargs = {}
-    if spec.native_dtype:
-        kwargs["out_dtype"] = job.dtype  # the method rounds to the output dtype itself (one pass less)
+    rows, base = _method_inputs(job, inputs, device)
+    stats = {}
     if spec.needs_stats:
-        kwargs["stats"] = None if job.stats is None else torch.stack(
+        stats["stats"] = None if job.stats is None else torch.stack(
             [inputs.tensors[r].to(device=device, dtype=cdtype) for r in job.stats])
     inputs.tensors.clear()
     gen = None
@@ -255,13 +227,14 @@ def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
         gen = make_generator(seed, key, device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = spec.fn(x, base, PerModel(job.model_params), job.shared, gen, **kwargs)
+        out = run_method(spec, rows, base, PerModel(job.model_params), job.shared, gen, out_dtype=job.dtype,
+                         compute_dtype=cdtype, **stats)
     for w in caught:  # e.g. metric entries floored: kept in the report, not just printed
         note = f"{spec.name}: {w.message}"
         if note not in job.warnings:
             job.warnings.append(note)
-    del x, base, kwargs
-    return out.to(dtype=job.dtype).cpu()
+    del rows, base, stats
+    return out.cpu()
 
 
 def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,

@@ -106,8 +106,8 @@ class MethodSpec:
     elementwise: bool
     needs_stats: bool
     doc: str
-    native_dtype: bool = False
     divides_by_weight_sum: bool = False
+    kernel: Any = None  # a methods.kernels.Kernel, or None
 
     @property
     def needs_base(self) -> bool:
@@ -157,8 +157,8 @@ def merge_method(
     randomized: bool = False,
     elementwise: bool = False,
     needs_stats: bool = False,
-    native_dtype: bool = False,
     divides_by_weight_sum: bool = False,
+    kernel: Any = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``.
 
@@ -175,11 +175,9 @@ def merge_method(
         needs_stats: takes per-model statistics tensors.
         divides_by_weight_sum: with the shared `normalize` set, divides by sum_i weight_i;
             the planner refuses weights summing to zero before any tensor is read.
-        native_dtype: takes x as a list of the inputs as stored (bfloat16,
-            float16 or float32) and base as stored, computes in float32 inside
-            and returns in the `out_dtype` keyword's dtype, which saves the
-            engine a float32 copy of every input and a conversion pass (the
-            engine passes stacked float32 otherwise).
+        kernel: a compiled accelerator (methods.kernels.Kernel) giving the same
+            numbers from the inputs as stored; `run_method` picks it where its
+            `supports` predicate accepts the inputs.
     """
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -196,13 +194,46 @@ def merge_method(
             randomized=randomized,
             elementwise=elementwise,
             needs_stats=needs_stats,
-            native_dtype=native_dtype,
+            kernel=kernel,
             divides_by_weight_sum=divides_by_weight_sum,
             doc=(fn.__doc__ or "").strip(),
         )
         return fn
 
     return register
+
+
+def run_method(spec: MethodSpec, xs: Sequence[torch.Tensor], base: torch.Tensor | None, p: PerModel,
+               s: MethodParams, gen: torch.Generator | None = None, *, out_dtype: torch.dtype | None = None,
+               compute_dtype: torch.dtype = torch.float32, **stats: Any) -> torch.Tensor:
+    """Run a method the one way the engine, the Python API and the tests all do.
+
+    Args:
+        xs: one tensor per model (rows of x), as stored, all of one shape.
+        base: the base model's tensor as stored, or None.
+        p, s, gen: per-model parameters, shared parameters, seeded generator.
+        out_dtype: dtype of the result (default: the first input's).
+        compute_dtype: what the reference computes in (float32, or float64 for float64 inputs).
+        **stats: `stats` / `base_stats` tensors for methods that need statistics.
+
+    The method's kernel runs when kernels are on (methods.kernels), the compute
+    dtype is float32, no statistics are involved, and its `supports` accepts the
+    inputs; otherwise the inputs are stacked into one (N, *shape) tensor of
+    compute_dtype (one conversion pass, straight from the stored bytes) and the
+    readable reference runs.
+    """
+    from mergelab.methods.kernels import kernels_enabled
+
+    out_dtype = out_dtype or xs[0].dtype
+    if (spec.kernel is not None and kernels_enabled() and compute_dtype == torch.float32 and not stats
+            and spec.kernel.supports(xs, base, p, s)):
+        return spec.kernel.run(xs, base, p, s, gen, out_dtype)
+    x = torch.empty((len(xs), *xs[0].shape), dtype=compute_dtype, device=xs[0].device)
+    for row, t in zip(x, xs):
+        row.copy_(t)
+    b = base.to(compute_dtype) if base is not None else None
+    stacked = {k: v.to(compute_dtype) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
+    return spec.fn(x, b, p, s, gen, **stacked).to(out_dtype)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -6,30 +6,18 @@ parameters and defaults.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from mergelab.errors import MergeError
 from mergelab.methods import MethodParams, PerModel, merge_method
+from mergelab.methods.kernels import lazy_kernel
 
 
 def _bcast(w: Tensor, x: Tensor) -> Tensor:
     """(N,) weights -> (N, 1, ..., 1) to broadcast against x (N, *shape)."""
     return w.view(-1, *([1] * (x.dim() - 1)))
-
-
-def _cpu_kernel(x):
-    """The compiled weighted-sum module for CPU inputs (bfloat16 or float32), or None (torch path)."""
-    if os.environ.get("MERGELAB_NO_KERNELS"):
-        return None
-    try:
-        from mergelab.methods import linear_kernel
-    except ImportError:  # numba missing or broken: the torch path gives the same numbers to rounding
-        return None
-    return linear_kernel if linear_kernel.available(list(x)) else None
 
 
 class LinearModel(MethodParams):
@@ -40,10 +28,21 @@ class LinearShared(MethodParams):
     normalize: bool = Field(True, description="divide by the sum of the weights")
 
 
+def linear_weights(p: PerModel[LinearModel], s: LinearShared) -> list[float]:
+    """The coefficients w_i (divided by sum_i w_i when normalize); shared by the reference and its kernel."""
+    w = [float(q.weight) for q in p]
+    if s.normalize:
+        total = sum(w)
+        if abs(total) < 1e-8:
+            raise MergeError("linear: the weights sum to zero, so they cannot be normalised; "
+                             "change the weights or set `normalize: false`")
+        w = [v / total for v in w]
+    return w
+
+
 @merge_method("linear", model_params=LinearModel, shared_params=LinearShared, elementwise=True,
-              native_dtype=True, divides_by_weight_sum=True)
-def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearShared, gen=None,
-           out_dtype: torch.dtype | None = None) -> Tensor:
+              divides_by_weight_sum=True, kernel=lazy_kernel("linear"))
+def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearShared, gen=None) -> Tensor:
     """Weighted average of the models ("model soups").
 
     theta = sum_i w_i theta_i / sum_i w_i   (normalize: true, the default)
@@ -56,29 +55,12 @@ def linear(x: Tensor, base: Tensor | None, p: PerModel[LinearModel], s: LinearSh
         normalize: divide by sum_i w_i. Weights summing to zero cannot be
             normalised: an error, where MergeKit would divide by zero.
 
-    x: (N, *shape), or a list of N tensors, float32 or half precision as stored;
-    returns (*shape) in float32 (float64 for float64 inputs), or in out_dtype.
+    x: (N, *shape) float32 (float64 stays float64); returns (*shape). On the CPU
+    a compiled kernel (methods/kernels/linear.py) computes the same sum from
+    bfloat16 or float32 inputs as stored, in one pass.
     """
-    first = x[0]
-    w = p.tensor("weight", torch.empty(0, device=first.device, dtype=torch.promote_types(first.dtype, torch.float32)))
-    if s.normalize:
-        total = float(w.sum())
-        if abs(total) < 1e-8:
-            raise MergeError("linear: the weights sum to zero, so they cannot be normalised; "
-                             "change the weights or set `normalize: false`")
-        w = w / total
-    kernel = _cpu_kernel(x)
-    if kernel is not None:  # one compiled pass: read each input once, write the output once
-        return kernel.weighted_sum(list(x), w.tolist(), out_dtype)
-    if isinstance(x, Tensor) and x.dtype == w.dtype:  # one pass: (N,) . (N, M) as a matrix-vector product
-        out = torch.tensordot(w, x, dims=1)
-        return out if out_dtype is None else out.to(out_dtype)
-    # Rows as stored (a list from the engine, or half precision): accumulate in float32 one
-    # row at a time, reading each row once, with no float32 copy of the inputs.
-    out = first.to(w.dtype, copy=True).mul_(w[0])
-    for wi, row in zip(w[1:].tolist(), x[1:]):
-        out.add_(row, alpha=wi)
-    return out if out_dtype is None else out.to(out_dtype)
+    w = torch.tensor(linear_weights(p, s), dtype=x.dtype, device=x.device)
+    return torch.tensordot(w, x, dims=1)  # (N,) . (N, M): one pass over the inputs
 
 
 class PassthroughModel(MethodParams):

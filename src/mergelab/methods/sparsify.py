@@ -19,8 +19,7 @@ and defaults follow MergeKit 0.1.5; docs/methods.md lists where we differ and wh
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 
 import torch
@@ -29,6 +28,7 @@ from torch import Generator, Tensor
 
 from mergelab.errors import MergeError
 from mergelab.methods import MethodParams, PerModel, merge_method
+from mergelab.methods.kernels import lazy_kernel
 from mergelab.methods.task_arithmetic import (
     DareShared,
     DellaShared,
@@ -220,59 +220,6 @@ def disjoint_mean(weighted: Tensor, sign: Tensor, weights: Tensor, *, normalize:
     return total
 
 
-def _ties_blockwise(x: Tensor, base: Tensor, p: PerModel, weights: Tensor, *, normalize: bool,
-                    lam: float) -> Tensor:
-    """TIES' trim, elect and disjoint mean with the same numbers as the whole-tensor primitives.
-
-    Pass 1 finds each model's magnitude threshold on its whole task vector
-    (kth_largest) and how many entries tied at it are kept (the lowest flat
-    indices, as top_k_mask does). Pass 2 walks cache-sized blocks: trims with
-    those thresholds, weights, elects the sign and averages the agreeing
-    entries, so every elementwise step runs on data that is already in cache.
-    """
-    n = x.shape[0]
-    flat_x = x.reshape(n, -1)
-    flat_b = base.reshape(-1)
-    numel = flat_b.numel()
-    thresholds: list[float | None] = []
-    quotas: list[int] = []
-    # The output buffer doubles as the magnitude scratch of pass 1: one full-size buffer, not two.
-    out = torch.empty(numel, dtype=x.dtype, device=x.device)
-    for i in range(n):
-        density = p[i].density
-        if density >= 1:
-            thresholds.append(None)
-            quotas.append(0)
-            continue
-        k = keep_count(density, numel)
-        mag = torch.sub(flat_x[i], flat_b, out=out).abs_()  # (numel,) |tau_i|
-        thr, greater = kth_largest_and_count(mag, k)
-        thresholds.append(float(thr))
-        quotas.append(k - greater)  # entries equal to thr that are kept, lowest index first
-        del mag
-    w_list = weights.tolist()
-    used = [0] * n
-    for start in range(0, numel, _CHUNK):
-        stop = min(numel, start + _CHUNK)
-        d = flat_x[:, start:stop] - flat_b[start:stop]  # (N, block)
-        for i in range(n):
-            thr = thresholds[i]
-            if thr is not None:
-                mag = d[i].abs()
-                keep = mag > thr
-                tied = mag == thr
-                if quotas[i] > used[i] and bool(tied.any()):
-                    rank = torch.cumsum(tied, 0) + used[i]  # running count of tied entries
-                    keep |= tied & (rank <= quotas[i])
-                    used[i] = min(quotas[i], int(rank[-1]))
-                d[i].mul_(keep)
-            d[i].mul_(w_list[i])
-        merged = disjoint_mean(d, elect_sign(d), weights, normalize=normalize)
-        # base + lambda * merged, written straight into the output: no second full-size buffer.
-        torch.add(flat_b[start:stop], merged, alpha=lam, out=out[start:stop])
-    return out.reshape(base.shape)
-
-
 _CHUNK = 1 << 18  # elements per block: the N rows of a block stay in cache through every step
 
 
@@ -365,56 +312,16 @@ def _thinned(x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticShared, keep
         yield delta
 
 
-def as_float32(t: Tensor | Sequence[Tensor]) -> Tensor:
-    """t in float32 when stored in half precision; a list of N tensors stacked to (N, *shape).
-
-    native_dtype methods get their inputs as stored, as a list, from the engine.
-    """
-    if isinstance(t, Tensor):
-        return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
-    dtype = torch.promote_types(t[0].dtype, torch.float32)
-    out = torch.empty((len(t), *t[0].shape), dtype=dtype, device=t[0].device)
-    for row, src in zip(out, t):
-        row.copy_(src)
-    return out
-
-
-def _cpu_ties_kernel(x: Tensor, base: Tensor):
-    """The compiled CPU kernel module when it applies to these inputs and numba is installed, else None."""
-    if base.device.type != "cpu" or os.environ.get("MERGELAB_NO_KERNELS"):
-        return None
-    try:
-        from mergelab.methods import ties_kernel
-    except ImportError:  # numba missing or broken on this platform: the torch path is exact too
-        return None
-    return ties_kernel if ties_kernel.available(x, base) else None
-
-
 def _merge(name: str, x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticShared, gen,
-           keep: KeepFn, *, ties: bool, randomized: bool = False, out_dtype: torch.dtype | None = None) -> Tensor:
-    """The generalised task-arithmetic pipeline: thin, weight, (elect and) combine, add to base."""
-    merged = _merge_float(name, x, base, p, s, gen, keep, ties=ties, randomized=randomized, out_dtype=out_dtype)
-    return merged if out_dtype is None else merged.to(out_dtype)
-
-
-def _merge_float(name: str, x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticShared, gen,
-                 keep: KeepFn, *, ties: bool, randomized: bool, out_dtype: torch.dtype | None) -> Tensor:
+           keep: KeepFn, *, ties: bool, randomized: bool = False) -> Tensor:
+    """The generalised task-arithmetic pipeline on float32: thin, weight, (elect and) combine, add to base."""
     check_inputs(name, x, base, p)
     if randomized and gen is None:
         raise MergeError(f"{name} is randomised and needs a torch.Generator; the engine seeds one per tensor")
-    if ties and keep is _magnitude and not s.rescale:
-        kernel = _cpu_ties_kernel(x, base)
-        if kernel is not None:
-            keeps = [None if q.density >= 1 else keep_count(q.density, base.numel()) for q in p]
-            return kernel.ties_merge(x, base, keeps, p.values("weight"), normalize=s.normalize, lam=s.lambda_,
-                                     out_dtype=out_dtype or torch.float32)
-    x, base = as_float32(x), as_float32(base)
     weights = p.tensor("weight", like=x)  # (N,)
     if not ties:
         merged = weighted_sum(_thinned(x, base, p, s, keep, gen), weights, normalize=s.normalize)
         return add_to_base(base, merged, s.lambda_)
-    if keep is _magnitude and not s.rescale:
-        return _ties_blockwise(x, base, p, weights, normalize=s.normalize, lam=s.lambda_)
     deltas = torch.empty_like(x)  # (N, *shape): the sign election needs every task vector at once
     for w, delta in zip(weights.tolist(), _thinned(x, base, p, s, keep, gen, out=deltas)):
         delta.mul_(w)
@@ -459,10 +366,9 @@ _DELLA = "; epsilon (0.15) with 0 < density - epsilon and density + epsilon < 1"
 
 
 @merge_method("ties", model_params=TaskVectorParams, shared_params=TiesShared, base="required",
-              native_dtype=True)
+              kernel=lazy_kernel("ties"))
 @_documented(normalize=True, rescale=False)
-def ties(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: TiesShared, gen=None,
-         out_dtype: torch.dtype | None = None) -> Tensor:
+def ties(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: TiesShared, gen=None) -> Tensor:
     """TIES-Merging: trim, elect sign, disjoint mean.
 
     tau_i = keep_top_magnitude(theta_i - theta_base, density_i), d_i = w_i tau_i,
@@ -471,11 +377,12 @@ def ties(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: TiesShared, 
     Yadav, Tam, Choshen, Raffel, Bansal, 2023, "TIES-Merging: Resolving Interference
     When Merging Models", arXiv:2306.01708.
 
-    x may be a list of N tensors as stored (bfloat16 / float16 / float32); the
-    result is float32 unless out_dtype asks for another (the CPU kernel then
-    rounds in the same pass).
+    Ties at a model's magnitude threshold are kept lowest flat index first, so
+    that exactly round(density * numel) entries survive. On the CPU a compiled
+    kernel (methods/kernels/ties.py) gives the same numbers from bfloat16 or
+    float32 inputs as stored, in two streaming passes.
     """
-    return _merge("ties", x, base, p, s, gen, _magnitude, ties=True, out_dtype=out_dtype)
+    return _merge("ties", x, base, p, s, gen, _magnitude, ties=True)
 
 
 @merge_method("dare_ties", model_params=TaskVectorParams, shared_params=DareShared, base="required",

@@ -32,7 +32,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from mergelab.methods.kernel_io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, usable
 
 __all__ = ["available", "ties_merge"]
 
@@ -237,3 +237,17 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
         floors = np.where(lo < cutoffs, thresholds, above).astype(np.float32)
         combine(xs, b, lo, hi, floors, keep_all, w, bool(normalize), np.float32(lam), as_array(out))
     return out.reshape(base.shape).to(out_dtype)
+
+
+def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
+    """TIES by magnitude on CPU inputs all bfloat16 or all float32 (not the rescaled variant)."""
+    return base is not None and len(xs) > 0 and not getattr(s, "rescale", False) and available(xs, base)
+
+
+def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -> Tensor:
+    """ties (methods/sparsify.py) on the inputs as stored, rounded to out_dtype in the combining pass."""
+    from mergelab.methods.sparsify import keep_count
+
+    keeps = [None if q.density >= 1 else keep_count(q.density, base.numel()) for q in p]
+    return ties_merge(list(xs), base, keeps, [float(q.weight) for q in p], normalize=s.normalize,
+                      lam=s.lambda_, out_dtype=out_dtype)

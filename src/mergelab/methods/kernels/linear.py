@@ -15,9 +15,9 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from mergelab.methods.kernel_io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, usable
 
-__all__ = ["available", "weighted_sum"]
+__all__ = ["available", "weighted_sum", "supports", "run"]
 
 _BLOCK = 1 << 16
 
@@ -56,3 +56,15 @@ def weighted_sum(x: Sequence[Tensor], weights: Sequence[float], out_dtype: torch
         w = np.asarray(weights, dtype=np.float32)
         (_weighted_sum_pair if len(rows) == 2 else _weighted_sum)(rows, w, as_array(out))
     return out if out_dtype is None or out_dtype == store_dtype else out.to(out_dtype)
+
+
+def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
+    """The linear method's kernel applies to CPU rows all bfloat16 or all float32."""
+    return available(xs)
+
+
+def run(xs: Sequence[Tensor], base: Tensor | None, p, s, gen, out_dtype: torch.dtype) -> Tensor:
+    """linear (methods/linear.py) on the rows as stored, rounded to out_dtype in the same pass."""
+    from mergelab.methods.linear import linear_weights
+
+    return weighted_sum(list(xs), linear_weights(p, s), out_dtype)

@@ -1,0 +1,89 @@
+"""Compiled accelerators registered beside their methods.
+
+A method is the readable reference: a pure function on stacked float32
+tensors. A kernel (numba, CPU) computes the same numbers from the inputs as
+stored (bfloat16 or float32, one tensor per model) and writes the output dtype
+in the same pass, saving the float32 copies. `methods.run_method` chooses: the
+kernel when kernels are on and its `supports` predicate accepts the inputs,
+else the reference.
+
+One switch turns every kernel off (`kernels_disabled()`, for tests that
+compare the two; or MERGELAB_NO_KERNELS=1 in the environment, read here once
+when mergelab is imported, nowhere else).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Kernel", "kernels_enabled", "kernels_disabled", "set_kernels_enabled", "lazy_kernel"]
+
+_ENABLED = not os.environ.get("MERGELAB_NO_KERNELS")
+
+
+def kernels_enabled() -> bool:
+    return _ENABLED
+
+
+def set_kernels_enabled(enabled: bool) -> None:
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+@contextlib.contextmanager
+def kernels_disabled() -> Iterator[None]:
+    """Run the readable reference of every method inside the block."""
+    before = kernels_enabled()
+    set_kernels_enabled(False)
+    try:
+        yield
+    finally:
+        set_kernels_enabled(before)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A method's accelerator.
+
+    run(xs, base, p, s, gen, out_dtype) -> Tensor: xs one tensor per model as stored,
+        base as stored (or None); returns the merged tensor in out_dtype.
+    supports(xs, base, p, s) -> bool: whether run applies to these inputs and parameters.
+    """
+
+    run: Callable[..., Tensor]
+    supports: Callable[..., bool]
+
+
+def lazy_kernel(module: str) -> Kernel:
+    """The kernel of `mergelab.methods.kernels.<module>` (its `run` and `supports`), imported on first use.
+
+    numba is imported only when a kernel is first asked about; where it cannot
+    be imported, `supports` answers False and the reference runs.
+    """
+    cache: dict[str, Any] = {}
+
+    def load() -> Any:
+        if "module" not in cache:
+            try:
+                cache["module"] = importlib.import_module(f"mergelab.methods.kernels.{module}")
+            except ImportError:  # numba missing or broken on this platform: the reference gives the numbers
+                cache["module"] = None
+        return cache["module"]
+
+    def supports(xs: Sequence[Tensor], base: Tensor | None, p: Any, s: Any) -> bool:
+        mod = load()
+        return mod is not None and bool(mod.supports(xs, base, p, s))
+
+    def run(xs: Sequence[Tensor], base: Tensor | None, p: Any, s: Any, gen: torch.Generator | None,
+            out_dtype: torch.dtype) -> Tensor:
+        return load().run(xs, base, p, s, gen, out_dtype)
+
+    return Kernel(run=run, supports=supports)

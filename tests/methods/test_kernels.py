@@ -1,0 +1,173 @@
+"""Every compiled kernel against its method's readable reference, through the one chooser (run_method).
+
+Kernels (methods/kernels/) read the inputs as stored and must give the reference's numbers: checked on
+N = 2, 3 and 5 models, float32 and bfloat16 (float16 falls back to the reference), masses of tied values,
+plus hand-worked cases for N = 2 and N = 3 that need neither implementation.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from mergelab.methods import PerModel, get_method, run_method
+from mergelab.methods.kernels import kernels_disabled
+from mergelab.methods.linear import LinearModel, LinearShared
+from mergelab.methods.sparsify import TaskVectorParams, TiesShared
+
+tk = pytest.importorskip("mergelab.methods.kernels.ties")
+lk = pytest.importorskip("mergelab.methods.kernels.linear")
+
+
+def _quantised(shape, levels, gen):
+    """Values on a coarse grid: task vectors full of ties, as differences of bfloat16 weights are."""
+    return torch.randint(-levels, levels + 1, shape, generator=gen).float() / 8
+
+
+def both(name, xs, base, params, shared, out_dtype):
+    """(kernel result, reference result) of method `name` through run_method."""
+    spec = get_method(name)
+    p = PerModel(params)
+    assert spec.kernel.supports(xs, base, p, shared)
+    fast = run_method(spec, xs, base, p, shared, out_dtype=out_dtype)
+    with kernels_disabled():
+        slow = run_method(spec, xs, base, p, shared, out_dtype=out_dtype)
+    return fast, slow
+
+
+def close_in_dtype(fast, slow, dtype):
+    assert fast.dtype == slow.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    else:  # rounding of float32 results that differ in the last bit may land one bf16 step apart
+        diff = (fast.view(torch.int16).int() - slow.view(torch.int16).int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_ties_kernel_equals_reference(n_models, dtype, tied):
+    g = torch.Generator().manual_seed(n_models + 10 * tied)
+    shape = (131, 1031)  # several kernel blocks, so tie cut-offs fall inside a block
+    if tied:
+        base = _quantised(shape, 3, g)
+        xs = [(base + _quantised(shape, 2, g)).to(dtype) for _ in range(n_models)]
+    else:
+        base = torch.randn(shape, generator=g)
+        xs = [(base + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n_models)]
+    base = base.to(dtype)
+    params = [TaskVectorParams(weight=0.3 + 0.2 * i, density=min(1.0, 0.2 + 0.2 * i)) for i in range(n_models)]
+    for shared in (TiesShared(), TiesShared(normalize=False, **{"lambda": 0.7})):
+        for out_dtype in (torch.float32, dtype):
+            close_in_dtype(*both("ties", xs, base, params, shared, out_dtype), out_dtype)
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_kernel_equals_reference_and_float64(n_models, dtype):
+    g = torch.Generator().manual_seed(n_models)
+    xs = [torch.randn(257, 129, generator=g).to(dtype) for _ in range(n_models)]
+    weights = [0.3, 0.5, 0.2, -0.4, 1.1][:n_models]
+    params = [LinearModel(weight=w) for w in weights]
+    for shared in (LinearShared(), LinearShared(normalize=False)):
+        fast, slow = both("linear", xs, None, params, shared, torch.float32)
+        total = sum(weights) if shared.normalize else 1.0
+        want = sum(w / total * x.double() for w, x in zip(weights, xs))
+        torch.testing.assert_close(fast.double(), want, rtol=1e-5, atol=1e-5)
+        close_in_dtype(fast, slow, torch.float32)
+        close_in_dtype(*both("linear", xs, None, params, shared, torch.bfloat16), torch.bfloat16)
+
+
+def test_float16_and_float64_run_the_reference():
+    spec = get_method("ties")
+    half = [torch.zeros(8, dtype=torch.float16)] * 2
+    p = PerModel([TaskVectorParams(weight=1.0)] * 2)
+    assert not spec.kernel.supports(half, half[0], p, TiesShared())
+    assert not spec.kernel.supports([torch.zeros(8)] * 2, torch.zeros(8, dtype=torch.float64), p, TiesShared())
+    assert not get_method("linear").kernel.supports([torch.zeros(8, dtype=torch.float16)], None, p, LinearShared())
+    out = run_method(spec, half, half[0], p, TiesShared())
+    assert out.dtype == torch.float16
+
+
+def test_hand_worked_ties_two_models_with_tied_magnitudes():
+    # task vectors: a = [1, -1, 1, 1], b = [-2, 0, 0, 1]; density 0.5 keeps two of each.
+    # a: all |1| tie, so the two lowest indices stay: [1, -1, 0, 0]; b: [-2, 0, 0, 1].
+    # weights 1: sums [-1, -1, 0, 1] -> signs [-, -, +, +]; agreeing: [-2], [-1], [], [1].
+    base = torch.zeros(4)
+    xs = [torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.tensor([-2.0, 0.0, 0.0, 1.0])]
+    params = [TaskVectorParams(weight=1.0, density=0.5)] * 2
+    for got in both("ties", xs, base, params, TiesShared(), torch.float32):
+        assert got.tolist() == [-2.0, -1.0, 0.0, 1.0]
+
+
+def test_hand_worked_ties_three_models():
+    # base [1, 1, 1, 1, 1, 1]; task vectors
+    #   a = [ 4, -1,  2,  0.5, -3, 1]   density 0.5 -> keep |4|, |-3|, |2|:  [4, 0, 2, 0, -3, 0]
+    #   b = [-2,  3, -1,  0.5,  1, 1]   density 1/3 -> keep |3|, |-2|:       [-2, 3, 0, 0, 0, 0]
+    #   c = [ 1,  1,  1, -1,   -1, 1]   density 1   -> all kept
+    # weights 0.5, 1, 2: weighted rows a' = [2, 0, 1, 0, -1.5, 0], b' = [-2, 3, 0, 0, 0, 0], c' = [2, 2, 2, -2, -2, 2]
+    # sums [2, 5, 3, -2, -3.5, 2] -> signs [+, +, +, -, -, +]
+    # agreeing entries and their weights (normalize):
+    #   0: a'=2 (0.5), c'=2 (2)   -> 4 / 2.5 = 1.6
+    #   1: b'=3 (1),   c'=2 (2)   -> 5 / 3
+    #   2: a'=1 (0.5), c'=2 (2)   -> 3 / 2.5 = 1.2
+    #   3: c'=-2 (2)              -> -1
+    #   4: a'=-1.5 (0.5), c'=-2 (2) -> -3.5 / 2.5 = -1.4
+    #   5: c'=2 (2)               -> 1
+    base = torch.ones(6)
+    tau = [torch.tensor([4, -1, 2, 0.5, -3, 1]), torch.tensor([-2, 3, -1, 0.5, 1, 1]),
+           torch.tensor([1.0, 1, 1, -1, -1, 1])]
+    xs = [base + t for t in tau]
+    params = [TaskVectorParams(weight=0.5, density=0.5), TaskVectorParams(weight=1.0, density=1 / 3),
+              TaskVectorParams(weight=2.0, density=1.0)]
+    want = base + torch.tensor([1.6, 5 / 3, 1.2, -1.0, -1.4, 1.0])
+    for got in both("ties", xs, base, params, TiesShared(), torch.float32):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_threshold_is_the_exact_kth_largest_and_the_cutoff_keeps_exactly_k():
+    g = torch.Generator().manual_seed(2)
+    for values in (torch.randn(200_000, generator=g), _quantised((200_000,), 40, g)):
+        base = torch.zeros_like(values)
+        mags = values.abs()
+        n = mags.numel()
+        for k in (1, 999, n // 2, n - 1):
+            (thr,), (cut,) = tk._thresholds((values.numpy(),), base.numpy(), [k])
+            want = mags.kthvalue(n - k + 1).values
+            assert thr == want.item()
+            assert int((mags > want).sum()) + int((mags[:cut] == want).sum()) == k
+            assert cut == n or mags[cut] == want  # the cut-off sits on a tied entry
+
+
+def test_bfloat16_rounding_matches_torch_at_every_halfway_case():
+    # every float32 bit pattern around bfloat16 halfway points (ties to even), plus
+    # signed zeros, infinities and values that round up into the next exponent
+    hi = torch.arange(0, 1 << 16, 97, dtype=torch.int64) << 16
+    lows = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)
+    bits = (hi[:, None] | lows[None, :]).reshape(-1).to(torch.int32)
+    values = bits.view(torch.float32)
+    values = values[~torch.isnan(values)]  # NaN payloads differ between torch's own code paths
+    values = torch.cat([values, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.3895314e38])])
+    base = torch.zeros_like(values)
+
+    def merged(dtype):
+        return tk.ties_merge([values], base, [None], [1.0], normalize=False, lam=1.0, out_dtype=dtype)
+
+    full = merged(torch.float32)
+    assert torch.equal(full[values != 0], values[values != 0])  # one model, weight 1: itself (-0.0 -> 0.0)
+    assert torch.equal(merged(torch.bfloat16).view(torch.int16), full.to(torch.bfloat16).view(torch.int16))
+
+
+def test_kernel_io_and_empty_tensors():
+    assert np.asarray(tk.as_array(torch.zeros(3, dtype=torch.bfloat16))).dtype == np.uint16
+    assert lk.weighted_sum([torch.zeros(0, 3)], [1.0]).shape == (0, 3)
+
+
+def test_kth_largest_matches_kthvalue_on_big_tensors():
+    from mergelab.methods import sparsify as sp
+
+    g = torch.Generator().manual_seed(1)
+    for flat in (torch.randn(600_000, generator=g).abs(), torch.randint(0, 7, (600_000,), generator=g).float()):
+        n = flat.numel()
+        for k in (1, 17, n // 3, n // 2, n - 1):
+            assert sp.kth_largest(flat, k) == flat.kthvalue(n - k + 1).values
