@@ -36,7 +36,7 @@ from mergelab.checkpoint.safetensors_format import (
     DTYPES,
     FileState,
     SafetensorsFile,
-    changed_error,
+    check_path_unchanged,
 )
 from mergelab.errors import CheckpointError, MergeError
 from mergelab.jsonfile import has_control_characters, no_duplicate_keys, read_json_file, shown
@@ -172,12 +172,7 @@ class _TorchFile:
 
     def check_unchanged(self) -> None:
         """Raise CheckpointError if the file at `path` is not the one loaded (tensors may be mapped from it)."""
-        try:
-            now: FileState | None = FileState.of(os.stat(self.path))
-        except FileNotFoundError:
-            now = None
-        if now != self.state:
-            raise changed_error(self.path, self.state, now)
+        check_path_unchanged(self.path, self.state)
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         self.check_unchanged()

@@ -91,6 +91,16 @@ class FileState:
         return cls(info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)
 
 
+def check_path_unchanged(path: Path, state: "FileState") -> None:
+    """Raise CheckpointError if the file now at `path` is not the one whose state was recorded (or is gone)."""
+    try:
+        now: FileState | None = FileState.of(os.stat(path))
+    except FileNotFoundError:
+        now = None
+    if now != state:
+        raise changed_error(path, state, now)
+
+
 def changed_error(path: Path, before: FileState, now: FileState | None) -> CheckpointError:
     """The error for an input that is not the file that was opened any more."""
     if now is None:
@@ -313,12 +323,7 @@ class SafetensorsFile:
 
     def check_unchanged(self) -> None:
         """Raise CheckpointError if the file at `path`, or the open one, differs from when it was opened."""
-        try:
-            now: FileState | None = FileState.of(os.stat(self.path))
-        except FileNotFoundError:
-            now = None
-        if now != self.state:
-            raise changed_error(self.path, self.state, now)
+        check_path_unchanged(self.path, self.state)
         with self._lock:
             if self._fd is not None:
                 self._verify(self._fd)
