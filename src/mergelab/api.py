@@ -178,6 +178,8 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
     checkpoints: dict[str, Checkpoint] = {}
     problems = []
     stats_paths = [src.stats for sl in rec.output_slices() for src in sl.sources if getattr(src, "stats", None)]
+    if rec.base_stats:
+        stats_paths.append(rec.resolve(rec.base_stats))
     for path in [*rec.input_paths(), *stats_paths]:
         if path in checkpoints:
             continue

@@ -220,6 +220,8 @@ def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
     if spec.needs_stats:
         stats["stats"] = None if job.stats is None else torch.stack(
             [inputs.tensors[r].to(device=device, dtype=cdtype) for r in job.stats])
+    if job.base_stats is not None:
+        stats["base_stats"] = inputs.tensors[job.base_stats].to(device=device, dtype=cdtype)
     inputs.tensors.clear()
     gen = None
     if spec.randomized:

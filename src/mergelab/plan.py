@@ -50,6 +50,7 @@ class Job:
     vocab_rows: int | None = None  # resize every input's first dim to this (vocab_mismatch: resize)
     vocab_fill: TensorRef | None = None  # where padding rows come from
     stats: list[TensorRef] | None = None  # per-row statistics (methods with needs_stats)
+    base_stats: TensorRef | None = None  # the base model's statistics (methods with uses_base_stats)
     note: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)  # raised by the method while merging
 
@@ -59,7 +60,7 @@ class Job:
             out.append(self.base)
         if self.vocab_fill is not None and self.vocab_fill not in out:
             out.append(self.vocab_fill)
-        return out + list(self.stats or [])
+        return out + list(self.stats or []) + ([self.base_stats] if self.base_stats is not None else [])
 
     @property
     def nbytes(self) -> int:
@@ -224,6 +225,11 @@ class _Planner:
                                  self._params(out_name, t, None, out_slice, self.spec.shared_params), where)
         if self.spec.needs_stats:
             job.stats = self._stats_refs(out_name, [src for src, _ in row_sources], where)
+        base_stats = self.recipe.resolve(self.recipe.base_stats) if self.recipe.base_stats else None
+        if self.spec.uses_base_stats and base_stats and job.stats is not None:
+            ck = self.ckpts[self.index[base_stats]]
+            if out_name in ck:
+                job.base_stats = TensorRef(self.index[base_stats], out_name)
         self._check_weight_sum(job, where)
         self.jobs.append(job)
 

@@ -101,6 +101,7 @@ class Recipe(_Strict):
     name: str | None = None
     vocab_mismatch: Literal["error", "resize"] = "error"  # mergelab
     seed: int | None = None  # mergelab
+    base_stats: str | None = None  # mergelab: the base model's statistics, for methods that use them
 
     _source_name: str = PrivateAttr("<recipe>")
     _paths: dict[str, str] = PrivateAttr(default_factory=dict)  # model reference -> resolved path
@@ -416,6 +417,7 @@ def _schema_message(err: dict) -> str:
 def _references(r: Recipe) -> list[tuple[str, str]]:
     """(field path, model reference as written) for every path the recipe names."""
     refs = [("base_model", r.base_model)] if r.base_model else []
+    refs += [("base_stats", r.base_stats)] if r.base_stats else []
     for i, m in enumerate(r.models or []):
         refs += [(f"models[{i}].model", m.model)] + ([(f"models[{i}].stats", m.stats)] if m.stats else [])
     for i, sl in enumerate(r.slices or []):

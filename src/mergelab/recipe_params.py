@@ -279,4 +279,6 @@ def recipe_parameter_problems(recipe: Any) -> list[str]:
                        "them with `mergelab stats` and give the file as `stats: PATH`")
         elif entry.stats and not spec.needs_stats:
             out.append(f"{where}.stats: {spec.name} uses no statistics; remove it")
+    if getattr(recipe, "base_stats", None) and not spec.uses_base_stats:
+        out.append(f"base_stats: {spec.name} uses no statistics of the base model; remove it")
     return out

@@ -258,3 +258,35 @@ def test_registry():
     assert REGISTRY["preconditioned"].elementwise and not REGISTRY["fisher"].elementwise
     assert not REGISTRY["regmean"].elementwise
     assert REGISTRY["regmean"].shared_params().alpha == 0.1
+
+
+def test_gradient_matching_base_stats_from_a_recipe(tmp_path):
+    """The recipe's `base_stats:` reaches the method: the hand-worked case above, through files and the engine."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    import mergelab
+    from mergelab.stats.io import save_stats
+
+    def model(name, value):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({"w": torch.tensor([value])}, str(folder / "model.safetensors"))
+        return str(folder)
+
+    base, a, b = model("base", 0.0), model("a", 2.0), model("b", 4.0)
+    sa = save_stats(tmp_path / "a.safetensors", {"w": torch.tensor([1.0])}, kind="fisher")
+    sb = save_stats(tmp_path / "b.safetensors", {"w": torch.tensor([3.0])}, kind="fisher")
+    s0 = save_stats(tmp_path / "base.safetensors", {"w": torch.tensor([1.0])}, kind="fisher")
+    recipe = {"merge_method": "gradient_matching", "base_model": base, "base_stats": str(s0),
+              "parameters": {"h0": 1.0},
+              "models": [{"model": a, "stats": str(sa), "parameters": {"weight": 1.0}},
+                         {"model": b, "stats": str(sb), "parameters": {"weight": 0.5}}]}
+    mergelab.merge(recipe, tmp_path / "out")
+    assert_close(load_file(str(tmp_path / "out" / "model.safetensors"))["w"], torch.tensor([16 / 4.5]))
+    without = {k: v for k, v in recipe.items() if k != "base_stats"}  # H_0 = h0 = 1: theta = (1*2*2 + .5*4*4)/3.5
+    mergelab.merge(without, tmp_path / "out2")
+    assert_close(load_file(str(tmp_path / "out2" / "model.safetensors"))["w"], torch.tensor([12 / 3.5]))
+    with pytest.raises(mergelab.RecipeError, match="base_stats: ties uses no statistics of the base model"):
+        mergelab.merge({"merge_method": "ties", "base_model": base, "base_stats": str(s0),
+                        "models": [{"model": a, "parameters": {"weight": 1.0}}]}, tmp_path / "out3")

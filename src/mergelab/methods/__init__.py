@@ -108,6 +108,7 @@ class MethodSpec:
     doc: str
     divides_by_weight_sum: bool = False
     kernel: Any = None  # a methods.kernels.Kernel, or None
+    uses_base_stats: bool = False
 
     @property
     def needs_base(self) -> bool:
@@ -159,6 +160,7 @@ def merge_method(
     needs_stats: bool = False,
     divides_by_weight_sum: bool = False,
     kernel: Any = None,
+    uses_base_stats: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``.
 
@@ -178,6 +180,8 @@ def merge_method(
         kernel: a compiled accelerator (methods.kernels.Kernel) giving the same
             numbers from the inputs as stored; `run_method` picks it where its
             `supports` predicate accepts the inputs.
+        uses_base_stats: also takes the base model's statistics (`base_stats=`), given
+            in a recipe as the top-level `base_stats: PATH`.
     """
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -195,6 +199,7 @@ def merge_method(
             elementwise=elementwise,
             needs_stats=needs_stats,
             kernel=kernel,
+            uses_base_stats=uses_base_stats,
             divides_by_weight_sum=divides_by_weight_sum,
             doc=(fn.__doc__ or "").strip(),
         )

@@ -375,7 +375,7 @@ class GradientMatchingShared(MethodParams):
 
 
 @merge_method("gradient_matching", model_params=GradientMatchingParams, shared_params=GradientMatchingShared,
-              base="required", elementwise=True, needs_stats=True)
+              base="required", elementwise=True, needs_stats=True, uses_base_stats=True)
 def gradient_matching(x: Tensor, base: Tensor, p: PerModel[GradientMatchingParams], s: GradientMatchingShared,
                       gen=None, *, stats: Tensor | None = None, base_stats: Tensor | None = None) -> Tensor:
     """Uncertainty-based gradient matching: task arithmetic with Hessian-weighted task vectors.
