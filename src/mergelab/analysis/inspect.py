@@ -23,7 +23,8 @@ from rich.table import Table
 
 from mergelab.analysis.geometry import MASS_DENSITIES, GeometrySums, GroupStats, tensor_geometry
 from mergelab.checkpoint.reader import Checkpoint, layer_index
-from mergelab.errors import NonFiniteError, MergeError, ShapeMismatch
+from mergelab.errors import MergeError, NonFiniteError, ShapeMismatch
+from mergelab.progress import ByteProgress
 
 KINDS = ("attention", "mlp", "embedding", "norm", "other")
 _KIND_PATTERNS = (  # first match wins; matched against dotted name components
@@ -118,13 +119,22 @@ def _group_of(name: str) -> tuple[int, int | str]:
     return (1, name) if index is None else (0, index)
 
 
-def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: list[str], density: float
+def _nbytes(mapping: Mapping, name: str) -> int:
+    if isinstance(mapping, Checkpoint):
+        return mapping.nbytes(name)
+    t = mapping[name]
+    return t.numel() * t.element_size()
+
+
+def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: list[str], density: float,
+                progress: ByteProgress | None = None
                 ) -> tuple[dict[tuple, GeometrySums], dict[str, GeometrySums], GeometrySums]:
     """Geometry sums per group, per kind and overall, reading one tensor name at a time."""
     n = len(models)
     groups: dict[tuple, GeometrySums] = {}
     kinds: dict[str, GeometrySums] = {}
     overall = GeometrySums(n)
+    sources = [m for _, m in models] + ([base] if base is not None else [])
     for name in names:
         weights = torch.stack([m[name].float() for _, m in models])  # (N, *shape)
         reference = base[name].float() if base is not None else weights.mean(dim=0)
@@ -137,12 +147,14 @@ def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: 
         groups.setdefault(_group_of(name), GeometrySums(n)).add(sums)
         kinds.setdefault(tensor_kind(name), GeometrySums(n)).add(sums)
         overall.add(sums)
+        if progress is not None:
+            progress.advance(sum(_nbytes(m, name) for m in sources))
     return groups, kinds, overall
 
 
 def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
                    base: str | Path | Mapping[str, torch.Tensor] | None = None, *,
-                   density: float = 0.2) -> InspectReport:
+                   density: float = 0.2, show_progress: bool = False) -> InspectReport:
     """Data-free geometry of the task vectors of `paths`, per layer, per kind and overall.
 
     Args:
@@ -152,6 +164,7 @@ def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
             deviations from the models' mean; those of two models are exact opposites
             (cosine -1), so pairwise task-vector numbers only mean something with a base.
         density: share kept by the TIES-style trim before the trimmed sign-conflict count.
+        show_progress: a progress bar (tensors, bytes read per second, time left) on stderr.
 
     Raises:
         ShapeMismatch: a tensor has different shapes in two inputs.
@@ -165,7 +178,10 @@ def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
         models = [_open(p, f"model_{i}", opened) for i, p in enumerate(paths)]
         base_src = _open(base, "base", opened) if base is not None else None
         names, skipped = _plan(models + ([base_src] if base_src else []))
-        groups, kinds, overall = _accumulate(models, base_src[1] if base_src else None, names, density)
+        total = sum(_nbytes(m, name) for name in names for _, m in models + ([base_src] if base_src else []))
+        with ByteProgress(len(names), total, enabled=show_progress, label="inspecting") as progress:
+            groups, kinds, overall = _accumulate(models, base_src[1] if base_src else None, names, density,
+                                                 progress)
     return InspectReport(
         models=[label for label, _ in models], base=base_src[0] if base_src else None,
         reference="base" if base_src else "mean", density=density,

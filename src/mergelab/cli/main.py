@@ -196,6 +196,7 @@ def inspect(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a per-layer similarity heat-map PNG"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing --json / --plot files"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Will these models merge, and with which method? Data-free, streamed tensor by tensor."""
     from mergelab.analysis import inspect_models, recommend, render_inspect
@@ -203,7 +204,8 @@ def inspect(
     inputs = [*models, *([base] if base else [])]
     with user_errors():
         check_outputs([(json_out, "file", "--json file"), (plot, "file", "--plot file")], inputs, overwrite)
-        report = inspect_models([str(m) for m in models], base=str(base) if base else None, density=density)
+        report = inspect_models([str(m) for m in models], base=str(base) if base else None, density=density,
+                                show_progress=not quiet)
         advice = recommend(report)
         for table in render_inspect(report, advice):
             out.print(table)
