@@ -182,3 +182,34 @@ def test_full_disk_while_writing_stats(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "save_file", real)
     save_stats(out, stats, kind="fisher", overwrite=True)
     torch.testing.assert_close(load_stats(out)[0]["w"], stats["w"])
+
+
+_STATS_WRITER = """
+import sys, torch
+from mergelab.stats.io import save_stats
+big = {f"w{i}": torch.rand(512, 1024) + 0.1 for i in range(24)}
+save_stats(sys.argv[1], big, kind="fisher", overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_stats_writer_leaves_the_old_file_or_a_whole_new_one(tmp_path, sig):
+    from mergelab.stats.io import load_stats
+
+    out = tmp_path / "fisher.safetensors"
+    out.write_bytes(b"old statistics")
+    rng = random.Random(int(sig))
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", _STATS_WRITER, str(out)], check=True, timeout=120)
+    span = time.monotonic() - start
+    assert len(load_stats(out)[0]) == 24
+    for _ in range(2):
+        out.write_bytes(b"old statistics")
+        proc = subprocess.Popen([sys.executable, "-c", _STATS_WRITER, str(out)], stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.2, span))
+        proc.send_signal(sig)
+        proc.communicate(timeout=60)
+        if out.read_bytes() != b"old statistics":  # replaced: then whole
+            assert len(load_stats(out)[0]) == 24
+        if sig == signal.SIGKILL:  # a temporary may remain; it never has the finished name
+            assert all(".partial-" in p.name for p in tmp_path.iterdir() if p != out)
