@@ -121,7 +121,9 @@ def averaged_loss(cfg, run_dir: Path, val_data, scheme: str, last: int, **kw) ->
     chosen, weights, _ = plan_average(run_dir, scheme=scheme, last=last, **kw)
     ckpts = [Checkpoint(c.path) for c in chosen]
     model = TinyGPT(cfg.d, cfg.layers, cfg.heads, cfg.ctx)
-    model.load_state_dict({k: average_tensor(ckpts, weights, k) for k in ckpts[-1].keys()})
+    labels = [str(c.path) for c in chosen]
+    model.load_state_dict({k: average_tensor([ck.view(k) for ck in ckpts], weights, k, labels)
+                           for k in ckpts[-1].keys()})
     return evaluate(model, val_data, cfg.ctx)
 
 

@@ -28,6 +28,7 @@ class AverageReport:
     skipped: list[tuple[int, str, str]]  # (step, path, why)
     tensors: int
     partial: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # tensor -> checkpoints it came from
+    correlation: dict | None = None  # deviation cosines and the advice drawn from them (same pass as the average)
 
 
 def tensor_sources(ckpts: Sequence[Checkpoint], labels: Sequence[str], *,
@@ -69,24 +70,22 @@ def check_compatible(ckpts: Sequence[Checkpoint], labels: Sequence[str]) -> None
     tensor_sources(ckpts, labels)
 
 
-def average_tensor(ckpts: Sequence[Checkpoint], weights: Sequence[float], name: str,
-                   labels: Sequence[str] | None = None) -> torch.Tensor:
-    """sum_k w_k theta_k[name] in float32, reading one checkpoint's tensor at a time.
+def average_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float], name: str,
+                   labels: Sequence[str]) -> torch.Tensor:
+    """sum_k w_k tensors[k] in float32 (tensors: one checkpoint's `name` each, as stored).
 
     Raises:
         NonFiniteError: a checkpoint's tensor holds NaN/Inf (named), so the average would too.
     """
     acc = None
-    for ck, w in zip(ckpts, weights):
-        t = ck[name].to(torch.float32)
+    for t, w in zip(tensors, weights):
         if acc is None:
-            acc = t.mul_(w)
+            acc = t.to(torch.float32, copy=True).mul_(w)
         else:
             acc.add_(t, alpha=w)
     if acc is not None and acc.is_floating_point() and not torch.isfinite(acc.sum()):
-        for k, ck in enumerate(ckpts):
-            if not bool(torch.isfinite(ck[name]).all()):
-                label = labels[k] if labels else str(ck.path)
+        for t, label in zip(tensors, labels):
+            if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"checkpoint {label} tensor {name} holds NaN or Inf values, so the average "
                                      "would too; nothing was written. Leave out unstable checkpoints "
                                      "(skip_unstable=True; --skip-unstable) or choose the checkpoints yourself")
@@ -130,6 +129,7 @@ def average_checkpoints(chosen: Sequence[RunCheckpoint], weights: Sequence[float
     partial = {n: [labels[k] for k in ks] for n, ks in sources.items() if len(ks) != len(ckpts)}
     used = [(c.step, str(c.path), float(wt)) for c, wt in zip(chosen, weights)]
     report = AverageReport(Path(out_dir), used, [], len(names), partial)
+    deviations = DeviationGram(len(ckpts))
     with CheckpointWriter(out_dir, layout, shard_size=shard_size, overwrite=overwrite, protected=protected) as w, \
             ByteProgress(len(names), total, enabled=show_progress, label="averaging") as progress:
         for info in layout:
@@ -137,12 +137,20 @@ def average_checkpoints(chosen: Sequence[RunCheckpoint], weights: Sequence[float
             if holder[info.name].dtype(info.name).is_floating_point:
                 ws = [weights[k] for k in ks]
                 scale = sum(ws)
-                out = average_tensor([ckpts[k] for k in ks], [x / scale for x in ws], info.name,
+                tensors = [ckpts[k].view(info.name) for k in ks]  # read once: the average and the cosines
+                out = average_tensor(tensors, [x / scale for x in ws], info.name,
                                      [labels[k] for k in ks]).to(info.dtype)
+                if len(ks) == len(ckpts):
+                    deviations.add(tensors)
+                del tensors
             else:
                 out = holder[info.name][info.name]
             w.write(info.name, out)
             progress.advance(sum(ckpts[k].nbytes(info.name) for k in ks))
+        cos = deviations.cosines()
+        report.correlation = {"steps": [c.step for c in chosen],
+                              "deviation_cosine": cos.tolist() if bool(cos.isfinite().all()) else None,
+                              "recommendation": recommend(cos)}
         files = dict(extra_files or {})
         if extra_files_fn is not None:
             files.update(extra_files_fn(report))
@@ -150,25 +158,40 @@ def average_checkpoints(chosen: Sequence[RunCheckpoint], weights: Sequence[float
     return report
 
 
+class DeviationGram:
+    """Pairwise inner products of K checkpoints' deviations from their mean, accumulated tensor by tensor.
+
+    Each tensor enters through a fixed stride that keeps at most `max_elements`
+    entries (an unbiased estimate for a big tensor), so the sums cost little
+    beside the average they are computed with, from the same reads.
+    """
+
+    def __init__(self, k: int, *, max_elements: int = 2_000_000):
+        self.gram = torch.zeros(k, k, dtype=torch.float64)
+        self.max_elements = max_elements
+
+    def add(self, tensors: Sequence[torch.Tensor]) -> None:
+        flat = [t.reshape(-1) for t in tensors]
+        stride = max(1, math.ceil(flat[0].numel() / self.max_elements))
+        x = torch.stack([f[::stride].to(torch.float64) for f in flat])
+        x -= x.mean(0, keepdim=True)
+        self.gram += x @ x.T
+
+    def cosines(self) -> torch.Tensor:
+        norms = self.gram.diagonal().clamp_min(1e-30).sqrt()
+        return self.gram / norms[:, None] / norms[None, :]
+
+
 def deviation_cosines(ckpts: Sequence[Checkpoint], *, max_elements: int = 2_000_000) -> torch.Tensor:
     """Pairwise cosine similarity of the checkpoints' deviations from their mean, (K, K).
 
-    Computed over all floating tensors, streamed tensor by tensor; tensors are
-    subsampled with a fixed stride so that at most `max_elements` per tensor
-    enter the sums (the estimate stays unbiased for a large tensor).
+    Computed over the floating tensors every checkpoint holds (see DeviationGram).
     """
-    k = len(ckpts)
-    gram = torch.zeros(k, k, dtype=torch.float64)
+    acc = DeviationGram(len(ckpts), max_elements=max_elements)
     for name in ckpts[-1].keys():
-        if not ckpts[-1].dtype(name).is_floating_point or any(name not in ck for ck in ckpts):
-            continue
-        flat = [ck[name].reshape(-1) for ck in ckpts]
-        stride = max(1, math.ceil(flat[0].numel() / max_elements))
-        x = torch.stack([f[::stride].to(torch.float64) for f in flat])
-        x -= x.mean(0, keepdim=True)
-        gram += x @ x.T
-    norms = gram.diagonal().clamp_min(1e-30).sqrt()
-    return gram / norms[:, None] / norms[None, :]
+        if ckpts[-1].dtype(name).is_floating_point and all(name in ck for ck in ckpts):
+            acc.add([ck.view(name) for ck in ckpts])
+    return acc.cosines()
 
 
 def recommend(cos: torch.Tensor) -> str:

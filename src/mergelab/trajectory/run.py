@@ -8,11 +8,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import parse_size
 from mergelab.checkpoint.output import check_output
 from mergelab.errors import CheckpointError, InvalidInput
-from mergelab.trajectory.average import average_checkpoints, deviation_cosines, recommend, tensor_sources
+from mergelab.trajectory.average import average_checkpoints
 from mergelab.trajectory.discovery import RunCheckpoint, discover, select
 from mergelab.trajectory.recover import resume_files, stable_checkpoints
 from mergelab.trajectory.schedules import scheme_weights
@@ -47,22 +46,14 @@ def plan_average(run_dir, *, scheme: str = "sma", last: int | None = None, every
     return chosen, weights, skipped
 
 
-def correlation_report(chosen: list[RunCheckpoint], *, allow_missing_tensors: bool = False) -> dict:
-    ckpts = [Checkpoint(c.path) for c in chosen]
-    tensor_sources(ckpts, [str(c.path) for c in chosen], allow_missing=allow_missing_tensors)
-    cos = deviation_cosines(ckpts)
-    finite = bool(cos.isfinite().all())
-    return {"steps": [c.step for c in chosen], "deviation_cosine": cos.tolist() if finite else None,
-            "recommendation": recommend(cos)}
-
-
 def _with_partial(info: dict):
-    """extra_files_fn: the JSON summary, with the tensors that came from fewer checkpoints."""
+    """extra_files_fn: the JSON summary, with the deviation cosines and the tensors from fewer checkpoints."""
     name = next(iter(info))
     body = info[name]
 
     def files(report) -> dict[str, str]:
-        return {name: json.dumps({**body, "tensors_from_fewer_checkpoints": report.partial}, indent=2)}
+        return {name: json.dumps({**body, "correlation": report.correlation,
+                                  "tensors_from_fewer_checkpoints": report.partial}, indent=2)}
     return files
 
 
@@ -75,18 +66,16 @@ def average_run(run_dir, out_dir, *, scheme="sma", last=None, every=1, decay="li
     chosen, weights, skipped = plan_average(run_dir, scheme=scheme, last=last, every=every, decay=decay,
                                             alpha=alpha, skip_unstable=skip_unstable, explicit=explicit)
     _show(console, chosen, weights, skipped, f"{scheme} average of {len(chosen)} checkpoints")
-    corr = correlation_report(chosen, allow_missing_tensors=allow_missing_tensors)
-    if console is not None:
-        console.print(corr["recommendation"])
     info = {"scheme": scheme, "decay": decay if scheme == "wsm" else None, "alpha": alpha if scheme == "ema" else None,
             "used": [{"step": c.step, "path": str(c.path), "weight": w} for c, w in zip(chosen, weights)],
-            "skipped": [{"step": c.step, "path": str(c.path), "why": why} for c, why in skipped],
-            "correlation": corr}
+            "skipped": [{"step": c.step, "path": str(c.path), "why": why} for c, why in skipped]}
     report = average_checkpoints(chosen, weights, out_dir, shard_size=shard_size,
                                  overwrite=overwrite, show_progress=show_progress,
                                  extra_files_fn=_with_partial({"mergelab_average.json": info}),
                                  allow_missing_tensors=allow_missing_tensors)
     _show_partial(console, report)
+    if console is not None:
+        console.print(report.correlation["recommendation"])
     report.skipped = [(c.step, str(c.path), why) for c, why in skipped]
     return report
 
