@@ -28,10 +28,13 @@ def sd(*v):
     return {"theta": torch.tensor(v, dtype=torch.float64)}
 
 
-def check_png(path, width, height):
+def check_png(path, width, height=None):
+    """A PNG of `width` pixels (and `height`, when given) with something drawn on it; returns its pixels."""
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(path)
-    assert image.shape[:2] == (height, width)  # figure size in inches x 120 dpi
+    assert image.shape[1] == width and (height is None or image.shape[0] == height)  # inches x 120 dpi
+    assert float(image[..., :3].std()) > 0.05  # not a blank canvas
+    return image
 
 
 def test_all_plots_write_pngs(tmp_path):
@@ -40,7 +43,11 @@ def test_all_plots_write_pngs(tmp_path):
     models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
     report = inspect_models(models, base)
     assert [g.name for g in report.groups] == ["layer 0", "layer 1", "layer 2"]
-    check_png(plot_layer_similarity(report, tmp_path / "sim.png"), 720, int(120 * (1.5 + 0.45 * 3 + 0.07 * 7)))
+    small = check_png(plot_layer_similarity(report, tmp_path / "sim.png"), 720)
+    # one heat-map row per pair of models: four models (six pairs) give a taller figure than three
+    four = inspect_models([{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(4)], base)
+    tall = check_png(plot_layer_similarity(four, tmp_path / "sim4.png"), 720)
+    assert tall.shape[0] > small.shape[0]
     check_png(plot_path(interpolation_path(Vector(), sd(-1, 0), sd(1, 1), bowl, points=5), tmp_path / "p.png"),
               720, 480)
     curve = scaling_curve(Vector(), sd(0, 0), [sd(1, 1)], bowl, [0.0, 0.5])
