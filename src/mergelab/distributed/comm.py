@@ -119,7 +119,8 @@ class TorchComm(Comm):
         self._count(t, self.world_size - 1)
         flat = torch.empty(self.world_size * t.numel(), dtype=t.dtype, device=t.device)
         t0 = time.perf_counter()
-        work = dist.all_gather_into_tensor(flat, t.contiguous().view(-1), group=self.group, async_op=True)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        work = gather(flat, t.contiguous().view(-1), group=self.group, async_op=True)
         self.stats.comm_seconds += time.perf_counter() - t0
         return flat.view(self.world_size, *t.shape), self._timed(work, async_op)
 

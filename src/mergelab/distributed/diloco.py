@@ -64,8 +64,8 @@ class DiLoCo:
         sync_every: H, inner steps between syncs of a fragment (>= 1).
         outer_merge: "mean" or a mergelab method name (`mergelab.methods()`).
         merge_params: that method's parameters, e.g. {"density": 0.2}.
-        model_fragments: Streaming DiLoCo's fragments (modules of `model` covering each
-            parameter once); None: the whole model is one fragment.
+        model_fragments: Streaming DiLoCo's fragments (modules of `model`, or lists of its
+            parameters, covering each parameter once); None: the whole model is one fragment.
         fragment_sync_delay: tau, inner steps a fragment's reduction overlaps before it is applied.
         fragment_update_alpha: weight of the worker's local parameters when a fragment is applied.
         quantize: "none", "bf16", "fp8" or "int4": the pseudo-gradients' wire format.
@@ -79,17 +79,19 @@ class DiLoCo:
         checkpoint_dir, checkpoint_every: save global parameters and outer state as
             checkpoint-<sync>/ every K syncs (rank 0 writes; see checkpoint.py).
         comm: a Comm to use instead of `group` (simulate_workers sets one per thread).
+        manager: a torchft Manager: fault-tolerant syncs among the live replicas (see
+            fault_tolerance.py); mean only, no quantization.
     """
 
     def __init__(self, model: nn.Module, inner: torch.optim.Optimizer,
                  outer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
                  sync_every: int, *, outer_merge: str = "mean", merge_params: Mapping[str, Any] | None = None,
-                 model_fragments: Sequence[nn.Module] | None = None, fragment_sync_delay: int = 0,
+                 model_fragments: Sequence[nn.Module | Sequence[Tensor]] | None = None, fragment_sync_delay: int = 0,
                  fragment_update_alpha: float = 0.0, quantize: str = "none",
                  backup_device: str | torch.device | None = None, group=None, bucket_cap_mb: float = 25,
                  stats_fn: Callable[[], Sequence[Tensor]] | None = None, seed: int = 0,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
-                 comm: Comm | None = None):
+                 comm: Comm | None = None, manager=None):
         fragments = list(model_fragments) if model_fragments else [model]
         _check_schedule(sync_every, len(fragments), fragment_sync_delay, fragment_update_alpha, quantize,
                         bucket_cap_mb, checkpoint_every)
@@ -99,12 +101,21 @@ class DiLoCo:
                              "or one per fragment")
         self.model, self.inner, self.outers = model, inner, outers
         self.outer = outers[0]
-        self.comm = comm or current_comm() or TorchComm(group)
         self.merge = OuterMerge(outer_merge, dict(merge_params or {}), seed)
-        self.merge.check(self.comm.world_size)
+        self.manager = manager
+        if manager is not None:
+            from mergelab.distributed.fault_tolerance import TorchFTComm
+
+            if outer_merge != "mean" or quantize != "none":
+                raise ValueError("with a torchft manager only outer_merge='mean' and quantize='none' are "
+                                 f"supported (it all-reduces, never all-gathers); got {outer_merge!r}, {quantize!r}")
+            self.comm = TorchFTComm(manager)  # torchft heals replicas that start apart (init_sync)
+        else:
+            self.comm = comm or current_comm() or TorchComm(group)
+            self.merge.check(self.comm.world_size)
+            check_same_model(self.comm, model)
+            broadcast_parameters(self.comm, model)
         names = {id(p): n for n, p in model.named_parameters()}
-        check_same_model(self.comm, model)
-        broadcast_parameters(self.comm, model)
         self.fragments = _fragment_params(fragments, names)
         self.per = sync_every // len(fragments)
         self.delay, self.alpha, self.quant = fragment_sync_delay, fragment_update_alpha, quantize
@@ -116,6 +127,8 @@ class DiLoCo:
         self.local_step = 0
         self.syncs = 0  # fragment syncs applied (torchft's manager step)
         self.skipped = 0  # syncs where no worker had a finite pseudo-gradient
+        self.discarded = 0  # syncs torchft did not commit (a replica failed during the sync)
+        self.healed = 0  # times this replica was healed from a peer (torchft)
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self._hooks: list = []
         self._t_enter: float | None = None
@@ -123,6 +136,10 @@ class DiLoCo:
         self._comm_inside = 0.0  # communication seconds while inside the context (not the setup's)
         self._comm_at_enter = 0.0
         self._save_global(range(len(self.fragments)))
+        if manager is not None:
+            from mergelab.distributed.fault_tolerance import register_state
+
+            register_state(self, manager)
 
     # -- context manager ---------------------------------------------------------------
     def __enter__(self) -> DiLoCo:
@@ -153,7 +170,8 @@ class DiLoCo:
         d["comm_seconds"] = (self.comm.stats.comm_seconds - self._comm_at_enter if self._t_enter
                              else self._comm_inside)
         d.update(wall_seconds=wall, compute_seconds=wall - d["comm_seconds"], syncs=self.syncs,
-                 skipped_syncs=self.skipped, world_size=self.comm.world_size)
+                 skipped_syncs=self.skipped, discarded_syncs=self.discarded, healed=self.healed,
+                 world_size=self.comm.world_size)
         return d
 
     # -- the schedule --------------------------------------------------------------------
@@ -170,6 +188,9 @@ class DiLoCo:
 
     @torch.no_grad()
     def _prepare(self, k: int) -> None:
+        if self.manager is not None:
+            self.comm.begin_sync()  # quorum of the live replicas; may heal this one from a peer
+            k = self.current_fragment()
         frag = self.fragments[k]
         # float32 pseudo-gradients (float64 for a float64 model), as the outer step reads them
         grads = [b.to(p.device, _wide(p)) - p.to(_wide(p)) for (_, p), b in zip(frag, self.backup[k])]
@@ -182,6 +203,11 @@ class DiLoCo:
     @torch.no_grad()
     def _perform(self, k: int) -> None:
         merged = self.reducers[k].finish()
+        if self.manager is not None and not self.comm.should_commit():
+            self.discarded += 1  # a replica failed mid-sync: every replica drops this step
+            for (_, p), b in zip(self.fragments[k], self.backup[k]):
+                p.copy_(b)
+            return
         frag = self.fragments[k]
         local = [p.detach().clone() for _, p in frag] if self.alpha > 0 else None
         for (_, p), b in zip(frag, self.backup[k]):
@@ -194,7 +220,7 @@ class DiLoCo:
             if local is not None:
                 for (_, p), loc in zip(frag, local):
                     p.lerp_(loc, self.alpha)
-        self.syncs += 1
+        self.syncs = self.comm.current_step() if self.manager is not None else self.syncs + 1
         if self.checkpoint_dir is not None and self.checkpoint_every and self.syncs % self.checkpoint_every == 0:
             self.save_checkpoint(self.checkpoint_dir)
 
@@ -303,11 +329,11 @@ def _backup_like(p: Tensor, device) -> Tensor:
     return t
 
 
-def _fragment_params(fragments: Sequence[nn.Module], names: Mapping[int, str]) -> list[list[tuple[str, Tensor]]]:
+def _fragment_params(fragments: Sequence[Any], names: Mapping[int, str]) -> list[list[tuple[str, Tensor]]]:
     out, seen = [], {}
     for k, frag in enumerate(fragments):
         params = []
-        for p in frag.parameters():
+        for p in (frag.parameters() if isinstance(frag, nn.Module) else frag):
             if id(p) not in names:
                 raise ValueError(f"model_fragments[{k}] holds a parameter that is not in the model")
             if id(p) in seen:

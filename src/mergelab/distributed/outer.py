@@ -112,7 +112,9 @@ class FragmentReducer:
         assert self.pending is None, "a fragment sync is already in flight"
         finite = all(bool(torch.isfinite(g).all()) for g in grads)
         flags = torch.zeros(self.comm.world_size)
-        flags[self.comm.rank] = 1.0 if finite else 0.0
+        rank = self.comm.rank
+        if rank is not None:  # None: a torchft replica that is healing this step (it sends zeros)
+            flags[rank] = 1.0 if finite else 0.0
         self.comm.all_reduce_sum(flags)
         if not finite:
             grads = [torch.zeros_like(g) for g in grads]
@@ -146,7 +148,7 @@ class FragmentReducer:
         keep = p.ok > 0.5
         n_ok = int(keep.sum())
         if n_ok < self.comm.world_size:
-            bad = [r for r in range(self.comm.world_size) if not keep[r]]
+            bad = [r for r in range(self.comm.world_size) if not keep[r]]  # ranks in this step's group
             warnings.warn(f"outer step {self.step}: pseudo-gradient of worker(s) {bad} holds NaN/Inf; "
                           f"left out of this step ({n_ok} of {self.comm.world_size} workers averaged)",
                           WorkerLeftOut, stacklevel=3)
