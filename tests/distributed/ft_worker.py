@@ -2,7 +2,8 @@
 
     python ft_worker.py REPLICA_ID LIGHTHOUSE_ADDR OUT_DIR SYNCS
 
-Writes OUT_DIR/progress-<id>.txt (the sync count after each step) and, when
+Trains until SYNCS syncs, or the number in OUT_DIR/target.txt once that exists
+(the test sets it when the restarted replica has rejoined). Writes OUT_DIR/progress-<id>.txt (the sync count after each step) and, when
 done, OUT_DIR/final-<id>.pt (parameters, global parameters, report, the sync
 count seen right after its first quorum).
 """
@@ -15,6 +16,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+
+def _target(out: Path, default: int) -> int:
+    try:
+        return int((out / "target.txt").read_text())
+    except (FileNotFoundError, ValueError):
+        return default
 
 
 def main(replica: int, lighthouse: str, out: Path, syncs: int) -> None:
@@ -41,7 +49,7 @@ def main(replica: int, lighthouse: str, out: Path, syncs: int) -> None:
     progress = out / f"progress-{replica}.txt"
     try:
         with DiLoCo(m, inner, outer, sync_every=2, manager=manager) as d:
-            while d.syncs < syncs:
+            while d.syncs < _target(out, syncs):
                 inner.zero_grad()
                 ((m(X) - y) ** 2).mean().backward()
                 inner.step()
