@@ -185,6 +185,9 @@ def sync_overhead(c, rank, world, repeats=5):
 
 def worker(rank, world, port, cfg_json, out):
     c = json.loads(cfg_json)
+    # one thread per worker process, for torch and for mergelab's numba kernels (the outer merges):
+    # 4 workers on 2 cores with a thread pool each spend their time waiting on one another
+    os.environ["NUMBA_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
@@ -207,8 +210,10 @@ def worker(rank, world, port, cfg_json, out):
                 task = progress_bar.add_task(name, total=total)
                 tick = lambda task=task: progress_bar.advance(task)  # noqa: E731
             results.append(run_variant(name, kind, kw, c, train, val, rank, world, tick))
-            if rank == 0 and c.get("quiet"):
-                print(f"{name}: {results[-1]['wall_seconds']:.1f} s", flush=True)
+            if rank == 0:
+                Path(out).with_suffix(".partial.json").write_text(json.dumps(results, indent=2))
+                if c.get("quiet"):
+                    print(f"{name}: loss {results[-1]['val_loss']:.4f}, {results[-1]['wall_seconds']:.1f} s", flush=True)
         overhead = sync_overhead(c, rank, world)
     finally:
         if progress_bar is not None:
@@ -217,6 +222,38 @@ def worker(rank, world, port, cfg_json, out):
         Path(out).write_text(json.dumps({"config": c, "world": world, "results": results, "overhead": overhead},
                                         indent=2))
     dist.destroy_process_group()
+
+
+def quant_sweep(c, world: int, steps: int) -> list[dict]:
+    """Streaming DiLoCo (4 fragments) with each pseudo-gradient format, workers simulated as threads
+    of this process (simulate_workers gives the numbers n processes would)."""
+    import copy
+
+    from mergelab.distributed import DiLoCo, simulate_workers
+
+    torch.set_num_threads(1)
+    text = torch.frombuffer(bytearray(stdlib_bytes(c["text_bytes"])), dtype=torch.uint8)
+    split = int(0.9 * len(text))
+    train, val = text[:split], text[split:]
+    init = _model(c)  # built once: threads share torch's global RNG
+    out = []
+    for q in ("none", "bf16", "fp8", "int4"):
+        def work(rank, n, q=q):
+            model = copy.deepcopy(init)
+            inner = _inner(model, c)
+            outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+            with DiLoCo(model, inner, outer, sync_every=c["Hs"], model_fragments=_fragments(model),
+                        fragment_sync_delay=min(2, c["Hs"] // 4 - 1), quantize=q) as d:
+                _train_loop(model, inner, c, train, rank, steps, c["batch"])
+            model.load_state_dict(d.global_state_dict())
+            return evaluate(model, val, c["ctx"]) if rank == 0 else None, d.report()
+        t0 = time.perf_counter()
+        loss, rep = simulate_workers(world, work)[0]
+        out.append({"quantize": q, "val_loss": loss, "payload_bytes": rep["payload_bytes"],
+                    "peak_sync_payload_bytes": rep["peak_sync_payload_bytes"],
+                    "wall_seconds": time.perf_counter() - t0})
+        print(out[-1], flush=True)
+    return out
 
 
 def _port() -> int:
@@ -294,9 +331,17 @@ def main(argv=None) -> dict:
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default OUT/diloco_vs_ddp.png)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quant-sweep", type=int, default=0, metavar="STEPS",
+                   help="instead: Streaming DiLoCo with none/bf16/fp8/int4 pseudo-gradients for STEPS steps "
+                        "(simulated workers); writes OUT/quant.json")
     args = p.parse_args(argv)
     c = dict(FAST if args.fast else FULL, quiet=args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.quant_sweep:
+        rows = quant_sweep(c, args.workers, args.quant_sweep)
+        (args.out / "quant.json").write_text(json.dumps({"config": c, "steps": args.quant_sweep, "rows": rows},
+                                                        indent=2))
+        return {"quant": rows}
     res = launch(c, args.workers, args.out / "results.json", args.timeout)
     md = table(res)
     (args.out / "results.md").write_text(md + "\n")

@@ -162,9 +162,10 @@ def free_port() -> int:
 def _entry(rank: int, n: int, port: int, name: str, out: str) -> None:
     import torch.distributed as dist
 
+    os.environ["NUMBA_NUM_THREADS"] = "1"  # the ties outer merge's kernels: one thread per worker process
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=300))
     try:
         result = globals()[name](rank, n)
         torch.save(result, Path(out) / f"rank{rank}.pt")

@@ -12,8 +12,8 @@ model per step. Indices are drawn with replacement and duplicates dropped (no
 O(N) permutation per step), so the share is fraction to within fraction/2;
 fraction = 1 takes every index and is plain parameter averaging every step.
 Optionally a DiLoCo outer step every `sync_every` steps (pass `outer`).
-SPARTA: "Sparse Parameter Averaging for Reduced-communication Training"
-(Baioumy & Cheema, 2025, ICLR workshop on modularity for collaborative learning).
+SPARTA, sparse parameter averaging (Beton, Baioumy, van der Ouderaa, Reed,
+Howes, Cheema, Vrabie, 2025, EXO Labs; openreview.net/forum?id=stFPf3gzq1).
 """
 
 from __future__ import annotations
