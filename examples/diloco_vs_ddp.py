@@ -203,7 +203,7 @@ def worker(rank, world, port, cfg_json, out):
         progress_bar = Progress()
         progress_bar.start()
     try:
-        for name, kind, kw in vs:
+        for name, kind, kw in ([] if c.get("overhead_only") else vs):
             tick = None
             if progress_bar is not None:
                 total = c["steps"] * (world if kind == "single" else 1)
@@ -331,17 +331,22 @@ def main(argv=None) -> dict:
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default OUT/diloco_vs_ddp.png)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overhead-only", action="store_true", help="only the sync-overhead measurement")
     p.add_argument("--quant-sweep", type=int, default=0, metavar="STEPS",
                    help="instead: Streaming DiLoCo with none/bf16/fp8/int4 pseudo-gradients for STEPS steps "
                         "(simulated workers); writes OUT/quant.json")
     args = p.parse_args(argv)
-    c = dict(FAST if args.fast else FULL, quiet=args.quiet)
+    c = dict(FAST if args.fast else FULL, quiet=args.quiet, overhead_only=args.overhead_only)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.quant_sweep:
         rows = quant_sweep(c, args.workers, args.quant_sweep)
         (args.out / "quant.json").write_text(json.dumps({"config": c, "steps": args.quant_sweep, "rows": rows},
                                                         indent=2))
         return {"quant": rows}
+    if args.overhead_only:
+        res = launch(c, args.workers, args.out / "overhead.json", args.timeout)
+        print(res["overhead"])
+        return res
     res = launch(c, args.workers, args.out / "results.json", args.timeout)
     md = table(res)
     (args.out / "results.md").write_text(md + "\n")

@@ -192,11 +192,9 @@ class DiLoCo:
             self.comm.begin_sync()  # quorum of the live replicas; may heal this one from a peer
             k = self.current_fragment()
         frag = self.fragments[k]
-        # float32 pseudo-gradients (float64 for a float64 model), as the outer step reads them
-        grads = [b.to(p.device, _wide(p)) - p.to(_wide(p)) for (_, p), b in zip(frag, self.backup[k])]
         stats = self._stats(k) if self.merge.gathers and self._needs_stats() else None
         before = self.comm.stats.payload_bytes, self.comm.stats.wire_bytes
-        self.reducers[k].start(grads, stats, step=self.syncs)
+        self.reducers[k].start(self.backup[k], [p for _, p in frag], stats, step=self.syncs)
         self.comm.stats.per_sync.append((self.comm.stats.payload_bytes - before[0],
                                          self.comm.stats.wire_bytes - before[1]))
 
@@ -315,10 +313,6 @@ def inner_metric(optimizer: torch.optim.Optimizer, p: Tensor) -> Tensor:
             return metric_from_state(kind, state, group, shape=tuple(p.shape)).to(p.device)
     raise ValueError("a parameter of the model is not in the inner optimizer; give the inner "
                      "optimizer every parameter of the model")
-
-
-def _wide(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _backup_like(p: Tensor, device) -> Tensor:

@@ -108,19 +108,25 @@ class FragmentReducer:
         self.buckets = make_buckets(shapes_like, bucket_cap_bytes)
         self.pending: _Pending | None = None
 
-    def start(self, grads: list[Tensor], stats: list[Tensor] | None = None, *, step: int) -> None:
+    def start(self, globals_: list[Tensor], locals_: list[Tensor], stats: list[Tensor] | None = None, *,
+              step: int) -> None:
+        """Pseudo-gradients globals_[i] - locals_[i], written straight into flat bucket buffers (float32,
+        float64 for float64 parameters): one pass over the fragment, no per-tensor copies."""
         assert self.pending is None, "a fragment sync is already in flight"
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        flats = [_pseudo_gradient_bucket([globals_[i] for i in idx], [locals_[i] for i in idx])
+                 for idx in self.buckets]
+        finite = all(bool(torch.isfinite(f).all()) for f in flats)
         flags = torch.zeros(self.comm.world_size)
         rank = self.comm.rank
         if rank is not None:  # None: a torchft replica that is healing this step (it sends zeros)
             flags[rank] = 1.0 if finite else 0.0
         self.comm.all_reduce_sum(flags)
         if not finite:
-            grads = [torch.zeros_like(g) for g in grads]
+            for f in flats:
+                f.zero_()
+        grads = list(locals_)  # shapes only, from here on
         handles, results = [], []
-        for idx in self.buckets:
-            flat = flatten([grads[i] for i in idx])
+        for flat in flats:
             if not self.merge.gathers and self.quant == "none":
                 handles.append(self.comm.all_reduce_sum(flat, async_op=True))
                 results.append(flat)
@@ -159,7 +165,7 @@ class FragmentReducer:
             like = [p.grads[i] for i in idx]
             res = p.results[b]
             if not self.merge.gathers and self.quant == "none":
-                merged = unflatten(res / n_ok, like)
+                merged = unflatten(res.div_(n_ok), like)  # views of the reduced bucket
             else:
                 numel = sum(t.numel() for t in like)
                 rows = res if self.quant == "none" else torch.stack(
@@ -175,6 +181,22 @@ class FragmentReducer:
             for i, m in zip(idx, merged):
                 out[i] = m
         return out  # type: ignore[return-value]
+
+
+def _pseudo_gradient_bucket(globals_: Sequence[Tensor], locals_: Sequence[Tensor]) -> Tensor:
+    """Flat (sum numel,) buffer of globals_[i] - locals_[i], in float32 (float64 for float64 tensors)."""
+    dtype = torch.float64 if locals_[0].dtype == torch.float64 else torch.float32
+    flat = torch.empty(sum(t.numel() for t in locals_), dtype=dtype, device=locals_[0].device)
+    offset = 0
+    for g, x in zip(globals_, locals_):
+        n = x.numel()
+        out = flat[offset:offset + n].view(x.shape)
+        if g.dtype == x.dtype == dtype and g.device == x.device:
+            torch.sub(g, x.detach(), out=out)
+        else:  # other dtypes or a backup on another device: widen first, then subtract
+            torch.sub(g.to(x.device, dtype), x.detach().to(dtype), out=out)
+        offset += n
+    return flat
 
 
 def _ordered_mean(rows: Tensor) -> Tensor:
