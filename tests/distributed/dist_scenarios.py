@@ -190,7 +190,3 @@ def launch(n: int, name: str, out: Path, timeout: float = 120.0) -> list[dict]:
                 p.kill()
                 p.join(5)
     return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(n)]
-
-
-def env_ok() -> bool:
-    return os.environ.get("MERGELAB_SKIP_DIST") is None
