@@ -57,7 +57,7 @@ def merge(
     except (MergeError, ValueError, OSError) as exc:
         _fail(exc)
     if dry_run:
-        _print_plan(result)
+        _print_plan(result) if hasattr(result, "jobs") else out.print(str(result))
         return
     r = result
     out.print(f"[green]merged[/] {r.tensors} tensors ({r.merged} by {recipe.name}'s method, "
