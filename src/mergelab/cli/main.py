@@ -273,6 +273,10 @@ def demo(
         _fail(exc)
 
 
+from mergelab.cli import lora as _lora_cli  # noqa: E402  (registers extract-lora)
+_lora_cli.register(app)
+
+
 def main() -> None:
     """Entry point of the `mergelab` command."""
     app()

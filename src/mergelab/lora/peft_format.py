@@ -249,7 +249,7 @@ def _transposed(config: Mapping[str, Any], want: tuple[int, ...] | None, m: int,
 def write_adapter(out: str | os.PathLike, layers: Mapping[str, LoraLayer], *, base_model: str | None,
                   extra_config: Mapping[str, Any] | None = None,
                   modules_to_save: Mapping[str, torch.Tensor] | None = None, overwrite: bool = False,
-                  dtype: torch.dtype = torch.float32) -> Path:
+                  dtype: torch.dtype = torch.float32, extra_files: Mapping[str, str] | None = None) -> Path:
     """Write `layers` as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
 
     The scale is folded into B, so lora_alpha = r for every module (s = 1); ranks
@@ -259,6 +259,7 @@ def write_adapter(out: str | os.PathLike, layers: Mapping[str, LoraLayer], *, ba
     Args:
         modules_to_save: full tensors (base-model names, e.g. ``model.norm.weight``)
             stored for PEFT's modules_to_save.
+        extra_files: file name -> text written beside the weights (reports).
     """
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
@@ -297,11 +298,12 @@ def write_adapter(out: str | os.PathLike, layers: Mapping[str, LoraLayer], *, ba
         "inference_mode": True,
     }
     config.update(extra_config or {})
-    _write_folder(out, config, tensors, overwrite)
+    _write_folder(out, config, tensors, overwrite, extra_files or {})
     return out
 
 
-def _write_folder(out: Path, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool) -> None:
+def _write_folder(out: Path, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool,
+                  extra_files: Mapping[str, str]) -> None:
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -309,6 +311,8 @@ def _write_folder(out: Path, config: dict, tensors: dict[str, torch.Tensor], ove
     try:
         save_file(tensors, str(tmp / WEIGHT_NAMES[0]), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if out.exists():
             if not overwrite:
                 raise CheckpointError(f"{out} already exists; choose another output folder")
