@@ -184,3 +184,12 @@ def test_bad_adapters_are_refused_in_one_line_each(two, tmp_path):
     (other / "adapter_config.json").unlink()
     with pytest.raises(CheckpointError, match="not a PEFT adapter"):
         read_adapters([str(other)], None)
+
+
+def test_delta_rows_equal_rows_of_the_dense_update(two):
+    """The engine merges big tensors in row blocks: every layout's row block must equal the dense rows."""
+    for module, layer in read_adapter(two[0], _shapes()).layers.items():
+        full = layer.delta()
+        n = full.shape[0]
+        for start, stop in ((0, 1), (1, n), (n // 2, n)):
+            torch.testing.assert_close(layer.delta_rows(start, stop), full[start:stop])

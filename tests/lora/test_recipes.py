@@ -131,3 +131,25 @@ def test_recipe_errors_are_one_line_and_write_nothing(llama, tmp_path):
                         "models": [{"model": str(a), "parameters": {"weight": 1.0}}], "adapter": {"rank": 2}},
                        tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_applied_checkpoint_rows_and_cli_adapter_recipe(llama, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from mergelab.lora.applied import AppliedLoraCheckpoint
+
+    base, (a, _), (fa, _) = llama
+    ck = AppliedLoraCheckpoint(base, a)
+    name = "model.layers.0.mlp.down_proj.weight"
+    full = _sd(fa)[name]
+    torch.testing.assert_close(ck[name].double(), full, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ck.view(name, (3, 9)).double(), full[3:9], atol=1e-6, rtol=1e-5)
+    yml = tmp_path / "r.yml"
+    yml.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                   f"  - {{model: {a}, parameters: {{weight: 1.0}}}}\nadapter: {{combine: cat}}\n")
+    cmd = [sys.executable, "-m", "mergelab.cli", "merge", str(yml), str(tmp_path / "o"), "--quiet"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "o" / "adapter_config.json").is_file()
