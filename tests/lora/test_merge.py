@@ -193,3 +193,24 @@ def test_delta_rows_equal_rows_of_the_dense_update(two):
         n = full.shape[0]
         for start, stop in ((0, 1), (1, n), (n // 2, n)):
             torch.testing.assert_close(layer.delta_rows(start, stop), full[start:stop])
+
+
+@pytest.mark.parametrize("peft_kind, method, params", [
+    ("ties_svd", "ties", {"weight": 1.0, "density": 0.5}),
+    ("magnitude_prune_svd", "breadcrumbs", {"weight": [0.7, 1.3], "density": 0.5, "gamma": 0.0,
+                                            "rescale": False, "normalize": False}),
+])
+def test_sparsified_merges_match_peft_where_they_mean_the_same(tmp_path, peft_kind, method, params):
+    """PEFT's *_svd combinations sparsify the dense updates as mergelab does; at full rank they agree.
+
+    (PEFT's ties divides by the count of agreeing entries, mergelab's by their summed weights:
+    the same for unit weights. magnitude_prune is breadcrumbs without the outlier cut.)"""
+    a = make_adapter(tmp_path / "a", seed=8, r=3, alpha=4.0, targets=["q", "v"])
+    b = make_adapter(tmp_path / "b", seed=9, r=3, alpha=4.0, targets=["q", "v"])
+    merge_adapters([str(a), str(b)], tmp_path / "m", method=method, rank=6, **params)
+    weights = params["weight"] if isinstance(params["weight"], list) else [1.0, 1.0]
+    model = _peft_with([a, b])
+    model.add_weighted_adapter(["a0", "a1"], weights, "p", combination_type=peft_kind, svd_rank=6, density=0.5)
+    for module in ("q", "v"):
+        ref = model.base_model.model.get_submodule(module).get_delta_weight("p").double()
+        torch.testing.assert_close(_written_delta(tmp_path / "m", module), ref, atol=1e-5, rtol=1e-4)

@@ -139,7 +139,10 @@ def merge_lora_layers(method: str, adapters: Sequence[Mapping[str, LoraLayer]], 
             raise MergeError(f"module {module}: the adapters' updates have shapes {sorted(shapes)}; "
                              "they were trained on different base models and cannot be merged")
         p = params_for(module, idx) if params_for else _slice(params, idx, len(adapters))
-        result, path, energy = _one_module(method, layers, p, combine, rank, seed)
+        try:
+            result, path, energy = _one_module(method, layers, p, combine, rank, seed)
+        except MergeError as exc:
+            raise type(exc)(f"module {module}: {exc}") from None
         out[module] = result
         reports.append(LayerReport(module, idx, path, result.rank if isinstance(result, LoraLayer) else 0, energy))
     return out, reports
