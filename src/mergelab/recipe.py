@@ -67,6 +67,7 @@ class AdapterEntry(_Strict):
 
     rank: int | None = Field(None, ge=1)  # best rank-R approximation of the merged update
     combine: Literal["svd", "cat"] = "svd"  # cat: exact concatenation (linear-type merges)
+    align: Literal["knots"] | None = None  # knots: merge in the adapters' shared SVD basis
 
 
 class TokenizerEntry(_Strict):

@@ -214,3 +214,27 @@ def test_sparsified_merges_match_peft_where_they_mean_the_same(tmp_path, peft_ki
     for module in ("q", "v"):
         ref = model.base_model.model.get_submodule(module).get_delta_weight("p").double()
         torch.testing.assert_close(_written_delta(tmp_path / "m", module), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_knots_with_a_linear_method_is_the_plain_merge(two, tmp_path):
+    merge_adapters([str(p) for p in two], tmp_path / "k", method="task_arithmetic", rank=5, align="knots",
+                   weight=[0.6, -0.4])
+    for module in ("q", "c2", "g"):
+        hand = 0.6 * peft_delta(two[0], module) - 0.4 * peft_delta(two[1], module)
+        torch.testing.assert_close(_written_delta(tmp_path / "k", module), hand, atol=1e-5, rtol=1e-5)
+
+
+def test_knots_ties_against_a_dense_svd_of_the_concatenation(two, tmp_path):
+    """Reference: SVD of [dW_1 | dW_2] in float64, TIES on the V_i^T blocks, mapped back by U S."""
+    import mergelab
+
+    merge_adapters([str(p) for p in two], tmp_path / "k", method="ties", rank=8, align="knots",
+                   weight=1.0, density=0.5)
+    d = [peft_delta(p, "q") for p in two]  # (8, 6) each, ranks 3 and 2
+    u, s, vh = torch.linalg.svd(torch.cat(d, dim=1), full_matrices=False)
+    k = int((s > 1e-5 * s[0]).sum())  # the K = 5 directions the updates span (float32 noise below)
+    vts = [vh[:k, :6].float(), vh[:k, 6:].float()]
+    merged = mergelab.merge_tensors("ties", vts, base=torch.zeros_like(vts[0]), weight=1.0, density=0.5)
+    assert k == 5
+    ref = (u[:, :k] * s[:k]) @ merged.double()
+    torch.testing.assert_close(_written_delta(tmp_path / "k", "q"), ref, atol=1e-5, rtol=1e-4)

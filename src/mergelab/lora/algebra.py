@@ -82,3 +82,29 @@ def captured_energy(s: torch.Tensor, rank: int) -> float:
     """Share of the update's squared Frobenius norm kept by its top `rank` singular values."""
     total = float((s.double() ** 2).sum())
     return 1.0 if total == 0 else float((s[:rank].double() ** 2).sum()) / total
+
+
+def knots_basis(bs: list[torch.Tensor], as_: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """KnOTS: a shared SVD basis for N low-rank updates, without forming any of them.
+
+        [B_1 A_1 | ... | B_N A_N] = U S [V_1^T | ... | V_N^T],   so  B_i A_i = (U S) V_i^T.
+
+    B_cat = Q_b R_b and A_i^T = Q_i R_i (thin QR); the K x K core R_b blockdiag(R_i)^T = U' S V'^T;
+    then U S = Q_b U' S and V_i^T = V'^T[:, block i] Q_i^T. Stoica, Ramesh, Ecsedi, Choshen,
+    Hoffman, 2024, "Model merging with SVD to tie the KnOTS", arXiv:2410.19735.
+
+    Args:
+        bs: (m, r_i) factors.  as_: (r_i, n) factors.
+    Returns:
+        US (m, k) and the list of V_i^T (k, n), k = min(m, K), K = sum_i r_i.
+    """
+    qb, rb = torch.linalg.qr(torch.cat(bs, dim=1))  # (m, p), (p, K)
+    qs, rs = zip(*[torch.linalg.qr(a.T) for a in as_])  # (n, q_i), (q_i, r_i)
+    core = rb.double() @ torch.block_diag(*[r.double() for r in rs]).T  # (p, sum q_i)
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)  # (p, k), (k,), (k, sum q_i)
+    us = qb @ (u * s).to(qb.dtype)  # (m, k)
+    vts, start = [], 0
+    for q in qs:
+        vts.append(vh[:, start:start + q.shape[1]].to(q.dtype) @ q.T)  # (k, n)
+        start += q.shape[1]
+    return us, vts

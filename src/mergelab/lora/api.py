@@ -96,7 +96,7 @@ def _notes(infos: Sequence[AdapterInfo], reports: Sequence[LayerReport]) -> list
 
 def merge_adapters(adapters: Sequence[str], out: str | Path, *, method: str = "linear", rank: int | None = None,
                    combine: str = "svd", base: str | None = None, seed: int | None = None,
-                   overwrite: bool = False, **params: Any) -> AdapterMergeReport:
+                   align: str | None = None, overwrite: bool = False, **params: Any) -> AdapterMergeReport:
     """Merge PEFT adapter folders into one PEFT adapter at `out`.
 
     Args:
@@ -105,12 +105,13 @@ def merge_adapters(adapters: Sequence[str], out: str | Path, *, method: str = "l
         rank: R for combine="svd": the best rank-R approximation of the merged update.
         combine: "svd" or "cat" (exact concatenation; linear-type methods).
         base: the base model, to check every adapted module against it (optional).
+        align: None, or "knots" (merge in the adapters' shared SVD basis, arXiv:2410.19735).
         **params: the method's parameters, scalars or one value per adapter (as merge_tensors).
     """
     start = time.perf_counter()
     infos = read_adapters([str(a) for a in adapters], base)
     layers, reports = merge_lora_layers(method, [i.layers for i in infos], combine=combine, rank=rank,
-                                        seed=seed, **params)
+                                        seed=seed, align=align, **params)
     write_adapter(out, layers, base_model=base or infos[0].base_model, overwrite=overwrite)
     return AdapterMergeReport(Path(out), reports, _notes(infos, reports), time.perf_counter() - start)
 
@@ -163,6 +164,7 @@ def merge_adapter_recipe(rec, out_dir: str | Path, *, seed: int | None = None, o
     if Path(out_dir).exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists; choose another output folder or allow overwriting")
     layers, reports = merge_lora_layers(rec.merge_method, layers_in, combine=combine, rank=rank,
-                                        seed=seed if seed is not None else rec.seed, params_for=params_for)
+                                        seed=seed if seed is not None else rec.seed, params_for=params_for,
+                                        align=rec.adapter.align)
     write_adapter(out_dir, layers, base_model=rec.base_model or infos[0].base_model, overwrite=overwrite)
     return AdapterMergeReport(Path(out_dir), reports, _notes(infos, reports), time.perf_counter() - start)

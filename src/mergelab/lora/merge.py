@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from mergelab.errors import MergeError
-from mergelab.lora.algebra import captured_energy, stack_factors, truncate_dense, truncate_factored
+from mergelab.lora.algebra import captured_energy, knots_basis, stack_factors, truncate_dense, truncate_factored
 from mergelab.lora.peft_format import LoraLayer
 
 __all__ = ["LINEAR_METHODS", "linear_coefficients", "merge_lora_layers", "LayerReport"]
@@ -83,9 +83,37 @@ def merge_dense(method: str, layers: Sequence[LoraLayer], params: Mapping[str, A
     return merge_tensors(method, deltas, base=base, seed=seed, name=layers[0].weight_name, **params)
 
 
+def merge_knots(method: str, layers: Sequence[LoraLayer], params: Mapping[str, Any], *,
+                seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """KnOTS: merge the updates' coordinates V_i^T in their shared SVD basis, then map back.
+
+        dW = (U S) method(V_1^T, ..., V_N^T)      (see algebra.knots_basis)
+
+    Any method applies; its inputs are the (k, n) V_i^T as task vectors over a zero base.
+    With a linear method this equals merging the updates directly. arXiv:2410.19735.
+
+    Returns:
+        (B (m, k), A (k, n)) with B @ A the merged update as an (m, n) matrix.
+    """
+    from mergelab.api import merge_tensors
+
+    us, vts = knots_basis([x.B for x in layers], [x.A for x in layers])
+    base = torch.zeros_like(vts[0]) if _base_policy(method) != "ignored" else None
+    merged = merge_tensors(method, vts, base=base, seed=seed, name=layers[0].weight_name, **params)
+    return us, merged
+
+
 def _one_module(method: str, layers: list[LoraLayer], params: Mapping[str, Any], combine: Combine,
-                rank: int | None, seed: int | None) -> tuple[LoraLayer | torch.Tensor, str, float]:
+                rank: int | None, seed: int | None, align: str | None = None) -> tuple[LoraLayer | torch.Tensor, str, float]:
     ref = layers[0]
+    if align == "knots":
+        if combine == "cat":
+            raise MergeError("KnOTS merges in a shared basis; write it with `rank: R` (or as a full model), not cat")
+        b, a = merge_knots(method, layers, params, seed=seed)  # (m, k), (k, n)
+        if combine == "full":
+            return ref.to_weight(b @ a), "knots", 1.0
+        bk, ak, s = truncate_factored(b, a, rank)
+        return dataclasses.replace(ref, A=ak, B=bk), "knots", captured_energy(s, rank)
     coefs = linear_coefficients(method, len(layers), params)
     if coefs is not None:
         b, a = stack_factors([x.B for x in layers], [x.A for x in layers], coefs)  # (m, K), (K, n)
@@ -106,7 +134,7 @@ def _one_module(method: str, layers: list[LoraLayer], params: Mapping[str, Any],
 
 
 def merge_lora_layers(method: str, adapters: Sequence[Mapping[str, LoraLayer]], *, combine: Combine = "svd",
-                      rank: int | None = None, seed: int | None = None,
+                      rank: int | None = None, seed: int | None = None, align: str | None = None,
                       params_for: Callable[[str, list[int]], Mapping[str, Any]] | None = None,
                       **params: Any) -> tuple[dict[str, LoraLayer | torch.Tensor], list[LayerReport]]:
     """Merge the layers of several adapters module by module (state-dict level).
@@ -120,12 +148,15 @@ def merge_lora_layers(method: str, adapters: Sequence[Mapping[str, LoraLayer]], 
         combine: "svd" (best rank-`rank` approximation), "cat" (exact concatenation,
             linear-type methods only) or "full" (dense update in the weight's shape).
         rank: R for combine="svd".
+        align: None, or "knots": merge in the adapters' shared SVD basis (merge_knots).
         params_for: (module, adapter indices) -> parameters for that module; default: `params`
             (scalars, or one value per adapter, sliced to the adapters that have the module).
 
     Returns:
         (module -> LoraLayer, or dense update tensor for "full"), per-module reports.
     """
+    if align not in (None, "knots"):
+        raise MergeError(f"align must be None or 'knots', got {align!r}")
     if combine == "svd" and (rank is None or rank < 1):
         raise MergeError("an adapter output needs `rank: R` (R >= 1) or `combine: cat`")
     modules = sorted({m for ad in adapters for m in ad})
@@ -140,7 +171,7 @@ def merge_lora_layers(method: str, adapters: Sequence[Mapping[str, LoraLayer]], 
                              "they were trained on different base models and cannot be merged")
         p = params_for(module, idx) if params_for else _slice(params, idx, len(adapters))
         try:
-            result, path, energy = _one_module(method, layers, p, combine, rank, seed)
+            result, path, energy = _one_module(method, layers, p, combine, rank, seed, align)
         except MergeError as exc:
             raise type(exc)(f"module {module}: {exc}") from None
         out[module] = result
