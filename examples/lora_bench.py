@@ -168,7 +168,8 @@ def minilm(n: int, r: int, rank: int, fast: bool) -> dict:
                 got = model.base_model.model.get_submodule(name).get_delta_weight(adapter).double()
                 rel = float(torch.linalg.matrix_norm(got - want) / torch.linalg.matrix_norm(want))
                 worst[key] = max(worst[key], rel)
-    return {"adapters": n, "r": r, "rank": rank, "layers": count, "mergelab_svd_s": t_ml_svd,
+    return {"adapters": n, "r": r, "rank": rank, "layers": count, "threads": torch.get_num_threads(),
+            "mergelab_svd_s": t_ml_svd,
             "mergelab_cat_s": t_ml_cat, "peft_svd_s": t_pf_svd, "peft_cat_s": t_pf_cat,
             "worst_rel_err": worst}
 
@@ -198,7 +199,10 @@ def main() -> None:
     ap.add_argument("--fast", action="store_true", help="small sizes (seconds)")
     ap.add_argument("--out", type=Path, default=Path("docs/img/lora"))
     ap.add_argument("--part", choices=["one-layer", "minilm", "all"], default="all")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both tools (1: stable timings on a shared machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_fast" if args.fast else ""
     if args.part in ("one-layer", "all"):
