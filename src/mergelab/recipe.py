@@ -475,8 +475,10 @@ def _path_problems(r: Recipe, check_paths: bool) -> list[str]:
         seen.add(path)
         lora = split_lora_reference(path)
         if lora is not None:
-            out += [f"{where}: '{ref}' ({what} of model+lora) does not exist" for what, part
-                    in zip(("the model", "the adapter"), lora) if not Path(part).exists()]
+            missing = [f"{what} '{part}'" for what, part in zip(("the model", "the adapter"), lora)
+                       if not Path(part).exists()]
+            if missing:
+                out.append(f"{where}: '{ref}' (model+lora): {' and '.join(missing)} not found")
             if Path(lora[1]).exists() and not is_peft_adapter(lora[1]):
                 out.append(f"{where}: '{lora[1]}' after '+' is not a PEFT adapter folder (no adapter_config.json)")
         elif "@" in ref:

@@ -116,7 +116,7 @@ def test_cat_adapter_recipe_matches_full_model_recipe(llama, tmp_path):
 
 def test_recipe_errors_are_one_line_and_write_nothing(llama, tmp_path):
     base, (a, _), _ = llama
-    with pytest.raises(RecipeError, match="adapter.*does not exist"):
+    with pytest.raises(RecipeError, match="model\\+lora.*the adapter .* not found"):
         mergelab.merge({"merge_method": "linear", "models": [{"model": f"{base}+{tmp_path}/nope",
                                                               "parameters": {"weight": 1.0}}]}, tmp_path / "o")
     with pytest.raises(CheckpointError, match="needs `base_model:`"):
