@@ -119,3 +119,18 @@ def test_cli_extract_and_one_line_error(pair, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_bad_arguments_fail_before_reading(pair, tmp_path):
+    from mergelab.errors import MergeError
+
+    with pytest.raises(MergeError, match="rank"):
+        extract(pair / "ft", pair / "base", tmp_path / "a", rank=0)
+    with pytest.raises(MergeError, match="svd"):
+        extract(pair / "ft", pair / "base", tmp_path / "a", rank=2, svd="exact")
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeError, match="CUDA"):
+            extract(pair / "ft", pair / "base", tmp_path / "a", rank=2, device="cuda")
+    with pytest.raises(MergeError, match="input"):
+        extract(pair / "ft", pair / "base", pair / "ft", rank=2, overwrite=True)
+    assert not (tmp_path / "a").exists()
