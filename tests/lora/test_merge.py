@@ -242,3 +242,9 @@ def test_knots_ties_against_a_dense_svd_of_the_concatenation(two, tmp_path):
     assert k == 5
     ref = (u[:, :k] * s[:k]) @ merged.double()
     torch.testing.assert_close(_written_delta(tmp_path / "k", "q"), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_adapter_for_a_module_the_base_lacks(two):
+    shapes = {k: v for k, v in _shapes().items() if not k.startswith("c1.")}
+    with pytest.raises(CheckpointError, match="adapts module c1, which the base model lacks"):
+        read_adapter(two[0], shapes)

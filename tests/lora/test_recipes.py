@@ -153,3 +153,11 @@ def test_applied_checkpoint_rows_and_cli_adapter_recipe(llama, tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "o" / "adapter_config.json").is_file()
+
+
+def test_an_adapter_as_base_model_is_refused(llama, tmp_path):
+    base, (a, b), _ = llama
+    with pytest.raises(CheckpointError, match="is a LoRA adapter, not a model"):
+        mergelab.merge({"merge_method": "task_arithmetic", "base_model": str(a),
+                        "models": [{"model": str(b), "parameters": {"weight": 1.0}}]}, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -28,6 +28,9 @@ class AppliedLoraCheckpoint(Checkpoint):
     """
 
     def __init__(self, model: str | os.PathLike, adapter: str | os.PathLike):
+        if is_peft_adapter(model):
+            raise CheckpointError(f"{model} is a LoRA adapter, not a model; an adapter applies to the full "
+                                  f"model it was trained on (as base_model, or `model+{adapter}`)")
         super().__init__(model)
         self.adapter_path = Path(adapter)
         shapes = {name: self.shape(name) for name in self}
