@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -111,13 +108,16 @@ def test_include_embeddings(pair, tmp_path):
 
 
 def test_cli_extract_and_one_line_error(pair, tmp_path):
-    cmd = [sys.executable, "-m", "mergelab.cli", "extract-lora", str(pair / "ft"), str(pair / "base"),
-           str(tmp_path / "ad"), "--rank", "2", "--quiet"]
-    ok = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
-    assert ok.returncode == 0, ok.stderr
+    from typer.testing import CliRunner
+
+    from mergelab.cli.main import app
+
+    args = ["extract-lora", str(pair / "ft"), str(pair / "base"), str(tmp_path / "ad"), "--rank", "2", "--quiet"]
+    ok = CliRunner().invoke(app, args)
+    assert ok.exit_code == 0, ok.output
     assert (tmp_path / "ad" / "adapter_model.safetensors").is_file() and "left out" in ok.stdout
-    again = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
 
 

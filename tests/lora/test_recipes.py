@@ -134,10 +134,6 @@ def test_recipe_errors_are_one_line_and_write_nothing(llama, tmp_path):
 
 
 def test_applied_checkpoint_rows_and_cli_adapter_recipe(llama, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     from mergelab.lora.applied import AppliedLoraCheckpoint
 
     base, (a, _), (fa, _) = llama
@@ -149,9 +145,12 @@ def test_applied_checkpoint_rows_and_cli_adapter_recipe(llama, tmp_path):
     yml = tmp_path / "r.yml"
     yml.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
                    f"  - {{model: {a}, parameters: {{weight: 1.0}}}}\nadapter: {{combine: cat}}\n")
-    cmd = [sys.executable, "-m", "mergelab.cli", "merge", str(yml), str(tmp_path / "o"), "--quiet"]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
-    assert run.returncode == 0, run.stderr
+    from typer.testing import CliRunner
+
+    from mergelab.cli.main import app
+
+    run = CliRunner().invoke(app, ["merge", str(yml), str(tmp_path / "o"), "--quiet"])
+    assert run.exit_code == 0, run.output
     assert (tmp_path / "o" / "adapter_config.json").is_file()
 
 
