@@ -112,7 +112,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("docs/img/lora"))
     ap.add_argument("--fast", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="redraw the PNG from the saved JSON, train nothing")
     args = ap.parse_args()
+    if args.replot:
+        name = "tasks_fast" if args.fast else "tasks"
+        plot(json.loads((args.out / f"{name}.json").read_text())["rows"], args.out / f"{name}.png")
+        return
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
 
@@ -188,7 +193,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("held-out accuracy")
     ax.set_xlim(0, 1)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
