@@ -279,7 +279,7 @@ def test_schema_mistakes_explained(toy, dirs):
     assert _problems({"models": [], "colour": 1}) == [
         "merge_method is missing; add `merge_method: NAME` (`mergelab methods` lists them)",
         "colour is not a recipe field. Fields here: merge_method, base_model, models, slices, parameters, dtype, "
-        "out_dtype, tokenizer_source, tokenizer, chat_template, name, vocab_mismatch, seed, base_stats."]
+        "out_dtype, tokenizer_source, tokenizer, chat_template, name, vocab_mismatch, seed, base_stats, adapter."]
 
 
 def test_every_problem_is_reported_at_once(toy, dirs):
@@ -419,8 +419,8 @@ def test_model_references(toy, dirs):
     problems = _problems(d)
     assert any(p.startswith("models[0].model: 'meta-llama/Llama-3-8B' is not a local path") and
                "downloads nothing" in p for p in problems)
-    assert any(p.startswith("models[1].model:") and "LoRA reference (model+lora), not supported yet" in p
-               for p in problems)
+    assert any(p.startswith("models[1].model:") and "after '+' is not a PEFT adapter folder" in p
+               for p in problems)  # model+lora needs an adapter after the '+' (tests/lora test the rest)
     assert any(p.startswith("base_model: 'org/model@main' names a hub revision") for p in problems)
     d = _ties(dirs)
     d["models"][0]["model"] = "./nowhere"

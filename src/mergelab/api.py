@@ -175,6 +175,12 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
     shard_size = parse_size(out_shard_size)
     resolve_device(device)
     rec = load_recipe(recipe)
+    if rec.adapter is not None:  # inputs are LoRA adapters, the output is one too (mergelab.lora)
+        from mergelab.lora.api import merge_adapter_recipe
+
+        return merge_adapter_recipe(rec, out_dir, seed=seed, overwrite=overwrite, dry_run=dry_run)
+    from mergelab.lora.applied import open_input
+
     checkpoints: dict[str, Checkpoint] = {}
     problems = []
     stats_paths = [src.stats for sl in rec.output_slices() for src in sl.sources if getattr(src, "stats", None)]
@@ -184,7 +190,7 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
         if path in checkpoints:
             continue
         try:
-            checkpoints[path] = Checkpoint(path)
+            checkpoints[path] = open_input(path, rec.base)  # model+lora and adapters over base_model
         except CheckpointError as exc:
             problems.append(str(exc))
     if problems:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from mergelab.checkpoint.reader import parse_dtype
 from mergelab.errors import RecipeError
+from mergelab.lora.peft_format import is_peft_adapter, split_lora_reference
 from mergelab.methods import REGISTRY, MethodSpec
 from mergelab.recipe_params import Setting, evaluate_setting, method_fields, recipe_parameter_problems, suggest
 
@@ -60,6 +61,14 @@ class SliceEntry(_Strict):
     parameters: dict[str, Setting] | None = None
     base_model: str | None = None
     residual_weight: float | None = None  # accepted as MergeKit 0.1.5 does; it has no effect there either
+
+
+class AdapterEntry(_Strict):
+    """mergelab: write a PEFT adapter instead of a model (inputs are LoRA adapters; see mergelab.lora)."""
+
+    rank: int | None = Field(None, ge=1)  # best rank-R approximation of the merged update
+    combine: Literal["svd", "cat"] = "svd"  # cat: exact concatenation (linear-type merges)
+    align: Literal["knots"] | None = None  # knots: merge in the adapters' shared SVD basis
 
 
 class TokenizerEntry(_Strict):
@@ -102,6 +111,7 @@ class Recipe(_Strict):
     vocab_mismatch: Literal["error", "resize"] = "error"  # mergelab
     seed: int | None = None  # mergelab
     base_stats: str | None = None  # mergelab: the base model's statistics, for methods that use them
+    adapter: AdapterEntry | None = None  # mergelab: LoRA adapter output
 
     _source_name: str = PrivateAttr("<recipe>")
     _paths: dict[str, str] = PrivateAttr(default_factory=dict)  # model reference -> resolved path
@@ -342,7 +352,7 @@ def _short(text: str, limit: int = 300) -> str:
 _OWNERS: dict[str, type[BaseModel]] = {"models": ModelEntry, "slices": SliceEntry, "sources": SourceEntry,
                                        "tokenizer": TokenizerEntry}
 _PRUNABLE = {"parameters", "stats", "residual_weight", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
-             "chat_template", "name", "vocab_mismatch", "seed"}
+             "chat_template", "name", "vocab_mismatch", "seed", "adapter"}
 
 
 def _validate_schema(data: dict, problems: list[str]) -> Recipe | None:
@@ -434,6 +444,9 @@ def _references(r: Recipe) -> list[tuple[str, str]]:
 def _resolve(ref: str, folder: Path | None) -> str:
     # The current folder first, then the recipe's folder; what exists nowhere stays as written.
     p = Path(ref).expanduser()
+    lora = split_lora_reference(ref)
+    if lora is not None and not p.exists():  # MergeKit's model+lora: each part resolves on its own
+        return "+".join(_resolve(part, folder) for part in lora)
     if p.is_absolute():
         return os.path.normpath(p)
     if p.exists():
@@ -515,7 +528,8 @@ def _method_problems(r: Recipe) -> list[str]:
                            "source with the layer_range to take from it")
     elif spec.base == "required" and not r.base:
         out.append(f"base_model: {spec.name} needs a base model; add `base_model: PATH`")
-    elif not uses_base and r.base and r.base not in [r.resolve(m.model) for m in r.models or []]:
+    elif not uses_base and r.base and r.base not in [r.resolve(m.model) for m in r.models or []] \
+            and not any(is_peft_adapter(r.resolve(m.model)) for m in r.models or []):
         # MergeKit would add it as one more merged model; say so instead of quietly doing either.
         out.append(f"base_model: {spec.name} uses no base model and '{r.base_model}' is not under `models:`; "
                    "MergeKit would merge it as one more model. List it under `models:` or remove base_model")
@@ -538,9 +552,14 @@ def _path_problems(r: Recipe, check_paths: bool) -> list[str]:
         if path in seen or Path(path).exists():
             continue
         seen.add(path)
-        if "+" in ref:
-            out.append(f"{where}: '{ref}' is a MergeKit LoRA reference (model+lora), not supported yet; "
-                       "merge the adapter into its model first (peft's merge_and_unload) and give that folder")
+        lora = split_lora_reference(path)
+        if lora is not None:
+            missing = [f"{what} '{part}'" for what, part in zip(("the model", "the adapter"), lora)
+                       if not Path(part).exists()]
+            if missing:
+                out.append(f"{where}: '{ref}' (model+lora): {' and '.join(missing)} not found")
+            if Path(lora[1]).exists() and not is_peft_adapter(lora[1]):
+                out.append(f"{where}: '{lora[1]}' after '+' is not a PEFT adapter folder (no adapter_config.json)")
         elif "@" in ref:
             out.append(f"{where}: '{ref}' names a hub revision (model@revision); mergelab reads local "
                        "paths only and downloads nothing: download that revision and give its folder")

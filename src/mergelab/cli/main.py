@@ -69,7 +69,7 @@ def merge(
                                 overwrite=overwrite, dry_run=dry_run, show_progress=not quiet,
                                 allow_nonfinite=allow_nonfinite)
     if dry_run:
-        _print_plan(result)
+        _print_plan(result) if hasattr(result, "jobs") else out.print(str(result))
         return
     r = result
     out.print(f"[green]merged[/] {r.tensors} tensors ({r.merged} by {recipe.name}'s method, "
@@ -302,6 +302,10 @@ def _terminate(signum, frame) -> None:
     # SIGTERM unwinds like Ctrl-C: every writer's context removes its temporary folder.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise SystemExit(128 + signum)
+
+
+from mergelab.cli import lora as _lora_cli  # noqa: E402  (registers extract-lora)
+_lora_cli.register(app)
 
 
 def main() -> None:
