@@ -42,7 +42,7 @@ def _recipe(method: str, p: dict[str, Path]) -> dict:
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties"])
 def test_in_memory_equals_written_merge_bit_for_bit(family, tmp_path, monkeypatch, method):
     # Small chunks: big tensors are merged in row chunks, each with its own generator key.
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 512)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1024)
     recipe = _recipe(method, family)
     mergelab.merge(recipe, tmp_path / "out", seed=7)
     written = _written(tmp_path / "out")

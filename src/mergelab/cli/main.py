@@ -273,6 +273,9 @@ def demo(
         _fail(exc)
 
 
+from mergelab.cli.search import register as _register_search; _register_search(app)  # noqa: E402,E702
+
+
 def main() -> None:
     """Entry point of the `mergelab` command."""
     app()
