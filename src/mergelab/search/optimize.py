@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ SAMPLERS = ("auto", "cmaes", "tpe", "nsga2", "random")
 @dataclasses.dataclass
 class SearchSettings:
     budget: int  # finished trials (complete or failed) the study should hold
-    storage: str  # optuna storage URL, e.g. sqlite:///out/study.db
+    storage: str | None  # optuna RDB URL, e.g. sqlite:///out/study.db; None: in memory (not resumable)
     study_name: str = "mergelab-search"
     sampler: str = "auto"
     workers: int = 1
@@ -81,7 +82,7 @@ def make_sampler(name: str, seed: int | None, n_params: int):
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, warn_independent_sampling=False)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, 4 * n_params))
     return optuna.samplers.RandomSampler(seed=seed)
@@ -99,8 +100,12 @@ def open_study(s: SearchSettings, sampler_name: str, key: str, directions: list[
     from optuna.storages import RDBStorage, RetryFailedTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = RDBStorage(s.storage, heartbeat_interval=s.heartbeat_s, grace_period=2 * s.heartbeat_s,
-                         failed_trial_callback=RetryFailedTrialCallback(max_retry=s.max_retry))
+    storage = None
+    if s.storage is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            storage = RDBStorage(s.storage, heartbeat_interval=s.heartbeat_s, grace_period=2 * s.heartbeat_s,
+                                 heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=s.max_retry))
     study = optuna.create_study(storage=storage, study_name=s.study_name, load_if_exists=True,
                                 directions=directions, sampler=make_sampler(sampler_name, s.seed, n_params))
     have = study.user_attrs.get("mergelab_space")
@@ -134,7 +139,7 @@ def suggest(trial, params: Sequence[SearchParam]) -> dict[str, float]:
 
 @dataclasses.dataclass
 class SearchResult:
-    trials: list[dict[str, Any]]  # number, state, params, metrics, values, error
+    trials: list[dict[str, Any]]  # number, state, params, metrics, values, error, seconds, retry_of
     objectives: list[Objective]
     best: list[int]  # trial numbers: the best (one objective) or the Pareto set (several)
     sampler: str
@@ -155,7 +160,8 @@ def collect(study, objectives: Sequence[Objective], sampler: str) -> SearchResul
     for t in study.trials:
         rows.append({"number": t.number, "state": t.state.name, "params": dict(t.params),
                      "metrics": t.user_attrs.get("metrics"), "values": t.values, "error": t.user_attrs.get("error"),
-                     "seconds": t.duration.total_seconds() if t.duration else None})
+                     "seconds": t.duration.total_seconds() if t.duration else None,
+                     "retry_of": t.system_attrs.get("failed_trial")})  # a dead worker's candidate, run again
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         best: list[int] = []
