@@ -279,7 +279,8 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
     return report
 
 
-def execute_into(plan: Plan, outputs, *, device: str = "cpu", seed: int | None = None) -> None:
+def execute_into(plan: Plan, outputs, *, device: str = "cpu", seed: int | None = None,
+                 keep_inputs: bool = False) -> None:
     """Run `plan` into preallocated tensors instead of a checkpoint (in-memory candidates).
 
     `outputs` maps each output tensor's name to a tensor of its shape (e.g. the
@@ -287,6 +288,8 @@ def execute_into(plan: Plan, outputs, *, device: str = "cpu", seed: int | None =
     job's result is copied into it, chunk by chunk as execute() computes it,
     with the same jobs, chunks and generators, so the numbers are those
     execute() writes. A dtype that differs from the job's is converted by copy_.
+    keep_inputs: leave the inputs' pages mapped after each job (a search merges the
+    same inputs again and again; unmapping them would fault every page in anew).
     """
     dev = resolve_device(device)
     from mergelab.errors import MergeError, ShapeMismatch
@@ -303,6 +306,7 @@ def execute_into(plan: Plan, outputs, *, device: str = "cpu", seed: int | None =
     with torch.no_grad():
         for job, rows in _work_items(plan):
             out = compute(plan, job, reader.inputs(job, rows), dev, seed, rows)
-            reader.release(job, rows)
+            if not keep_inputs:
+                reader.release(job, rows)
             target = outputs[job.name]
             (target if rows is None else target[rows[0]:rows[1]]).copy_(out)

@@ -107,7 +107,8 @@ class InMemoryModel:
         from mergelab.engine import execute_into
 
         fitted, self.left_out = fit_plan(plan, self.sink_for(plan))
-        execute_into(fitted, self.sink_for(plan), device=device, seed=seed)
+        # The same inputs serve every candidate: their pages stay mapped (page cache, reclaimable).
+        execute_into(fitted, self.sink_for(plan), device=device, seed=seed, keep_inputs=True)
 
 
 @dataclasses.dataclass
