@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -36,14 +37,16 @@ def recipes(base: Path, a: Path, b: Path) -> dict[str, dict]:
     }
 
 
-def _timed(fn, repeats: int) -> tuple[float, object]:
+def _timed(fn, repeats: int) -> tuple[float, float, object]:
+    """Median wall seconds and median CPU seconds of this process (all threads) over `repeats` calls."""
     result = fn()  # warm-up: page cache, allocator, lazy imports
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu), result
 
 
 def measure(name: str, base: Path, a: Path, b: Path, auto_cls, dtype: torch.dtype, repeats: int) -> list[dict]:
@@ -67,13 +70,14 @@ def measure(name: str, base: Path, a: Path, b: Path, auto_cls, dtype: torch.dtyp
                 mergelab.merge(recipe, work / "cand", seed=0, overwrite=True)
                 return auto_cls.from_pretrained(work / "cand", dtype=dtype)
 
-            mem_s, _ = _timed(in_memory, repeats)
-            disk_s, loaded = _timed(on_disk, repeats)
+            mem_s, mem_cpu, _ = _timed(in_memory, repeats)
+            disk_s, disk_cpu, loaded = _timed(on_disk, repeats)
             want, got = loaded.state_dict(), template.state_dict()
             same = all(torch.equal(want[k], got[k]) for k in want)
             numel = sum(t.numel() for t in template.state_dict().values())
             rows.append({"models": name, "method": method, "params": numel, "in_memory_s": mem_s,
-                         "write_and_load_s": disk_s, "speedup": disk_s / mem_s, "bit_identical": same,
+                         "write_and_load_s": disk_s, "speedup": disk_s / mem_s, "in_memory_cpu_s": mem_cpu,
+                         "write_and_load_cpu_s": disk_cpu, "bit_identical": same, "load_average": os.getloadavg()[0],
                          "template_build_s": build_s, "left_out": model.left_out})
             print(json.dumps(rows[-1]), flush=True)
     finally:

@@ -194,7 +194,7 @@ def test_cli_search_soup_and_sweep(unit_models, tmp_path):
 
     m = write_vectors(tmp_path, vecs)
     res = _cli("soup", *[m[k] for k in "ABCD"], tmp_path / "soup", "--greedy", "--eval", toy_spec("neg_dist"),
-               "--objective", "score", "--quiet", cwd=tmp_path)
+               "--quiet", cwd=tmp_path)
     assert res.exit_code == 0, res.output
     steps = json.loads((tmp_path / "soup.soup.json").read_text())
     assert steps["members"] == [str(m["D"]), str(m["B"])]

@@ -59,6 +59,17 @@ def test_greedy_soup_minimising_a_loss_keeps_improving_models(tmp_path):
     assert r.metrics["loss"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_the_objective_defaults_to_the_evaluators_only_metric(soup_models):
+    paths = [str(soup_models[k]) for k in "ABCD"]
+    r = greedy_soup(paths, _scorer(paths[0], "neg_dist"), None)  # "score": maximised by its name
+    assert r.objective == Objective("score", True)
+    assert r.members == [str(soup_models["D"]), str(soup_models["B"])]
+    with pytest.raises(MergeError, match=r"several metrics \(x_score, y_score\); choose"):
+        greedy_soup(paths, _scorer(paths[0], "coords"), None)
+    with pytest.raises(MergeError, match="'acc' is not among"):
+        uniform_soup(paths, _scorer(paths[0], "neg_dist"), Objective("acc", True))
+
+
 def test_a_soup_needs_two_distinct_models(soup_models):
     p = str(soup_models["A"])
     with pytest.raises(MergeError, match="at least two"):

@@ -101,19 +101,22 @@ def soup(
         for p in (out_dir, json_out, plot):
             rp.check_new(p, overwrite, protected=models)
         objs = _objectives(objective, spec)
-        if len(objs) != 1:
+        if len(objs) > 1:
             raise MergeError("a soup is chosen by one metric; give one --objective METRIC[:max|:min]")
         scorer, _ = _scorer(o, models[0], 1, None)
+        shown = objs[0].metric if objs else None
         n = 2 * len(models) - 1 if greedy else len(models) + 1
         with rp.CountProgress(n, "greedy soup" if greedy else "uniform soup", enabled=not quiet) as bar:
             def score(recipe: dict, label: str) -> dict[str, float]:
                 m = scorer(recipe, label)
-                bar.advance(f"{label}: {objs[0].metric} {m.get(objs[0].metric, float('nan')):.4f}")
+                key = shown or (next(iter(m)) if len(m) == 1 else None)
+                bar.advance(f"{label}: {key} {m[key]:.4f}" if key in m else label)
                 return m
 
             paths = [str(m) for m in models]
-            result = (greedy_soup(paths, score, objs[0], dtype=dtype) if greedy
-                      else uniform_soup(paths, score, objs[0], dtype=dtype))
+            obj = objs[0] if objs else None
+            result = (greedy_soup(paths, score, obj, dtype=dtype) if greedy
+                      else uniform_soup(paths, score, obj, dtype=dtype))
         scorer.close()
         _report_left_out(scorer)
         out.print(rp.soup_table(result))
@@ -123,7 +126,7 @@ def soup(
         rp.write_json(json_out, {**result.to_dict(), "evaluator": spec, "out": str(out_dir)})
         rp.plot_soup(result, plot)
         name, value = result.best_single
-        key = objs[0].metric
+        key = result.objective.metric
         out.print(f"[green]{result.kind} soup[/] of {len(result.members)}/{len(models)} models: {key} "
                   f"{result.metrics[key]:.4f} (best single {value:.4f}, {name}); written to {out_dir}; "
                   f"steps in {json_out} and {plot}", soft_wrap=True, highlight=False)

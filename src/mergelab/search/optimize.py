@@ -16,7 +16,7 @@ each candidate is merged in memory, and the study lives in an optuna storage:
   same study through a shared RDB URL (optuna's distributed mode);
 - fault tolerant: a candidate whose merge or evaluation fails is recorded as a
   failed trial with its message and the search goes on; a worker that dies
-  stops sending heartbeats, and optuna's RetryFailedTrialCallback queues its
+  stops sending heartbeats, and optuna's RetryHeartbeatStaleTrialCallback queues its
   candidate again.
 """
 
@@ -97,7 +97,12 @@ def space_key(recipe: Mapping, params: Sequence[SearchParam], objectives: Sequen
 
 def open_study(s: SearchSettings, sampler_name: str, key: str, directions: list[str], n_params: int):
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage
+
+    try:  # optuna >= 4.9; its predecessor is deprecated there
+        from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+    except ImportError:  # pragma: no cover - older optuna
+        from optuna.storages import RetryFailedTrialCallback as Retry
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = None
@@ -105,7 +110,7 @@ def open_study(s: SearchSettings, sampler_name: str, key: str, directions: list[
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
             storage = RDBStorage(s.storage, heartbeat_interval=s.heartbeat_s, grace_period=2 * s.heartbeat_s,
-                                 heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=s.max_retry))
+                                 heartbeat_stale_trial_callback=Retry(max_retry=s.max_retry))
     study = optuna.create_study(storage=storage, study_name=s.study_name, load_if_exists=True,
                                 directions=directions, sampler=make_sampler(sampler_name, s.seed, n_params))
     have = study.user_attrs.get("mergelab_space")

@@ -69,6 +69,19 @@ class SoupResult:
                 "best_single": dict(zip(("model", "value"), self.best_single))}
 
 
+def _objective(objective: Objective | None, metrics: dict[str, float]) -> Objective:
+    """The given objective (checked against the metrics), or the evaluator's only metric."""
+    from mergelab.search.pareto import check_metrics, parse_objective
+
+    if objective is None:
+        if len(metrics) != 1:
+            raise MergeError(f"the evaluator returns several metrics ({', '.join(sorted(metrics))}); choose the one "
+                             "that picks the soup as the objective (--objective METRIC[:max|:min])")
+        return parse_objective(next(iter(metrics)))
+    check_metrics([objective], metrics)
+    return objective
+
+
 def _check(models: Sequence[str]) -> None:
     if len(models) < 2:
         raise MergeError(f"a soup needs at least two models, got {len(models)}")
@@ -76,30 +89,35 @@ def _check(models: Sequence[str]) -> None:
         raise MergeError("a model is listed twice; give each fine-tune once")
 
 
-def uniform_soup(models: Sequence[str], score: Score, objective: Objective, *, dtype: str | None = None,
+def uniform_soup(models: Sequence[str], score: Score, objective: Objective | None, *, dtype: str | None = None,
                  score_ingredients: bool = True) -> SoupResult:
-    """Evaluate the uniform soup (and, by default, each ingredient alone for comparison)."""
+    """Evaluate the uniform soup (and, by default, each ingredient alone for comparison).
+
+    objective None: the evaluator's only metric (directions by name, see pareto.parse_objective).
+    """
     _check(models)
     singles = {str(m): score(soup_recipe([m], dtype=dtype), f"model {m}") for m in models} if score_ingredients else {}
     metrics = score(soup_recipe(models, dtype=dtype), "uniform soup")
+    objective = _objective(objective, metrics)
     step = SoupStep("(all)", [str(m) for m in models], metrics, True)
     return SoupResult("uniform", objective, singles, [step], [str(m) for m in models], metrics,
                       len(singles) + 1)
 
 
-def greedy_soup(models: Sequence[str], score: Score, objective: Objective, *, dtype: str | None = None,
+def greedy_soup(models: Sequence[str], score: Score, objective: Objective | None, *, dtype: str | None = None,
                 progress: Callable[[], None] | None = None) -> SoupResult:
-    """Wortsman et al.'s greedy soup (see the module docstring); 2N - 1 evaluations."""
+    """Wortsman et al.'s greedy soup (see the module docstring); 2N - 1 evaluations.
+
+    objective None: the evaluator's only metric (directions by name, see pareto.parse_objective).
+    """
     _check(models)
-    key = objective.metric
     singles: dict[str, dict[str, float]] = {}
     for m in models:
         singles[str(m)] = score(soup_recipe([m], dtype=dtype), f"model {m}")
-        if key not in singles[str(m)]:
-            raise MergeError(f"objective metric {key!r} is not among the evaluator's metrics "
-                             f"({', '.join(sorted(singles[str(m)]))})")
+        objective = _objective(objective, singles[str(m)])
         if progress:
             progress()
+    key = objective.metric
     # Best first; the sort is stable, so ties keep the command line's order.
     order = sorted(singles, key=lambda m: singles[m][key], reverse=objective.maximize)
     members = [order[0]]
