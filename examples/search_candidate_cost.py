@@ -110,7 +110,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.bar([i - 0.2 for i in x], [r["write_and_load_s"] for r in rows], 0.4, label="merge to disk + from_pretrained")
     ax.bar([i + 0.2 for i in x], [r["in_memory_s"] for r in rows], 0.4, label="in-memory candidate")
     for i, r in zip(x, rows):
-        ax.annotate(f"{r['speedup']:.0f}x", (i, r["write_and_load_s"]), ha="center", va="bottom", fontsize=9)
+        ax.annotate(f"{r['speedup']:.1f}x", (i, r["write_and_load_s"]), ha="center", va="bottom", fontsize=9)
     ax.set_yscale("log")
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_ylabel("seconds per candidate (log)")
