@@ -18,7 +18,8 @@ from conftest import write_llama_family
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> dict[str, Path]:
-    return write_llama_family(tmp_path_factory.mktemp("fam"), dtype=torch.bfloat16, tie_word_embeddings=True)
+    return write_llama_family(tmp_path_factory.mktemp("fam"), names=("base", "a", "b"), dtype=torch.bfloat16,
+                              tie_word_embeddings=True)
 
 
 def _written(folder: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -188,5 +188,3 @@ def merge_in_memory(recipe: Mapping | Recipe | str, into: nn.Module | Mapping[st
         if own:
             cache.close()
 
-
-Scorer = Callable[[Mapping], dict[str, float]]

@@ -76,6 +76,14 @@ def check_settings(s: SearchSettings, params: Sequence[SearchParam], objectives:
     return sampler
 
 
+def _require_optuna(sampler: str) -> None:
+    import importlib.util
+
+    missing = [m for m in ("optuna", *(("cmaes",) if sampler == "cmaes" else ())) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MergeError(f"search needs the package(s) {', '.join(missing)}: pip install 'mergelab[search]'")
+
+
 def make_sampler(name: str, seed: int | None, n_params: int):
     import optuna
 
@@ -187,10 +195,11 @@ def run_search(recipe: Mapping, params: Sequence[SearchParam], score: Score, obj
         score: (plain recipe dict, label) -> metrics; raises MergeError for a failed candidate.
         on_trial: called after every finished trial (progress display) with the trial.
     """
+    sampler = check_settings(settings, params, objectives)
+    _require_optuna(sampler)
     import optuna
     from optuna.study import MaxTrialsCallback
 
-    sampler = check_settings(settings, params, objectives)
     directions = ["maximize" if o.maximize else "minimize" for o in objectives]
     n_params = sum(p.per_layer for p in params)
     study = open_study(settings, sampler, space_key(recipe, params, objectives), directions, n_params)

@@ -101,7 +101,7 @@ def soup_table(r: Any) -> Table:
     t = Table(title=f"{r.kind} soup, {r.objective} ({r.evaluations} evaluations)")
     for col in ("step", "candidate", "soup size", key, "kept"):
         t.add_column(col, justify="left" if col == "candidate" else "right")
-    for i, (name, m) in enumerate(r.ingredients.items()):
+    for name, m in r.ingredients.items():
         t.add_row("alone", name, "1", f"{m[key]:.4f}", "")
     for i, s in enumerate(r.steps):
         t.add_row(str(i), s.added, str(len(s.members)), f"{s.metrics[key]:.4f}", "yes" if s.kept else "no")

@@ -10,6 +10,7 @@ merged in memory and evaluated.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
@@ -102,10 +103,7 @@ def run_sweep(recipe: Mapping, points: Sequence[Mapping[str, float]], score: Sco
 
     recipes = []
     for p in points:
-        rec = dict(recipe)
-        import copy
-
-        rec = copy.deepcopy(rec)
+        rec = copy.deepcopy(dict(recipe))
         for path, value in p.items():
             set_field(rec, path, value)
         recipes.append(rec)
