@@ -35,7 +35,7 @@ def _settings(tmp_path, budget: int, memory: bool = True, **kw) -> SearchSetting
     return SearchSettings(budget=budget, storage=None if memory else f"sqlite:///{tmp_path / 'study.db'}", **kw)
 
 
-@pytest.mark.parametrize("sampler", ["cmaes", "tpe"])
+@pytest.mark.parametrize("sampler", ["cmaes"])  # TPE runs in the CLI test
 def test_search_converges_to_the_quadratics_minimum(unit_models, tmp_path, sampler):
     # The merge is (w1, w2) exactly; loss = (w1 - 0.3)^2 + 2 (w2 - 0.7)^2 has its minimum 0 at (0.3, 0.7).
     recipe = linear_recipe(unit_models, RANGE, RANGE)
