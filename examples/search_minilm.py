@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 120)")
     p.add_argument("--train-per-class", type=int, default=None, help="training sentences per class (default 150)")
     p.add_argument("--test-per-class", type=int, default=None, help="test sentences per class (default 60)")
+    p.add_argument("--soup-lrs", type=float, nargs="+", default=None,
+                   help="learning rates of the soup's ingredients (default 2e-5 5e-5 1e-4 2e-4)")
     args = p.parse_args(argv)
     cfg = argparse.Namespace(steps=120, batch=16, lr=5e-5, head_lr=2e-3, max_len=40, train_per_class=150,
                              test_per_class=60, gram_examples=128, seed=0, points=11,
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fast:
         cfg.__dict__.update(steps=4, train_per_class=20, test_per_class=6, gram_examples=8, max_len=24, points=3,
                             soup_lrs=[5e-5, 1e-4, 2e-4])
-    for key in ("steps", "train_per_class", "test_per_class"):
+    for key in ("steps", "train_per_class", "test_per_class", "soup_lrs"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     torch.set_num_threads(args.threads)
