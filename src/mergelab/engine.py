@@ -312,3 +312,36 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
                       extra_files=extra)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def execute_into(plan: Plan, outputs, *, device: str = "cpu", seed: int | None = None,
+                 keep_inputs: bool = False) -> None:
+    """Run `plan` into preallocated tensors instead of a checkpoint (in-memory candidates).
+
+    `outputs` maps each output tensor's name to a tensor of its shape (e.g. the
+    state dict of a module, whose tensors share the parameters' storage); every
+    job's result is copied into it, chunk by chunk as execute() computes it,
+    with the same jobs, chunks and generators, so the numbers are those
+    execute() writes. A dtype that differs from the job's is converted by copy_.
+    keep_inputs: leave the inputs' pages mapped after each job (a search merges the
+    same inputs again and again; unmapping them would fault every page in anew).
+    """
+    dev = resolve_device(device)
+    from mergelab.errors import MergeError, ShapeMismatch
+
+    missing = [j.name for j in plan.jobs if j.name not in outputs]
+    if missing:
+        raise MergeError(f"the in-memory model has no tensor {missing[0]!r} (and {len(missing) - 1} more) that the "
+                         "merge produces; build the template model with the checkpoints' architecture")
+    for j in plan.jobs:
+        if tuple(outputs[j.name].shape) != tuple(j.shape):
+            raise ShapeMismatch(f"tensor {j.name} of the merge has shape {tuple(j.shape)}, the in-memory model "
+                                f"has {tuple(outputs[j.name].shape)}; build it with the checkpoints' config")
+    reader = _Reader(plan.checkpoints)
+    with torch.no_grad():
+        for job, rows in _work_items(plan):
+            out = compute(plan, job, reader.inputs(job, rows), dev, seed, rows)
+            if not keep_inputs:
+                reader.release(job, rows)
+            target = outputs[job.name]
+            (target if rows is None else target[rows[0]:rows[1]]).copy_(out)

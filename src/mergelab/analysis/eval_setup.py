@@ -233,20 +233,31 @@ def _bn_batches(o: EvalOptions, template: nn.Module) -> list[torch.Tensor] | Non
     return [X[i:i + size] for i in range(0, len(X), size)]
 
 
+def make_setup(o: EvalOptions, first: Path, first_checkpoint: Checkpoint | None = None) -> Setup:
+    """The template model and evaluator of `o`; `first` is the first model (config, tokenizer, or the
+    state-dict template of a user function without --model, read from `first_checkpoint` if given)."""
+    if o.spec == "causal-lm":
+        setup = _causal_lm(o, Path(first))
+    elif o.spec == "classifier":
+        setup = _classifier(o)
+    elif ":" in o.spec:
+        if first_checkpoint is None:
+            with Checkpoint(first) as ck:
+                setup = _user(o, ck)
+        else:
+            setup = _user(o, first_checkpoint)
+    else:
+        raise MergeError(f"--eval {o.spec!r} is not an evaluator: use {' or '.join(BUILT_IN)}, or name your "
+                         "function as module:function or path/to/file.py:function")
+    setup.refresh_bn = _bn_batches(o, setup.template)
+    return setup
+
+
 def prepare(o: EvalOptions, models: Sequence[Path]) -> tuple[Setup, list[dict[str, torch.Tensor]]]:
     """The setup for `o` and the models' state dicts (opened first, so a bad path fails before any work)."""
     checkpoints = [Checkpoint(m) for m in models]
     try:
-        if o.spec == "causal-lm":
-            setup = _causal_lm(o, Path(models[0]))
-        elif o.spec == "classifier":
-            setup = _classifier(o)
-        elif ":" in o.spec:
-            setup = _user(o, checkpoints[0])
-        else:
-            raise MergeError(f"--eval {o.spec!r} is not an evaluator: use {' or '.join(BUILT_IN)}, or name your "
-                             "function as module:function or path/to/file.py:function")
-        setup.refresh_bn = _bn_batches(o, setup.template)
+        setup = make_setup(o, Path(models[0]), checkpoints[0])
         want = list(setup.template.state_dict())
         # A state-dict template was built from the first model: reuse it rather than read that model twice.
         held = setup.template.tensors if isinstance(setup.template, StateDictTemplate) else None

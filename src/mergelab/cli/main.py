@@ -308,6 +308,9 @@ from mergelab.cli import lora as _lora_cli  # noqa: E402  (registers extract-lor
 _lora_cli.register(app)
 
 
+from mergelab.cli.search import register as _register_search; _register_search(app)  # noqa: E402,E702
+
+
 def main() -> None:
     """Entry point of the `mergelab` command.
 

@@ -1,0 +1,12 @@
+"""Finding the best merge: in-memory candidates, model soups, sweeps with Pareto fronts, and search.
+
+    candidate.py  a recipe merged into one preallocated model (merge_in_memory, CandidateEvaluator)
+    space.py      recipe field paths, grids, and `{search: [lo, hi]}` ranges
+    soup.py       uniform and greedy soups (Wortsman et al., 2022)
+    sweep.py      grid sweeps of recipe fields, the Pareto front (rewarded soups)
+    pareto.py     objectives and the Pareto front
+    optimize.py   CMA-ES / TPE / NSGA-II through optuna, resumable and fault tolerant
+    report.py     progress bar, tables, PNG plots, atomic files
+
+Nothing is imported here, so `import mergelab.search` stays cheap.
+"""

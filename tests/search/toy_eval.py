@@ -1,0 +1,34 @@
+"""Evaluators of the search tests: functions of a state dict holding one 2-vector `w`."""
+
+from __future__ import annotations
+
+
+def _w(state):
+    w = state["w"].double()
+    return float(w[0]), float(w[1])
+
+
+def quadratic(state):
+    """A convex bowl with its minimum at (0.3, 0.7)."""
+    x, y = _w(state)
+    return {"loss": (x - 0.3) ** 2 + 2 * (y - 0.7) ** 2}
+
+
+def coords(state):
+    """Both coordinates as metrics (each maximised by name: they contain 'score')."""
+    x, y = _w(state)
+    return {"x_score": x, "y_score": y}
+
+
+def neg_dist(state):
+    """Closeness to the origin."""
+    x, y = _w(state)
+    return {"score": -(x * x + y * y)}
+
+
+def flaky(state):
+    """The quadratic, except that it fails right of x = 0.8."""
+    x, _ = _w(state)
+    if x > 0.8:
+        raise RuntimeError("evaluation crashed")
+    return quadratic(state)
