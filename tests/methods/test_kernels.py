@@ -27,8 +27,8 @@ def both(name, xs, base, params, shared, out_dtype):
     """(kernel result, reference result) of method `name` through run_method."""
     spec = get_method(name)
     p = PerModel(params)
-    assert spec.kernel.supports(xs, base, p, shared)
-    fast = run_method(spec, xs, base, p, shared, out_dtype=out_dtype)
+    # the kernel itself, also where run_method would not pick it (tiny tensors run the reference)
+    fast = spec.kernel.run(xs, base, p, shared, None, out_dtype)
     with kernels_disabled():
         slow = run_method(spec, xs, base, p, shared, out_dtype=out_dtype)
     return fast, slow
@@ -76,6 +76,15 @@ def test_linear_kernel_equals_reference_and_float64(n_models, dtype):
         torch.testing.assert_close(fast.double(), want, rtol=1e-5, atol=1e-5)
         close_in_dtype(fast, slow, torch.float32)
         close_in_dtype(*both("linear", xs, None, params, shared, torch.bfloat16), torch.bfloat16)
+
+
+def test_run_method_picks_the_ties_kernel_for_big_float_tensors_only():
+    spec = get_method("ties")
+    p = PerModel([TaskVectorParams(weight=1.0, density=0.5)] * 2)
+    big, small = torch.zeros(tk.MIN_KERNEL_NUMEL), torch.zeros(tk.MIN_KERNEL_NUMEL - 1)
+    assert spec.kernel.supports([big, big], big, p, TiesShared())
+    assert not spec.kernel.supports([small, small], small, p, TiesShared())  # the reference is faster there
+    assert not spec.kernel.supports([big, big], big, p, TiesShared(rescale=True))
 
 
 def test_float16_and_float64_run_the_reference():

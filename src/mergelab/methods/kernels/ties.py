@@ -239,9 +239,15 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
     return out.reshape(base.shape).to(out_dtype)
 
 
+# Below this many entries the reference is faster: the kernel's two histogram passes have a
+# fixed cost (65536-bin histograms per model and thread) of tens of milliseconds.
+MIN_KERNEL_NUMEL = 1 << 17
+
+
 def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
-    """TIES by magnitude on CPU inputs all bfloat16 or all float32 (not the rescaled variant)."""
-    return base is not None and len(xs) > 0 and not getattr(s, "rescale", False) and available(xs, base)
+    """TIES by magnitude on CPU inputs all bfloat16 or all float32 (not the rescaled variant), big enough."""
+    return (base is not None and len(xs) > 0 and base.numel() >= MIN_KERNEL_NUMEL
+            and not getattr(s, "rescale", False) and available(xs, base))
 
 
 def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -> Tensor:
