@@ -22,3 +22,8 @@ from mergelab.align.trace import spec_from_module
 __all__ = ["align", "align_many", "spec_for", "spec_for_hf", "spec_from_module", "check_pair", "METHODS",
            "weight_matching", "activation_matching", "objective", "MatchResult", "PermutationSpec", "Axis",
            "apply_permutations", "permute_axis", "identity_perms", "random_perms", "inverse"]
+
+from mergelab.align.repair import interpolate_modules, repair  # noqa: E402
+from mergelab.align.zipit import zip_matrices, zipit  # noqa: E402
+
+__all__ += ["repair", "interpolate_modules", "zipit", "zip_matrices"]

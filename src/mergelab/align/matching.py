@@ -201,7 +201,7 @@ def correlations(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, 
         cov = sab / n - ma[:, None] * mb[None, :]
         std_a = (saa / n - ma * ma).clamp_min(0).sqrt()
         std_b = (sbb / n - mb * mb).clamp_min(0).sqrt()
-        corr = cov / (std_a[:, None] * std_b[None, :] + 1e-12)  # (F, F)
+        corr = torch.nan_to_num(cov / (std_a[:, None] * std_b[None, :] + 1e-12))  # (F, F); dead units: 0
         units = spec.groups[g]
         width = corr.shape[0] // units
         block = corr.reshape(units, width, units, width).diagonal(dim1=1, dim2=3).sum(-1)  # (G, G)
