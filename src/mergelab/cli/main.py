@@ -273,6 +273,9 @@ def demo(
         _fail(exc)
 
 
+from mergelab.cli import align as _align_cli; _align_cli.register(app)  # noqa: E402, E702
+
+
 def main() -> None:
     """Entry point of the `mergelab` command."""
     app()
