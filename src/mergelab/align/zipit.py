@@ -44,27 +44,38 @@ def zip_matrices(corr: Tensor, n_a: int, within: bool = True) -> tuple[Tensor, T
     """
     total = corr.shape[0]
     cap = -(-total // n_a)
-    side = torch.arange(total) >= n_a  # False: model A, True: model B
+    side = (torch.arange(total) >= n_a).double()  # 0: model A, 1: model B
     members: dict[int, list[int]] = {k: [k] for k in range(total)}
-    score = corr.double().clone()
-    score.fill_diagonal_(-torch.inf)
-    if not within:
-        score[side[:, None] == side[None, :]] = -torch.inf
+    link = corr.double().clone()  # sum of correlations between the members of two clusters
+    size = torch.ones(total, dtype=torch.float64)
+    from_b = side.clone()  # features of model B in each cluster
+    alive = torch.ones(total, dtype=torch.bool)
+
+    def allowed(rows: torch.Tensor) -> torch.Tensor:  # (len(rows), total): may these clusters merge?
+        both = size[rows, None] + size[None, :]
+        ok = alive[rows, None] & alive[None, :] & (both <= cap)
+        if not within:  # no two features of one model in a cluster
+            nb = from_b[rows, None] + from_b[None, :]
+            ok &= (nb <= 1) & ((both - nb) <= 1)
+        ok[torch.arange(len(rows)), rows] = False
+        return ok
+
+    everyone = torch.arange(total)
+    score = torch.where(allowed(everyone), link, -torch.inf)  # average linkage = link / (size_i size_k)
     while len(members) > n_a:
         i, j = divmod(int(score.argmax()), total)
         if score[i, j] == -torch.inf:
             raise MergeError("ZipIt ran out of feature pairs to merge; use within=True for models of different "
                              "widths")
         members[i] += members.pop(j)
-        score[j, :] = -torch.inf
-        score[:, j] = -torch.inf
-        for k in members:  # average linkage to the new cluster, or closed when it may not grow
-            if k == i:
-                continue
-            joined = members[i] + members[k]
-            same_side = len({bool(side[m]) for m in joined}) < len(joined) if not within else False
-            ok = len(joined) <= cap and not same_side
-            score[i, k] = score[k, i] = corr[members[i]][:, members[k]].double().mean() if ok else -torch.inf
+        link[i, :] += link[j, :]
+        link[:, i] = link[i, :]
+        size[i] += size[j]
+        from_b[i] += from_b[j]
+        alive[j] = False
+        score[j, :] = score[:, j] = -torch.inf
+        row = torch.where(allowed(torch.tensor([i]))[0], link[i] / (size[i] * size), -torch.inf)
+        score[i, :] = score[:, i] = row
     clusters = sorted(members.values(), key=min)  # merged features in the order of their first member
     M = torch.zeros(len(clusters), total, dtype=torch.float64)
     U = torch.zeros(total, len(clusters), dtype=torch.float64)
