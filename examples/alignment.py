@@ -8,7 +8,7 @@ train / 1000 test signals of length 40, 10 classes); scikit-learn's digits if it
 missing. Text: characters of the Python standard library's own sources.
 
 1. MLPs (3 hidden layers of 64 x m units) and a ResNet-style 1-D CNN with BatchNorm
-   (8 x m channels) at width multipliers m = 1, 2, 4, 8, two seeds each: test loss and
+   (8 x m channels) at width multipliers m = 1, 2, 4, 8 (CNN: 1, 2, 4), two seeds each: test loss and
    accuracy along the linear path A -> B, unaligned / weight matching / activation
    matching, each without and with REPAIR (applied at every point of the path).
 2. Two tiny Llama-style causal LMs (rotary, grouped-query attention) from different
@@ -46,6 +46,7 @@ IMG = ROOT / "docs" / "img" / "alignment"
 console = Console()
 # The full run is sized for a shared 2-core machine (see docs/results-alignment.md).
 CNN_BASE = 8  # channels at width multiplier 1
+CNN_MULTS = {False: [1, 2, 4], True: [1, 2]}  # x8 (64 channels) took too long to train here
 LM_STEPS = 600
 
 
@@ -150,7 +151,7 @@ def barriers(alphas, metrics) -> dict[str, float]:
 def classifier_study(kind: str, make, mults, steps, data, alphas, progress, task) -> list[dict]:
     x, y, xt, yt = data
     evaluate = classifier_evaluator(xt, yt)
-    probe = [x[:1000]]
+    probe = [x[:500]]  # activation matching and REPAIR statistics: 500 training examples
     rows = []
     for m in mults:
         models = []
@@ -252,7 +253,7 @@ def zipit_study(data, width: int, steps: int) -> list[dict]:
         torch.manual_seed(500 + seed)
         models.append(train(MLP(x.shape[1], width), x[mask], y[mask], steps, seed))
     a, b = models
-    probe = [x[:1000]]
+    probe = [x[:500]]
     joint = classifier_evaluator(xt, yt)
     task_a = classifier_evaluator(xt[yt < 5], yt[yt < 5])
     task_b = classifier_evaluator(xt[yt >= 5], yt[yt >= 5])
@@ -285,7 +286,11 @@ def speed_study(mlp_pair, fast: bool) -> dict:
     t0 = time.perf_counter()
     res = al.weight_matching(spec, a.state_dict(), b.state_dict())
     out = {"mlp 3x512 seconds": time.perf_counter() - t0, "mlp objective": res.objective[-1],
-           "mlp sweeps": res.sweeps}
+           "mlp sweeps": res.sweeps, "mlp objective at identity": res.objective[0]}
+    t0 = time.perf_counter()
+    res = al.weight_matching(spec, a.state_dict(), b.state_dict(), tol=0)
+    out.update({"mlp tol=0 seconds": time.perf_counter() - t0, "mlp tol=0 objective": res.objective[-1],
+                "mlp tol=0 sweeps": res.sweeps})
     try:
         from rebasin import PermutationCoordinateDescent
 
@@ -308,6 +313,7 @@ def speed_study(mlp_pair, fast: bool) -> dict:
         t0 = time.perf_counter()
         res = al.weight_matching(spec_b, ba.state_dict(), bb.state_dict())
         out["minilm-sized bert seconds"] = time.perf_counter() - t0
+        out["minilm-sized bert params"] = sum(p.numel() for p in ba.parameters())
         out["minilm-sized bert sweeps"] = res.sweeps
         out["minilm-sized bert groups"] = len(spec_b.groups)
     return out
@@ -393,13 +399,17 @@ def main(argv=None) -> dict:
                         "--fast: under --out)")
     args = parser.parse_args(argv)
     fast = args.fast
+    # On a shared 2-core machine two spinning threads per op run 10-25x slower than one,
+    # and oneDNN's small-channel conv kernels are slower than the native ones.
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
     mults = [1, 2] if fast else [1, 2, 4, 8]
     steps = 300 if fast else 1500
     alphas = [0.0, 0.25, 0.5, 0.75, 1.0] if fast else [i / 10 for i in range(11)]
     x, y, xt, yt, data_name = load_data()
     data = (x, y, xt, yt)
     cnn_data = (x[:, None], y, xt[:, None], yt)
-    total = 2 * 3 * 2 * len(mults) + 5
+    total = 3 * 2 * (len(mults) + len(CNN_MULTS[fast])) + 5
     t0 = time.perf_counter()
 
     def done(stage: str) -> None:
@@ -409,8 +419,8 @@ def main(argv=None) -> dict:
         task = progress.add_task("alignment experiments", total=total)
         rows = classifier_study("MLP", lambda m: MLP(x.shape[1], 64 * m), mults, steps, data, alphas, progress, task)
         done("MLP paths")
-        rows += classifier_study("CNN", lambda m: CNN(CNN_BASE * m), mults, steps // 2, cnn_data, alphas, progress,
-                                 task)
+        rows += classifier_study("CNN", lambda m: CNN(CNN_BASE * m), CNN_MULTS[fast], steps // 2, cnn_data,
+                                 [0.0, 0.25, 0.5, 0.75, 1.0], progress, task)
         done("CNN paths")
         trans = transformer_study(150 if fast else LM_STEPS, alphas, progress, task)
         done("transformer paths")

@@ -51,7 +51,8 @@ def check_pair(spec: PermutationSpec, state_a: Mapping[str, Tensor], state_b: Ma
 
 def align(model_a: nn.Module | Mapping[str, Tensor], model_b: nn.Module | Mapping[str, Tensor],
           method: str = "weight_matching", *, spec: PermutationSpec | None = None, data=None,
-          config: Any = None, max_sweeps: int = 100, seed: int = 0, return_result: bool = False):
+          config: Any = None, max_sweeps: int = 100, tol: float = 1e-3, seed: int = 0,
+          return_result: bool = False):
     """Permute B's hidden units into A's basis.
 
     Args:
@@ -62,7 +63,7 @@ def align(model_a: nn.Module | Mapping[str, Tensor], model_b: nn.Module | Mappin
         spec: the permutation groups; derived from the model when omitted (see spec_for).
         data: inputs for activation matching (tensor, list of batches, DataLoader).
         config: transformers config for state dicts of a supported architecture.
-        max_sweeps, seed: weight matching's coordinate descent (see weight_matching).
+        max_sweeps, tol, seed: weight matching's coordinate descent (see weight_matching).
         return_result: also return the MatchResult (objective history).
 
     Returns:
@@ -78,7 +79,7 @@ def align(model_a: nn.Module | Mapping[str, Tensor], model_b: nn.Module | Mappin
     spec = spec if spec is not None else spec_for(model_a, config)
     check_pair(spec, state_a, state_b)
     if method == "weight_matching":
-        result = weight_matching(spec, state_a, state_b, max_sweeps=max_sweeps, seed=seed)
+        result = weight_matching(spec, state_a, state_b, max_sweeps=max_sweeps, tol=tol, seed=seed)
     else:
         if not (isinstance(model_a, nn.Module) and isinstance(model_b, nn.Module)) or data is None:
             raise MergeError("activation matching runs the models: pass two nn.Modules and data=")

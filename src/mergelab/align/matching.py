@@ -46,7 +46,8 @@ def _lap(cost: Tensor) -> Tensor:
 
 
 def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], *,
-                    max_sweeps: int = 100, seed: int = 0, init: Mapping[str, Tensor] | None = None) -> MatchResult:
+                    max_sweeps: int = 100, tol: float = 1e-3, seed: int = 0,
+                    init: Mapping[str, Tensor] | None = None) -> MatchResult:
     """Git Re-Basin weight matching: coordinate descent over permutation groups.
 
     Maximises sum_l <W_a^l, P_l W_b^l P_{l-1}^T>. Holding every other group fixed, the
@@ -55,14 +56,17 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor], state_
     B' being B with every other axis already permuted; linear_sum_assignment gives the
     best P_g. Groups are visited in a random order each sweep; a group's new permutation
     is kept only if it raises the objective, so the objective never decreases, and the
-    descent stops after a sweep without improvement. The objective is recomputed from the
-    weights in float64 after every sweep (MatchResult.objective). Ainsworth, Hayase & Srinivasa,
+    descent stops after a sweep that raised it by less than `tol` of its value. The objective
+    is recomputed from the weights in float64 after every sweep (MatchResult.objective). Ainsworth, Hayase & Srinivasa,
     2022, "Git Re-Basin", arXiv:2209.04836, Algorithm 1.
 
     Args:
         spec: the groups and the axes they act on.
         state_a, state_b: state dicts of the reference A and the model B to align.
         max_sweeps: cap on passes over all groups.
+        tol: stop when a sweep gains less than tol * |objective|. Sweeps after the first few
+            keep finding gains of ~0.1% each (a 3 x 512 MLP: 6 sweeps to within 1% of the value
+            30 sweeps reach); 0 runs until no group moves (see docs/results-alignment.md).
         seed: order in which groups are visited.
         init: starting permutations (default identity).
 
@@ -102,6 +106,8 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor], state_
         if not improved:
             break
         history.append(objective(spec, a, b, perms))
+        if history[-1] - history[-2] < tol * abs(history[-2]):
+            break
     return MatchResult(perms=perms, objective=history, sweeps=sweep)
 
 
