@@ -46,6 +46,17 @@ def test_hf_folder_weight_and_activation(tmp_path):
         assert (out / "config.json").is_file()
         info = json.loads((out / "alignment.json").read_text())
         assert info["groups"] == len(spec.groups) and info["moved"] == _permuted_copy.moved > 0
+    # the aligned folder is an ordinary model folder: a recipe merges it with A
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {tmp_path / 'out-weight'}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    r = run("merge", recipe, tmp_path / "merged")
+    assert r.exit_code == 0, r.output
+    merged = Checkpoint(tmp_path / "merged")
+    b_state = b.state_dict()
+    k = "model.layers.0.mlp.up_proj.weight"  # B unaligned differs from A; aligned, the mean is A itself
+    assert not torch.equal(b_state[k], a.state_dict()[k])
+    torch.testing.assert_close(merged[k], a.state_dict()[k])
 
 
 def test_state_dict_with_model_factory_and_errors(tmp_path):
