@@ -10,6 +10,11 @@ The variables left after the unions are the spec's groups.
 Anything else (concatenation, attention's reshapes, grouped convolutions, tensors
 read with get_attr) stops the trace with a MergeError naming the node, rather than
 producing a spec that silently breaks the network.
+
+Assumed, not checked: `view`/`reshape`/`flatten` only flatten channel-first feature maps
+(N, C, ...) -> (N, C * ...), so that a flattened channel is a contiguous block of the next
+Linear's inputs. A network that reshapes features any other way needs a hand-written spec;
+the function-preservation check (aligned B's outputs against B's) would catch it.
 """
 
 from __future__ import annotations
