@@ -34,9 +34,7 @@ def align_command(
 ) -> None:
     """Permutation alignment (Git Re-Basin): B permuted into A's basis, computing the same function as B.
 
-    Supports BERT, Llama/Mistral/Qwen2 and GPT-2 folders (heads, MLP units and the residual
-    stream) and any network torch.fx can trace (--model). Follow with `mergelab merge` or
-    `mergelab analyze path` on A and OUT_DIR.
+    Supports BERT, Llama/Mistral/Qwen2 and GPT-2 folders (heads, MLP units and the residual stream) and any network torch.fx can trace (--model). Follow with `mergelab merge` or `mergelab analyze path` on A and OUT_DIR.
     """
     from mergelab.align.files import align_checkpoints
 
