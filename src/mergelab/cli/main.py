@@ -311,6 +311,9 @@ _lora_cli.register(app)
 from mergelab.cli.search import register as _register_search; _register_search(app)  # noqa: E402,E702
 
 
+from mergelab.cli import align as _align_cli; _align_cli.register(app)  # noqa: E402, E702
+
+
 def main() -> None:
     """Entry point of the `mergelab` command.
 
