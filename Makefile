@@ -3,16 +3,23 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
+# The demo needs only the library and its demo extra (no mergekit, peft, torchft, optuna).
+$(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+# Tests and benchmarks add the references: mergekit, peft, torchft, optuna/cmaes.
+$(STAMP): $(DEMO_STAMP)
 	$(BIN)/pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 
 .PHONY: demo test bench clean
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/mergelab demo
 
 test: $(STAMP)

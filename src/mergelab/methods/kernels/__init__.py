@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -74,8 +75,11 @@ def lazy_kernel(module: str) -> Kernel:
         if "module" not in cache:
             try:
                 cache["module"] = importlib.import_module(f"mergelab.methods.kernels.{module}")
-            except ImportError:  # numba missing or broken on this platform: the reference gives the numbers
+            except ImportError as exc:  # numba missing or broken here: the reference gives the numbers
                 cache["module"] = None
+                warnings.warn(f"the compiled {module} kernel is not available ({exc}); the readable method "
+                              "runs instead, slower on big CPU tensors; install mergelab[fast] (numba) for it",
+                              stacklevel=2)
         return cache["module"]
 
     def supports(xs: Sequence[Tensor], base: Tensor | None, p: Any, s: Any) -> bool:
