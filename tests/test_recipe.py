@@ -279,7 +279,7 @@ def test_schema_mistakes_explained(toy, dirs):
     assert _problems({"models": [], "colour": 1}) == [
         "merge_method is missing; add `merge_method: NAME` (`mergelab methods` lists them)",
         "colour is not a recipe field. Fields here: merge_method, base_model, models, slices, parameters, dtype, "
-        "out_dtype, tokenizer_source, tokenizer, chat_template, name, vocab_mismatch, seed, base_stats, adapter."]
+        "out_dtype, tokenizer_source, tokenizer, chat_template, name, vocab_mismatch, seed, base_stats, adapter, align."]
 
 
 def test_every_problem_is_reported_at_once(toy, dirs):

@@ -162,15 +162,10 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
     written) unless `allow_nonfinite`. Returns the run report (or the plan
     when dry_run=True).
     """
-    from mergelab.card import output_files
-    from mergelab.checkpoint.reader import Checkpoint
-    from mergelab.checkpoint.writer import parse_size
-    from mergelab.engine import execute
-    from mergelab.plan import make_plan
-    from mergelab.recipe import load_recipe
-
     from mergelab.checkpoint.output import check_output
+    from mergelab.checkpoint.writer import parse_size
     from mergelab.engine import resolve_device
+    from mergelab.recipe import load_recipe
 
     shard_size = parse_size(out_shard_size)
     resolve_device(device)
@@ -179,7 +174,28 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
         from mergelab.lora.api import merge_adapter_recipe
 
         return merge_adapter_recipe(rec, out_dir, seed=seed, overwrite=overwrite, dry_run=dry_run)
+    if rec.align is not None and not dry_run:  # models trained apart: align them first (mergelab.align)
+        from mergelab.align.recipe_step import aligned_recipe_inputs
+
+        originals = [Path(p) for p in rec.input_paths()]
+        check_output(out_dir, kind="folder", inputs=originals, overwrite=overwrite, what="output folder")
+        with aligned_recipe_inputs(rec, out_dir):
+            return _merge_recipe(rec, out_dir, device=device, seed=seed, shard_size=shard_size,
+                                 overwrite=overwrite, dry_run=False, show_progress=show_progress,
+                                 allow_nonfinite=allow_nonfinite, protected=originals)
+    return _merge_recipe(rec, out_dir, device=device, seed=seed, shard_size=shard_size, overwrite=overwrite,
+                         dry_run=dry_run, show_progress=show_progress, allow_nonfinite=allow_nonfinite)
+
+
+def _merge_recipe(rec, out_dir, *, device, seed, shard_size, overwrite, dry_run, show_progress, allow_nonfinite,
+                  protected=()):
+    """Open the inputs of a validated recipe, plan, and run (or return the plan for a dry run)."""
+    from mergelab.card import output_files
+    from mergelab.checkpoint.output import check_output
+    from mergelab.checkpoint.reader import Checkpoint
+    from mergelab.engine import execute
     from mergelab.lora.applied import open_input
+    from mergelab.plan import make_plan
 
     checkpoints: dict[str, Checkpoint] = {}
     problems = []
@@ -198,7 +214,7 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
     plan = make_plan(rec, checkpoints)
     if dry_run:
         return plan
-    check_output(out_dir, kind="folder", inputs=[Path(ck.folder or ck.path) for ck in plan.checkpoints],
+    check_output(out_dir, kind="folder", inputs=[*(Path(ck.folder or ck.path) for ck in plan.checkpoints), *protected],
                  overwrite=overwrite, what="output folder")
     if seed is None:
         seed = rec.seed

@@ -112,6 +112,7 @@ class Recipe(_Strict):
     seed: int | None = None  # mergelab
     base_stats: str | None = None  # mergelab: the base model's statistics, for methods that use them
     adapter: AdapterEntry | None = None  # mergelab: LoRA adapter output
+    align: Literal["weight_matching"] | None = None  # mergelab: permute models into the reference's basis first
 
     _source_name: str = PrivateAttr("<recipe>")
     _paths: dict[str, str] = PrivateAttr(default_factory=dict)  # model reference -> resolved path

@@ -81,3 +81,28 @@ def test_state_dict_with_model_factory_and_errors(tmp_path):
     r = run("align", tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "out4", "--model", factory,
             "--method", "activation")
     assert r.exit_code == 2 and "--data" in r.output
+
+
+def test_recipe_key_align_weight_matching(tmp_path):
+    """`align: weight_matching` in a recipe: B (A with its units permuted) comes back into A's basis, so the
+    linear merge of A and B is A itself; without the key it is not. Inputs untouched, no temporary left."""
+    a = tiny_llama(0)
+    a.save_pretrained(tmp_path / "a")
+    b = tiny_llama(0)
+    b.load_state_dict(_permuted_copy(a.state_dict(), al.spec_for(a)))
+    b.save_pretrained(tmp_path / "b")
+    before = (tmp_path / "b" / "model.safetensors").read_bytes()
+    body = (f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    (tmp_path / "aligned.yml").write_text(body + "align: weight_matching\n")
+    (tmp_path / "plain.yml").write_text(body)
+    assert run("merge", tmp_path / "aligned.yml", tmp_path / "m1", "--quiet").exit_code == 0
+    assert run("merge", tmp_path / "plain.yml", tmp_path / "m2", "--quiet").exit_code == 0
+    k = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(Checkpoint(tmp_path / "m1")[k], a.state_dict()[k])
+    assert not torch.allclose(Checkpoint(tmp_path / "m2")[k], a.state_dict()[k])
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "bad.yml").write_text(body + "align: activation_matching\n")  # needs data: not in recipes
+    r = run("merge", tmp_path / "bad.yml", tmp_path / "m3")
+    assert r.exit_code == 2 and "align" in r.output
