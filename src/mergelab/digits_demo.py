@@ -297,8 +297,15 @@ def run_digits_demo(out_dir: Path, *, fast: bool = False, seed: int = 0, show: b
     """
     start = time.perf_counter()
     cfg = DemoConfig(**(FAST if fast else {}))
-    with single_thread():
-        runs = [run_once(cfg, seed + r) for r in range(cfg.replicates)]
+    from rich.progress import Progress
+
+    runs = []
+    with single_thread(), Progress(transient=True, disable=not show) as progress:
+        task = progress.add_task("training four task models and merging them with every method, seed by seed",
+                                 total=cfg.replicates)
+        for r in range(cfg.replicates):
+            runs.append(run_once(cfg, seed + r))
+            progress.advance(task)
     result = {
         "config": dataclasses.asdict(cfg) | {"fast": fast, "seeds": [run["seed"] for run in runs]},
         "tasks": {name: {"optimizer": kind} for name, (_, kind) in TASKS.items()},
@@ -315,6 +322,9 @@ def run_digits_demo(out_dir: Path, *, fast: bool = False, seed: int = 0, show: b
         plot_results(result, temp)
     if show:
         print_table(result)
+        from rich.console import Console
+
+        Console().print(f"wrote {out_dir / 'digits_demo.json'} and {out_dir / 'digits_demo.png'}")
     return result
 
 
