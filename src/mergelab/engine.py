@@ -200,12 +200,30 @@ def nonfinite_inputs(plan: Plan, inputs: _Inputs) -> list[str]:
 
 
 def _nonfinite(t: torch.Tensor) -> bool:
-    """Whether a tensor holds NaN/Inf: one float32-accumulated sum, an exact check only if that is not finite."""
+    """Whether a tensor holds NaN/Inf: one compiled pass over its exponent bits where numba is there
+    (methods/kernels/finite.py), else a float32-accumulated sum with an exact check only if it is not finite."""
     if not t.is_floating_point() or t.numel() == 0:
         return False
+    finite = _finite_kernel()
+    if finite is not None and finite.supports(t):
+        return finite.has_nonfinite(t)
     if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
         return False
     return not bool(torch.isfinite(t).all())
+
+
+def _finite_kernel():
+    global _FINITE
+    if _FINITE is None:
+        try:
+            from mergelab.methods.kernels import finite
+        except ImportError:  # no numba: the torch check above
+            finite = False
+        _FINITE = finite
+    return _FINITE or None
+
+
+_FINITE = None
 
 
 def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,

@@ -180,3 +180,21 @@ def test_kth_largest_matches_kthvalue_on_big_tensors():
         n = flat.numel()
         for k in (1, 17, n // 3, n // 2, n - 1):
             assert sp.kth_largest(flat, k) == flat.kthvalue(n - k + 1).values
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nonfinite_bit_check_agrees_with_isfinite(dtype):
+    from mergelab.methods.kernels import finite
+
+    g = torch.Generator().manual_seed(0)
+    info = torch.finfo(dtype)
+    base = torch.randn(300_000, generator=g).to(dtype)
+    extremes = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, -0.0, 0.0], dtype=dtype)
+    clean = torch.cat([base, extremes])  # largest finite, subnormal, signed zero: all finite
+    assert finite.supports(clean) and not finite.has_nonfinite(clean)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in (0, 123_457, clean.numel() - 1):
+            t = clean.clone()
+            t[where] = bad
+            assert finite.has_nonfinite(t) == (not bool(torch.isfinite(t).all())) == True  # noqa: E712
+    assert not finite.has_nonfinite(torch.empty(0, dtype=dtype))
