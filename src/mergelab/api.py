@@ -153,15 +153,20 @@ def merge_state_dicts(method: str, models: Sequence[Any], *, base: Any = None,
 
 def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
           out_shard_size: int | str = "5GB", overwrite: bool = False, dry_run: bool = False,
-          show_progress: bool = False, allow_nonfinite: bool = False):
+          show_progress: bool = False, allow_nonfinite: bool = False, allow_crimes: bool = False,
+          copy_tokenizer: bool = True, write_model_card: bool = True):
     """Run a recipe (path, YAML text or dict) and write the merged model to `out_dir`.
 
     Everything is validated before the first tensor is read: the recipe, every
     input file, shapes and vocabularies, the output path and the arguments.
     Input tensors holding NaN/Inf stop the merge (NonFiniteError, nothing
-    written) unless `allow_nonfinite`. Returns the run report (or the plan
-    when dry_run=True).
+    written) unless `allow_nonfinite`. Models of different architectures
+    (config.json `architectures`) are refused unless `allow_crimes` (MergeKit's
+    --allow-crimes). `copy_tokenizer` / `write_model_card` (MergeKit's flags of
+    those names) control the tokenizer files and the README model card of the
+    output. Returns the run report (or the plan when dry_run=True).
     """
+    options = dict(allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
     from mergelab.checkpoint.output import check_output
     from mergelab.checkpoint.writer import parse_size
     from mergelab.engine import resolve_device
@@ -182,13 +187,28 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
         with aligned_recipe_inputs(rec, out_dir):
             return _merge_recipe(rec, out_dir, device=device, seed=seed, shard_size=shard_size,
                                  overwrite=overwrite, dry_run=False, show_progress=show_progress,
-                                 allow_nonfinite=allow_nonfinite, protected=originals)
+                                 allow_nonfinite=allow_nonfinite, protected=originals, **options)
     return _merge_recipe(rec, out_dir, device=device, seed=seed, shard_size=shard_size, overwrite=overwrite,
-                         dry_run=dry_run, show_progress=show_progress, allow_nonfinite=allow_nonfinite)
+                         dry_run=dry_run, show_progress=show_progress, allow_nonfinite=allow_nonfinite, **options)
+
+
+def check_architectures(rec, checkpoints) -> None:
+    """MergeError if the recipe's models declare different architectures in their config.json (MergeKit's check)."""
+    seen: dict[str, list[str]] = {}
+    for path in rec.input_paths():
+        ck = checkpoints.get(path)
+        config = getattr(ck, "config", None) or {}
+        archs = config.get("architectures") if isinstance(config, dict) else None
+        if isinstance(archs, list) and archs and isinstance(archs[0], str):
+            seen.setdefault(archs[0], []).append(path)
+    if len(seen) > 1:
+        listed = "; ".join(f"{arch}: {', '.join(paths)}" for arch, paths in seen.items())
+        raise MergeError(f"the models are of different architectures ({listed}); merging them is rarely meaningful. "
+                         "Check the model paths, or merge anyway with allow_crimes=True (--allow-crimes)")
 
 
 def _merge_recipe(rec, out_dir, *, device, seed, shard_size, overwrite, dry_run, show_progress, allow_nonfinite,
-                  protected=()):
+                  protected=(), allow_crimes=False, copy_tokenizer=True, write_model_card=True):
     """Open the inputs of a validated recipe, plan, and run (or return the plan for a dry run)."""
     from mergelab.card import output_files
     from mergelab.checkpoint.output import check_output
@@ -211,6 +231,8 @@ def _merge_recipe(rec, out_dir, *, device, seed, shard_size, overwrite, dry_run,
             problems.append(str(exc))
     if problems:
         raise CheckpointError("\n".join(problems))
+    if not allow_crimes:
+        check_architectures(rec, checkpoints)
     plan = make_plan(rec, checkpoints)
     if dry_run:
         return plan
@@ -220,7 +242,8 @@ def _merge_recipe(rec, out_dir, *, device, seed, shard_size, overwrite, dry_run,
         seed = rec.seed
     return execute(plan, out_dir, device=device, seed=seed, shard_size=shard_size,
                    overwrite=overwrite, show_progress=show_progress, allow_nonfinite=allow_nonfinite,
-                   extra_files_fn=lambda report: output_files(plan, report, seed))
+                   copy_tokenizer=copy_tokenizer,
+                   extra_files_fn=lambda report: output_files(plan, report, seed, model_card_file=write_model_card))
 
 
 __all__ = ["merge", "merge_state_dicts", "merge_tensors", "methods", "MergeError", "RecipeError"]

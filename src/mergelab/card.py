@@ -67,9 +67,12 @@ def model_card(plan: "Plan", report: "RunReport", seed: int | None) -> str:
     return "\n".join(lines)
 
 
-def output_files(plan: "Plan", report: "RunReport", seed: int | None) -> dict[str, str]:
-    return {
+def output_files(plan: "Plan", report: "RunReport", seed: int | None, *, model_card_file: bool = True
+                 ) -> dict[str, str]:
+    files = {
         "mergelab_recipe.yml": plan.recipe.to_yaml(),
-        "README.md": model_card(plan, report, seed),
         "mergelab_report.json": json.dumps(report_dict(plan, report, seed), indent=2),
     }
+    if model_card_file:
+        files["README.md"] = model_card(plan, report, seed)
+    return files

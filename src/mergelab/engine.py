@@ -259,7 +259,7 @@ def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
 
 def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
             shard_size: int = 5 * 10**9, overwrite: bool = False, show_progress: bool = True,
-            extra_files_fn=None, allow_nonfinite: bool = False) -> RunReport:
+            extra_files_fn=None, allow_nonfinite: bool = False, copy_tokenizer: bool = True) -> RunReport:
     """Run `plan` and write the result atomically to `out_dir`.
 
     Inputs holding NaN/Inf stop the run (NonFiniteError, nothing written) unless
@@ -327,7 +327,7 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
             seconds=time.perf_counter() - start, device=str(dev), nonfinite=nonfinite)
         extra = extra_files_fn(report) if extra_files_fn else None
         writer.finish(assets_from=plan.assets_from.folder, config_updates=plan.config_updates,
-                      extra_files=extra)
+                      extra_files=extra, copy_tokenizer=copy_tokenizer)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -39,6 +39,10 @@ ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                "chat_template.json", "modules.json", "sentence_bert_config.json",
                "config_sentence_transformers.json")
+# The tokenizer's files among ASSET_FILES (left out with copy_tokenizer=False, MergeKit's --no-copy-tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json", "merges.txt",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 
 # Byte units, unambiguous: decimal (KB, MB, GB, TB, as transformers counts) and binary (KiB ...).
@@ -322,7 +326,7 @@ class CheckpointWriter:
     # -- finishing -----------------------------------------------------------------
     def finish(self, *, assets_from: Path | None = None, config_updates: dict | None = None,
                extra_files: Mapping[str, str | bytes] | None = None,
-               copy_files: Mapping[str, Path] | None = None) -> Path:
+               copy_files: Mapping[str, Path] | None = None, copy_tokenizer: bool = True) -> Path:
         """Check every tensor was written, add index, assets and extra files, and move into place.
 
         Args:
@@ -330,6 +334,7 @@ class CheckpointWriter:
                 tokenizer and sentence-transformers files from (never weights).
             config_updates: top-level keys to set in the copied config.json.
             extra_files: relative path -> content, written last (they win over copied files).
+            copy_tokenizer: copy the tokenizer's files with the config (False: config only).
             copy_files: relative path -> file to copy in (e.g. optimizer state for resuming);
                 copied into the temporary folder, so they are there before it is renamed.
 
@@ -349,7 +354,8 @@ class CheckpointWriter:
             if len(self.shard_names) > 1:
                 _write_file(self.temp / "model.safetensors.index.json", self._index_json())
             if assets_from is not None:
-                self.skipped_assets += copy_assets(Path(assets_from), self.temp, config_updates or {})
+                self.skipped_assets += copy_assets(Path(assets_from), self.temp, config_updates or {},
+                                                   tokenizer=copy_tokenizer)
             for rel, src in (copy_files or {}).items():
                 _copy_file(Path(src), self._extra_path(rel))
             for rel, content in (extra_files or {}).items():
@@ -427,7 +433,7 @@ def _copy_file(src: Path, dst: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def copy_assets(src: Path, dst: Path, config_updates: Mapping[str, Any]) -> list[str]:
+def copy_assets(src: Path, dst: Path, config_updates: Mapping[str, Any], *, tokenizer: bool = True) -> list[str]:
     """Copy config, tokenizer and sentence-transformers files from `src` to `dst`.
 
     Weight files are never copied; the ones found in module folders are returned.
@@ -436,6 +442,8 @@ def copy_assets(src: Path, dst: Path, config_updates: Mapping[str, Any]) -> list
         raise CheckpointError(f"assets folder {src} is not a folder; give the model folder to copy "
                               "config and tokenizer files from")
     for fname in ASSET_FILES:
+        if not tokenizer and fname in TOKENIZER_FILES:
+            continue
         if asset_file(src, fname) is None:  # checked: no link out of src, no pipe
             continue
         if fname == "config.json":

@@ -38,6 +38,20 @@ from mergelab.errors import MergeError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Merge neural networks by combining their weights.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mergelab import __version__
+
+        out.print(f"mergelab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Merge neural networks by combining their weights."""
 _fail = fail
 
 
@@ -50,8 +64,20 @@ def merge(
     recipe: Path = typer.Argument(..., help="MergeKit-compatible YAML recipe"),
     out_dir: Path = typer.Argument(..., help="output folder (written atomically)"),
     device: str = typer.Option("cpu", help="where the maths runs: cpu, cuda, cuda:1"),
-    seed: Optional[int] = typer.Option(None, help="seed of randomised methods (dare, della)"),
-    out_shard_size: str = typer.Option("5GB", help="maximum size of an output shard"),
+    cuda: bool = typer.Option(False, "--cuda", help="MergeKit's spelling of --device cuda"),
+    seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", help="seed of randomised methods (dare, della)"),
+    out_shard_size: str = typer.Option("5GB", help="maximum size of an output shard: 5GB, 500MB, or MergeKit's 5B"),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes", help="merge models of different architectures"),
+    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer",
+                                        help="copy the tokenizer source's tokenizer files"),
+    write_model_card: bool = typer.Option(True, "--write-model-card/--no-write-model-card",
+                                          help="write a README.md model card"),
+    lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle", help="accepted for MergeKit recipes' command lines; "
+                                       "mergelab always reads lazily"),
+    low_cpu_memory: bool = typer.Option(False, "--low-cpu-memory", help="accepted; mergelab always streams"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="accepted; a merge runs no model "
+                                           "code"),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="list every tensor handled specially or left out"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and stop"),
     overwrite: bool = OVERWRITE,
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="write the merge even where input "
@@ -65,9 +91,11 @@ def merge(
     with user_errors():
         if not dry_run:
             report_partials(out_dir, clean_partials)
-        result = mergelab.merge(recipe, out_dir, device=device, seed=seed, out_shard_size=out_shard_size,
-                                overwrite=overwrite, dry_run=dry_run, show_progress=not quiet,
-                                allow_nonfinite=allow_nonfinite)
+        result = mergelab.merge(recipe, out_dir, device="cuda" if cuda else device, seed=seed,
+                                out_shard_size=out_shard_size, overwrite=overwrite, dry_run=dry_run,
+                                show_progress=not quiet, allow_nonfinite=allow_nonfinite,
+                                allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer,
+                                write_model_card=write_model_card)
     if dry_run:
         _print_plan(result) if hasattr(result, "jobs") else out.print(str(result))
         return
@@ -82,6 +110,11 @@ def merge(
     if r.left_out:
         out.print(f"left out (see {r.out_dir}/mergelab_report.json): "
                   + ", ".join(f"{t}" for _, t, _ in r.left_out[:5]) + (" ..." if len(r.left_out) > 5 else ""))
+    if verbose:
+        for name, how in r.copied:
+            out.print(f"  {name}: {how}", highlight=False)
+        for model, name, why in r.left_out:
+            out.print(f"  left out {name} of {model}: {why}", highlight=False)
 
 
 def _print_plan(plan) -> None:
