@@ -105,7 +105,7 @@ def minilm(n: int, r: int, rank: int, fast: bool) -> dict:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModel
 
-    from mergelab.demo import minilm_dir
+    from mergelab.demos.minilm import minilm_dir
     from mergelab.lora.api import merge_adapters
 
     src = minilm_dir()

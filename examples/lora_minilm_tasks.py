@@ -121,7 +121,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
 
-    from mergelab.demo import minilm_dir
+    from mergelab.demos.minilm import minilm_dir
     from mergelab.lora.api import merge_adapters
 
     args.out.mkdir(parents=True, exist_ok=True)

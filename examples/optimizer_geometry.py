@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import mergelab
-from mergelab.digits_demo import accuracy, load_digits_split, make_mlp, single_thread, train
+from mergelab.demos.digits import accuracy, load_digits_split, make_mlp, single_thread, train
 from mergelab.methods.preconditioned import weighted_objective
 from mergelab.stats import diagonal_fisher, extract_optimizer_metrics
 

@@ -87,7 +87,7 @@ def measure(name: str, base: Path, a: Path, b: Path, auto_cls, dtype: torch.dtyp
 
 
 def minilm_set(root: Path) -> tuple[Path, Path, Path]:
-    from mergelab.demo import make_finetune, minilm_dir
+    from mergelab.demos.minilm import make_finetune, minilm_dir
 
     base = minilm_dir()
     a, b = root / "minilm_a", root / "minilm_b"

@@ -1,6 +1,6 @@
 """Search per-task coefficients of TIES and task arithmetic on the digits four-task demo.
 
-The demo's four fine-tunes (src/mergelab/digits_demo.py) are trained on 80% of
+The demo's four fine-tunes (src/mergelab/demos/digits.py) are trained on 80% of
 its training split; the other 20% is a validation split on which `mergelab
 search` (CMA-ES over per-task weights, TIES densities and lambda, every
 candidate merged in memory) picks a recipe. Searched and hand-set recipes (the
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mergelab import digits_demo as dd
+from mergelab.demos import digits as dd
 from mergelab.search.candidate import CandidateEvaluator
 from mergelab.search.optimize import SearchSettings, run_search
 from mergelab.search.pareto import Objective

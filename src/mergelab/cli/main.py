@@ -322,11 +322,11 @@ def demo(
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MARKER).touch()
         if minilm:
-            from mergelab.demo import run_demo
+            from mergelab.demos.minilm import run_demo
 
             run_demo(out_dir)
         else:
-            from mergelab.digits_demo import run_digits_demo
+            from mergelab.demos.digits import run_digits_demo
 
             run_digits_demo(out_dir, fast=fast)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergelab import digits_demo as demo
+from mergelab.demos import digits as demo
 
 
 @pytest.fixture(scope="module")
