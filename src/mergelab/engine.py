@@ -25,6 +25,7 @@ from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
 from mergelab.errors import InvalidInput, NonFiniteError
 from mergelab.methods import PerModel, run_method
+from mergelab.methods.kernels import has_nonfinite
 from mergelab.plan import Job, Plan, TensorRef
 from mergelab.progress import ByteProgress
 
@@ -190,40 +191,9 @@ def _method_inputs(job: Job, inputs: _Inputs, device: torch.device
 
 
 def nonfinite_inputs(plan: Plan, inputs: _Inputs) -> list[str]:
-    """The inputs of a work item that hold NaN or Inf, as "tensor (checkpoint path)".
-
-    One float32-accumulated sum per input, no temporary of the tensor's size:
-    a finite sum proves every element finite; only a non-finite sum (NaN/Inf
-    present, or finite values overflowing the sum) triggers the exact check.
-    """
-    return [f"{ref.name} ({plan.checkpoints[ref.model].path})" for ref, t in inputs.tensors.items() if _nonfinite(t)]
-
-
-def _nonfinite(t: torch.Tensor) -> bool:
-    """Whether a tensor holds NaN/Inf: one compiled pass over its exponent bits where numba is there
-    (methods/kernels/finite.py), else a float32-accumulated sum with an exact check only if it is not finite."""
-    if not t.is_floating_point() or t.numel() == 0:
-        return False
-    finite = _finite_kernel()
-    if finite is not None and finite.supports(t):
-        return finite.has_nonfinite(t)
-    if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
-        return False
-    return not bool(torch.isfinite(t).all())
-
-
-def _finite_kernel():
-    global _FINITE
-    if _FINITE is None:
-        try:
-            from mergelab.methods.kernels import finite
-        except ImportError:  # no numba: the torch check above
-            finite = False
-        _FINITE = finite
-    return _FINITE or None
-
-
-_FINITE = None
+    """The inputs of a work item that hold NaN or Inf, as "tensor (checkpoint path)" (see has_nonfinite)."""
+    return [f"{ref.name} ({plan.checkpoints[ref.model].path})" for ref, t in inputs.tensors.items()
+            if has_nonfinite(t)]
 
 
 def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
@@ -302,7 +272,7 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
             nonfinite.extend(b for b in bad if b not in nonfinite)
             out = compute(plan, job, inputs, dev, seed, rows)
             reader.check_unchanged(job)
-            if not bad and not allow_nonfinite and _nonfinite(out):
+            if not bad and not allow_nonfinite and has_nonfinite(out):
                 raise NonFiniteError(
                     f"the merge of {job.name} came out NaN or Inf from finite inputs (weights or other recipe "
                     "numbers too large for the output dtype?); nothing was written. Check the recipe's numbers")

@@ -198,3 +198,15 @@ def test_nonfinite_bit_check_agrees_with_isfinite(dtype):
             t[where] = bad
             assert finite.has_nonfinite(t) == (not bool(torch.isfinite(t).all())) == True  # noqa: E712
     assert not finite.has_nonfinite(torch.empty(0, dtype=dtype))
+
+
+def test_has_nonfinite_never_mistakes_a_sum_overflow_for_nan():
+    from mergelab.methods.kernels import has_nonfinite
+
+    huge = torch.full((8, 4), 3e38)  # finite, but its float32 sum overflows to inf
+    for t in (huge, huge.t()):  # contiguous: the bit kernel; transposed: the torch fallback
+        assert not has_nonfinite(t)
+        bad = t.clone()
+        bad[1, 2] = float("nan")
+        assert has_nonfinite(bad) and has_nonfinite(bad.t())
+    assert not has_nonfinite(torch.arange(5))  # integers hold neither

@@ -24,6 +24,7 @@ from rich.table import Table
 from mergelab.analysis.geometry import MASS_DENSITIES, GeometrySums, GroupStats, tensor_geometry
 from mergelab.checkpoint.reader import Checkpoint, layer_index
 from mergelab.errors import MergeError, NonFiniteError, ShapeMismatch
+from mergelab.methods.kernels import has_nonfinite
 from mergelab.progress import ByteProgress
 
 KINDS = ("attention", "mlp", "embedding", "norm", "other")
@@ -138,8 +139,8 @@ def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: 
     for name in names:
         weights = torch.stack([m[name].float() for _, m in models])  # (N, *shape)
         reference = base[name].float() if base is not None else weights.mean(dim=0)
-        if not (torch.isfinite(weights.sum()) and torch.isfinite(reference.sum())):
-            where = [label for (label, _), w in zip(models, weights) if not bool(torch.isfinite(w).all())]
+        if has_nonfinite(weights) or has_nonfinite(reference):
+            where = [label for (label, _), w in zip(models, weights) if has_nonfinite(w)]
             raise NonFiniteError(f"tensor {name} of {', '.join(where) or 'the base'} holds NaN or Inf values; "
                                  "no geometry can be measured on it; repair or leave out that model")
         sums = tensor_geometry(weights, reference, density)

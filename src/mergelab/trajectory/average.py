@@ -17,6 +17,7 @@ import torch
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
 from mergelab.errors import InvalidInput, NonFiniteError, ShapeMismatch
+from mergelab.methods.kernels import has_nonfinite
 from mergelab.progress import ByteProgress
 from mergelab.trajectory.discovery import RunCheckpoint
 
@@ -83,9 +84,9 @@ def average_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float], na
             acc = t.to(torch.float32, copy=True).mul_(w)
         else:
             acc.add_(t, alpha=w)
-    if acc is not None and acc.is_floating_point() and not torch.isfinite(acc.sum()):
+    if acc is not None and has_nonfinite(acc):
         for t, label in zip(tensors, labels):
-            if not bool(torch.isfinite(t).all()):
+            if has_nonfinite(t):
                 raise NonFiniteError(f"checkpoint {label} tensor {name} holds NaN or Inf values, so the average "
                                      "would too; nothing was written. Leave out unstable checkpoints "
                                      "(skip_unstable=True; --skip-unstable) or choose the checkpoints yourself")
@@ -95,8 +96,7 @@ def average_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float], na
 def nonfinite(ck: Checkpoint) -> str | None:
     """The first tensor holding NaN or Inf, or None."""
     for name in ck.keys():
-        t = ck[name]
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if has_nonfinite(ck.view(name)):
             return name
     return None
 

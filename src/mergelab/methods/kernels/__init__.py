@@ -15,6 +15,7 @@ when mergelab is imported, nowhere else).
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import importlib
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "kernels_enabled", "kernels_disabled", "set_kernels_enabled", "lazy_kernel"]
+__all__ = ["Kernel", "kernels_enabled", "kernels_disabled", "set_kernels_enabled", "lazy_kernel", "has_nonfinite"]
 
 _ENABLED = not os.environ.get("MERGELAB_NO_KERNELS")
 
@@ -63,24 +64,26 @@ class Kernel:
     supports: Callable[..., bool]
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled(module: str) -> Any:
+    """`mergelab.methods.kernels.<module>`, imported (and numba with it) on first use; None without numba."""
+    try:
+        return importlib.import_module(f"mergelab.methods.kernels.{module}")
+    except ImportError as exc:  # numba missing or broken here: the readable code gives the numbers
+        warnings.warn(f"the compiled {module} kernel is not available ({exc}); the readable code runs "
+                      "instead, slower on big CPU tensors; install mergelab[fast] (numba) for it", stacklevel=3)
+        return None
+
+
 def lazy_kernel(module: str) -> Kernel:
     """The kernel of `mergelab.methods.kernels.<module>` (its `run` and `supports`), imported on first use.
 
     numba is imported only when a kernel is first asked about; where it cannot
     be imported, `supports` answers False and the reference runs.
     """
-    cache: dict[str, Any] = {}
 
     def load() -> Any:
-        if "module" not in cache:
-            try:
-                cache["module"] = importlib.import_module(f"mergelab.methods.kernels.{module}")
-            except ImportError as exc:  # numba missing or broken here: the reference gives the numbers
-                cache["module"] = None
-                warnings.warn(f"the compiled {module} kernel is not available ({exc}); the readable method "
-                              "runs instead, slower on big CPU tensors; install mergelab[fast] (numba) for it",
-                              stacklevel=2)
-        return cache["module"]
+        return _compiled(module)
 
     def supports(xs: Sequence[Tensor], base: Tensor | None, p: Any, s: Any) -> bool:
         mod = load()
@@ -91,3 +94,21 @@ def lazy_kernel(module: str) -> Kernel:
         return load().run(xs, base, p, s, gen, out_dtype)
 
     return Kernel(run=run, supports=supports)
+
+
+def has_nonfinite(t: Tensor) -> bool:
+    """Whether a tensor holds NaN or Inf.
+
+    One compiled pass over the exponent bits where numba is there (kernels/finite.py: CPU,
+    contiguous, bfloat16/float16/float32); else a float32-accumulated sum, with the exact
+    elementwise check only when that sum is not finite (finite values can overflow it).
+    Integer tensors hold neither.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    finite = _compiled("finite")
+    if finite is not None and finite.supports(t):
+        return finite.has_nonfinite(t)
+    if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
+        return False
+    return not bool(torch.isfinite(t).all())
