@@ -66,11 +66,6 @@ def tensor_sources(ckpts: Sequence[Checkpoint], labels: Sequence[str], *,
     return names
 
 
-def check_compatible(ckpts: Sequence[Checkpoint], labels: Sequence[str]) -> None:
-    """Every checkpoint holds the same tensor names and shapes."""
-    tensor_sources(ckpts, labels)
-
-
 def average_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float], name: str,
                    labels: Sequence[str]) -> torch.Tensor:
     """sum_k w_k tensors[k] in float32 (tensors: one checkpoint's `name` each, as stored).
@@ -180,18 +175,6 @@ class DeviationGram:
     def cosines(self) -> torch.Tensor:
         norms = self.gram.diagonal().clamp_min(1e-30).sqrt()
         return self.gram / norms[:, None] / norms[None, :]
-
-
-def deviation_cosines(ckpts: Sequence[Checkpoint], *, max_elements: int = 2_000_000) -> torch.Tensor:
-    """Pairwise cosine similarity of the checkpoints' deviations from their mean, (K, K).
-
-    Computed over the floating tensors every checkpoint holds (see DeviationGram).
-    """
-    acc = DeviationGram(len(ckpts), max_elements=max_elements)
-    for name in ckpts[-1].keys():
-        if ckpts[-1].dtype(name).is_floating_point and all(name in ck for ck in ckpts):
-            acc.add([ck.view(name) for ck in ckpts])
-    return acc.cosines()
 
 
 def recommend(cos: torch.Tensor) -> str:
