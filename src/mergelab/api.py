@@ -211,7 +211,6 @@ def _merge_recipe(rec, out_dir, *, device, seed, shard_size, overwrite, dry_run,
                   protected=(), allow_crimes=False, copy_tokenizer=True, write_model_card=True):
     """Open the inputs of a validated recipe, plan, and run (or return the plan for a dry run)."""
     from mergelab.card import output_files
-    from mergelab.checkpoint.output import check_output
     from mergelab.checkpoint.reader import Checkpoint
     from mergelab.engine import execute
     from mergelab.lora.applied import open_input
@@ -236,13 +235,11 @@ def _merge_recipe(rec, out_dir, *, device, seed, shard_size, overwrite, dry_run,
     plan = make_plan(rec, checkpoints)
     if dry_run:
         return plan
-    check_output(out_dir, kind="folder", inputs=[*(Path(ck.folder or ck.path) for ck in plan.checkpoints), *protected],
-                 overwrite=overwrite, what="output folder")
     if seed is None:
         seed = rec.seed
     return execute(plan, out_dir, device=device, seed=seed, shard_size=shard_size,
                    overwrite=overwrite, show_progress=show_progress, allow_nonfinite=allow_nonfinite,
-                   copy_tokenizer=copy_tokenizer,
+                   copy_tokenizer=copy_tokenizer, protected=protected,
                    extra_files_fn=lambda report: output_files(plan, report, seed, model_card_file=write_model_card))
 
 

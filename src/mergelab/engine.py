@@ -15,7 +15,7 @@ import mmap
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -229,17 +229,19 @@ def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
 
 def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
             shard_size: int = 5 * 10**9, overwrite: bool = False, show_progress: bool = True,
-            extra_files_fn=None, allow_nonfinite: bool = False, copy_tokenizer: bool = True) -> RunReport:
+            extra_files_fn=None, allow_nonfinite: bool = False, copy_tokenizer: bool = True,
+            protected: Sequence[Path] = ()) -> RunReport:
     """Run `plan` and write the result atomically to `out_dir`.
 
     Inputs holding NaN/Inf stop the run (NonFiniteError, nothing written) unless
     `allow_nonfinite`, in which case they are merged as they are and listed in
-    the report.
+    the report. The output may not touch the plan's inputs nor `protected` (e.g.
+    the originals of aligned copies); that is checked before anything is read.
     """
     dev = resolve_device(device)
     out_dir = Path(out_dir)
     layout = [TensorInfo(j.name, tuple(j.shape), j.dtype) for j in plan.jobs]
-    protected = [Path(ck.folder or ck.path) for ck in plan.checkpoints]
+    protected = [*(Path(ck.folder or ck.path) for ck in plan.checkpoints), *protected]
     reader = _Reader(plan.checkpoints)
     items = list(_work_items(plan))
     nonfinite: list[str] = []
