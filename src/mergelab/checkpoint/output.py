@@ -150,10 +150,14 @@ def atomic_file(path: str | Path, *, inputs: Sequence[str | Path] = (), overwrit
     """Yield a temporary path to write; on success it is synced and renamed onto `path`.
 
     On any exception (or KeyboardInterrupt/SIGTERM turned into one) the
-    temporary file is removed and `path` is left as it was.
+    temporary file is removed and `path` is left as it was. `checked`: the
+    caller already ran check_output on `path` (its folder is made if missing).
     """
-    target = Path(path).expanduser().resolve() if checked else check_output(
-        path, kind="file", inputs=inputs, overwrite=overwrite, what=what)
+    if checked:  # the caller ran check_output on this path already
+        target = Path(path).expanduser().resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        target = check_output(path, kind="file", inputs=inputs, overwrite=overwrite, what=what)
     temp = partial_path(target)
     try:
         yield temp

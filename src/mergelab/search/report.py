@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,35 +11,28 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mergelab.errors import MergeError
 
 
 # ----------------------------------------------------------------------------- files
 
 
 def check_new(path: Path, overwrite: bool, protected: Sequence[Path] = ()) -> None:
-    """Refuse to write over an input, or over an existing output without overwrite."""
-    path = Path(path)
-    for p in protected:
-        if path.resolve() == Path(p).resolve():
-            raise MergeError(f"{path} is an input of this run; choose another output path")
-    if path.exists() and not overwrite:
-        raise MergeError(f"{path} already exists; choose another path or allow overwriting it")
+    """Refuse to write over an input (or inside one), or over an existing output without overwrite.
+
+    The rules every mergelab writer follows: mergelab.checkpoint.output.check_output.
+    """
+    from mergelab.checkpoint.output import check_output
+
+    check_output(path, kind="file", inputs=protected, overwrite=overwrite, what="output")
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp) for a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Call write(tmp) for a temporary file beside `path` (checked with check_new first), then rename it into place."""
+    from mergelab.checkpoint.output import atomic_file
+
+    with atomic_file(path, overwrite=True, checked=True) as tmp:
+        write(tmp)
+    return Path(path)
 
 
 def write_text(path: Path, text: str) -> Path:
