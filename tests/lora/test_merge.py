@@ -248,3 +248,27 @@ def test_adapter_for_a_module_the_base_lacks(two):
     shapes = {k: v for k, v in _shapes().items() if not k.startswith("c1.")}
     with pytest.raises(CheckpointError, match="adapts module c1, which the base model lacks"):
         read_adapter(two[0], shapes)
+
+
+def test_adapter_outputs_follow_the_output_rules(two, tmp_path):
+    """The adapter writer goes through checkpoint/output.py: never into an input, never over a folder
+    mergelab did not write, even with overwrite; its own earlier output is replaced whole."""
+    from mergelab.errors import OutputError
+
+    adapters = [str(p) for p in two]
+    before = (two[0] / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(OutputError, match="input"):
+        merge_adapters(adapters, two[0] / "merged", method="linear", combine="cat", weight=0.5, overwrite=True)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match="did not write"):
+        merge_adapters(adapters, theirs, method="linear", combine="cat", weight=0.5, overwrite=True)
+    assert (theirs / "notes.txt").read_text() == "keep"
+    out = tmp_path / "merged"
+    merge_adapters(adapters, out, method="linear", combine="cat", weight=0.5)
+    with pytest.raises(OutputError, match="already exists"):
+        merge_adapters(adapters, out, method="linear", combine="cat", weight=0.5)
+    merge_adapters(adapters, out, method="linear", combine="cat", weight=0.25, overwrite=True)
+    assert (out / ".mergelab-output").is_file() and not list(tmp_path.glob(".merged.*"))
+    assert (two[0] / "adapter_model.safetensors").read_bytes() == before

@@ -108,11 +108,15 @@ def merge_adapters(adapters: Sequence[str], out: str | Path, *, method: str = "l
         align: None, or "knots" (merge in the adapters' shared SVD basis, arXiv:2410.19735).
         **params: the method's parameters, scalars or one value per adapter (as merge_tensors).
     """
+    from mergelab.checkpoint.output import check_output
+
     start = time.perf_counter()
+    inputs = [*adapters, *([base] if base else [])]
+    check_output(out, kind="folder", inputs=inputs, overwrite=overwrite, what="adapter folder")
     infos = read_adapters([str(a) for a in adapters], base)
     layers, reports = merge_lora_layers(method, [i.layers for i in infos], combine=combine, rank=rank,
                                         seed=seed, align=align, **params)
-    write_adapter(out, layers, base_model=base or infos[0].base_model, overwrite=overwrite)
+    write_adapter(out, layers, base_model=base or infos[0].base_model, overwrite=overwrite, protected=inputs)
     return AdapterMergeReport(Path(out), reports, _notes(infos, reports), time.perf_counter() - start)
 
 
@@ -161,10 +165,13 @@ def merge_adapter_recipe(rec, out_dir: str | Path, *, seed: int | None = None, o
         for module in sorted({m for ad in layers_in for m in ad}):  # every parameter resolves
             params_for(module, [i for i, ad in enumerate(layers_in) if module in ad])
         return AdapterMergeReport(Path(out_dir), [], [], time.perf_counter() - start, written=False)
-    if Path(out_dir).exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists; choose another output folder or allow overwriting")
+    from mergelab.checkpoint.output import check_output
+
+    inputs = [*models, *([base] if base else [])]
+    check_output(out_dir, kind="folder", inputs=inputs, overwrite=overwrite, what="adapter folder")
     layers, reports = merge_lora_layers(rec.merge_method, layers_in, combine=combine, rank=rank,
                                         seed=seed if seed is not None else rec.seed, params_for=params_for,
                                         align=rec.adapter.align)
-    write_adapter(out_dir, layers, base_model=rec.base_model or infos[0].base_model, overwrite=overwrite)
+    write_adapter(out_dir, layers, base_model=rec.base_model or infos[0].base_model, overwrite=overwrite,
+                  protected=inputs)
     return AdapterMergeReport(Path(out_dir), reports, _notes(infos, reports), time.perf_counter() - start)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mergelab.checkpoint.reader import Checkpoint
-from mergelab.errors import CheckpointError, MergeError, ShapeMismatch
+from mergelab.errors import MergeError, ShapeMismatch
 from mergelab.lora.algebra import split_singular
 from mergelab.lora.peft_format import LoraLayer, write_adapter
 
@@ -189,12 +189,10 @@ def extract(finetuned: str | Path, base: str | Path, out: str | Path, *, rank: i
         raise ShapeMismatch("\n".join(plan.problems))
     if not plan.lora:
         raise MergeError(f"{finetuned}: no weight a LoRA can hold (2-D .weight tensors); nothing to extract")
+    from mergelab.checkpoint.output import check_output
+
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists; choose another output folder or allow overwriting")
-    protected = {Path(p).expanduser().resolve() for p in (finetuned, base)}
-    if out.expanduser().resolve() in protected:
-        raise CheckpointError(f"{out} is an input of the extraction; choose another output folder")
+    check_output(out, kind="folder", inputs=[finetuned, base], overwrite=overwrite, what="adapter folder")
     layers, saved, rows, left_out, unchanged = extract_layers(
         ft, bs, plan, rank, sv_epsilon=sv_epsilon, svd=svd, device=device, save_other=save_other,
         show_progress=show_progress)
@@ -202,6 +200,6 @@ def extract(finetuned: str | Path, base: str | Path, out: str | Path, *, rank: i
     report.seconds = time.perf_counter() - start
     extra = {"base_model_name_or_path": str(base)}
     write_adapter(out, layers, base_model=str(base), extra_config=extra, modules_to_save=saved,
-                  overwrite=overwrite, extra_files={"mergelab_extract_report.json":
+                  overwrite=overwrite, protected=[finetuned, base], extra_files={"mergelab_extract_report.json":
                                                      json.dumps(report.to_dict(), indent=2) + "\n"})
     return report

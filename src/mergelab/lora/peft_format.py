@@ -25,8 +25,7 @@ import math
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -249,7 +248,8 @@ def _transposed(config: Mapping[str, Any], want: tuple[int, ...] | None, m: int,
 def write_adapter(out: str | os.PathLike, layers: Mapping[str, LoraLayer], *, base_model: str | None,
                   extra_config: Mapping[str, Any] | None = None,
                   modules_to_save: Mapping[str, torch.Tensor] | None = None, overwrite: bool = False,
-                  dtype: torch.dtype = torch.float32, extra_files: Mapping[str, str] | None = None) -> Path:
+                  dtype: torch.dtype = torch.float32, extra_files: Mapping[str, str] | None = None,
+                  protected: Sequence[str | os.PathLike] = ()) -> Path:
     """Write `layers` as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
 
     The scale is folded into B, so lora_alpha = r for every module (s = 1); ranks
@@ -298,33 +298,33 @@ def write_adapter(out: str | os.PathLike, layers: Mapping[str, LoraLayer], *, ba
         "inference_mode": True,
     }
     config.update(extra_config or {})
-    _write_folder(out, config, tensors, overwrite, extra_files or {})
+    _write_folder(out, config, tensors, overwrite, extra_files or {}, protected)
     return out
 
 
 def _write_folder(out: Path, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool,
-                  extra_files: Mapping[str, str]) -> None:
+                  extra_files: Mapping[str, str], protected: Sequence[str | os.PathLike] = ()) -> None:
+    """Write the adapter folder through mergelab's output rules (checkpoint/output.py): never over an input or
+    a folder mergelab did not write, built under a temporary name and renamed into place only when complete."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    from mergelab.checkpoint.output import MARKER, check_output, partial_path, replace_folder
+
+    out = check_output(out, kind="folder", inputs=protected, overwrite=overwrite, what="adapter folder")
+    tmp = partial_path(out)
     try:
+        tmp.mkdir()
+        (tmp / MARKER).write_text("written by mergelab; `--overwrite` may replace this folder\n")
         save_file(tensors, str(tmp / WEIGHT_NAMES[0]), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, text in extra_files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        if out.exists():
-            if not overwrite:
-                raise CheckpointError(f"{out} already exists; choose another output folder")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
+        replace_folder(tmp, out, overwrite=overwrite)
+    except OSError as exc:
+        raise CheckpointError(f"writing the adapter {out} failed ({exc.strerror or exc}); is the disk full? "
+                              "nothing was written there") from exc
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def split_lora_reference(ref: str) -> tuple[str, str] | None:
