@@ -45,9 +45,14 @@ Layout = Literal["matrix", "transposed", "conv"]
 
 
 def is_peft_adapter(path: str | os.PathLike) -> bool:
-    """True for a folder holding adapter_config.json (a PEFT adapter), whatever else is in it."""
-    p = Path(path).expanduser()
-    return p.is_dir() and (p / CONFIG_NAME).is_file()
+    """True for a folder holding adapter_config.json (a PEFT adapter), whatever else is in it.
+
+    The reader's rule (checkpoint.reader.is_peft_adapter), for folders only: an adapter
+    file given alone is not something the adapter merge reads.
+    """
+    from mergelab.checkpoint.reader import is_peft_adapter as reader_rule
+
+    return Path(path).expanduser().is_dir() and reader_rule(path)
 
 
 @dataclasses.dataclass
