@@ -6,17 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from mergelab.errors import MergeError
-
-console = Console(stderr=True)
-out = Console()
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+from mergelab.cli.common import out, user_errors
 
 
 def align_command(
@@ -38,11 +29,9 @@ def align_command(
     """
     from mergelab.align.files import align_checkpoints
 
-    try:
+    with user_errors():
         summary = align_checkpoints(model_a, model_b, out_dir, method=method, data=data, model_factory=model,
                                     overwrite=overwrite, seed=seed)
-    except (MergeError, ValueError, OSError) as exc:
-        _fail(exc)
     obj = summary["objective"]
     gain = f", weight-matching objective {obj[0]:.4g} -> {obj[-1]:.4g}" if obj else ""
     out.print(f"aligned {model_b} to {model_a} by {summary['method']}: {summary['moved']} of {summary['groups']} "

@@ -28,7 +28,6 @@ analyze_app = typer.Typer(no_args_is_help=True, help=(
     "--tokens; --eval classifier: loss and accuracy on --data of the network --model builds; --eval "
     "module:function (or file.py:function): your function, given the model (with --model) or else the "
     "state dict, returning a dict of metrics."))
-CAUGHT = MergeError
 
 # Options shared by path, scaling and plane (typer reads these defaults afresh for each command).
 EVAL = typer.Option(..., "--eval", help="causal-lm | classifier | module:function | file.py:function")
@@ -47,7 +46,6 @@ DEVICE = typer.Option(None, "--device", help="where the model runs: cpu (default
 JSON_OUT = typer.Option(None, "--json", help="write the full result as JSON")
 PLOT = typer.Option(None, "--plot", help="write a PNG plot")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace existing --json / --plot files")
-_fail = fail
 
 
 def _outputs(json_out: Optional[Path], plot: Optional[Path], inputs: list[Path], overwrite: bool) -> None:
@@ -122,8 +120,8 @@ def path_cmd(
 
         _finish({**result.to_dict(), "models": [str(model_a), str(model_b)], "evaluator": setup.description,
                  "headline": head}, json_out, plot, plot_path, result, inputs, overwrite)
-    except CAUGHT as exc:
-        _fail(exc)
+    except MergeError as exc:
+        fail(exc)
 
 
 def parse_lambdas(text: str) -> list[float]:
@@ -166,8 +164,8 @@ def scaling_cmd(
 
         _finish({**result.to_dict(), "base": str(base), "models": [str(m) for m in finetuned],
                  "evaluator": setup.description}, json_out, plot, plot_scaling_curve, result, inputs, overwrite)
-    except CAUGHT as exc:
-        _fail(exc)
+    except MergeError as exc:
+        fail(exc)
 
 
 @analyze_app.command("plane")
@@ -206,8 +204,8 @@ def plane_cmd(
         _finish({**result.to_dict(), "models": [str(p) for p in paths], "evaluator": setup.description,
                  "headline": head}, json_out, plot, functools.partial(plot_plane, metric=metric), result,
                 paths, overwrite)
-    except CAUGHT as exc:
-        _fail(exc)
+    except MergeError as exc:
+        fail(exc)
 
 
 @analyze_app.command("noise-scale")
@@ -254,5 +252,5 @@ def noise_scale_cmd(
         _print_headline("noise scale", {"S": result.noise_scale})
         if json_out is not None:
             write_json(json_out, result.to_dict(), inputs=inputs, overwrite=overwrite)
-    except CAUGHT as exc:
-        _fail(exc)
+    except MergeError as exc:
+        fail(exc)

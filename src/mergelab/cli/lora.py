@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mergelab.errors import MergeError
+from mergelab.cli.common import user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -34,14 +34,11 @@ def extract_lora(
     """Extract a rank-R LoRA adapter approximating FINETUNED - BASE (MergeKit's mergekit-extract-lora)."""
     from mergelab.lora.extract import extract
 
-    err, out_console = Console(stderr=True), Console()
-    try:
+    out_console = Console()
+    with user_errors():
         report = extract(finetuned, base, out, rank=rank, sv_epsilon=sv_epsilon,
                          include_embeddings=include_embeddings, save_other=save_other, svd=svd, device=device,
                          overwrite=overwrite, show_progress=not quiet)
-    except (MergeError, ValueError, OSError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
     table = Table(title=f"extracted {len(report.layers)} LoRA layers into {out} in {report.seconds:.1f} s")
     for col in ("layer", "rank", "energy kept"):
         table.add_column(col)

@@ -52,7 +52,6 @@ def _version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="print the version and exit")) -> None:
     """Merge neural networks by combining their weights."""
-_fail = fail
 
 
 def _gb(n: int) -> str:
@@ -159,7 +158,7 @@ def methods_cmd(name: Optional[str] = typer.Argument(None, help="a method to des
     try:
         spec = get_method(name)
     except KeyError as exc:
-        _fail(MergeError(exc.args[0]))
+        fail(MergeError(exc.args[0]))
     d = spec.describe()
     table = Table(title=f"{name}: parameters")
     for col in ("parameter", "scope", "default", "meaning"):

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
 from mergelab.cli.analyze import (
     BATCH_SIZE,
@@ -26,11 +25,9 @@ from mergelab.cli.analyze import (
     TOKENIZER,
     TOKENS,
 )
+from mergelab.cli.common import fail, out
 from mergelab.errors import MergeError
 
-console = Console(stderr=True)
-out = Console()
-CAUGHT = (MergeError, ValueError, OSError)
 
 OBJECTIVE = typer.Option(None, "--objective", help="metric to optimise, METRIC[:max|:min] (repeatable; "
                          "default: accuracy for classifier, loss for causal-lm; names with acc/score/f1 are "
@@ -38,11 +35,6 @@ OBJECTIVE = typer.Option(None, "--objective", help="metric to optimise, METRIC[:
 WORKERS = typer.Option(1, "--workers", help="candidates evaluated at once (threads, each with its own model copy)")
 SEED = typer.Option(None, "--seed", help="seed of randomised methods (dare, della); default: the recipe's")
 QUIET = typer.Option(False, "--quiet", help="no progress bar")
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
 
 
 def _scorer(o: Any, first: Path, workers: int, seed: Optional[int]):
@@ -130,8 +122,8 @@ def soup(
         out.print(f"[green]{result.kind} soup[/] of {len(result.members)}/{len(models)} models: {key} "
                   f"{result.metrics[key]:.4f} (best single {value:.4f}, {name}); written to {out_dir}; "
                   f"steps in {json_out} and {plot}", soft_wrap=True, highlight=False)
-    except CAUGHT as exc:
-        _fail(exc)
+    except MergeError as exc:
+        fail(exc)
 
 
 def sweep(
@@ -182,8 +174,8 @@ def sweep(
         failed = sum(1 for e in result.errors if e)
         out.print(f"[green]sweep[/] of {len(points)} points ({failed} failed), {len(result.front)} on the Pareto "
                   f"front; {out_dir / 'sweep.json'}, {out_dir / 'sweep.png'}", soft_wrap=True, highlight=False)
-    except CAUGHT as exc:
-        _fail(exc)
+    except MergeError as exc:
+        fail(exc)
 
 
 def search(
@@ -252,8 +244,8 @@ def search(
         out.print(f"[green]search[/]: {len(result.trials)} trials; best recipe{'s' * (len(written) > 1)} "
                   f"{', '.join(map(str, written[:3]))}{' ...' if len(written) > 3 else ''}; run `mergelab merge` on "
                   f"it; details in {out_dir / 'search.json'}", soft_wrap=True, highlight=False)
-    except CAUGHT as exc:
-        _fail(exc)
+    except MergeError as exc:
+        fail(exc)
 
 
 def register(app: typer.Typer) -> None:
