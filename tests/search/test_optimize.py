@@ -89,7 +89,9 @@ def test_the_candidate_of_a_dead_worker_is_retried(unit_models, tmp_path):
     dead = study.ask({"models[0].parameters.weight": optuna.distributions.FloatDistribution(0, 1),
                       "models[1].parameters.weight": optuna.distributions.FloatDistribution(0, 1)})
     study._storage.record_heartbeat(dead._trial_id)
-    time.sleep(2.5)  # past the grace period of 2 heartbeats
+    # Past the grace period of 2 heartbeats (2 s) for sure: SQLite stores heartbeats and reads "now" to
+    # the whole second, so 2.5 s of real time can compare as only 2 s (then the trial is not yet stale).
+    time.sleep(3.5)
     r = run_search(recipe, params, _scorer(unit_models["e1"], "quadratic"), LOSS, settings)
     states = {t["number"]: t["state"] for t in r.trials}
     assert states[dead.number] == "FAIL"
