@@ -154,7 +154,7 @@ def merge_state_dicts(method: str, models: Sequence[Any], *, base: Any = None,
 def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
           out_shard_size: int | str = "5GB", overwrite: bool = False, dry_run: bool = False,
           show_progress: bool = False, allow_nonfinite: bool = False, allow_crimes: bool = False,
-          copy_tokenizer: bool = True, write_model_card: bool = True):
+          copy_tokenizer: bool = True, write_model_card: bool = True, offline: bool | None = None):
     """Run a recipe (path, YAML text or dict) and write the merged model to `out_dir`.
 
     Everything is validated before the first tensor is read: the recipe, every
@@ -164,7 +164,9 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
     (config.json `architectures`) are refused unless `allow_crimes` (MergeKit's
     --allow-crimes). `copy_tokenizer` / `write_model_card` (MergeKit's flags of
     those names) control the tokenizer files and the README model card of the
-    output. Returns the run report (or the plan when dry_run=True).
+    output. Models named by Hub id (`org/name[@revision]`) come from the local Hugging Face
+    cache, else are downloaded unless `offline` (None: as HF_HUB_OFFLINE says). Returns the
+    run report (or the plan when dry_run=True).
     """
     options = dict(allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
     from mergelab.checkpoint.output import check_output
@@ -174,7 +176,7 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
 
     shard_size = parse_size(out_shard_size)
     resolve_device(device)
-    rec = load_recipe(recipe)
+    rec = load_recipe(recipe, offline=offline)
     if rec.adapter is not None:  # inputs are LoRA adapters, the output is one too (mergelab.lora)
         from mergelab.lora.api import merge_adapter_recipe
 

@@ -30,8 +30,9 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from mergelab.checkpoint.hub import parse_hub_reference, resolve_hub_model
 from mergelab.checkpoint.reader import parse_dtype
-from mergelab.errors import RecipeError
+from mergelab.errors import CheckpointError, RecipeError
 from mergelab.lora.peft_format import is_peft_adapter, split_lora_reference
 from mergelab.methods import REGISTRY, MethodSpec
 from mergelab.recipe_params import Setting, evaluate_setting, method_fields, recipe_parameter_problems, suggest
@@ -224,11 +225,14 @@ class Recipe(_Strict):
 # -- loading ----------------------------------------------------------------------------------
 
 
-def load_recipe(source: str | Path | Mapping, *, check_paths: bool = True) -> Recipe:
+def load_recipe(source: str | Path | Mapping, *, check_paths: bool = True, offline: bool | None = None) -> Recipe:
     """Read and validate a recipe: a .yml/.yaml path, YAML text, or a dict.
 
     Args:
-        check_paths: check that every model path exists (False: dry validation, tests).
+        check_paths: check that every model path exists (False: dry validation, tests; Hub ids
+            are then left unresolved).
+        offline: resolve Hub ids (`org/name[@revision]`) from the local cache only; None: as
+            HF_HUB_OFFLINE says (see mergelab.checkpoint.hub).
 
     Raises:
         RecipeError: listing every problem found, each with its field path and what to do.
@@ -241,6 +245,8 @@ def load_recipe(source: str | Path | Mapping, *, check_paths: bool = True) -> Re
         raise RecipeError(problems, name)
     recipe._source_name = name
     recipe._paths = {ref: _resolve(ref, folder) for _, ref in _references(recipe)}
+    if check_paths:
+        problems += _resolve_hub_models(recipe, offline)
     problems += _structure_problems(recipe, has_modules)
     if recipe.merge_method not in REGISTRY:
         problems.append(f"merge_method: unknown method {recipe.merge_method!r}"
@@ -556,25 +562,39 @@ def _path_problems(r: Recipe, check_paths: bool) -> list[str]:
         lora = split_lora_reference(path)
         if lora is not None:
             missing = [f"{what} '{part}'" for what, part in zip(("the model", "the adapter"), lora)
-                       if not Path(part).exists()]
+                       if not Path(part).exists() and parse_hub_reference(part) is None]  # Hub ids: see above
             if missing:
                 out.append(f"{where}: '{ref}' (model+lora): {' and '.join(missing)} not found")
             if Path(lora[1]).exists() and not is_peft_adapter(lora[1]):
                 out.append(f"{where}: '{lora[1]}' after '+' is not a PEFT adapter folder (no adapter_config.json)")
-        elif "@" in ref:
-            out.append(f"{where}: '{ref}' names a hub revision (model@revision); mergelab reads local "
-                       "paths only and downloads nothing: download that revision and give its folder")
-        elif not check_paths:
-            continue
-        elif _looks_like_hub_id(ref):
-            out.append(f"{where}: '{ref}' is not a local path; mergelab reads local folders and files only "
-                       "and downloads nothing: download the model first and give its folder")
+        elif not check_paths or parse_hub_reference(ref) is not None:
+            continue  # a Hub id's problem was reported when it was resolved
         else:
             out.append(f"{where}: '{ref}' does not exist; relative paths resolve against the current "
                        "folder, then the recipe's folder")
     return out
 
 
-def _looks_like_hub_id(ref: str) -> bool:
-    parts = ref.split("/")
-    return len(parts) == 2 and all(parts) and not ref.startswith((".", "~"))
+def _resolve_hub_models(r: Recipe, offline: bool | None) -> list[str]:
+    """Resolve every reference that is no local path but a Hub id (also either side of model+lora)
+    to its folder in the Hub cache, downloading it unless offline; one problem per failed id."""
+    out: list[str] = []
+    failed: set[str] = set()
+    for where, ref in _references(r):
+        path = r._paths[ref]
+        if Path(path).exists():
+            continue  # a local path that exists always wins over a Hub id
+        raw = split_lora_reference(ref) or (ref,)
+        resolved = list(split_lora_reference(path) or (path,))
+        if len(raw) != len(resolved):
+            continue
+        for i, part in enumerate(raw):
+            if Path(resolved[i]).exists() or part in failed or parse_hub_reference(part) is None:
+                continue
+            try:
+                resolved[i] = resolve_hub_model(part, offline=offline)
+            except CheckpointError as exc:
+                failed.add(part)
+                out.append(f"{where}: {exc}")
+        r._paths[ref] = "+".join(resolved)
+    return out

@@ -83,6 +83,9 @@ def merge(
                                          "tensors hold NaN/Inf (they are listed either way)"),
     clean_partials: bool = CLEAN_PARTIALS,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    offline: bool = typer.Option(False, "--offline", help="models named by Hub id (org/name[@revision]) come "
+                                 "from the local Hugging Face cache only; nothing is downloaded (also: "
+                                 "HF_HUB_OFFLINE=1)"),
 ) -> None:
     """Merge the models of RECIPE into OUT_DIR."""
     import mergelab
@@ -94,7 +97,7 @@ def merge(
                                 out_shard_size=out_shard_size, overwrite=overwrite, dry_run=dry_run,
                                 show_progress=not quiet, allow_nonfinite=allow_nonfinite,
                                 allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer,
-                                write_model_card=write_model_card)
+                                write_model_card=write_model_card, offline=True if offline else None)
     if dry_run:
         _print_plan(result) if hasattr(result, "jobs") else out.print(str(result))
         return
