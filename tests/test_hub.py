@@ -120,13 +120,21 @@ def test_a_local_folder_wins_over_a_hub_id_of_the_same_name(cache, tmp_path):
 
 def test_offline_miss_names_the_model_and_how_to_get_it(cache):
     with pytest.raises(RecipeError) as err:
-        mergelab.recipe.load_recipe("merge_method: linear\nmodels:\n  - model: org/absent@v2\n"
-                                    "    parameters: {weight: 1}\n  - model: org/absent@v2\n"
-                                    "    parameters: {weight: 1}\n")
-    text = str(err.value)
-    assert "models[0].model: Hub model 'org/absent@v2' is not in the local cache" in text
-    assert "hf download org/absent --revision v2" in text
-    assert text.count("not in the local cache") == 1  # one line per missing model, not per mention
+        mergelab.recipe.load_recipe("merge_method: ties\nbase_model: org/absent@v2\nmodels:\n"
+                                    "  - model: org/absent@v2\n  - model: org/other\n"
+                                    "    parameters: {weight: 1, density: 0.5}\n")
+    problems = err.value.problems
+    assert len(problems) == 2, problems  # one line per missing model, not one per mention
+    assert problems[0].startswith("base_model: Hub model 'org/absent@v2' is not in the local cache")
+    assert "hf download org/absent --revision v2" in problems[0]
+    assert problems[1].startswith("models[1].model: Hub model 'org/other' is not in the local cache")
+
+
+def test_no_download_starts_for_a_recipe_with_other_problems(cache, monkeypatch):
+    asked = fake_hub(monkeypatch, cache, REPO_FILES)
+    with pytest.raises(RecipeError, match="unknown method"):
+        mergelab.recipe.load_recipe("merge_method: linnear\nmodels:\n  - model: org/big\n")
+    assert asked == []
 
 
 def test_offline_flag_overrides_an_online_environment(cache, monkeypatch):

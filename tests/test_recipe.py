@@ -416,14 +416,16 @@ def test_model_references(toy, dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     d = _ties(dirs)
     d["models"][0]["model"] = "meta-llama/Llama-3-8B"
-    d["models"][1]["model"] = dirs["a"] + "+" + dirs["b"]
     d["base_model"] = "org/model@main"
     problems = _problems(d)
     assert any(p.startswith("models[0].model: Hub model 'meta-llama/Llama-3-8B' is not in the local cache") and
                "offline" in p for p in problems)
+    assert any(p.startswith("base_model: Hub model 'org/model@main' is not in the local cache") for p in problems)
+    d = _ties(dirs)
+    d["models"][1]["model"] = dirs["a"] + "+" + dirs["b"]
+    problems = _problems(d)
     assert any(p.startswith("models[1].model:") and "after '+' is not a PEFT adapter folder" in p
                for p in problems)  # model+lora needs an adapter after the '+' (tests/lora test the rest)
-    assert any(p.startswith("base_model: Hub model 'org/model@main' is not in the local cache") for p in problems)
     d = _ties(dirs)
     d["models"][0]["model"] = "./nowhere"
     _one(d, "models[0].model: './nowhere' does not exist", "recipe's folder")

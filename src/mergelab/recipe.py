@@ -35,6 +35,7 @@ from mergelab.checkpoint.reader import parse_dtype
 from mergelab.errors import CheckpointError, RecipeError
 from mergelab.lora.peft_format import is_peft_adapter, split_lora_reference
 from mergelab.methods import REGISTRY, MethodSpec
+from mergelab.methods.mergekit_names import not_implemented_hint
 from mergelab.recipe_params import Setting, evaluate_setting, method_fields, recipe_parameter_problems, suggest
 
 __all__ = ["Recipe", "OutputSlice", "Source", "load_recipe", "evaluate_setting"]
@@ -245,15 +246,18 @@ def load_recipe(source: str | Path | Mapping, *, check_paths: bool = True, offli
         raise RecipeError(problems, name)
     recipe._source_name = name
     recipe._paths = {ref: _resolve(ref, folder) for _, ref in _references(recipe)}
-    if check_paths:
-        problems += _resolve_hub_models(recipe, offline)
+    if check_paths:  # Hub ids already in the local cache (no network), so the checks below see their folders
+        _resolve_hub_models(recipe, offline=True, report=False)
     problems += _structure_problems(recipe, has_modules)
     if recipe.merge_method not in REGISTRY:
-        problems.append(f"merge_method: unknown method {recipe.merge_method!r}"
+        hint = not_implemented_hint(recipe.merge_method, REGISTRY)
+        problems.append(f"merge_method: {hint}" if hint else f"merge_method: unknown method {recipe.merge_method!r}"
                         f"{suggest(recipe.merge_method, REGISTRY)}; `mergelab methods` lists them")
     else:
         problems += _method_problems(recipe) + recipe_parameter_problems(recipe)
     problems += _path_problems(recipe, check_paths)
+    if check_paths and not problems:  # download only for a recipe that is otherwise right
+        problems += _resolve_hub_models(recipe, offline=offline, report=True)
     if problems:
         raise RecipeError(problems, name)
     return recipe
@@ -575,9 +579,10 @@ def _path_problems(r: Recipe, check_paths: bool) -> list[str]:
     return out
 
 
-def _resolve_hub_models(r: Recipe, offline: bool | None) -> list[str]:
+def _resolve_hub_models(r: Recipe, *, offline: bool | None, report: bool) -> list[str]:
     """Resolve every reference that is no local path but a Hub id (also either side of model+lora)
-    to its folder in the Hub cache, downloading it unless offline; one problem per failed id."""
+    to its folder in the Hub cache, downloading it unless offline; one problem per failed id
+    (none if not `report`)."""
     out: list[str] = []
     failed: set[str] = set()
     for where, ref in _references(r):
@@ -595,6 +600,7 @@ def _resolve_hub_models(r: Recipe, offline: bool | None) -> list[str]:
                 resolved[i] = resolve_hub_model(part, offline=offline)
             except CheckpointError as exc:
                 failed.add(part)
-                out.append(f"{where}: {exc}")
+                if report:
+                    out.append(f"{where}: {exc}")
         r._paths[ref] = "+".join(resolved)
     return out
