@@ -231,15 +231,16 @@ def test_parse_hub_reference(ref, parsed):
 
 
 def test_cli_offline_flag_gives_one_line_and_exit_2(cache, tmp_path, monkeypatch):
-    import os
-    import subprocess
-    import sys
+    from typer.testing import CliRunner
 
+    from mergelab.cli.main import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the flag alone makes it offline
+    asked = fake_hub(monkeypatch, cache, REPO_FILES)
     recipe = tmp_path / "r.yml"
     recipe.write_text("merge_method: linear\nmodels:\n  - model: org/nowhere\n    parameters: {weight: 1}\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "0"}
-    proc = subprocess.run([sys.executable, "-m", "mergelab.cli", "merge", str(recipe), str(tmp_path / "out"),
-                           "--offline"], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "org/nowhere" in lines[0] and "hf download org/nowhere" in lines[0], proc.stderr
+    result = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--offline"])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "org/nowhere" in lines[0] and "hf download org/nowhere" in lines[0], result.output
+    assert asked == []

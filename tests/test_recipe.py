@@ -345,7 +345,10 @@ def test_method_inputs(toy, dirs):
     _one({"merge_method": "_test_linear"}, "models: no models to merge")
     lin = {"merge_method": "_test_linear", "base_model": dirs["base"],
            "models": [{"model": dirs["a"], "parameters": {"weight": 1}}]}
-    _one(lin, "base_model: _test_linear uses no base model", "MergeKit would merge it")
+    # As MergeKit: the base becomes one more model, whose weight can only come from the top level.
+    _one(lin, "base_model: _test_linear uses no base model, so", "merged as one more model", "needs a weight")
+    with_top = {**lin, "parameters": {"weight": 0.5}}
+    assert [s.model for s in load_recipe(with_top).output_slices()[0].sources] == [dirs["a"], dirs["base"]]
     lin["models"].append({"model": dirs["base"], "parameters": {"weight": 1}})
     assert [s.model for s in load_recipe(lin).output_slices()[0].sources] == [dirs["a"], dirs["base"]]
     lin["models"].append({"model": dirs["a"], "parameters": {"weight": 1}})
@@ -402,7 +405,9 @@ def test_tokenizer_and_modules_and_dtypes(toy, dirs):
     _one(_ties(dirs, tokenizer={"source": "base"}, tokenizer_source="base"), "both given")
     assert load_recipe(_ties(dirs, tokenizer={"source": "base"})).tokenizer_source_path() == dirs["base"]
     _one({"merge_method": "_test_linear", "modules": {"default": {"models": []}}},
-         "modules: MergeKit's multi-module syntax is not supported", "move that module's")
+         "modules.default: a module holds either `models:` or `slices:`")  # more: tests/test_recipe_forms.py
+    _one({"merge_method": "_test_linear", "modules": {"text": {"models": []}, "vision": {"models": []}}},
+         "modules: this recipe merges the modules text, vision of a multi-module model")
     r = load_recipe(_ties(dirs, dtype="bfloat16", seed=3, vocab_mismatch="resize", name="x", chat_template="chatml"))
     assert (r.compute_dtype, r.out_dtype, r.seed, r.vocab_mismatch) == (torch.float32, torch.bfloat16, 3, "resize")
     r = load_recipe(_ties(dirs, dtype="float64", out_dtype="float16"))

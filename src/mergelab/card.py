@@ -25,6 +25,7 @@ def report_dict(plan: "Plan", report: "RunReport", seed: int | None) -> dict:
         "handled_specially": [{"tensor": n, "how": why} for n, why in report.copied],
         "left_out": [{"model": m, "tensor": t, "why": why} for m, t, why in report.left_out],
         "nonfinite_inputs": list(report.nonfinite),
+        "ignored_parameters": plan.recipe.ignored_parameters(),
         "bytes_read": report.bytes_read,
         "bytes_written": report.bytes_written,
         "seconds": round(report.seconds, 3),

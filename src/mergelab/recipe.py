@@ -35,8 +35,9 @@ from mergelab.checkpoint.reader import parse_dtype
 from mergelab.errors import CheckpointError, RecipeError
 from mergelab.lora.peft_format import is_peft_adapter, split_lora_reference
 from mergelab.methods import REGISTRY, MethodSpec
-from mergelab.methods.mergekit_names import not_implemented_hint
-from mergelab.recipe_params import Setting, evaluate_setting, method_fields, recipe_parameter_problems, suggest
+from mergelab.mergekit_names import not_implemented_hint
+from mergelab.recipe_params import (Setting, evaluate_setting, ignored_parameters, method_fields,
+                                    recipe_parameter_problems, suggest)
 
 __all__ = ["Recipe", "OutputSlice", "Source", "load_recipe", "evaluate_setting"]
 
@@ -144,10 +145,20 @@ class Recipe(_Strict):
                     for sl in self.slices]
         sources = [Source(self.resolve(m.model), None, dict(m.parameters or {}),
                           self.resolve(m.stats) if m.stats else None) for m in self.models or []]
-        # Only methods that use a base get it as an input; for the others it would be one more model.
-        if self.base and self.method.base != "ignored" and self.base not in [s.model for s in sources]:
+        # As MergeKit's normalize_config: a base not among the models is added as one more input. Methods
+        # that use a base take it apart; for base-free ones (linear, karcher) it is merged like the others.
+        if self.base and self.base not in [s.model for s in sources] and (
+                self.method.base != "ignored" or self.base_is_extra_model()):
             sources.append(Source(self.base, None, {}))
         return [OutputSlice(sources, {}, None)]
+
+    def base_is_extra_model(self) -> bool:
+        """base_model is merged as one more model: a base-free method, as MergeKit does, except with
+        statistics methods (the base has no statistics) and adapter merges (there it is the adapters' base)."""
+        if not self.base or self.slices or self.method.base != "ignored" or self.method.needs_stats:
+            return False
+        models = [self.resolve(m.model) for m in self.models or []]
+        return self.base not in models and not any(is_peft_adapter(m) for m in models)
 
     def input_paths(self) -> list[str]:
         """Every distinct model path the merge reads: the base first, then in order of appearance."""
@@ -217,6 +228,10 @@ class Recipe(_Strict):
         text = self.out_dtype_name or self.dtype
         return parse_dtype(text) if text else None
 
+    def ignored_parameters(self) -> list[str]:
+        """Settings the method does not use, accepted as MergeKit accepts them (see recipe_params)."""
+        return ignored_parameters(self)
+
     def to_yaml(self) -> str:
         """The recipe as given (fields as written, model references unresolved), for the output's copy."""
         data = self.model_dump(mode="json", by_alias=True, exclude_unset=True)
@@ -239,8 +254,8 @@ def load_recipe(source: str | Path | Mapping, *, check_paths: bool = True, offli
         RecipeError: listing every problem found, each with its field path and what to do.
     """
     data, name, folder = _read_source(source)
-    problems: list[str] = []
-    has_modules = "modules" in data  # reported as unsupported; no need to add "no models" to that
+    has_modules = "modules" in data  # reported on its own; no need to add "no models" to that
+    problems: list[str] = _lift_default_module(data)
     recipe = _validate_schema(data, problems)
     if recipe is None:
         raise RecipeError(problems, name)
@@ -354,6 +369,50 @@ def _read_source(source: str | Path | Mapping) -> tuple[dict, str, Path | None]:
     return data, name, folder
 
 
+def _lift_default_module(data: dict) -> list[str]:
+    """MergeKit's `modules: {default: {models|slices, parameters}}`, the one module of every single-module
+    architecture, rewritten in place as top-level `models:`/`slices:`; other `modules:` stay and are refused.
+
+    The module's `parameters:` rank between the slice's and the top-level ones (MergeKit's
+    ConfigReader.parameter_sources); merged into the top level they keep that order: a module
+    setting that always resolves replaces the top-level one, a list of conditions is tried first
+    and falls back to the top-level setting (what MergeKit does when none of its filters match).
+    """
+    modules = data.get("modules")
+    if not (isinstance(modules, dict) and list(modules) == ["default"] and isinstance(modules["default"], dict)):
+        return []
+    module = modules["default"]
+    if data.get("models") or data.get("slices"):
+        del data["modules"]
+        return ["modules is given with top-level `models:`/`slices:`; give exactly one of models, slices or "
+                "modules (as MergeKit requires)"]
+    unknown = [k for k in module if k not in ("models", "slices", "parameters")]
+    if unknown or bool(module.get("models")) == bool(module.get("slices")):
+        del data["modules"]
+        return [f"modules.default: a module holds either `models:` or `slices:` (and optionally `parameters:`); "
+                f"it has {', '.join(map(str, module)) or 'nothing'}"]
+    del data["modules"]
+    for key in ("models", "slices"):
+        if module.get(key):
+            data[key] = module[key]
+    top = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
+    own = module.get("parameters") if isinstance(module.get("parameters"), dict) else {}
+    if own:
+        data["parameters"] = {**top, **{k: _fall_back(v, top.get(k)) for k, v in own.items()}}
+    return []
+
+
+def _fall_back(setting: Any, lower: Any) -> Any:
+    """`setting` evaluated first, then `lower` where `setting`'s conditions match nothing."""
+    conds = [setting] if isinstance(setting, Mapping) else setting
+    if lower is None or not (isinstance(conds, list) and conds and all(isinstance(c, Mapping) for c in conds)):
+        return setting  # a scalar or a gradient always resolves
+    rest = [lower] if isinstance(lower, Mapping) else lower
+    if isinstance(rest, list) and rest and all(isinstance(c, Mapping) for c in rest):
+        return [*conds, *rest]
+    return [*conds, {"value": lower}]
+
+
 def _short(text: str, limit: int = 300) -> str:
     """A value echoed in a message, cut to `limit` characters."""
     return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
@@ -409,8 +468,12 @@ def _schema_message(err: dict) -> str:
     key = str(loc[-1]) if loc else ""
     if kind == "extra_forbidden":
         if loc == ("modules",):
-            return ("modules: MergeKit's multi-module syntax is not supported; for a model with one module, "
-                    "move that module's `models:` or `slices:` to the top level")
+            names = ", ".join(map(str, err.get("input") or {})) if isinstance(err.get("input"), dict) else ""
+            return (f"modules: this recipe merges the modules {names} of a multi-module model (MergeKit's "
+                    "definitions of vision-language and encoder-decoder architectures say which tensors each "
+                    "module holds); mergelab has no such definitions and merges single-module models only. "
+                    "Merge it with mergekit, or for a single-module model write `modules: {default: ...}` "
+                    "or the module's `models:`/`slices:` at the top level")
         if loc[:1] == ("tokenizer",) and key in ("tokens", "pad_to_multiple_of"):
             return (f"{path} is not supported: mergelab copies the tokenizer source's files unchanged and "
                     "edits no tokens; remove it, or build the tokenizer first")
@@ -539,21 +602,34 @@ def _method_problems(r: Recipe) -> list[str]:
                            "source with the layer_range to take from it")
     elif spec.base == "required" and not r.base:
         out.append(f"base_model: {spec.name} needs a base model; add `base_model: PATH`")
-    elif not uses_base and r.base and r.base not in [r.resolve(m.model) for m in r.models or []] \
-            and not any(is_peft_adapter(r.resolve(m.model)) for m in r.models or []):
-        # MergeKit would add it as one more merged model; say so instead of quietly doing either.
+    elif r.base_is_extra_model():
+        out += _extra_base_problems(r)
+    elif not uses_base and spec.needs_stats and r.base and r.base not in [r.resolve(m.model) for m in r.models or []]:
         out.append(f"base_model: {spec.name} uses no base model and '{r.base_model}' is not under `models:`; "
-                   "MergeKit would merge it as one more model. List it under `models:` or remove base_model")
+                   "MergeKit would merge it as one more model, which needs its statistics here: list it "
+                   "under `models:` with its `stats:`, or remove base_model")
     for i, sl in enumerate(r.output_slices() if r.models or r.slices else []):
         base = (sl.base_model or r.base) if uses_base else None
         n = sum(1 for s in sl.sources if s.model != base)
         lo, hi = spec.min_models, spec.max_models
         if n < lo or (hi is not None and n > hi):
             want = f"exactly {lo}" if hi == lo else f"at least {lo}" + (f" and at most {hi}" if hi else "")
-            besides = " besides the base model" if uses_base else ""
+            besides = (" besides the base model" if uses_base else
+                       " (base_model counts as one more, as in MergeKit)" if r.base_is_extra_model() else "")
             where = f"slices[{i}]" if r.slices else "models"
             out.append(f"{where}: {spec.name} merges {want} model(s){besides}; the recipe gives {n}")
     return out
+
+
+def _extra_base_problems(r: Recipe) -> list[str]:
+    """The base merged as one more model takes its per-model parameters from the top level only."""
+    spec = r.method
+    top = r.parameters or {}
+    required = [pf for key, pf in method_fields(spec).items() if key == pf.name and pf.per_model
+                and pf.info.is_required() and pf.name not in top and pf.attr not in top]
+    return [f"base_model: {spec.name} uses no base model, so '{r.base_model}' is merged as one more model (as "
+            f"MergeKit does) and needs a {pf.name}; set it under the top-level `parameters:` (every model's "
+            "default), or list the base under `models:` with its own" for pf in required]
 
 
 def _path_problems(r: Recipe, check_paths: bool) -> list[str]:

@@ -25,7 +25,8 @@ import annotated_types as at
 from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from mergelab.methods import MethodSpec
+from mergelab.methods import REGISTRY, MethodSpec
+from mergelab.mergekit_names import mergekit_parameter_names
 
 Setting = Any  # scalar | list of scalars | {filter, value} | list of {filter, value}
 
@@ -212,6 +213,9 @@ def parameter_problems(spec: MethodSpec, params: Mapping[str, Setting] | None, w
     for key, setting in (params or {}).items():
         path = f"{where}.{key}"
         pf = fields.get(key)
+        if pf is None and _known_elsewhere(key):
+            out += setting_problems(setting, path)  # ignored (see ignored_parameters), but must be readable
+            continue
         if pf is None:
             names = spec.parameter_names()
             out.append(f"{path} is not a parameter of {spec.name}{suggest(key, names)}. "
@@ -281,4 +285,40 @@ def recipe_parameter_problems(recipe: Any) -> list[str]:
             out.append(f"{where}.stats: {spec.name} uses no statistics; remove it")
     if getattr(recipe, "base_stats", None) and not spec.uses_base_stats:
         out.append(f"base_stats: {spec.name} uses no statistics of the base model; remove it")
+    return out
+
+
+def _known_elsewhere(key: str) -> bool:
+    """A parameter of some method (mergelab's or MergeKit 0.1.5's): for others it is ignored, as in MergeKit."""
+    return key in mergekit_parameter_names() or any(key in spec.parameter_names() for spec in REGISTRY.values())
+
+
+def ignored_parameters(recipe: Any) -> list[str]:
+    """Settings the recipe gives that its method does not use, one note each, as MergeKit ignores them.
+
+    Two kinds: a parameter of other methods only (e.g. `weight` on slerp, which MergeKit's own
+    tests write), and a per-model parameter on the base model of a method that takes the base
+    apart (the base is no row of x; MergeKit's non-base parameters skip it too). A name that is a
+    parameter of no method is an error instead (see `parameter_problems`).
+    """
+    spec = recipe.method
+    fields = method_fields(spec)
+    blocks = [("parameters", recipe.parameters, False)]
+    blocks += [(f"slices[{i}].parameters", sl.parameters, False) for i, sl in enumerate(recipe.slices or [])]
+    entries = [(f"models[{i}]", m, recipe.base) for i, m in enumerate(recipe.models or [])]
+    for i, sl in enumerate(recipe.slices or []):
+        base = recipe.resolve(sl.base_model) if sl.base_model else recipe.base
+        entries += [(f"slices[{i}].sources[{j}]", s, base) for j, s in enumerate(sl.sources)]
+    out = []
+    for where, entry, base in entries:
+        is_base = spec.base != "ignored" and base is not None and recipe.resolve(entry.model) == base
+        blocks.append((f"{where}.parameters", entry.parameters, is_base))
+    for where, params, is_base in blocks:
+        for key in params or {}:
+            pf = fields.get(key)
+            if pf is None and _known_elsewhere(key):
+                out.append(f"{where}.{key}: {spec.name} has no parameter {key}; ignored (as MergeKit does)")
+            elif pf is not None and pf.per_model and is_base:
+                out.append(f"{where}.{key}: the base model of {spec.name} takes no per-model parameters; "
+                           "ignored (as MergeKit does)")
     return out

@@ -17,8 +17,10 @@ from typing import Any, Optional
 
 import typer
 
-from mergelab.analysis import paths as ap
-from mergelab.analysis.eval_setup import EvalOptions, model_labels, prepare
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the analysis modules import torch: loaded by the commands, so `mergelab --help` stays fast
+    from mergelab.analysis import paths as ap
 from mergelab.cli.common import check_outputs, console, fail, out, save_plot, write_json
 from mergelab.errors import MergeError
 
@@ -64,6 +66,8 @@ def path_headline(r: ap.PathResult) -> dict[str, float]:
 
 def plane_headline(r: ap.PlaneResult) -> dict[str, dict[str, Any]]:
     """Per metric, the best grid point (min for losses, max for accuracy-like) and the best model."""
+    from mergelab.analysis import paths as ap
+
     heads = {}
     for m, rows in r.metrics.items():
         pick = max if m in ap.MAXIMIZED else min
@@ -106,6 +110,9 @@ def path_cmd(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Metrics along the path from A to B: loss and accuracy barriers, merge gain at the midpoint."""
+    from mergelab.analysis import paths as ap
+    from mergelab.analysis.eval_setup import EvalOptions, prepare
+
     o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
     inputs = [model_a, model_b]
     try:
@@ -149,6 +156,9 @@ def scaling_cmd(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Task arithmetic's curve: metrics of base + lambda * sum_i (FT_i - base), and the best lambda."""
+    from mergelab.analysis import paths as ap
+    from mergelab.analysis.eval_setup import EvalOptions, prepare
+
     o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
     inputs = [base, *finetuned]
     try:
@@ -185,6 +195,9 @@ def plane_cmd(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Metrics on a grid in the plane through three models (Garipov et al., 2018), with the best grid point."""
+    from mergelab.analysis import paths as ap
+    from mergelab.analysis.eval_setup import EvalOptions, model_labels, prepare
+
     o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
     paths = [model_o, model_a, model_b, *(extra or [])]
     try:

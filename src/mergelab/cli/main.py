@@ -12,6 +12,7 @@ import os
 # itself never changes the environment of a host process.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+import json  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -83,6 +84,8 @@ def merge(
                                          "tensors hold NaN/Inf (they are listed either way)"),
     clean_partials: bool = CLEAN_PARTIALS,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="print a machine-readable summary (JSON) on stdout and "
+                                 "nothing else there; no progress bar"),
     offline: bool = typer.Option(False, "--offline", help="models named by Hub id (org/name[@revision]) come "
                                  "from the local Hugging Face cache only; nothing is downloaded (also: "
                                  "HF_HUB_OFFLINE=1)"),
@@ -95,9 +98,12 @@ def merge(
             report_partials(out_dir, clean_partials)
         result = mergelab.merge(recipe, out_dir, device="cuda" if cuda else device, seed=seed,
                                 out_shard_size=out_shard_size, overwrite=overwrite, dry_run=dry_run,
-                                show_progress=not quiet, allow_nonfinite=allow_nonfinite,
+                                show_progress=not (quiet or as_json), allow_nonfinite=allow_nonfinite,
                                 allow_crimes=allow_crimes, copy_tokenizer=copy_tokenizer,
                                 write_model_card=write_model_card, offline=True if offline else None)
+    if as_json:
+        print(json.dumps(_plan_summary(result) if dry_run else _run_summary(result), indent=2))
+        return
     if dry_run:
         _print_plan(result) if hasattr(result, "jobs") else out.print(str(result))
         return
@@ -112,11 +118,32 @@ def merge(
     if r.left_out:
         out.print(f"left out (see {r.out_dir}/mergelab_report.json): "
                   + ", ".join(f"{t}" for _, t, _ in r.left_out[:5]) + (" ..." if len(r.left_out) > 5 else ""))
+    for note in _run_summary(r).get("ignored_parameters", []):
+        out.print(f"ignored: {note}", highlight=False, soft_wrap=True)
     if verbose:
         for name, how in r.copied:
             out.print(f"  {name}: {how}", highlight=False)
         for model, name, why in r.left_out:
             out.print(f"  left out {name} of {model}: {why}", highlight=False)
+
+
+def _run_summary(r) -> dict:
+    """The run's mergelab_report.json (what the output folder records), with where it was written."""
+    report = Path(r.out_dir) / "mergelab_report.json"
+    data = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else {
+        "tensors": r.tensors, "merged": r.merged, "seconds": round(r.seconds, 3)}
+    return {"out_dir": str(r.out_dir), **data}
+
+
+def _plan_summary(plan) -> dict:
+    if not hasattr(plan, "jobs"):  # adapter merges describe their plan in words
+        return {"dry_run": True, "plan": str(plan)}
+    rec = plan.recipe
+    jobs = [{"tensor": j.name, "shape": list(j.shape), "dtype": str(j.dtype).removeprefix("torch."),
+             "inputs": len(j.rows) + (j.base is not None), "copied": j.copy, "note": j.note} for j in plan.jobs]
+    return {"dry_run": True, "method": rec.method.name, "tensors": jobs, "bytes_read": plan.bytes_read,
+            "bytes_written": plan.bytes_written, "ignored_parameters": rec.ignored_parameters(),
+            "left_out": [{"model": m, "tensor": t, "why": why} for m, t, why in plan.left_out]}
 
 
 def _print_plan(plan) -> None:
@@ -140,29 +167,39 @@ def _print_plan(plan) -> None:
               f"{len(plan.left_out)} input tensors left out")
     for m, t, why in plan.left_out[:20]:
         out.print(f"  left out: {t} of {m}: {why}")
+    for note in rec.ignored_parameters():
+        out.print(f"ignored: {note}", highlight=False, soft_wrap=True)
 
 
 @app.command("methods")
-def methods_cmd(name: Optional[str] = typer.Argument(None, help="a method to describe")) -> None:
+def methods_cmd(name: Optional[str] = typer.Argument(None, help="a method to describe"),
+                as_json: bool = typer.Option(False, "--json", help="print the description(s) as JSON")) -> None:
     """List merge methods, or describe one with its parameters and defaults."""
-    import mergelab
-    from mergelab.methods import get_method
+    import difflib
 
+    from mergelab.cli.catalog import method_catalog
+    from mergelab.mergekit_names import not_implemented_hint
+
+    catalog = method_catalog()  # no torch import once cached (cli/catalog.py)
+    if name is not None and name not in catalog:
+        close = difflib.get_close_matches(name, catalog, n=3)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        fail(MergeError(not_implemented_hint(name, catalog)
+                        or f"unknown merge method {name!r}{hint}; run `mergelab methods` for the list"))
+    if as_json:
+        print(json.dumps(catalog if name is None else catalog[name], indent=2))
+        return
     if name is None:
         table = Table(title="merge methods")
         for col in ("method", "base", "parameters", "summary"):
             table.add_column(col)
-        for mname, d in mergelab.methods().items():
+        for mname, d in catalog.items():
             params = ", ".join(f"{k}={v['default']}" if not v["required"] else f"{k} (required)"
                                for k, v in d["parameters"].items())
             table.add_row(mname, d["base"], params, d["doc"].splitlines()[0] if d["doc"] else "")
         out.print(table)
         return
-    try:
-        spec = get_method(name)
-    except KeyError as exc:
-        fail(MergeError(exc.args[0]))
-    d = spec.describe()
+    d = catalog[name]
     table = Table(title=f"{name}: parameters")
     for col in ("parameter", "scope", "default", "meaning"):
         table.add_column(col)

@@ -248,6 +248,11 @@ def get_method(name: str) -> MethodSpec:
     except KeyError:
         import difflib
 
+        from mergelab.mergekit_names import not_implemented_hint
+
+        hint = not_implemented_hint(name, REGISTRY)
+        if hint:
+            raise KeyError(hint) from None
         close = difflib.get_close_matches(name, REGISTRY, n=3)
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         raise KeyError(f"unknown merge method {name!r}{hint}; run `mergelab methods` for the list") from None
