@@ -152,6 +152,18 @@ def test_a_snapshot_without_weights_is_not_taken_for_the_model(cache):
         hub.resolve_hub_model("org/partial")
 
 
+def test_a_snapshot_missing_a_shard_its_index_names_is_not_taken_for_the_model(cache):
+    import json
+
+    files = {"config.json": b"{}", "model-00001-of-00002.safetensors": tiny_model(1.0)["model.safetensors"],
+             "model.safetensors.index.json": json.dumps({"weight_map": {
+                 "layer.weight": "model-00001-of-00002.safetensors",
+                 "layer.bias": "model-00002-of-00002.safetensors"}}).encode()}
+    add_snapshot(cache, "org/interrupted", COMMIT_MAIN, files)
+    with pytest.raises(Exception, match="org/interrupted.*not in the local cache"):
+        hub.resolve_hub_model("org/interrupted")
+
+
 REPO_FILES = ["README.md", ".gitattributes", "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
               "model-00002-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
               "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -19,6 +19,7 @@ MergeKit. huggingface_hub is imported only when a Hub id is resolved.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -100,8 +101,18 @@ def weight_patterns(files: list[str]) -> list[str]:
 
 
 def _has_weights(folder: Path) -> bool:
+    """Weights at the top level, and every shard an index names (an interrupted download lacks some)."""
     names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-    return any(n.endswith((".safetensors", ".bin", ".pt", ".pth")) for n in names)
+    if not any(n.endswith((".safetensors", ".bin", ".pt", ".pth")) for n in names):
+        return False
+    for index in (n for n in names if n.endswith(".index.json")):
+        try:
+            shards = set(json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # the reader reports a broken index with its own message
+        if not all(isinstance(f, str) and (folder / f).is_file() for f in shards):
+            return False
+    return True
 
 
 def _cached_snapshot(ref: HubRef, cache: Path) -> Path | None:
