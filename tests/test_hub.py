@@ -125,9 +125,11 @@ def test_offline_miss_names_the_model_and_how_to_get_it(cache):
                                     "    parameters: {weight: 1, density: 0.5}\n")
     problems = err.value.problems
     assert len(problems) == 2, problems  # one line per missing model, not one per mention
-    assert problems[0].startswith("base_model: Hub model 'org/absent@v2' is not in the local cache")
+    assert problems[0].startswith("base_model: 'org/absent@v2' is no local path, and as a Hub model it is not "
+                                  "in the local cache")
     assert "hf download org/absent --revision v2" in problems[0]
-    assert problems[1].startswith("models[1].model: Hub model 'org/other' is not in the local cache")
+    assert problems[1].startswith("models[1].model: 'org/other' is no local path, and as a Hub model it is not "
+                                  "in the local cache")
 
 
 def test_no_download_starts_for_a_recipe_with_other_problems(cache, monkeypatch):
@@ -164,9 +166,9 @@ def test_a_snapshot_missing_a_shard_its_index_names_is_not_taken_for_the_model(c
         hub.resolve_hub_model("org/interrupted")
 
 
-REPO_FILES = ["README.md", ".gitattributes", "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
-              "model-00002-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-              "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+REPO_FILES = ["README.md", ".gitattributes", "config.json", "generation_config.json",
+              "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+              "pytorch_model.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "training_args.bin", "optimizer.pt", "original/consolidated.00.pth",
               "onnx/model.onnx", "modules.json", "1_Pooling/config.json", "sentence_bert_config.json"]
 

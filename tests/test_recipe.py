@@ -423,9 +423,11 @@ def test_model_references(toy, dirs, tmp_path, monkeypatch):
     d["models"][0]["model"] = "meta-llama/Llama-3-8B"
     d["base_model"] = "org/model@main"
     problems = _problems(d)
-    assert any(p.startswith("models[0].model: Hub model 'meta-llama/Llama-3-8B' is not in the local cache") and
+    assert any(p.startswith("models[0].model: 'meta-llama/Llama-3-8B' is no local path, and as a Hub model it is "
+                            "not in the local cache") and
                "offline" in p for p in problems)
-    assert any(p.startswith("base_model: Hub model 'org/model@main' is not in the local cache") for p in problems)
+    assert any(p.startswith("base_model: 'org/model@main' is no local path, and as a Hub model it is not in the "
+                            "local cache") for p in problems)
     d = _ties(dirs)
     d["models"][1]["model"] = dirs["a"] + "+" + dirs["b"]
     problems = _problems(d)

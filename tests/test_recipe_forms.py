@@ -41,8 +41,7 @@ def _slerp(p, extra_a="", extra_b="", top="t: 0.3") -> str:
 
 def test_weight_on_slerp_is_ignored_listed_and_changes_nothing(llama_family, tmp_path):
     p = llama_family
-    with_weights = _slerp(p, "weight: 0.3", "weight: [0.9, {filter: mlp, value: 0.1}]".replace("[0.9, ", "[")
-                          .replace("}]", "}, {value: 0.9}]"))
+    with_weights = _slerp(p, "weight: 0.3", "weight: [{filter: mlp, value: 0.1}, {value: 0.9}]")
     rec = load_recipe(with_weights)
     notes = rec.ignored_parameters()
     assert notes == ["models[0].parameters.weight: slerp has no parameter weight; ignored (as MergeKit does)",
@@ -73,7 +72,8 @@ def test_weight_is_accepted_and_listed_for_methods_without_it(method, base, llam
 def test_a_per_model_parameter_on_the_base_of_ties_is_listed_as_ignored(llama_family):
     p = llama_family
     text = (f"merge_method: ties\nbase_model: {p['base']}\nmodels:\n  - model: {p['base']}\n"
-            f"    parameters: {{weight: 0.4, density: 0.5}}\n  - model: {p['a']}\n    parameters: {{weight: 1, density: 0.5}}\n")
+            f"    parameters: {{weight: 0.4, density: 0.5}}\n"
+            f"  - model: {p['a']}\n    parameters: {{weight: 1, density: 0.5}}\n")
     notes = load_recipe(text).ignored_parameters()
     assert notes == [f"models[0].parameters.{k}: the base model of ties takes no per-model parameters; ignored "
                      "(as MergeKit does)" for k in ("weight", "density")]
@@ -83,10 +83,8 @@ def test_a_name_that_is_no_methods_parameter_stays_an_error(llama_family):
     p = llama_family
     problems = _problems(f"merge_method: ties\nbase_model: {p['base']}\nmodels:\n  - model: {p['a']}\n"
                          "    parameters: {weight: 1, densty: 0.5}\n")
-    assert problems == ["models[0].parameters.densty is not a parameter of ties (did you mean 'density'?). "
-                        "Parameters of ties: density, weight, gamma, epsilon, normalize, rescale, int8_mask, lambda."
-                        ] or (len(problems) == 1 and "densty is not a parameter of ties (did you mean 'density'?)"
-                              in problems[0]), problems
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("models[0].parameters.densty is not a parameter of ties (did you mean 'density'?)")
     problems = _problems(_slerp(p, "wieght: 0.3"))
     assert len(problems) == 1 and "wieght is not a parameter of slerp" in problems[0]
 
@@ -116,7 +114,8 @@ def test_cli_summary_lists_ignored_parameters(llama_family, tmp_path):
 def test_base_model_with_linear_is_one_more_model_weighted_by_the_top_level(llama_family, tmp_path):
     p = llama_family
     text = (f"merge_method: linear\nbase_model: {p['base']}\nparameters: {{weight: 0.5}}\nmodels:\n"
-            f"  - model: {p['a']}\n    parameters: {{weight: 0.3}}\n  - model: {p['b']}\n    parameters: {{weight: 0.9}}\n")
+            f"  - model: {p['a']}\n    parameters: {{weight: 0.3}}\n"
+            f"  - model: {p['b']}\n    parameters: {{weight: 0.9}}\n")
     mergelab.merge(text, tmp_path / "out")
     got = _load(tmp_path / "out")
     a, b, base = (_load(p[k]) for k in ("a", "b", "base"))
@@ -137,7 +136,8 @@ def test_base_model_with_linear_and_no_top_level_weight_says_what_to_add(llama_f
 def _modules_linear(p) -> str:
     return (f"merge_method: linear\nparameters:\n  weight: 0.5\nmodules:\n  default:\n"
             "    parameters:\n      weight: [{filter: mlp, value: 0.2}]\n    models:\n"
-            f"      - model: {p['a']}\n      - model: {p['b']}\n        parameters: {{weight: [{{filter: self_attn, value: 3.0}}]}}\n"
+            f"      - model: {p['a']}\n      - model: {p['b']}\n"
+            "        parameters: {weight: [{filter: self_attn, value: 3.0}]}\n"
             "dtype: float32\n")
 
 
@@ -162,7 +162,8 @@ def test_multi_module_recipes_are_refused_with_the_reason(llama_family):
     assert problems[0].startswith("modules: this recipe merges the modules text_decoder, vision_tower of a "
                                   "multi-module model")
     assert "Merge it with mergekit" in problems[0]
-    both = f"merge_method: linear\nparameters: {{weight: 1}}\nmodels:\n  - model: {p['a']}\nmodules:\n  default:\n    models:\n      - model: {p['a']}\n"
+    both = (f"merge_method: linear\nparameters: {{weight: 1}}\nmodels:\n  - model: {p['a']}\n"
+            f"modules:\n  default:\n    models:\n      - model: {p['a']}\n")
     assert _problems(both) == ["modules is given with top-level `models:`/`slices:`; give exactly one of models, "
                                "slices or modules (as MergeKit requires)"]
     empty = "merge_method: linear\nmodules:\n  default:\n    parameters: {weight: 1}\n"

@@ -648,7 +648,7 @@ def _path_problems(r: Recipe, check_paths: bool) -> list[str]:
             if Path(lora[1]).exists() and not is_peft_adapter(lora[1]):
                 out.append(f"{where}: '{lora[1]}' after '+' is not a PEFT adapter folder (no adapter_config.json)")
         elif not check_paths or parse_hub_reference(ref) is not None:
-            continue  # a Hub id's problem was reported when it was resolved
+            continue  # a Hub id is resolved, and its problem reported, once everything else is right
         else:
             out.append(f"{where}: '{ref}' does not exist; relative paths resolve against the current "
                        "folder, then the recipe's folder")

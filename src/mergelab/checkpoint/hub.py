@@ -185,6 +185,7 @@ def resolve_hub_model(ref: str, *, offline: bool | None = None) -> str:
     if found is not None:
         return str(found)
     if offline_from_env() if offline is None else offline:
-        raise CheckpointError(f"Hub model '{hub}' is not in the local cache ({cache}) and mergelab is offline; "
-                              f"download it first with {_how_to_get(hub)}")
+        raise CheckpointError(f"'{hub}' is no local path, and as a Hub model it is not in the local cache "
+                              f"({cache}) while mergelab is offline; download it first with {_how_to_get(hub)}, "
+                              "or check the path")
     return str(_download(hub, cache))
