@@ -198,12 +198,11 @@ def test_mergekit_method_table_matches_mergekit_0_1_5():
 
 # -- parity with mergekit 0.1.5 --------------------------------------------------------------------
 
+# slerp with ignored weights is the slerp of tests/test_mergekit_parity.py (test_weight_on_slerp_... above)
 PARITY = {
     "linear_base_extra": "merge_method: linear\nbase_model: {base}\nparameters: {{weight: 0.5}}\nmodels:\n"
     "  - model: {a}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.9}}\n",
     "karcher_base_extra": "merge_method: karcher\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n",
-    "slerp_with_weights": "merge_method: slerp\nbase_model: {a}\nparameters: {{t: 0.3, weight: 2}}\nmodels:\n"
-    "  - model: {a}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.9}}\n",
     # three models, as tests/test_mergekit_parity.py's sce (with two, sce differs from MergeKit's by ~5e-5
     # with or without weights: a matter of the method, not of the ignored weights)
     "sce_with_weights": "merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.5}}\nmodels:\n"
