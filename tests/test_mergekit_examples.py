@@ -22,7 +22,6 @@ feature named, so they turn on when those land.
 from __future__ import annotations
 
 import json
-import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +87,6 @@ EXPECT = {
     "t_karcher": Expect(xfail=BASE_FREE + "; " + IGNORED),
     "t_gpt2_stack": Expect(xfail=GPT2_LAYERS),
     "ex_arcee_fusion": Expect(differs=FUSION_BF16),
-    "t_arcee_fusion_noweight": Expect(differs=FUSION_BF16),
     "t_ramplus_tl_noweight": Expect(differs=FLOAT32_OUT),
     "t_vlm_linear": Expect(differs=LLAVA_KEYS),
     "t_vlm_ties": Expect(differs=LLAVA_KEYS),
@@ -188,13 +186,19 @@ def _load(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _uses_tokenizer(recipe: dict) -> bool:
+    return bool({"chat_template", "tokenizer", "tokenizer_source"} & set(recipe))
+
+
 def _run_mergekit(text: str, out: Path) -> dict[str, torch.Tensor]:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    conf = MergeConfiguration.model_validate(yaml.safe_load(text))
-    run_merge(conf, str(out), options=MergeOptions(copy_tokenizer=True, quiet=True, random_seed=0))
+    recipe = yaml.safe_load(text)
+    # Tokenizers only where the recipe is about them: copying one costs transformers a failed load per model.
+    options = MergeOptions(copy_tokenizer=_uses_tokenizer(recipe), quiet=True, random_seed=0)
+    run_merge(MergeConfiguration.model_validate(recipe), str(out), options=options)
     return _load(out)
 
 
@@ -305,7 +309,7 @@ def test_mergekit_example_form(name, expect, zoo, tmp_path):
     else:
         # arcee_fusion's bf16 mask is rounding noise in MergeKit (FUSION_BF16): flips bounded, not rare.
         _compare_same(name, recipe, got, expected, inputs, flip_share=0.2 if expect.differs == FUSION_BF16 else 0.02)
-    if "chat_template" in recipe or "tokenizer" in recipe or "tokenizer_source" in recipe:
+    if _uses_tokenizer(recipe):
         _compare_tokenizers(tmp_path / "mergelab", tmp_path / "mergekit")
 
 
@@ -315,8 +319,9 @@ def _compare_tokenizers(ours: Path, theirs: Path) -> None:
     a, b = AutoTokenizer.from_pretrained(ours), AutoTokenizer.from_pretrained(theirs)
     assert a.get_vocab() == b.get_vocab()
     assert bool(a.chat_template) == bool(b.chat_template)
-    if b.chat_template:
-        assert re.sub(r"\s+", "", a.chat_template) == re.sub(r"\s+", "", b.chat_template)
+    if b.chat_template:  # the same conversation renders the same text
+        chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        assert a.apply_chat_template(chat, tokenize=False) == b.apply_chat_template(chat, tokenize=False)
 
 
 def test_every_recipe_has_a_known_form():
