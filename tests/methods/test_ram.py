@@ -105,6 +105,25 @@ def test_ramplus_equals_entrywise_formula(n, seed, r, alpha):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_ram_is_elementwise_and_ramplus_is_not():
+    """ram may be merged in row chunks (the engine's `elementwise`); ramplus_tl's counts span the tensor."""
+    assert get_method("ram").elementwise and not get_method("ramplus_tl").elementwise
+    base = randn(10, 8, seed=5)
+    xs = [_sparse(base, 6), _sparse(base, 7), _sparse(base, 8)]
+    whole = merge("ram", xs, base)
+    halves = torch.cat([merge("ram", [x[:4] for x in xs], base[:4]), merge("ram", [x[4:] for x in xs], base[4:])])
+    assert torch.equal(whole, halves)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000))
+def test_the_order_of_the_models_does_not_matter(seed):
+    base = randn(5, 6, seed=seed)
+    xs = [_sparse(base, seed + i + 1) for i in range(3)]
+    for name in ("ram", "ramplus_tl"):
+        torch.testing.assert_close(merge(name, xs, base), merge(name, xs[::-1], base), rtol=1e-6, atol=1e-7)
+
+
 def test_a_single_model_is_returned_and_identical_models_are_a_fixed_point():
     base = randn(4, 6, seed=1)
     x = _sparse(base, 2)

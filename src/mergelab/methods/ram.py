@@ -45,7 +45,9 @@ def _averaged_shared(tau: Tensor, count: Tensor) -> Tensor:
     return tau * (count > 1) / count.clamp(min=1)
 
 
-@merge_method("ram", shared_params=RamShared, base="required")
+# Each output entry of ram depends on that entry's inputs only, so the engine may merge big tensors in
+# row chunks; ramplus_tl counts over the whole tensor and may not.
+@merge_method("ram", shared_params=RamShared, base="required", elementwise=True)
 def ram(x: Tensor, base: Tensor, p, s: RamShared, gen=None) -> Tensor:
     """Reinforced Agent Merging (RAM): keep unique changes whole, average shared ones.
 
