@@ -39,6 +39,12 @@ def test_only_the_outlier_change_is_kept_by_hand():
     torch.testing.assert_close(got, expected)
 
 
+def test_scalars_and_empty_tensors():
+    # One entry: it is its own median and quartiles, so it reaches the fence and is kept.
+    assert merge("arcee_fusion", [torch.tensor(1.5)], torch.tensor(1.0)).item() == 1.5
+    assert merge("arcee_fusion", [torch.zeros(3, 0)], torch.zeros(3, 0)).shape == (3, 0)
+
+
 def test_importance_and_fence_written_a_second_way():
     from scipy.special import rel_entr, softmax
 

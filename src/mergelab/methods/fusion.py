@@ -54,9 +54,9 @@ def arcee_fusion(x: Tensor, base: Tensor, p, s, gen: Generator | None = None) ->
     tau = median + 1.5 (Q3 - Q1)     (Tukey's upper fence over the tensor's importances)
     theta_merged = base + (theta - base) * [importance >= tau]
 
-    Arcee AI's "Arcee Fusion" (MergeKit 0.1.5, `merge_methods/arcee_fusion.py`; described in
-    Arcee's blog post "Arcee Fusion", 2025, no paper). Tukey's fence: Tukey 1977, "Exploratory
-    Data Analysis".
+    Arcee AI's "Arcee Fusion", as implemented in MergeKit 0.1.5 (`merge_methods/arcee_fusion.py`,
+    reference https://arcee.ai); it has no paper. Tukey's fence: Tukey 1977, "Exploratory Data
+    Analysis".
 
     No parameters. Quartiles are the sorted importances at index floor(q (n - 1)); tensors
     above 1,000,000 entries estimate them from 1,000,000 entries drawn with replacement, from
@@ -66,6 +66,8 @@ def arcee_fusion(x: Tensor, base: Tensor, p, s, gen: Generator | None = None) ->
     x: (1, *shape) the fine-tuned model; base: (*shape); returns (*shape).
     """
     theta = x[0]
+    if theta.numel() == 0:  # no entries, no quartiles (MergeKit raises an IndexError here)
+        return base.clone()
     importance = fusion_importance(theta, base)
     q1, median, q3 = lower_quantiles(importance, (0.25, 0.5, 0.75), gen)
     mask = importance >= median + 1.5 * (q3 - q1)
