@@ -260,8 +260,10 @@ def get_method(name: str) -> MethodSpec:
 
 # Family modules register their methods on import; this is the one place they are imported.
 from mergelab.methods import (  # noqa: E402,F401
+    fusion,
     linear,
     preconditioned,
+    ram,
     spectral,
     sparsify,
     spherical,
