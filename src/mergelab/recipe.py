@@ -34,6 +34,7 @@ from mergelab.checkpoint.reader import parse_dtype
 from mergelab.errors import RecipeError
 from mergelab.lora.peft_format import is_peft_adapter, split_lora_reference
 from mergelab.methods import REGISTRY, MethodSpec
+from mergelab.tokenizer.config import TokenizerEntry, token_source_models
 from mergelab.recipe_params import Setting, evaluate_setting, method_fields, recipe_parameter_problems, suggest
 
 __all__ = ["Recipe", "OutputSlice", "Source", "load_recipe", "evaluate_setting"]
@@ -69,10 +70,6 @@ class AdapterEntry(_Strict):
     rank: int | None = Field(None, ge=1)  # best rank-R approximation of the merged update
     combine: Literal["svd", "cat"] = "svd"  # cat: exact concatenation (linear-type merges)
     align: Literal["knots"] | None = None  # knots: merge in the adapters' shared SVD basis
-
-
-class TokenizerEntry(_Strict):
-    source: str = "union"  # MergeKit's default when `tokenizer:` is given without a source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +161,7 @@ class Recipe(_Strict):
         src = self.tokenizer.source if self.tokenizer else self.tokenizer_source
         if src is None:
             return None
-        return self.base if src == "base" else self.resolve(src)
+        return self.base if src in ("base", "union") else self.resolve(src)
 
     def parameters_for(self, tensor_name: str, t: float, model: str | None,
                        out_slice: OutputSlice | None = None) -> dict[str, Any]:
@@ -401,9 +398,6 @@ def _schema_message(err: dict) -> str:
         if loc == ("modules",):
             return ("modules: MergeKit's multi-module syntax is not supported; for a model with one module, "
                     "move that module's `models:` or `slices:` to the top level")
-        if loc[:1] == ("tokenizer",) and key in ("tokens", "pad_to_multiple_of"):
-            return (f"{path} is not supported: mergelab copies the tokenizer source's files unchanged and "
-                    "edits no tokens; remove it, or build the tokenizer first")
         owner = next((_OWNERS[p] for p in reversed(loc[:-1]) if isinstance(p, str) and p in _OWNERS), Recipe)
         names = [f.alias or n for n, f in owner.model_fields.items()]
         if any(key in spec.parameter_names() for spec in REGISTRY.values()):
@@ -439,7 +433,7 @@ def _references(r: Recipe) -> list[tuple[str, str]]:
     tok, where = (r.tokenizer.source, "tokenizer.source") if r.tokenizer else (r.tokenizer_source, "tokenizer_source")
     if tok and tok not in ("base", "union"):
         refs.append((where, tok))
-    return refs
+    return refs + token_source_models(r.tokenizer)
 
 
 def _resolve(ref: str, folder: Path | None) -> str:
@@ -495,11 +489,7 @@ def _tokenizer_problems(r: Recipe) -> list[str]:
         out.append("tokenizer_source and tokenizer are both given; keep one (`tokenizer: {source: ...}` "
                    "or `tokenizer_source: ...`)")
     where, src = ("tokenizer.source", r.tokenizer.source) if r.tokenizer else ("tokenizer_source", r.tokenizer_source)
-    if src == "union":
-        hint = " (MergeKit's default when `tokenizer:` has no source)" if r.tokenizer else ""
-        out.append(f"{where}: union{hint} is not supported: mergelab builds no merged tokenizer; use `base` "
-                   "or a model path, with `vocab_mismatch: resize` if the vocabularies differ")
-    elif src == "base" and not r.base_model:
+    if src == "base" and not r.base_model:
         out.append(f"{where}: base needs a `base_model:`; add one or give a model path")
     return out
 
