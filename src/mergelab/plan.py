@@ -19,7 +19,7 @@ from mergelab.checkpoint.reader import Checkpoint, layer_index, with_layer_index
 from mergelab.errors import RecipeError, ShapeMismatch
 from mergelab.methods import MethodParams, MethodSpec, spellings
 from mergelab.recipe import OutputSlice, Recipe, Source
-from mergelab.tokenizer import VocabJob, VocabularyPlan, plan_vocabulary
+from mergelab.tokenizer import VocabJob, VocabularyPlan, plan_vocabulary, tokenizer_files
 
 # Names of input-embedding-like tensors: in slice mode they come from the first
 # slice's models, everything else outside the layers from the last slice's.
@@ -317,7 +317,7 @@ def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Plan:
         config_updates["torch_dtype"] = str(recipe.out_dtype).removeprefix("torch.")
     tok = planner.tokenizer_ref
     return Plan(recipe, planner.ckpts, planner.jobs, planner.left_out, config_updates,
-                planner.ckpts[planner.index[tok]], planner.vocab.tokenizer_files if planner.vocab else None)
+                planner.ckpts[planner.index[tok]], tokenizer_files(recipe, checkpoints, tok, planner.vocab))
 
 
 def _plan_models(planner: _Planner, out_slice: OutputSlice) -> None:

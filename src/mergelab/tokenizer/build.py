@@ -144,7 +144,7 @@ def plan_vocabulary(recipe, checkpoints: Mapping, reference: str, merged: list[s
     folders = {p: getattr(checkpoints[p], "folder", None) for p in rows}
     full = {p: read_vocabulary(folders[p]) for p in rows}
     missing = [p for p, v in full.items() if v is None]
-    needs_tokens = source == "union" or bool(tokens) or bool(pad) or recipe.chat_template is not None
+    needs_tokens = source == "union" or bool(tokens) or bool(pad)
     if len(missing) == len(full) and not needs_tokens:
         return None  # nobody says which row is which token: by index, as MergeKit does
     if full[reference] is None:
@@ -194,3 +194,15 @@ def _resolved(recipe, cfg: TokenEntry) -> TokenEntry:
     if isinstance(src, ModelTokenSource):
         return cfg.model_copy(update={"source": src.model_copy(update={"model": recipe.resolve(src.model)})})
     return cfg
+
+
+def tokenizer_files(recipe, checkpoints: Mapping, reference: str, vocab: VocabularyPlan | None) -> dict | None:
+    """The output tokenizer's files when they are not the reference's, unchanged (None)."""
+    from mergelab.tokenizer.files import template_only_files
+
+    if vocab is not None and vocab.tokenizer_files is not None:
+        return vocab.tokenizer_files
+    if recipe.chat_template is None:
+        return None
+    folders = {p: getattr(ck, "folder", None) for p, ck in checkpoints.items()}
+    return template_only_files(recipe.chat_template, reference, folders)

@@ -136,3 +136,13 @@ def output_tokenizer(recipe, reference: str, folders: dict, full: dict, maps: di
     if template:
         files = with_chat_template(files, resolve_chat_template(template, folders))
     return files, vocab
+
+
+def template_only_files(template: str, reference: str, folders: dict) -> dict[str, bytes]:
+    """The reference's tokenizer files with `chat_template:` written in."""
+    folder = folders.get(reference)
+    files = _reference_files(folder) if folder is not None else {}
+    if not any(name in files for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
+        raise RecipeError(f"chat_template: '{reference}' has no tokenizer files to write the template into; "
+                          "name a model that has them in tokenizer_source, or remove chat_template")
+    return with_chat_template(files, resolve_chat_template(template, folders))
