@@ -31,12 +31,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def union_additions(reference: str, order: list[str], full: dict, maps: dict,
                     folders: dict) -> tuple[list[str], list[dict]]:
-    """(ordinary tokens, added-token records) that MergeKit's union adds to the reference tokenizer."""
+    """(ordinary tokens, added-token records) that MergeKit's union adds to the reference tokenizer.
+
+    MergeKit walks each model's vocabulary in the order of tokenizers' get_vocab(), a Rust hash map whose
+    order changes from run to run, so the ids it gives new tokens vary; mergelab takes them in each
+    model's id order, so a recipe always gives the same tokenizer.
+    """
     plain: dict[str, None] = {}
     added: dict[str, dict] = {}
     for p in order:
         records = added_tokens(folders[p])
-        for tok in maps[p]:
+        for tok in sorted(maps[p], key=maps[p].__getitem__):  # the model's own id order (MergeKit's is hash order)
             if tok in records:
                 added.setdefault(tok, records[tok])
             else:
