@@ -98,8 +98,8 @@ def test_union_fills_as_mergekit_and_encodes_the_union(family, tmp_path):
             torch.testing.assert_close(out[t], c[t])
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     vocab = tok.get_vocab()
-    ids = tok("the cat <z> <x>", add_special_tokens=False)["input_ids"]
-    assert ids == [vocab["the"], vocab["cat"], vocab["<z>"], vocab["<x>"]]
+    ids = tok("the blue cat <z> <x>", add_special_tokens=False)["input_ids"]
+    assert ids == [vocab["the"], vocab["blue"], vocab["cat"], vocab["<z>"], vocab["<x>"]]
     assert vocab["<z>"] >= 17 and vocab["the"] == read_a_vocab(family)["the"]  # a's ids kept, c's added after
 
 

@@ -150,3 +150,37 @@ def test_chatml_renders_as_mergekits(family, tmp_path):
     render = [transformers.AutoTokenizer.from_pretrained(str(p)).apply_chat_template(
         msgs, tokenize=False, add_generation_prompt=True) for p in (mk, ml)]
     assert render[0] == render[1]
+
+
+def test_bpe_union_matches_mergekit_and_keeps_the_base_encoding(tmp_path):
+    """Byte-level BPE tokenizers trained on different texts, one with chat tokens added: the union has
+    MergeKit's tokens and rows; text encodes as the base tokenizer encoded it, and the other model's
+    added tokens encode as single tokens."""
+    transformers = pytest.importorskip("transformers")
+    from tok_kit import bpe_tokenizer
+
+    corpus_a = ["the cat sat on the mat", "a dog ran far away", "the big red dog sat down"] * 4
+    corpus_b = ["models merge weights", "the merged model runs", "weights of models and cats"] * 4
+    toks = {"a": bpe_tokenizer(corpus_a, vocab_size=300),
+            "b": bpe_tokenizer(corpus_b, vocab_size=300, added=["<|im_start|>", "<|im_end|>"])}
+    g = torch.Generator().manual_seed(0)
+    paths = {n: write_llama(tmp_path / n, torch.randn(t.get_vocab_size(), 8, generator=g), seed=i, tok=t)
+             for i, (n, t) in enumerate(toks.items())}
+    text = (f"merge_method: linear\nbase_model: {paths['a']}\ntokenizer_source: union\nmodels:\n"
+            f"  - model: {paths['a']}\n    parameters: {{weight: 0.6}}\n  - model: {paths['b']}\n"
+            f"    parameters: {{weight: 0.4}}\ndtype: float32\n")
+    mk, ml = _both(text, tmp_path)
+    assert set(_vocab(ml)) == set(_vocab(mk)) == set(_vocab(paths["a"])) | set(_vocab(paths["b"]))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        got, want = rows_by_token(ml, _tensors(ml)[key]), rows_by_token(mk, _tensors(mk)[key])
+        assert set(got) == set(want)
+        for t in want:
+            torch.testing.assert_close(got[t], want[t], rtol=1e-5, atol=1e-6)
+    out = transformers.AutoTokenizer.from_pretrained(str(ml))
+    base = transformers.AutoTokenizer.from_pretrained(str(paths["a"]))
+    sample = "the red cat ran away from the models"
+    assert out.convert_ids_to_tokens(out(sample)["input_ids"]) == base.convert_ids_to_tokens(base(sample)["input_ids"])
+    ids = out("<|im_start|>the cat<|im_end|>", add_special_tokens=False)["input_ids"]
+    vocab = out.get_vocab()
+    assert ids[0] == vocab["<|im_start|>"] and ids[-1] == vocab["<|im_end|>"]
+    assert out.decode(ids) == "<|im_start|>the cat<|im_end|>"

@@ -112,6 +112,60 @@ def with_chat_template(files: dict[str, bytes], template: str) -> dict[str, byte
     return files
 
 
+# Files a rebuilt tokenizer.json makes stale: transformers would read their tokens next to it.
+_STALE = ("added_tokens.json",)
+
+
+def _json_union(folder: Path, path: Path, ordinary: list[str], records: list[dict],
+                extra: list[str]) -> tuple[dict[str, bytes], dict[str, int]] | None:
+    """The reference's tokenizer files with tokens added to tokenizer.json; (files, token -> id).
+
+    Other models' ordinary tokens go into the tokenizer model's own vocabulary (BPE, WordPiece,
+    WordLevel), not in as added tokens as MergeKit puts them: an added token is cut out of raw text
+    before pre-tokenisation, so MergeKit's union re-tokenises the base's text wherever it spells a
+    token of another model ("models" inside "the models", "ing" inside any word); in the vocabulary
+    they change nothing of how the base's text encodes. Added (special) tokens and `tokens:` go in
+    as added tokens. New ids follow the largest id, in that order, as add_tokens numbers them.
+
+    The tokenizers library numbers an added token that is not in the model's vocabulary from the
+    vocabulary's size on (ignoring the id stored in the file), so the reference's added tokens below
+    the new ids are entered in the model's vocabulary too, at their own ids; None (use MergeKit's
+    way) when the ids are not contiguous or the model's vocabulary is not a token -> id mapping.
+    """
+    data = read_json_file(path, "tokenizer", expect=dict)
+    model = data.get("model") or {}
+    vocab = model.get("vocab")
+    added = list(data.get("added_tokens") or [])
+    if not isinstance(vocab, dict) or not ordinary:
+        return None
+    vocab = {str(t): int(i) for t, i in vocab.items()}
+    for e in added:
+        vocab.setdefault(str(e["content"]), int(e["id"]))
+    next_id = len(vocab)
+    if set(vocab.values()) != set(range(next_id)):
+        return None
+    for tok in ordinary:
+        vocab[tok] = next_id
+        next_id += 1
+    new_added = []
+    for rec in [*records, *({"content": t, "special": False, "normalized": True} for t in extra)]:
+        new_added.append({"id": next_id, "content": rec["content"], "single_word": rec.get("single_word", False),
+                          "lstrip": rec.get("lstrip", False), "rstrip": rec.get("rstrip", False),
+                          "normalized": rec.get("normalized", True), "special": rec.get("special", False)})
+        next_id += 1
+    model["vocab"] = vocab
+    data["added_tokens"] = added + new_added
+    files = {k: v for k, v in _reference_files(folder).items() if k not in _STALE}
+    files["tokenizer.json"] = (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    config = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+    decoder = config.get("added_tokens_decoder")
+    if isinstance(decoder, dict) and new_added:
+        for e in new_added:
+            decoder[str(e["id"])] = {k: v for k, v in e.items() if k != "id"}
+        files["tokenizer_config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    return files, {**vocab, **{str(e["content"]): int(e["id"]) for e in data["added_tokens"]}}
+
+
 def output_tokenizer(recipe, reference: str, folders: dict, full: dict, maps: dict, tokens: dict,
                      union: bool) -> tuple[dict[str, bytes] | None, dict[str, int] | None]:
     """(files, vocabulary) of the output tokenizer; (None, None): the reference's files, unchanged."""
@@ -122,7 +176,11 @@ def output_tokenizer(recipe, reference: str, folders: dict, full: dict, maps: di
     if not (ordinary or records or extra or template):
         return None, None
     vocab = None
-    if ordinary or records or extra:
+    reference_json = asset_file(folders[reference], "tokenizer.json")
+    built = _json_union(folders[reference], reference_json, ordinary, records, extra) if reference_json else None
+    if built is not None:
+        files, vocab = built
+    elif ordinary or records or extra:  # MergeKit's way, through transformers (only added tokens, no tokenizer.json)
         from tokenizers import AddedToken
 
         tok = _transformers_tokenizer(folders[reference])
