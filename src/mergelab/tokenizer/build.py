@@ -53,34 +53,44 @@ class VocabularyPlan:
     def job(self, models: list[str], base: str | None, where: str) -> VocabJob:
         """The row maps and fills for one job whose inputs are `models` (paths, in input order)."""
         vocab_len = max(self.out_vocab.values(), default=-1) + 1
-        index = [self._index(m, vocab_len) for m in models]
-        fill_rows, fill_sources = [], []
-        for token, oid in self.out_vocab.items():
-            cfg = self.tokens.get(token)
-            present = [j for j, ix in enumerate(index) if ix[oid] >= 0]
-            if cfg is not None and cfg.force:
-                for ix in index:
-                    ix[oid] = -1
-            elif len(present) == len(models):
-                continue
-            fill_rows.append(oid)
-            fill_sources.append(self._fill(token, oid, cfg, models, present, base, where))
+        index = torch.stack([self._index(m, vocab_len) for m in models])  # (M, rows)
+        token_of = self._tokens_by_id()
+        ids = torch.tensor(sorted(token_of), dtype=torch.long)
+        lacking = ids[(index[:, ids] < 0).any(0)].tolist()
+        forced = [self.out_vocab[t] for t, cfg in self.tokens.items() if cfg.force and t in self.out_vocab]
+        fill_rows = sorted(set(lacking) | set(forced))
+        fill_sources = []
+        for oid in fill_rows:
+            token = token_of[oid]
+            present = (index[:, oid] >= 0).nonzero().flatten().tolist()
+            fill_sources.append(self._fill(token, oid, self.tokens.get(token), models, present, base, where))
+        if forced:
+            index[:, forced] = -1  # a forced token takes its source's row in every model
         return VocabJob(self.rows, vocab_len, tuple(index), torch.tensor(fill_rows, dtype=torch.long),
                         tuple(fill_sources))
 
+    def _tokens_by_id(self) -> dict[int, str]:
+        if getattr(self, "_token_of", None) is None:
+            self._token_of = {oid: t for t, oid in self.out_vocab.items()}
+        return self._token_of
+
     def _index(self, model: str, vocab_len: int) -> torch.Tensor:
-        own = self.maps[model]
-        index = torch.full((self.rows,), -1, dtype=torch.long)
-        for token, oid in self.out_vocab.items():
-            row = own.get(token)
-            if row is not None:
-                index[oid] = row
-        # Rows past the vocabulary: the model's own row there when it holds no token of the model.
-        used = set(own.values())
-        for r in range(vocab_len, min(self.rows, self.model_rows[model])):
-            if r not in used:
-                index[r] = r
-        return index
+        """(rows,) the model's row for each output row, -1 where it has none (computed once per model)."""
+        cache = self.__dict__.setdefault("_index_cache", {})
+        if model not in cache:
+            own = self.maps[model]
+            index = [-1] * self.rows
+            for token, oid in self.out_vocab.items():
+                row = own.get(token)
+                if row is not None:
+                    index[oid] = row
+            # Rows past the vocabulary: the model's own row there when it holds no token of the model.
+            used = set(own.values())
+            for r in range(vocab_len, min(self.rows, self.model_rows[model])):
+                if r not in used:
+                    index[r] = r
+            cache[model] = torch.tensor(index, dtype=torch.long)
+        return cache[model].clone()
 
     def _fill(self, token, oid, cfg, models, present, base, where) -> tuple:
         """MergeKit's assign_embedding_sources + compute_default_embedding for one token."""
