@@ -75,6 +75,19 @@ def test_different_sizes_without_tokenizer_source_are_refused_with_advice(family
         mergelab.merge(_linear(family, "ac", [0.5, 0.5]), tmp_path / "out")
 
 
+def test_vocab_mismatch_resize_with_tokenizers_matches_by_token(family, tmp_path):
+    """a (17 tokens) and c (19, lacks <x>), no tokenizer_source, `vocab_mismatch: resize`: a's vocabulary,
+    rows by token: shared t -> (a[t] + c[t]) / 2; <x> (a only) -> a[<x>]; c's blue/green dropped."""
+    mergelab.merge(_linear(family, "ac", [1.0, 1.0], base_model=str(family["a"][0]), vocab_mismatch="resize"),
+                   tmp_path / "out")
+    got = _out(tmp_path / "out")[EMB]
+    a, c = _by_token(family, "a", EMB), _by_token(family, "c", EMB)
+    out = rows_by_token(tmp_path / "out", got)
+    assert got.shape[0] == 17 and set(out) == set(a)
+    torch.testing.assert_close(out["<y>"], (a["<y>"] + c["<y>"]) / 2)
+    torch.testing.assert_close(out["<x>"], a["<x>"])
+
+
 def test_union_fills_as_mergekit_and_encodes_the_union(family, tmp_path):
     """Linear over a (base), b, c with equal weights (each 1/3 after normalising).
 
