@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import mergelab
-from mergelab.errors import MergeError, RecipeError, ShapeMismatch
+from mergelab.errors import RecipeError, ShapeMismatch
 from tok_kit import rows_by_token
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
