@@ -211,7 +211,7 @@ def tokenizer_files(recipe, checkpoints: Mapping, reference: str, vocab: Vocabul
 
     if vocab is not None and vocab.tokenizer_files is not None:
         return vocab.tokenizer_files
-    if recipe.chat_template is None:
+    if not recipe.chat_template:  # MergeKit ignores an empty one too
         return None
     folders = {p: getattr(ck, "folder", None) for p, ck in checkpoints.items()}
     return template_only_files(recipe.chat_template, reference, folders)
