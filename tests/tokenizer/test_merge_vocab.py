@@ -177,3 +177,23 @@ def test_padding_rows_past_the_tokenizer_are_kept(family, tmp_path):
     torch.testing.assert_close(got[17:], 0.5 * pads["a"][1][17:] + 0.5 * pads["b"][1][17:])
     a, b = rows_by_token(pads["a"][0], pads["a"][1]), rows_by_token(pads["b"][0], pads["b"][1])
     torch.testing.assert_close(rows_by_token(tmp_path / "out", got)["<x>"], 0.5 * a["<x>"] + 0.5 * b["<x>"])
+
+
+def test_gpt2_wte_rows_matched_by_token(tmp_path):
+    """GPT-2 (tied wte, no lm_head tensor): two added tokens swapped, union with a third word list."""
+    from tok_kit import WORDS, word_tokenizer, write_gpt2
+
+    g = torch.Generator().manual_seed(3)
+    toks = {"a": word_tokenizer(WORDS, added=["<x>", "<y>"]), "b": word_tokenizer(WORDS, added=["<y>", "<x>"])}
+    paths = {n: write_gpt2(tmp_path / n, torch.randn(17, 8, generator=g), seed=i, tok=t)
+             for i, (n, t) in enumerate(toks.items())}
+    rec = {"merge_method": "linear", "dtype": "float32", "base_model": str(paths["a"]), "tokenizer_source": "base",
+           "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths.values(), (0.25, 0.75))]}
+    mergelab.merge(rec, tmp_path / "out")
+    got = _out(tmp_path / "out")
+    assert "lm_head.weight" not in got
+    rows = {n: rows_by_token(p, load_file(str(p / "model.safetensors"))["transformer.wte.weight"])
+            for n, p in paths.items()}
+    out = rows_by_token(tmp_path / "out", got["transformer.wte.weight"])
+    for t in ("<x>", "<y>", "cat"):
+        torch.testing.assert_close(out[t], 0.25 * rows["a"][t] + 0.75 * rows["b"][t])
