@@ -399,9 +399,10 @@ def test_slices_normalised_and_checked(toy, dirs):
 
 
 def test_tokenizer_and_modules_and_dtypes(toy, dirs):
-    _one(_ties(dirs, tokenizer_source="union"), "tokenizer_source: union", "use `base` or a model path")
-    _one(_ties(dirs, tokenizer={}), "tokenizer.source: union (MergeKit's default")
-    _one(_ties(dirs, tokenizer={"source": "base", "tokens": {"<x>": {}}}), "tokenizer.tokens is not supported")
+    # union and tokens: are supported (tests/tokenizer); the union's tokenizer starts from the base's files
+    assert load_recipe(_ties(dirs, tokenizer_source="union")).tokenizer_source_path() == dirs["base"]
+    assert load_recipe(_ties(dirs, tokenizer={})).tokenizer.source == "union"
+    _one(_ties(dirs, tokenizer={"source": "base", "tokens": {"<x>": {"force": True}}}), "needs a `source`")
     _one(_ties(dirs, tokenizer={"source": "base"}, tokenizer_source="base"), "both given")
     assert load_recipe(_ties(dirs, tokenizer={"source": "base"})).tokenizer_source_path() == dirs["base"]
     _one({"merge_method": "_test_linear", "modules": {"default": {"models": []}}},

@@ -168,7 +168,7 @@ def _work_items(plan: Plan) -> Iterator[tuple[Job, tuple[int, int] | None]]:
         for d in job.shape:
             numel *= d
         if job.copy or not chunkable or numel <= CHUNK_ELEMENTS or len(job.shape) < 2 or job.vocab_rows \
-                or job.stats:
+                or job.stats or job.vocab is not None:
             yield job, None
             continue
         row = numel // job.shape[0]
@@ -187,6 +187,10 @@ def _method_inputs(job: Job, inputs: _Inputs, device: torch.device
         t = _fit_vocab(t, fill, job.vocab_rows) if job.vocab_rows is not None else t
         return t.to(device)
 
+    if job.vocab is not None:  # rows matched by token into the output vocabulary (mergelab.tokenizer)
+        ins = [tensors[r] for r in job.rows] + ([tensors[job.base]] if job.base is not None else [])
+        moved = [t.to(device) for t in job.vocab.apply(ins)]
+        return moved[:len(job.rows)], moved[len(job.rows)] if job.base is not None else None
     return [fit(tensors[r]) for r in job.rows], fit(tensors[job.base]) if job.base is not None else None
 
 
@@ -200,7 +204,8 @@ def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
             seed: int | None, chunk: tuple[int, int] | None) -> torch.Tensor:
     """Run the method of `job` on its inputs (through run_method); the output on CPU in the output dtype."""
     if job.copy:
-        return inputs.tensors[job.rows[0]].to(job.dtype)
+        t = inputs.tensors[job.rows[0]]
+        return (job.vocab.apply([t])[0] if job.vocab is not None else t).to(job.dtype)
     spec = plan.recipe.method
     cdtype = plan.recipe.compute_dtype
     rows, base = _method_inputs(job, inputs, device)
@@ -298,8 +303,10 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
             left_out=plan.left_out, bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
             seconds=time.perf_counter() - start, device=str(dev), nonfinite=nonfinite)
         extra = extra_files_fn(report) if extra_files_fn else None
+        if plan.tokenizer_files is not None:  # a rebuilt tokenizer replaces the copied one (MergeKit writes it too)
+            extra = {**plan.tokenizer_files, **(extra or {})}
         writer.finish(assets_from=plan.assets_from.folder, config_updates=plan.config_updates,
-                      extra_files=extra, copy_tokenizer=copy_tokenizer)
+                      extra_files=extra, copy_tokenizer=copy_tokenizer and plan.tokenizer_files is None)
     report.seconds = time.perf_counter() - start
     return report
 

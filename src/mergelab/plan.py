@@ -19,6 +19,7 @@ from mergelab.checkpoint.reader import Checkpoint, layer_index, with_layer_index
 from mergelab.errors import RecipeError, ShapeMismatch
 from mergelab.methods import MethodParams, MethodSpec, spellings
 from mergelab.recipe import OutputSlice, Recipe, Source
+from mergelab.tokenizer import VocabJob, VocabularyPlan, plan_vocabulary, tokenizer_files
 
 # Names of input-embedding-like tensors: in slice mode they come from the first
 # slice's models, everything else outside the layers from the last slice's.
@@ -51,6 +52,7 @@ class Job:
     vocab_fill: TensorRef | None = None  # where padding rows come from
     stats: list[TensorRef] | None = None  # per-row statistics (methods with needs_stats)
     base_stats: TensorRef | None = None  # the base model's statistics (methods with uses_base_stats)
+    vocab: VocabJob | None = None  # rows moved into the output vocabulary by token (mergelab.tokenizer)
     note: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)  # raised by the method while merging
 
@@ -78,6 +80,7 @@ class Plan:
     left_out: list[tuple[str, str, str]]  # (model path, tensor, reason)
     config_updates: dict
     assets_from: Checkpoint
+    tokenizer_files: dict[str, bytes] | None = None  # the output tokenizer, when it is not assets_from's
 
     @property
     def bytes_read(self) -> int:
@@ -114,6 +117,7 @@ class _Planner:
         self.jobs: list[Job] = []
         self.out_dtype = recipe.out_dtype
         self.tokenizer_ref = self._tokenizer_source()
+        self.vocab: VocabularyPlan | None = None
 
     # -- helpers -------------------------------------------------------------
     def _tokenizer_source(self) -> str:
@@ -180,7 +184,8 @@ class _Planner:
                 self.left_out.append((src.model, in_name, f"missing; {out_name} merged without this model"))
                 continue
             other = self.ckpts[self.index[src.model]].shape(name)
-            if other != shape:
+            by_token = self.vocab is not None and self._is_vocab(out_name) and other[1:] == shape[1:]
+            if other != shape and not by_token:
                 if self._is_vocab(out_name) and other[1:] == shape[1:] and len(shape) >= 1:
                     if self.recipe.vocab_mismatch != "resize":
                         self.shape_problems.append(
@@ -198,11 +203,11 @@ class _Planner:
             row_sources.append((src, in_name))
 
         if len(rows) < self.spec.min_models:
-            self.jobs.append(Job(out_name, shape, out_dtype, [ref], None, [], None, copy=True,
-                                 note=f"only in {ref_path}: copied"))
+            self.jobs.append(self._by_token(Job(out_name, shape, out_dtype, [ref], None, [], None, copy=True,
+                                                note=f"only in {ref_path}: copied"), base_path))
             return
 
-        job = Job(out_name, shape, out_dtype, rows, ref if uses_base else None, [], None)
+        job = self._by_token(Job(out_name, shape, out_dtype, rows, ref if uses_base else None, [], None), base_path)
         if vocab_rows is not None:
             tok = self.tokenizer_ref
             tok_name = self._resolve_name(tok, ref_in_name)
@@ -232,6 +237,21 @@ class _Planner:
                 job.base_stats = TensorRef(self.index[base_stats], out_name)
         self._check_weight_sum(job, where)
         self.jobs.append(job)
+
+    def _by_token(self, job: Job, base_path: str | None) -> Job:
+        """A vocabulary tensor's job with its rows matched by token into the output vocabulary."""
+        if self.vocab is None or not self._is_vocab(job.name) or not job.shape:
+            return job
+        models = [self.paths[r.model] for r in job.rows] + ([self.paths[job.base.model]] if job.base else [])
+        try:
+            job.vocab = self.vocab.job(models, base_path, job.name)
+        except RecipeError as exc:
+            self.problems += [p for p in exc.problems if p not in self.problems]
+            return job
+        job.shape = (self.vocab.rows, *job.shape[1:])
+        job.note = "; ".join(filter(None, [job.note, "rows matched by token to the output vocabulary",
+                                           *self.vocab.notes]))
+        return job
 
     def _check_weight_sum(self, job: Job, where: str) -> None:
         """Weights that `normalize` would divide by must not sum to zero: caught here, before any reading."""
@@ -283,6 +303,10 @@ def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Plan:
     planner = _Planner(recipe, checkpoints)
     slices = recipe.output_slices()
     config_updates: dict = {}
+    merged = [p for p in recipe.input_paths() if p in planner.index]
+    planner.vocab = plan_vocabulary(recipe, checkpoints, planner.tokenizer_ref, merged)
+    if planner.vocab is not None:
+        config_updates["vocab_size"] = planner.vocab.rows
     if recipe.slices:
         total = _plan_slices(planner, slices)
         config_updates["num_hidden_layers"] = total
@@ -293,7 +317,7 @@ def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Plan:
         config_updates["torch_dtype"] = str(recipe.out_dtype).removeprefix("torch.")
     tok = planner.tokenizer_ref
     return Plan(recipe, planner.ckpts, planner.jobs, planner.left_out, config_updates,
-                planner.ckpts[planner.index[tok]])
+                planner.ckpts[planner.index[tok]], tokenizer_files(recipe, checkpoints, tok, planner.vocab))
 
 
 def _plan_models(planner: _Planner, out_slice: OutputSlice) -> None:

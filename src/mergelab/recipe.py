@@ -38,6 +38,7 @@ from mergelab.methods import REGISTRY, MethodSpec
 from mergelab.mergekit_names import not_implemented_hint
 from mergelab.recipe_params import (Setting, evaluate_setting, ignored_parameters, method_fields,
                                     recipe_parameter_problems, suggest)
+from mergelab.tokenizer.config import TokenizerEntry, token_source_models
 
 __all__ = ["Recipe", "OutputSlice", "Source", "load_recipe", "evaluate_setting"]
 
@@ -72,10 +73,6 @@ class AdapterEntry(_Strict):
     rank: int | None = Field(None, ge=1)  # best rank-R approximation of the merged update
     combine: Literal["svd", "cat"] = "svd"  # cat: exact concatenation (linear-type merges)
     align: Literal["knots"] | None = None  # knots: merge in the adapters' shared SVD basis
-
-
-class TokenizerEntry(_Strict):
-    source: str = "union"  # MergeKit's default when `tokenizer:` is given without a source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +174,7 @@ class Recipe(_Strict):
         src = self.tokenizer.source if self.tokenizer else self.tokenizer_source
         if src is None:
             return None
-        return self.base if src == "base" else self.resolve(src)
+        return self.base if src in ("base", "union") else self.resolve(src)
 
     def parameters_for(self, tensor_name: str, t: float, model: str | None,
                        out_slice: OutputSlice | None = None) -> dict[str, Any]:
@@ -474,9 +471,6 @@ def _schema_message(err: dict) -> str:
                     "module holds); mergelab has no such definitions and merges single-module models only. "
                     "Merge it with mergekit, or for a single-module model write `modules: {default: ...}` "
                     "or the module's `models:`/`slices:` at the top level")
-        if loc[:1] == ("tokenizer",) and key in ("tokens", "pad_to_multiple_of"):
-            return (f"{path} is not supported: mergelab copies the tokenizer source's files unchanged and "
-                    "edits no tokens; remove it, or build the tokenizer first")
         owner = next((_OWNERS[p] for p in reversed(loc[:-1]) if isinstance(p, str) and p in _OWNERS), Recipe)
         names = [f.alias or n for n, f in owner.model_fields.items()]
         if any(key in spec.parameter_names() for spec in REGISTRY.values()):
@@ -512,7 +506,7 @@ def _references(r: Recipe) -> list[tuple[str, str]]:
     tok, where = (r.tokenizer.source, "tokenizer.source") if r.tokenizer else (r.tokenizer_source, "tokenizer_source")
     if tok and tok not in ("base", "union"):
         refs.append((where, tok))
-    return refs
+    return refs + token_source_models(r.tokenizer)
 
 
 def _resolve(ref: str, folder: Path | None) -> str:
@@ -568,11 +562,7 @@ def _tokenizer_problems(r: Recipe) -> list[str]:
         out.append("tokenizer_source and tokenizer are both given; keep one (`tokenizer: {source: ...}` "
                    "or `tokenizer_source: ...`)")
     where, src = ("tokenizer.source", r.tokenizer.source) if r.tokenizer else ("tokenizer_source", r.tokenizer_source)
-    if src == "union":
-        hint = " (MergeKit's default when `tokenizer:` has no source)" if r.tokenizer else ""
-        out.append(f"{where}: union{hint} is not supported: mergelab builds no merged tokenizer; use `base` "
-                   "or a model path, with `vocab_mismatch: resize` if the vocabularies differ")
-    elif src == "base" and not r.base_model:
+    if src == "base" and not r.base_model:
         out.append(f"{where}: base needs a `base_model:`; add one or give a model path")
     return out
 

@@ -189,10 +189,28 @@ def _write_file(path: Path, content: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+# Architectures that spell a standard config key their own way (transformers' attribute_map):
+# GPT-2, GPT-J, Bloom, MPT, ... keep their layer count in n_layer etc., and a config holding both
+# spellings is ambiguous, so the architecture's own key is the one updated.
+CONFIG_SYNONYMS = {"num_hidden_layers": ("n_layer", "num_layers", "n_layers"),
+                   "vocab_size": ("n_vocab", "padded_vocab_size")}
+
+
+def _spellings(config: Mapping[str, Any], key: str) -> list[str]:
+    """The keys of `config` that stand for `key`: itself and its synonyms, those present."""
+    return [k for k in (key, *CONFIG_SYNONYMS.get(key, ())) if k in config]
+
+
 def _updated_config(config: dict[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
     config = dict(config)
     for key, value in updates.items():
-        config[key] = value
+        text = config.get("text_config")
+        if not _spellings(config, key) and isinstance(text, dict) and _spellings(text, key):
+            # a multimodal config whose language model keeps the key in text_config
+            config["text_config"] = {**text, **{k: value for k in _spellings(text, key)}}
+            continue
+        for k in _spellings(config, key) or [key]:
+            config[k] = value
         # transformers 5 writes "dtype" where older versions wrote "torch_dtype":
         # when the file has the other spelling too, update it so the two agree.
         alias = {"torch_dtype": "dtype", "dtype": "torch_dtype"}.get(key)
