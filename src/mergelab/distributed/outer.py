@@ -39,6 +39,7 @@ from torch import Tensor
 
 from mergelab.distributed.buckets import dequantize, flatten, make_buckets, quantize, unflatten
 from mergelab.distributed.comm import Comm, Handle
+from mergelab.distributed.flat import flat_views
 
 
 class WorkerLeftOut(UserWarning):
@@ -93,10 +94,11 @@ class OuterMerge:
 @dataclasses.dataclass
 class _Pending:
     grads: list[Tensor]
-    ok: Tensor  # (W,) 1 where a worker's pseudo-gradient was finite
+    ok: Tensor | None  # (W,) 1 where a worker's pseudo-gradient was finite (None: not agreed yet)
     handles: list[Handle]
     results: list[Any]  # per bucket: summed flat tensor, or gathered (W, n) buffer
     stats: list[Tensor] | None
+    inputs: tuple | None = None  # (globals_, locals_) of an optimistic start
 
 
 class FragmentReducer:
@@ -107,29 +109,42 @@ class FragmentReducer:
         self.comm, self.names, self.merge, self.quant = comm, list(names), merge, quantize
         self.buckets = make_buckets(shapes_like, bucket_cap_bytes)
         self.pending: _Pending | None = None
+        self.bufs: list[Tensor] | None = None  # persistent buckets of the plain mean
+        self.flat: Tensor | None = None  # their one flat buffer, when the fragment has one dtype and device
 
     def start(self, globals_: list[Tensor], locals_: list[Tensor], stats: list[Tensor] | None = None, *,
-              step: int) -> None:
+              step: int, optimistic: bool = False) -> None:
         """Pseudo-gradients globals_[i] - locals_[i], written straight into flat bucket buffers (float32,
-        float64 for float64 parameters): one pass over the fragment, no per-tensor copies."""
+        float64 for float64 parameters): one pass over the fragment, no per-tensor copies.
+
+        optimistic (plain mean only; the caller promises not to change globals_/locals_ before
+        `finish`): each bucket's all-reduce starts as soon as the bucket is written, while the next is
+        prepared, and the workers agree on finiteness afterwards from the reduced sums (identical bits
+        on every worker: a NaN/Inf anywhere shows in the sum); only then, and only if a sum is not
+        finite, do they exchange "finite" flags and reduce again without the bad workers."""
         assert self.pending is None, "a fragment sync is already in flight"
-        flats = [_pseudo_gradient_bucket([globals_[i] for i in idx], [locals_[i] for i in idx])
-                 for idx in self.buckets]
-        # NaN and Inf propagate through a sum: one pass, no mask. It overflows only for entries
-        # near 1e31, a diverged worker that is better left out as well.
-        finite = all(bool(torch.isfinite(f.sum())) for f in flats)
-        flags = torch.zeros(self.comm.world_size)
-        rank = self.comm.rank
-        if rank is not None:  # None: a torchft replica that is healing this step (it sends zeros)
-            flags[rank] = 1.0 if finite else 0.0
-        self.comm.all_reduce_sum(flags)
-        if not finite:
-            for f in flats:
-                f.zero_()
+        self.step = step
         grads = list(locals_)  # shapes only, from here on
+        plain = not self.merge.gathers and self.quant == "none"
+        if plain and optimistic:
+            bufs = self._buffers(locals_)
+            handles = []
+            for idx, buf in zip(self.buckets, bufs):
+                _pseudo_gradient_into(buf, [globals_[i] for i in idx], [locals_[i] for i in idx])
+                handles.append(self.comm.all_reduce_sum(buf, async_op=True))
+            self.pending = _Pending(grads, None, handles, bufs, None, (globals_, locals_))
+            return
+        if plain:
+            flats = self._buffers(locals_)
+            for idx, buf in zip(self.buckets, flats):
+                _pseudo_gradient_into(buf, [globals_[i] for i in idx], [locals_[i] for i in idx])
+        else:
+            flats = [_pseudo_gradient_bucket([globals_[i] for i in idx], [locals_[i] for i in idx])
+                     for idx in self.buckets]
+        flags = self._agree_finite(flats)
         handles, results = [], []
         for flat in flats:
-            if not self.merge.gathers and self.quant == "none":
+            if plain:
                 handles.append(self.comm.all_reduce_sum(flat, async_op=True))
                 results.append(flat)
             else:
@@ -145,12 +160,57 @@ class FragmentReducer:
                 handles.append(h)
                 gathered_stats.append(out)
         self.pending = _Pending(grads, flags, handles, results, gathered_stats)
-        self.step = step
+
+    def _agree_finite(self, flats: list[Tensor]) -> Tensor:
+        """All-reduce one "finite" flag per worker; a non-finite worker's buckets are zeroed."""
+        # NaN and Inf propagate through a sum: one pass, no mask. It overflows only for entries
+        # near 1e31, a diverged worker that is better left out as well.
+        finite = all(bool(torch.isfinite(f.sum())) for f in flats)
+        flags = torch.zeros(self.comm.world_size)
+        rank = self.comm.rank
+        if rank is not None:  # None: a torchft replica that is healing this step (it sends zeros)
+            flags[rank] = 1.0 if finite else 0.0
+        self.comm.all_reduce_sum(flags)
+        if not finite:
+            for f in flats:
+                f.zero_()
+        return flags
+
+    def _buffers(self, like: Sequence[Tensor]) -> list[Tensor]:
+        """The persistent flat pseudo-gradient buffer of each bucket (allocated at the first sync: fresh
+        memory costs a page fault per page on first touch). When every tensor of the fragment has the
+        same dtype and device, the buckets are consecutive slices of one flat buffer, `self.flat`."""
+        if self.bufs is None:
+            dtypes = [_grad_dtype(t) for t in like]
+            if len(set(dtypes)) == 1 and len({t.device for t in like}) == 1:
+                self.flat, _ = flat_views(like, dtype=dtypes[0])
+                self.bufs, offset = [], 0
+                for idx in self.buckets:
+                    n = sum(like[i].numel() for i in idx)
+                    self.bufs.append(self.flat[offset:offset + n])
+                    offset += n
+            else:
+                self.bufs = [torch.empty(sum(like[i].numel() for i in idx), dtype=dtypes[idx[0]],
+                                         device=like[idx[0]].device) for idx in self.buckets]
+        return self.bufs
 
     def finish(self) -> list[Tensor] | None:
         """The merged pseudo-gradient of every tensor (float32), or None if no worker was finite."""
         p, self.pending = self.pending, None
         assert p is not None, "finish() without start()"
+        if p.ok is None:  # optimistic: agree on finiteness from the reduced sums
+            finite = True
+            for h, buf in zip(p.handles, p.results):
+                h.wait()
+                finite = finite and bool(torch.isfinite(buf.sum()))
+            if finite:
+                p.ok = torch.ones(self.comm.world_size)
+            else:  # someone sent NaN/Inf: redo the reduction without them (inputs unchanged, see start)
+                globals_, locals_ = p.inputs
+                for idx, buf in zip(self.buckets, p.results):
+                    _pseudo_gradient_into(buf, [globals_[i] for i in idx], [locals_[i] for i in idx])
+                p.ok = self._agree_finite(p.results)
+                p.handles = [self.comm.all_reduce_sum(buf, async_op=True) for buf in p.results]
         for h in p.handles:
             h.wait()
         keep = p.ok > 0.5
@@ -185,19 +245,27 @@ class FragmentReducer:
         return out  # type: ignore[return-value]
 
 
-def _pseudo_gradient_bucket(globals_: Sequence[Tensor], locals_: Sequence[Tensor]) -> Tensor:
-    """Flat (sum numel,) buffer of globals_[i] - locals_[i], in float32 (float64 for float64 tensors)."""
-    dtype = torch.float64 if locals_[0].dtype == torch.float64 else torch.float32
-    flat = torch.empty(sum(t.numel() for t in locals_), dtype=dtype, device=locals_[0].device)
+def _grad_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _pseudo_gradient_into(flat: Tensor, globals_: Sequence[Tensor], locals_: Sequence[Tensor]) -> None:
+    """flat (sum numel,) <- globals_[i] - locals_[i], in place, tensor by tensor."""
     offset = 0
     for g, x in zip(globals_, locals_):
         n = x.numel()
         out = flat[offset:offset + n].view(x.shape)
-        if g.dtype == x.dtype == dtype and g.device == x.device:
+        if g.dtype == x.dtype == flat.dtype and g.device == x.device == flat.device:
             torch.sub(g, x.detach(), out=out)
         else:  # other dtypes or a backup on another device: widen first, then subtract
-            torch.sub(g.to(x.device, dtype), x.detach().to(dtype), out=out)
+            torch.sub(g.to(flat.device, flat.dtype), x.detach().to(flat.dtype), out=out)
         offset += n
+
+
+def _pseudo_gradient_bucket(globals_: Sequence[Tensor], locals_: Sequence[Tensor]) -> Tensor:
+    """A new flat (sum numel,) buffer of globals_[i] - locals_[i], in float32 (float64 for float64 tensors)."""
+    flat = torch.empty(sum(t.numel() for t in locals_), dtype=_grad_dtype(locals_[0]), device=locals_[0].device)
+    _pseudo_gradient_into(flat, globals_, locals_)
     return flat
 
 
