@@ -154,9 +154,10 @@ def run_variant(name, kind, kw, c, train, val, rank, world, progress):
                                        "comm_seconds")}}
 
 
-def sync_overhead(c, rank, world, repeats=5):
-    """One DiLoCo sync (pseudo-gradients, bucketed all-reduce, outer Nesterov step) of a model of
-    `overhead_params` float32 parameters against a bare all_reduce of the same number of bytes."""
+def sync_overhead(c, rank, world, repeats=7):
+    """One DiLoCo sync (pseudo-gradients, bucketed all-reduce, outer Nesterov step, copy into the model)
+    of a model of `overhead_params` float32 parameters, against a bare all_reduce of the same bytes in
+    the same 25 MB buckets (async, all in flight at once) and in one call; interleaved, medians."""
     from mergelab.distributed import DiLoCo
 
     n = c["overhead_params"]
@@ -168,27 +169,49 @@ def sync_overhead(c, rank, world, repeats=5):
     outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     d = DiLoCo(model, inner, outer, sync_every=1)
     flat = torch.randn(numel)
-    bare, syncs = [], []
-    for _ in range(repeats):
+    cap = 25 * 2**20 // 4
+    buckets = list(flat.split(cap))
+    bare, bucketed, syncs, prep = [], [], [], []
+    for i in range(repeats + 1):  # the first round warms up (allocations, gloo's buffers); not counted
+        with torch.no_grad():  # a worker's local model differs from the global one, as after inner steps
+            for p in model.parameters():
+                p.mul_(1.0 + 1e-3 * (rank + 1))
         dist.barrier()
         t0 = time.perf_counter()
         dist.all_reduce(flat)
-        bare.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
         dist.barrier()
-        t0 = time.perf_counter()
+        t2 = time.perf_counter()
+        for w in [dist.all_reduce(b, async_op=True) for b in buckets]:
+            w.wait()
+        t3 = time.perf_counter()
+        dist.barrier()
+        t4 = time.perf_counter()
         d._prepare(0)
+        t45 = time.perf_counter()
         d._perform(0)
-        syncs.append(time.perf_counter() - t0)
-    return {"params": numel, "bytes": numel * 4, "bare_all_reduce_s": sorted(bare)[repeats // 2],
-            "diloco_sync_s": sorted(syncs)[repeats // 2]}
+        t5 = time.perf_counter()
+        if i:
+            prep.append(t45 - t4)
+            bare.append(t1 - t0)
+            bucketed.append(t3 - t2)
+            syncs.append(t5 - t4)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"params": numel, "bytes": numel * 4, "buckets": len(buckets), "repeats": repeats,
+            "threads": torch.get_num_threads(), "bare_all_reduce_s": med(bare),
+            "bare_bucketed_all_reduce_s": med(bucketed), "diloco_sync_s": med(syncs),
+            "prepare_s": med(prep),
+            "samples": {"bare": bare, "bucketed": bucketed, "sync": syncs, "prepare": prep}}
 
 
 def worker(rank, world, port, cfg_json, out):
     c = json.loads(cfg_json)
     # one thread per worker process, for torch and for mergelab's numba kernels (the outer merges):
     # 4 workers on 2 cores with a thread pool each spend their time waiting on one another
-    os.environ["NUMBA_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    # (more cores than workers: each gets its share)
+    threads = max(1, len(os.sched_getaffinity(0)) // world)
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
     text = torch.frombuffer(bytearray(stdlib_bytes(c["text_bytes"])), dtype=torch.uint8)
@@ -292,8 +315,9 @@ def table(res: dict) -> str:
                      f"{r['syncs']} | {r['wall_seconds']:.1f} |")
     o = res["overhead"]
     lines += ["", f"Sync overhead ({o['params'] / 1e6:.1f}M float32 parameters, {res['world']} gloo workers): "
-              f"DiLoCo sync {o['diloco_sync_s']:.3f} s, bare all_reduce of the same bytes {o['bare_all_reduce_s']:.3f} s, "
-              f"ratio {o['diloco_sync_s'] / o['bare_all_reduce_s']:.2f}x."]
+              f"DiLoCo sync {o['diloco_sync_s']:.3f} s, bare all_reduce of the same bytes in the same buckets "
+              f"{o['bare_bucketed_all_reduce_s']:.3f} s (ratio {o['diloco_sync_s'] / o['bare_bucketed_all_reduce_s']:.2f}x), "
+              f"in one call {o['bare_all_reduce_s']:.3f} s (ratio {o['diloco_sync_s'] / o['bare_all_reduce_s']:.2f}x)."]
     return "\n".join(lines)
 
 
@@ -332,11 +356,15 @@ def main(argv=None) -> dict:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--overhead-only", action="store_true", help="only the sync-overhead measurement")
+    p.add_argument("--overhead-params", type=float, default=None,
+                   help="model size of the overhead measurement, e.g. 124e6 (default 16e6; --fast 1e5)")
     p.add_argument("--quant-sweep", type=int, default=0, metavar="STEPS",
                    help="instead: Streaming DiLoCo with none/bf16/fp8/int4 pseudo-gradients for STEPS steps "
                         "(simulated workers); writes OUT/quant.json")
     args = p.parse_args(argv)
     c = dict(FAST if args.fast else FULL, quiet=args.quiet, overhead_only=args.overhead_only)
+    if args.overhead_params:
+        c["overhead_params"] = int(args.overhead_params)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.quant_sweep:
         rows = quant_sweep(c, args.workers, args.quant_sweep)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from torch import nn
 
 from mergelab.distributed import DiLoCo, simulate_workers
-from mergelab.distributed.flat import flat_sgd_step, flat_sgd_supported, flat_views
+from mergelab.distributed.flat import _kernel, flat_sgd_step, flat_sgd_supported, flat_views
+from mergelab.methods.kernels import kernels_disabled
 
 CONFIGS = [
     dict(lr=0.7, momentum=0.9, nesterov=True),  # DiLoCo's
@@ -22,12 +24,23 @@ CONFIGS = [
 
 def _params(dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
-    return [nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype)) for shape in [(7, 5), (5,), (3, 2, 4)]]
+    return [nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype)) for shape in [(7, 5), (5,), (3, 2, 41)]]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_flat_step_equals_sgd_step(cfg, dtype):
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "torch"])
+def test_flat_step_equals_sgd_step(cfg, dtype, compiled):
+    """flat_sgd_step with the gradient sum / 3 against SGD.step() with p.grad = sum / 3, for 5 steps on
+    tensors of odd sizes (vector tails included): the same bits, the same momentum state."""
+    if compiled:
+        pytest.importorskip("numba")
+        assert _kernel(torch.zeros(1)) is not None
+    with contextlib.nullcontext() if compiled else kernels_disabled():
+        _compare(cfg, dtype)
+
+
+def _compare(cfg, dtype):
     ref = _params(dtype)
     ours = [nn.Parameter(p.detach().clone()) for p in ref]
     ref_opt = torch.optim.SGD(ref, **cfg)
@@ -40,16 +53,17 @@ def test_flat_step_equals_sgd_step(cfg, dtype):
     mom, mom_views = flat_views(ours)
     gen = torch.Generator().manual_seed(1)
     for step in range(5):
-        grads = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in ref]
-        for p, g in zip(ref, grads):
-            p.grad = g.clone()
+        sums = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in ref]
+        for p, s in zip(ref, sums):
+            p.grad = s / 3
         ref_opt.step()
-        grad = torch.cat([g.reshape(-1) for g in grads])
+        grad_sum = torch.cat([s.reshape(-1) for s in sums])
         if step == 3:  # the state goes through a state dict and back, as a checkpoint does
             our_opt.load_state_dict(copy.deepcopy(our_opt.state_dict()))
-        flat_sgd_step(our_opt, hyper, ours, theta, grad, mom, mom_views)
-        for p, v in zip(ref, theta_views):
+        flat_sgd_step(our_opt, hyper, ours, theta, grad_sum, 3, mom, mom_views)
+        for p, v, q in zip(ref, theta_views, ours):
             assert torch.equal(p.detach(), v), (cfg, step)
+            assert torch.equal(p.detach(), q.detach()), (cfg, step)  # written into the parameters too
     for p, q in zip(ref, ours):  # SGD's own state: the same momentum buffers, under the same keys
         a, b = ref_opt.state[p].get("momentum_buffer"), our_opt.state[q].get("momentum_buffer")
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
@@ -96,7 +110,7 @@ def _run(rank, n, flat: bool, streaming: bool):
     inner = torch.optim.AdamW(m.parameters(), lr=1e-2)
     outer = torch.optim.SGD(m.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     extra = dict(model_fragments=[m[0], m[2]], fragment_sync_delay=1, fragment_update_alpha=0.5) if streaming else {}
-    with DiLoCo(m, inner, outer, sync_every=4, **extra) as d:
+    with DiLoCo(m, inner, outer, sync_every=4, bucket_cap_mb=2e-4, **extra) as d:  # several buckets
         d.flat_outer_step = flat
         for _ in range(4 * 5):
             inner.zero_grad()

@@ -37,4 +37,4 @@ def test_trainer_with_diloco_callback_under_torchrun(tmp_path):
         torch.testing.assert_close(r1["params"][k], v, atol=1e-7, rtol=0)
     n = sum(v.numel() for v in r0["params"].values())
     assert r0["report"]["syncs"] == 2
-    assert r0["report"]["payload_bytes"] == 2 * (4 * n)  # 2 syncs of the float32 pseudo-gradients
+    assert r0["report"]["payload_bytes"] == 2 * (4 * n + 4 * 2)  # 2 syncs: float32 pseudo-gradients + 2 flags

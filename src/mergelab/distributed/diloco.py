@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from mergelab.distributed.buckets import QUANTIZERS
 from mergelab.distributed.comm import Comm, TorchComm
-from mergelab.distributed.flat import flat_sgd_step, flat_sgd_supported, flat_views
+from mergelab.distributed.flat import flat_sgd_begin, flat_sgd_end, flat_sgd_range, flat_sgd_supported, flat_views
 from mergelab.distributed.outer import FragmentReducer, OuterMerge
 from mergelab.distributed.validate import broadcast_parameters, check_same_model
 
@@ -132,7 +132,6 @@ class DiLoCo:
         self._momentum: dict[int, tuple[Tensor, list[Tensor]]] = {}  # flat SGD momentum of fragment k
         self.stats_fn = stats_fn
         self.flat_outer_step = True  # False: always step through outer.step() (for comparisons)
-        self._bytes_at_start = (0, 0.0)
         self.local_step = 0
         self.syncs = 0  # fragment syncs applied (torchft's manager step)
         self.skipped = 0  # syncs where no worker had a finite pseudo-gradient
@@ -202,33 +201,38 @@ class DiLoCo:
             k = self.current_fragment()
         frag = self.fragments[k]
         stats = self._stats(k) if self.merge.gathers and self._needs_stats() else None
-        self._bytes_at_start = self.comm.stats.payload_bytes, self.comm.stats.wire_bytes
-        # with no overlap (tau = 0) nothing changes the parameters before _perform: each bucket's
-        # reduction can start at once and finiteness be agreed afterwards (see FragmentReducer.start)
-        self.reducers[k].start(self.backup[k], [p for _, p in frag], stats, step=self.syncs,
-                               optimistic=self.delay == 0 and self.manager is None)
+        before = self.comm.stats.payload_bytes, self.comm.stats.wire_bytes
+        self.reducers[k].start(self.backup[k], [p for _, p in frag], stats, step=self.syncs)
+        self.comm.stats.per_sync.append((self.comm.stats.payload_bytes - before[0],
+                                         self.comm.stats.wire_bytes - before[1]))
 
     @torch.no_grad()
     def _perform(self, k: int) -> None:
-        merged = self.reducers[k].finish()
-        before = self._bytes_at_start
-        self.comm.stats.per_sync.append((self.comm.stats.payload_bytes - before[0],
-                                         self.comm.stats.wire_bytes - before[1]))
         frag = self.fragments[k]
         params = [p for _, p in frag]
+        hyper = self._flat_step_hyper(k)
+        reducer = self.reducers[k]
+        merged = reducer.finish_plain() if hyper is not None else reducer.finish()
         if self.manager is not None and not self.comm.should_commit():
             self.discarded += 1  # a replica failed mid-sync: every replica drops this step
             _copy_all(params, self.backup[k])
             return
-        hyper = self._flat_step_hyper(k) if merged is not None else None
-        if hyper is not None:  # the outer SGD step on the flat buffers, then one copy into the model
-            mom, mom_views = self._momentum_buffers(k)
-            flat_sgd_step(self.outers[k], hyper, params, self.backup_flat[k], self.reducers[k].flat, mom, mom_views)
+        if hyper is not None and merged is not None:
+            # the outer SGD step on the flat buffers, writing the new theta into the model in the same pass
+            # bucket by bucket, each as soon as its all-reduce is done (the next ones still running)
+            mom, mom_views = self._momentum_buffers(k, hyper)
+            first = flat_sgd_begin(self.outers[k], hyper, params, mom_views)
+            theta, offset = self.backup_flat[k], 0
+            for idx, summed in merged:
+                n = summed.numel()
+                flat_sgd_range(hyper, [params[i] for i in idx], theta[offset:offset + n], summed, reducer.count,
+                               mom[offset:offset + n] if mom.numel() else mom, first,
+                               write_params=self.alpha == 0)
+                offset += n
+            flat_sgd_end(self.outers[k], hyper, params, mom_views)
             if self.alpha > 0:  # p <- lerp(theta, p, alpha), as the generic path below computes it
                 for p, b in zip(params, self.backup[k]):
                     torch.lerp(b, p, self.alpha, out=p.data)
-            else:
-                _copy_all(params, self.backup[k])
             for p in params:
                 p.grad = None  # as outer.zero_grad() leaves them on the generic path
         else:
@@ -277,7 +281,9 @@ class DiLoCo:
         have = [p in state and state[p].get("momentum_buffer") is not None for p in params]
         return hyper if all(have) or not any(have) else None
 
-    def _momentum_buffers(self, k: int) -> tuple[Tensor, list[Tensor]]:
+    def _momentum_buffers(self, k: int, hyper: dict) -> tuple[Tensor, list[Tensor]]:
+        if hyper["momentum"] == 0:
+            return self.backup_flat[k].new_empty(0), []
         if k not in self._momentum:
             self._momentum[k] = flat_views(self.backup[k])
         return self._momentum[k]
