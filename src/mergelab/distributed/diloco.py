@@ -132,6 +132,7 @@ class DiLoCo:
         self._momentum: dict[int, tuple[Tensor, list[Tensor]]] = {}  # flat SGD momentum of fragment k
         self.stats_fn = stats_fn
         self.flat_outer_step = True  # False: always step through outer.step() (for comparisons)
+        self._sync_entry = -1  # this sync's entry in stats.per_sync
         self.local_step = 0
         self.syncs = 0  # fragment syncs applied (torchft's manager step)
         self.skipped = 0  # syncs where no worker had a finite pseudo-gradient
@@ -202,9 +203,13 @@ class DiLoCo:
         frag = self.fragments[k]
         stats = self._stats(k) if self.merge.gathers and self._needs_stats() else None
         before = self.comm.stats.payload_bytes, self.comm.stats.wire_bytes
-        self.reducers[k].start(self.backup[k], [p for _, p in frag], stats, step=self.syncs)
+        # with no overlap (tau = 0) nothing changes the parameters before _perform, so each bucket's
+        # reduction may start as soon as it is written (see FragmentReducer.start)
+        self.reducers[k].start(self.backup[k], [p for _, p in frag], stats, step=self.syncs,
+                               optimistic=self.delay == 0 and self.manager is None)
         self.comm.stats.per_sync.append((self.comm.stats.payload_bytes - before[0],
                                          self.comm.stats.wire_bytes - before[1]))
+        self._sync_entry = len(self.comm.stats.per_sync) - 1
 
     @torch.no_grad()
     def _perform(self, k: int) -> None:
@@ -212,7 +217,11 @@ class DiLoCo:
         params = [p for _, p in frag]
         hyper = self._flat_step_hyper(k)
         reducer = self.reducers[k]
+        stats, before = self.comm.stats, (self.comm.stats.payload_bytes, self.comm.stats.wire_bytes)
         merged = reducer.finish_plain() if hyper is not None else reducer.finish()
+        if stats.payload_bytes != before[0]:  # a second reduction (a worker was not finite): this sync's bytes
+            pay, wire = stats.per_sync[self._sync_entry]
+            stats.per_sync[self._sync_entry] = (pay + stats.payload_bytes - before[0], wire + stats.wire_bytes - before[1])
         if self.manager is not None and not self.comm.should_commit():
             self.discarded += 1  # a replica failed mid-sync: every replica drops this step
             _copy_all(params, self.backup[k])

@@ -98,6 +98,8 @@ class _Pending:
     handles: list[Handle]
     results: list[Any]  # per bucket: summed flat tensor, or gathered (W, n) buffer
     stats: list[Tensor] | None
+    inputs: tuple | None = None  # (globals_, locals_, this worker finite) of an optimistic start
+    flags_handle: Handle | None = None  # the flags' all-reduce of an optimistic start
 
 
 class FragmentReducer:
@@ -112,14 +114,29 @@ class FragmentReducer:
         self.flat: Tensor | None = None  # their one flat buffer, when the fragment has one dtype and device
 
     def start(self, globals_: list[Tensor], locals_: list[Tensor], stats: list[Tensor] | None = None, *,
-              step: int) -> None:
+              step: int, optimistic: bool = False) -> None:
         """Pseudo-gradients globals_[i] - locals_[i], written straight into flat bucket buffers (float32,
         float64 for float64 parameters; for the plain mean persistent ones, with the finiteness check
-        in the same pass), the workers' "finite" flags agreed, then every bucket's collective launched."""
+        in the same pass), the workers' "finite" flags agreed, then every bucket's collective launched.
+
+        optimistic (plain mean only; the caller promises not to change globals_ or locals_ before
+        finishing): each bucket's all-reduce starts as soon as the bucket is written, while the next
+        is prepared, and the flags follow the buckets. In the rare sync where a worker was not finite,
+        finishing computes the pseudo-gradients again and reduces them a second time without it."""
         assert self.pending is None, "a fragment sync is already in flight"
         self.step = step
         grads = list(locals_)  # shapes only, from here on
         plain = not self.merge.gathers and self.quant == "none"
+        if plain and optimistic:
+            bufs = self._buffers(locals_)
+            finite, handles = True, []
+            for idx, buf in zip(self.buckets, bufs):
+                finite &= _pseudo_gradient_into(buf, [globals_[i] for i in idx], [locals_[i] for i in idx])
+                handles.append(self.comm.all_reduce_sum(buf, async_op=True))
+            flags = self._flags(finite)
+            self.pending = _Pending(grads, flags, handles, bufs, None, inputs=(globals_, locals_, finite),
+                                    flags_handle=self.comm.all_reduce_sum(flags, async_op=True))
+            return
         if plain:
             flats = self._buffers(locals_)
             finite = True
@@ -149,12 +166,35 @@ class FragmentReducer:
                 gathered_stats.append(out)
         self.pending = _Pending(grads, flags, handles, results, gathered_stats)
 
-    def _agree_finite(self, flats: list[Tensor], finite: bool) -> Tensor:
-        """All-reduce one "finite" flag per worker; a non-finite worker's buckets are zeroed."""
+    def _flags(self, finite: bool) -> Tensor:
         flags = torch.zeros(self.comm.world_size)
         rank = self.comm.rank
         if rank is not None:  # None: a torchft replica that is healing this step (it sends zeros)
             flags[rank] = 1.0 if finite else 0.0
+        return flags
+
+    def _settle(self, p: _Pending) -> None:
+        """After an optimistic start: wait for the flags; if a worker was not finite, reduce again
+        without it (every worker recomputes its pseudo-gradients; the bad one sends zeros)."""
+        if p.flags_handle is None:
+            return
+        p.flags_handle.wait()
+        p.flags_handle = None
+        if bool((p.ok > 0.5).all()):
+            return
+        for h in p.handles:
+            h.wait()
+        globals_, locals_, finite = p.inputs
+        for idx, buf in zip(self.buckets, p.results):
+            if finite:
+                _pseudo_gradient_into(buf, [globals_[i] for i in idx], [locals_[i] for i in idx])
+            else:
+                buf.zero_()
+        p.handles = [self.comm.all_reduce_sum(buf, async_op=True) for buf in p.results]
+
+    def _agree_finite(self, flats: list[Tensor], finite: bool) -> Tensor:
+        """All-reduce one "finite" flag per worker; a non-finite worker's buckets are zeroed."""
+        flags = self._flags(finite)
         self.comm.all_reduce_sum(flags)
         if not finite:
             for f in flats:
@@ -186,6 +226,7 @@ class FragmentReducer:
         if no worker was finite."""
         p, self.pending = self.pending, None
         assert p is not None and not self.merge.gathers and self.quant == "none"
+        self._settle(p)
         self.count = self._count_ok(p.ok)
         if self.count == 0:
             for h in p.handles:
@@ -213,6 +254,7 @@ class FragmentReducer:
         """The merged pseudo-gradient of every tensor (float32), or None if no worker was finite."""
         p, self.pending = self.pending, None
         assert p is not None, "finish() without start()"
+        self._settle(p)
         for h in p.handles:
             h.wait()
         keep = p.ok > 0.5
