@@ -398,7 +398,9 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("MB each worker handed to collectives (log)")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(f"{res['world']} gloo workers, byte-level GPT, same tokens per variant")
+    warm = res.get("warm_start")
+    ax.set_title(f"{res['world']} gloo workers, byte-level GPT, same tokens per variant"
+                 + (f"\nafter a warm start of {warm['steps']} sync DP steps" if warm else ""), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
