@@ -206,8 +206,9 @@ def sync_overhead(c, rank, world, repeats=7):
     n = c["overhead_params"]
     width = min(4096, int(math.sqrt(n)))
     layers = [torch.nn.Linear(width, width, bias=False) for _ in range(max(1, n // width**2))]
-    if n > len(layers) * width**2 >= width:  # the rest as a narrower layer: n parameters in all
-        layers.append(torch.nn.Linear(width, (n - len(layers) * width**2) // width, bias=False))
+    rest = n - len(layers) * width**2
+    if rest >= width:  # the rest as a narrower layer: n parameters (to within a row) in all
+        layers.append(torch.nn.Linear(width, rest // width, bias=False))
     model = torch.nn.Sequential(*layers)
     numel = sum(p.numel() for p in model.parameters())
     inner = torch.optim.SGD(model.parameters(), lr=0.0)
