@@ -11,7 +11,7 @@ from torch import nn
 
 from mergelab.distributed import DiLoCo, simulate_workers
 from mergelab.distributed.flat import _kernel, flat_sgd_step, flat_sgd_supported, flat_views
-from mergelab.methods.kernels import kernels_disabled
+from mergelab.methods.kernels import kernels_enabled, set_kernels_enabled
 
 CONFIGS = [
     dict(lr=0.7, momentum=0.9, nesterov=True),  # DiLoCo's
@@ -35,9 +35,20 @@ def test_flat_step_equals_sgd_step(cfg, dtype, compiled):
     tensors of odd sizes (vector tails included): the same bits, the same momentum state."""
     if compiled:
         pytest.importorskip("numba")
-        assert _kernel(torch.zeros(1)) is not None
-    with contextlib.nullcontext() if compiled else kernels_disabled():
+    with _kernels(compiled):
+        assert (_kernel(torch.zeros(1)) is not None) == compiled
         _compare(cfg, dtype)
+
+
+@contextlib.contextmanager
+def _kernels(on: bool):
+    """mergelab's kernels on or off inside the block (whatever MERGELAB_NO_KERNELS says)."""
+    before = kernels_enabled()
+    set_kernels_enabled(on)
+    try:
+        yield
+    finally:
+        set_kernels_enabled(before)
 
 
 def _compare(cfg, dtype):
