@@ -19,7 +19,10 @@ cost of one DiLoCo sync of a bigger model against a bare all_reduce of the
 same bytes. Writes results.json, a table (results.md) and a PNG.
 
     python examples/diloco_vs_ddp.py              # ~10 minutes on 2 shared CPU cores
-    python examples/diloco_vs_ddp.py --fast       # seconds; what the tests run
+    python examples/diloco_vs_ddp.py --fast       # seconds
+    python examples/diloco_vs_ddp.py --warm-start 300 --variants "sync DP,DiLoCo H=50,single worker"
+                                                  # every variant from the same sync-DP checkpoint
+    python examples/diloco_vs_ddp.py --overhead-only --overhead-params 124e6   # cost of one sync
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ Faithful to torchft: the inner step counter, which fragment syncs when
 (the number of syncs done modulo F), the backup of theta (on `backup_device`)
 restored into the model before the outer step, the outer optimizer stepping
 the model's own parameters, and only parameters (not buffers) being synced.
+For the plain mean with a torch.optim.SGD outer optimizer (DiLoCo's, FedAvg's)
+the same step is computed on flat buffers instead (flat.py: theta, momentum
+and pseudo-gradients each one flat buffer, SGD's operations bit for bit, the
+new theta written into the model in the same pass); any other outer
+optimizer or merge goes through outer.step() as described.
 Differences: the workers' models are checked to be alike and rank 0's initial
 parameters are broadcast at construction (as DDP does), so workers never start
 apart; the reduction is always bucketed; a worker with a non-finite
