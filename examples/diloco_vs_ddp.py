@@ -19,12 +19,16 @@ cost of one DiLoCo sync of a bigger model against a bare all_reduce of the
 same bytes. Writes results.json, a table (results.md) and a PNG.
 
     python examples/diloco_vs_ddp.py              # ~10 minutes on 2 shared CPU cores
-    python examples/diloco_vs_ddp.py --fast       # seconds; what the tests run
+    python examples/diloco_vs_ddp.py --fast       # seconds
+    python examples/diloco_vs_ddp.py --warm-start 300 --variants "sync DP,DiLoCo H=50,single worker"
+                                                  # every variant from the same sync-DP checkpoint
+    python examples/diloco_vs_ddp.py --overhead-only --overhead-params 124e6   # cost of one sync
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -62,7 +66,20 @@ def variants(c):
         (f"Streaming DiLoCo H={c['Hs']} 4 frag int4", "streaming", dict(H=c["Hs"], outer=nest)),
         ("SPARTA 0.5%", "sparta", dict(fraction=0.005)),
         ("single worker", "single", {}),
-    ]
+    ] + [(f"DiLoCo H={h50} outer lr {lr:g}", "diloco", dict(H=h50, outer=dict(nest, lr=lr)))
+         for lr in c.get("outer_lrs", [])]
+
+
+def selected_variants(c):
+    """variants(c), restricted to the names in c["only"] (in the order given) when set."""
+    vs = variants(c)
+    if not c.get("only"):
+        return vs
+    by_name = {v[0]: v for v in vs}
+    missing = [n for n in c["only"] if n not in by_name]
+    if missing:
+        raise SystemExit(f"unknown variant(s) {missing}; choose from: {', '.join(by_name)}")
+    return [by_name[n] for n in c["only"]]
 
 
 def _model(c):
@@ -84,8 +101,14 @@ def _fragments(model):
     return frags
 
 
-def _train_loop(model, inner, c, data, rank, steps, batch, progress=None):
-    for step, (x, y) in enumerate(batches(data, c["ctx"], batch, steps, seed=1000 + rank), start=1):
+def _train_loop(model, inner, c, data, rank, steps, batch, progress=None, *, seed=None, start_step=None):
+    """steps AdamW steps (linear lr warm-up, then constant) on this rank's stream of batches; after a
+    warm start the step count (for the warm-up) goes on from it and the batches come from a new stream."""
+    if seed is None:
+        seed = 1000 + rank if not c.get("warm_start") else 3000 + rank
+    if start_step is None:
+        start_step = c.get("warm_start", 0) + 1
+    for step, (x, y) in enumerate(batches(data, c["ctx"], batch, steps, seed=seed), start=start_step):
         for g in inner.param_groups:
             g["lr"] = c["lr"] * min(1.0, step / c["warmup"])
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -97,11 +120,34 @@ def _train_loop(model, inner, c, data, rank, steps, batch, progress=None):
             progress()
 
 
-def run_variant(name, kind, kw, c, train, val, rank, world, progress):
+def warm_start(c, train, val, rank, world, out_dir):
+    """c["warm_start"] steps of synchronous data parallel (torch DDP) from the initial model: the
+    checkpoint (model and AdamW state, identical on every rank) all variants continue from."""
+    model = _model(c)
+    inner = _inner(model, c)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    t0 = time.perf_counter()
+    _train_loop(ddp, inner, c, train, rank, c["warm_start"], c["batch"], seed=1000 + rank, start_step=1)
+    state = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+             "inner": copy.deepcopy(inner.state_dict())}
+    info = {"steps": c["warm_start"], "wall_seconds": time.perf_counter() - t0,
+            "val_loss": evaluate(model, val, c["ctx"]) if rank == 0 else float("nan")}
+    if rank == 0:
+        tmp = Path(out_dir) / "warm_start.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, Path(out_dir) / "warm_start.pt")
+    dist.barrier()
+    return state, info
+
+
+def run_variant(name, kind, kw, c, train, val, rank, world, progress, warm=None):
     from mergelab.distributed import SPARTA, DiLoCo
 
     model = _model(c)
     inner = _inner(model, c)
+    if warm is not None:  # every variant continues from the same warm-started model and optimizer
+        model.load_state_dict(warm["model"])
+        inner.load_state_dict(copy.deepcopy(warm["inner"]))
     dist.barrier()
     t0 = time.perf_counter()
     rep: dict = {}
@@ -154,54 +200,87 @@ def run_variant(name, kind, kw, c, train, val, rank, world, progress):
                                        "comm_seconds")}}
 
 
-def sync_overhead(c, rank, world, repeats=5):
-    """One DiLoCo sync (pseudo-gradients, bucketed all-reduce, outer Nesterov step) of a model of
-    `overhead_params` float32 parameters against a bare all_reduce of the same number of bytes."""
+def sync_overhead(c, rank, world, repeats=7):
+    """One DiLoCo sync (pseudo-gradients, bucketed all-reduce, outer Nesterov step, copy into the model)
+    of a model of `overhead_params` float32 parameters, against a bare all_reduce of the same bytes in
+    the same 25 MB buckets (async, all in flight at once) and in one call; interleaved, medians."""
     from mergelab.distributed import DiLoCo
 
     n = c["overhead_params"]
     width = min(4096, int(math.sqrt(n)))
-    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False)
-                                  for _ in range(max(1, n // width**2))])
+    layers = [torch.nn.Linear(width, width, bias=False) for _ in range(max(1, n // width**2))]
+    rest = n - len(layers) * width**2
+    if rest >= width:  # the rest as a narrower layer: n parameters (to within a row) in all
+        layers.append(torch.nn.Linear(width, rest // width, bias=False))
+    model = torch.nn.Sequential(*layers)
     numel = sum(p.numel() for p in model.parameters())
     inner = torch.optim.SGD(model.parameters(), lr=0.0)
     outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
     d = DiLoCo(model, inner, outer, sync_every=1)
     flat = torch.randn(numel)
-    bare, syncs = [], []
-    for _ in range(repeats):
+    cap = 25 * 2**20 // 4
+    buckets = list(flat.split(cap))
+    bare, bucketed, syncs, prep = [], [], [], []
+    for i in range(repeats + 1):  # the first round warms up (allocations, gloo's buffers); not counted
+        with torch.no_grad():  # a worker's local model differs from the global one, as after inner steps
+            for p in model.parameters():
+                p.mul_(1.0 + 1e-3 * (rank + 1))
         dist.barrier()
         t0 = time.perf_counter()
         dist.all_reduce(flat)
-        bare.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
         dist.barrier()
-        t0 = time.perf_counter()
+        t2 = time.perf_counter()
+        for w in [dist.all_reduce(b, async_op=True) for b in buckets]:
+            w.wait()
+        t3 = time.perf_counter()
+        dist.barrier()
+        t4 = time.perf_counter()
         d._prepare(0)
+        t45 = time.perf_counter()
         d._perform(0)
-        syncs.append(time.perf_counter() - t0)
-    return {"params": numel, "bytes": numel * 4, "bare_all_reduce_s": sorted(bare)[repeats // 2],
-            "diloco_sync_s": sorted(syncs)[repeats // 2]}
+        t5 = time.perf_counter()
+        if i:
+            prep.append(t45 - t4)
+            bare.append(t1 - t0)
+            bucketed.append(t3 - t2)
+            syncs.append(t5 - t4)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"params": numel, "bytes": numel * 4, "buckets": len(buckets), "repeats": repeats,
+            "threads": torch.get_num_threads(), "bare_all_reduce_s": med(bare),
+            "bare_bucketed_all_reduce_s": med(bucketed), "diloco_sync_s": med(syncs),
+            "prepare_s": med(prep),
+            "samples": {"bare": bare, "bucketed": bucketed, "sync": syncs, "prepare": prep}}
 
 
 def worker(rank, world, port, cfg_json, out):
     c = json.loads(cfg_json)
     # one thread per worker process, for torch and for mergelab's numba kernels (the outer merges):
     # 4 workers on 2 cores with a thread pool each spend their time waiting on one another
-    os.environ["NUMBA_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    # (more cores than workers: each gets its share)
+    threads = max(1, len(os.sched_getaffinity(0)) // world)
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=600))
     text = torch.frombuffer(bytearray(stdlib_bytes(c["text_bytes"])), dtype=torch.uint8)
     split = int(0.9 * len(text))
     train, val = text[:split], text[split:]
     results = []
-    vs = variants(c)
+    vs = selected_variants(c)
     progress_bar = None
     if rank == 0 and not c.get("quiet"):
         from rich.progress import Progress
 
         progress_bar = Progress()
         progress_bar.start()
+    warm, warm_info = None, None
+    if c.get("warm_start") and not c.get("overhead_only"):
+        if rank == 0 and c.get("quiet"):
+            print(f"warm start: {c['warm_start']} steps of sync DP", flush=True)
+        warm, warm_info = warm_start(c, train, val, rank, world, Path(out).parent)
+        if rank == 0 and c.get("quiet"):
+            print(f"warm start: loss {warm_info['val_loss']:.4f}, {warm_info['wall_seconds']:.1f} s", flush=True)
     try:
         for name, kind, kw in ([] if c.get("overhead_only") else vs):
             tick = None
@@ -209,18 +288,18 @@ def worker(rank, world, port, cfg_json, out):
                 total = c["steps"] * (world if kind == "single" else 1)
                 task = progress_bar.add_task(name, total=total)
                 tick = lambda task=task: progress_bar.advance(task)  # noqa: E731
-            results.append(run_variant(name, kind, kw, c, train, val, rank, world, tick))
+            results.append(run_variant(name, kind, kw, c, train, val, rank, world, tick, warm))
             if rank == 0:
                 Path(out).with_suffix(".partial.json").write_text(json.dumps(results, indent=2))
                 if c.get("quiet"):
                     print(f"{name}: loss {results[-1]['val_loss']:.4f}, {results[-1]['wall_seconds']:.1f} s", flush=True)
-        overhead = sync_overhead(c, rank, world)
+        overhead = sync_overhead(c, rank, world) if not c.get("skip_overhead") else None
     finally:
         if progress_bar is not None:
             progress_bar.stop()
     if rank == 0:
-        Path(out).write_text(json.dumps({"config": c, "world": world, "results": results, "overhead": overhead},
-                                        indent=2))
+        Path(out).write_text(json.dumps({"config": c, "world": world, "warm_start": warm_info, "results": results,
+                                         "overhead": overhead}, indent=2))
     dist.destroy_process_group()
 
 
@@ -282,7 +361,7 @@ def launch(c, world, out: Path, timeout: float) -> dict:
 
 def table(res: dict) -> str:
     rows = res["results"]
-    ddp = next(r for r in rows if r["variant"] == "sync DP")
+    ddp = next((r for r in rows if r["variant"] == "sync DP"), rows[0])
     lines = ["| variant | val loss | vs sync DP | bytes sent / worker | fewer bytes than sync DP | peak bytes / sync | syncs | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -290,10 +369,17 @@ def table(res: dict) -> str:
         lines.append(f"| {r['variant']} | {r['val_loss']:.4f} | {100 * (r['val_loss'] / ddp['val_loss'] - 1):+.1f}% | "
                      f"{r['payload_bytes'] / 1e6:.2f} MB | {fewer} | {r['peak_sync_payload_bytes'] / 1e3:.1f} kB | "
                      f"{r['syncs']} | {r['wall_seconds']:.1f} |")
-    o = res["overhead"]
+    w = res.get("warm_start")
+    if w:
+        lines += ["", f"All variants continued from the same checkpoint: {w['steps']} steps of sync DP "
+                      f"(validation loss {w['val_loss']:.4f}, {w['wall_seconds']:.1f} s)."]
+    o = res.get("overhead")
+    if not o:
+        return "\n".join(lines)
     lines += ["", f"Sync overhead ({o['params'] / 1e6:.1f}M float32 parameters, {res['world']} gloo workers): "
-              f"DiLoCo sync {o['diloco_sync_s']:.3f} s, bare all_reduce of the same bytes {o['bare_all_reduce_s']:.3f} s, "
-              f"ratio {o['diloco_sync_s'] / o['bare_all_reduce_s']:.2f}x."]
+              f"DiLoCo sync {o['diloco_sync_s']:.3f} s, bare all_reduce of the same bytes in the same buckets "
+              f"{o['bare_bucketed_all_reduce_s']:.3f} s (ratio {o['diloco_sync_s'] / o['bare_bucketed_all_reduce_s']:.2f}x), "
+              f"in one call {o['bare_all_reduce_s']:.3f} s (ratio {o['diloco_sync_s'] / o['bare_all_reduce_s']:.2f}x)."]
     return "\n".join(lines)
 
 
@@ -316,7 +402,9 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("MB each worker handed to collectives (log)")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(f"{res['world']} gloo workers, byte-level GPT, same tokens per variant")
+    warm = res.get("warm_start")
+    ax.set_title(f"{res['world']} gloo workers, byte-level GPT, same tokens per variant"
+                 + (f"\nafter a warm start of {warm['steps']} sync DP steps" if warm else ""), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -332,11 +420,32 @@ def main(argv=None) -> dict:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--overhead-only", action="store_true", help="only the sync-overhead measurement")
+    p.add_argument("--no-overhead", action="store_true", help="skip the sync-overhead measurement")
+    p.add_argument("--warm-start", type=int, default=0, metavar="STEPS",
+                   help="first STEPS steps of sync DP on every worker; every variant (sync DP and the single "
+                        "worker too) continues from that model and optimizer state, with the same token budget "
+                        "after it as without")
+    p.add_argument("--steps", type=int, default=None, help="inner steps per worker after the warm start "
+                   "(default 600; --fast 24)")
+    p.add_argument("--outer-lrs", default="", help="also DiLoCo H=50 with these outer learning rates, "
+                   "e.g. 0.4,1.0 (0.7 is in the default variants)")
+    p.add_argument("--variants", default="", help="run only these variants, comma-separated names "
+                   "(e.g. 'sync DP,DiLoCo H=50,single worker')")
+    p.add_argument("--overhead-params", type=float, default=None,
+                   help="model size of the overhead measurement, e.g. 124e6 (default 16e6; --fast 1e5)")
     p.add_argument("--quant-sweep", type=int, default=0, metavar="STEPS",
                    help="instead: Streaming DiLoCo with none/bf16/fp8/int4 pseudo-gradients for STEPS steps "
                         "(simulated workers); writes OUT/quant.json")
     args = p.parse_args(argv)
     c = dict(FAST if args.fast else FULL, quiet=args.quiet, overhead_only=args.overhead_only)
+    if args.overhead_params:
+        c["overhead_params"] = int(args.overhead_params)
+    if args.steps:
+        c["steps"] = args.steps
+    c.update(warm_start=args.warm_start, skip_overhead=args.no_overhead,
+             outer_lrs=[float(x) for x in args.outer_lrs.split(",") if x.strip()],
+             only=[x.strip() for x in args.variants.split(",") if x.strip()])
+    selected_variants(c)  # unknown names fail here, before any process starts
     args.out.mkdir(parents=True, exist_ok=True)
     if args.quant_sweep:
         rows = quant_sweep(c, args.workers, args.quant_sweep)

@@ -75,6 +75,10 @@ def test_nan_worker_left_out_on_every_rank(mp_results):
         assert np.isfinite(res["w"].numpy()).all()
         np.testing.assert_allclose(res["w"].numpy()[0], ref, atol=1e-6, rtol=0)
         assert any("worker(s) [1]" in w and "NaN/Inf" in w for w in res["warnings"]), res["warnings"]
+        # the NaN sync reduced twice: the bucket and the N float32 flags, then the bucket without worker 1
+        expected = [3 * 8 + N * 4] * sc.LINEAR["syncs"]
+        expected[sc.NAN_AT_SYNC] += 3 * 8
+        assert [p for p, _ in res["per_sync"]] == expected
 
 
 def test_sync_every_1_is_synchronous_data_parallel_sgd(mp_results):

@@ -1,11 +1,12 @@
 """DiLoCo inside a real transformers Trainer, 2 processes under torchrun (gloo, CPU).
 
-Opt-in (MERGELAB_SLOW_TESTS=1): two processes importing transformers take longer than the unit-test
-budget on a loaded 2-core machine."""
+Bounded: torchrun and its workers run in their own process session, killed as a group at the
+deadline or on failure."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +18,28 @@ pytest.importorskip("transformers")
 import dist_scenarios as sc  # noqa: E402
 
 HERE = Path(__file__).parent
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.environ.get("MERGELAB_SLOW_TESTS") != "1",
-                                 reason="set MERGELAB_SLOW_TESTS=1 to run the Trainer-under-torchrun test")]
+pytestmark = pytest.mark.slow
+TIMEOUT_S = 360  # a bound, not an expectation: ~10 s on a quiet 2-core machine
 
 
 def test_trainer_with_diloco_callback_under_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(sc.free_port()), str(HERE / "hf_worker.py"), str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = proc.wait(TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:  # torchrun's workers too, whatever happened
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert rc == 0, f"torchrun {'timed out' if rc is None else f'exited {rc}'}:\n" + log.read_text()[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["ddp"] == "DistributedDataParallel"  # the Trainer did wrap the model; the hook silenced it
     # between syncs the workers train apart (steps 1, 2, 4, 5); after each sync (3, 6) they agree

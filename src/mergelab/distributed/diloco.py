@@ -24,6 +24,11 @@ Faithful to torchft: the inner step counter, which fragment syncs when
 (the number of syncs done modulo F), the backup of theta (on `backup_device`)
 restored into the model before the outer step, the outer optimizer stepping
 the model's own parameters, and only parameters (not buffers) being synced.
+For the plain mean with a torch.optim.SGD outer optimizer (DiLoCo's, FedAvg's)
+the same step is computed on flat buffers instead (flat.py: theta, momentum
+and pseudo-gradients each one flat buffer, SGD's operations bit for bit, the
+new theta written into the model in the same pass); any other outer
+optimizer or merge goes through outer.step() as described.
 Differences: the workers' models are checked to be alike and rank 0's initial
 parameters are broadcast at construction (as DDP does), so workers never start
 apart; the reduction is always bucketed; a worker with a non-finite
@@ -42,6 +47,7 @@ from torch import Tensor, nn
 
 from mergelab.distributed.buckets import QUANTIZERS
 from mergelab.distributed.comm import Comm, TorchComm
+from mergelab.distributed.flat import flat_sgd_begin, flat_sgd_end, flat_sgd_range, flat_sgd_supported, flat_views
 from mergelab.distributed.outer import FragmentReducer, OuterMerge
 from mergelab.distributed.validate import broadcast_parameters, check_same_model
 
@@ -122,8 +128,16 @@ class DiLoCo:
         cap = int(bucket_cap_mb * 2**20)
         self.reducers = [FragmentReducer(self.comm, [n for n, _ in frag], [p for _, p in frag], self.merge,
                                          quantize=quantize, bucket_cap_bytes=cap) for frag in self.fragments]
-        self.backup = [[_backup_like(p, backup_device) for _, p in frag] for frag in self.fragments]
+        self.backup_flat: list[Tensor | None] = []  # theta of each fragment as one flat buffer, where it can be
+        self.backup: list[list[Tensor]] = []  # per tensor: views of backup_flat[k], or tensors of their own
+        for frag in self.fragments:
+            flat, views = _backup_for([p for _, p in frag], backup_device)
+            self.backup_flat.append(flat)
+            self.backup.append(views)
+        self._momentum: dict[int, tuple[Tensor, list[Tensor]]] = {}  # flat SGD momentum of fragment k
         self.stats_fn = stats_fn
+        self.flat_outer_step = True  # False: always step through outer.step() (for comparisons)
+        self._sync_entry = -1  # this sync's entry in stats.per_sync
         self.local_step = 0
         self.syncs = 0  # fragment syncs applied (torchft's manager step)
         self.skipped = 0  # syncs where no worker had a finite pseudo-gradient
@@ -194,30 +208,58 @@ class DiLoCo:
         frag = self.fragments[k]
         stats = self._stats(k) if self.merge.gathers and self._needs_stats() else None
         before = self.comm.stats.payload_bytes, self.comm.stats.wire_bytes
-        self.reducers[k].start(self.backup[k], [p for _, p in frag], stats, step=self.syncs)
+        # with no overlap (tau = 0) nothing changes the parameters before _perform, so each bucket's
+        # reduction may start as soon as it is written (see FragmentReducer.start)
+        self.reducers[k].start(self.backup[k], [p for _, p in frag], stats, step=self.syncs,
+                               optimistic=self.delay == 0 and self.manager is None)
         self.comm.stats.per_sync.append((self.comm.stats.payload_bytes - before[0],
                                          self.comm.stats.wire_bytes - before[1]))
+        self._sync_entry = len(self.comm.stats.per_sync) - 1
 
     @torch.no_grad()
     def _perform(self, k: int) -> None:
-        merged = self.reducers[k].finish()
+        frag = self.fragments[k]
+        params = [p for _, p in frag]
+        hyper = self._flat_step_hyper(k)
+        reducer = self.reducers[k]
+        stats, before = self.comm.stats, (self.comm.stats.payload_bytes, self.comm.stats.wire_bytes)
+        merged = reducer.finish_plain() if hyper is not None else reducer.finish()
+        if stats.payload_bytes != before[0]:  # a second reduction (a worker was not finite): this sync's bytes
+            pay, wire = stats.per_sync[self._sync_entry]
+            stats.per_sync[self._sync_entry] = (pay + stats.payload_bytes - before[0], wire + stats.wire_bytes - before[1])
         if self.manager is not None and not self.comm.should_commit():
             self.discarded += 1  # a replica failed mid-sync: every replica drops this step
-            for (_, p), b in zip(self.fragments[k], self.backup[k]):
-                p.copy_(b)
+            _copy_all(params, self.backup[k])
             return
-        frag = self.fragments[k]
-        local = [p.detach().clone() for _, p in frag] if self.alpha > 0 else None
-        for (_, p), b in zip(frag, self.backup[k]):
-            p.copy_(b)
-        if merged is None:  # every worker was non-finite: keep theta as it was
-            self.skipped += 1
+        if hyper is not None and merged is not None:
+            # the outer SGD step on the flat buffers, writing the new theta into the model in the same pass
+            # bucket by bucket, each as soon as its all-reduce is done (the next ones still running)
+            mom, mom_views = self._momentum_buffers(k, hyper)
+            first = flat_sgd_begin(self.outers[k], hyper, params, mom_views)
+            theta, offset = self.backup_flat[k], 0
+            for idx, summed in merged:
+                n = summed.numel()
+                flat_sgd_range(hyper, [params[i] for i in idx], theta[offset:offset + n], summed, reducer.count,
+                               mom[offset:offset + n] if mom.numel() else mom, first,
+                               write_params=self.alpha == 0)
+                offset += n
+            flat_sgd_end(self.outers[k], hyper, params, mom_views)
+            if self.alpha > 0:  # p <- lerp(theta, p, alpha), as the generic path below computes it
+                for p, b in zip(params, self.backup[k]):
+                    torch.lerp(b, p, self.alpha, out=p.data)
+            for p in params:
+                p.grad = None  # as outer.zero_grad() leaves them on the generic path
         else:
-            self._outer_step(self.outers[k], frag, merged)
-            self._save_global([k])
-            if local is not None:
-                for (_, p), loc in zip(frag, local):
-                    p.lerp_(loc, self.alpha)
+            local = [p.detach().clone() for p in params] if self.alpha > 0 else None
+            _copy_all(params, self.backup[k])
+            if merged is None:  # every worker was non-finite: keep theta as it was
+                self.skipped += 1
+            else:
+                self._outer_step(self.outers[k], frag, merged)
+                self._save_global([k])
+                if local is not None:
+                    for p, loc in zip(params, local):
+                        p.lerp_(loc, self.alpha)
         self.syncs = self.comm.current_step() if self.manager is not None else self.syncs + 1
         if self.checkpoint_dir is not None and self.checkpoint_every and self.syncs % self.checkpoint_every == 0:
             self.save_checkpoint(self.checkpoint_dir)
@@ -236,6 +278,29 @@ class DiLoCo:
         outer.zero_grad()
         for p, g in stash.items():
             p.grad = g
+
+    def _flat_step_hyper(self, k: int) -> dict | None:
+        """SGD's hyperparameters when fragment k's outer step can run on its flat buffers (flat.py):
+        plain mean, no torchft, theta and the reduced pseudo-gradient flat buffers of the parameters'
+        own dtype and device, and an outer optimizer flat_sgd_step reproduces exactly."""
+        flat, grad = self.backup_flat[k], self.reducers[k].flat
+        if self.manager is not None or flat is None or grad is None or flat.dtype != grad.dtype \
+                or flat.device != grad.device or not self.flat_outer_step:
+            return None
+        params = [p for _, p in self.fragments[k]]
+        hyper = flat_sgd_supported(self.outers[k], params)
+        if hyper is None or hyper["momentum"] == 0:
+            return hyper
+        state = self.outers[k].state
+        have = [p in state and state[p].get("momentum_buffer") is not None for p in params]
+        return hyper if all(have) or not any(have) else None
+
+    def _momentum_buffers(self, k: int, hyper: dict) -> tuple[Tensor, list[Tensor]]:
+        if hyper["momentum"] == 0:
+            return self.backup_flat[k].new_empty(0), []
+        if k not in self._momentum:
+            self._momentum[k] = flat_views(self.backup[k])
+        return self._momentum[k]
 
     def _save_global(self, ks) -> None:
         with torch.no_grad():
@@ -315,12 +380,23 @@ def inner_metric(optimizer: torch.optim.Optimizer, p: Tensor) -> Tensor:
                      "optimizer every parameter of the model")
 
 
-def _backup_like(p: Tensor, device) -> Tensor:
-    dev = torch.device(device) if device is not None else p.device
-    t = torch.empty(p.shape, dtype=p.dtype, device=dev)
-    if dev.type == "cpu" and p.device.type == "cuda":
-        t = t.pin_memory()
-    return t
+def _backup_for(params: Sequence[Tensor], device) -> tuple[Tensor | None, list[Tensor]]:
+    """Storage for a fragment's global parameters: one flat buffer and views of it when the parameters
+    share dtype and device (else a tensor each); pinned CPU memory for a GPU model backed up on the CPU."""
+    devs = [torch.device(device) if device is not None else p.device for p in params]
+    pins = [d.type == "cpu" and p.device.type == "cuda" for d, p in zip(devs, params)]
+    if len({p.dtype for p in params}) == 1 and len(set(devs)) == 1 and len(set(pins)) == 1:
+        return flat_views(params, device=devs[0], pin=pins[0])
+    out = []
+    for p, d, pin in zip(params, devs, pins):
+        t = torch.empty(p.shape, dtype=p.dtype, device=d)
+        out.append(t.pin_memory() if pin else t)
+    return None, out
+
+
+def _copy_all(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """dst[i] <- src[i] for every i, in one call."""
+    torch._foreach_copy_([t.data for t in dst], list(src))
 
 
 def _fragment_params(fragments: Sequence[Any], names: Mapping[int, str]) -> list[list[tuple[str, Tensor]]]:

@@ -67,12 +67,25 @@ class TorchFTComm(Comm):
         return int(self.manager.current_step())
 
 
+def _compact(obj: Any) -> Any:
+    """obj with every tensor replaced by a contiguous copy of its own."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _compact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_compact(v) for v in obj)
+    return obj
+
+
 def register_state(diloco, manager) -> None:
     """Let torchft send this replica's DiLoCo state to a healing peer, and load a peer's."""
 
     def save() -> dict[str, Any]:
-        return {"backup": [[b.detach().cpu() for b in frag] for frag in diloco.backup],
-                "outer": diloco._outer_state(), "syncs": diloco.syncs, "skipped": diloco.skipped}
+        # compact copies: the backups and SGD's momentum are views of flat buffers (flat.py), and a
+        # view sent on its own could carry its whole flat buffer with it
+        return _compact({"backup": [[b.detach().cpu() for b in frag] for frag in diloco.backup],
+                         "outer": diloco._outer_state(), "syncs": diloco.syncs, "skipped": diloco.skipped})
 
     def load(state: dict[str, Any]) -> None:
         with torch.no_grad():

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ from torch import Tensor
 
 from mergelab.distributed.buckets import dequantize, flatten, make_buckets, quantize, unflatten
 from mergelab.distributed.comm import Comm, Handle
+from mergelab.distributed.flat import flat_views, sub_kernel
 
 
 class WorkerLeftOut(UserWarning):
@@ -97,6 +98,8 @@ class _Pending:
     handles: list[Handle]
     results: list[Any]  # per bucket: summed flat tensor, or gathered (W, n) buffer
     stats: list[Tensor] | None
+    inputs: tuple | None = None  # (globals_, locals_, this worker finite) of an optimistic start
+    flags_handle: Handle | None = None  # the flags' all-reduce of an optimistic start
 
 
 class FragmentReducer:
@@ -107,29 +110,46 @@ class FragmentReducer:
         self.comm, self.names, self.merge, self.quant = comm, list(names), merge, quantize
         self.buckets = make_buckets(shapes_like, bucket_cap_bytes)
         self.pending: _Pending | None = None
+        self.bufs: list[Tensor] | None = None  # persistent buckets of the plain mean
+        self.flat: Tensor | None = None  # their one flat buffer, when the fragment has one dtype and device
 
     def start(self, globals_: list[Tensor], locals_: list[Tensor], stats: list[Tensor] | None = None, *,
-              step: int) -> None:
+              step: int, optimistic: bool = False) -> None:
         """Pseudo-gradients globals_[i] - locals_[i], written straight into flat bucket buffers (float32,
-        float64 for float64 parameters): one pass over the fragment, no per-tensor copies."""
+        float64 for float64 parameters; for the plain mean persistent ones, with the finiteness check
+        in the same pass), the workers' "finite" flags agreed, then every bucket's collective launched.
+
+        optimistic (plain mean only; the caller promises not to change globals_ or locals_ before
+        finishing): each bucket's all-reduce starts as soon as the bucket is written, while the next
+        is prepared, and the flags follow the buckets. In the rare sync where a worker was not finite,
+        finishing computes the pseudo-gradients again and reduces them a second time without it."""
         assert self.pending is None, "a fragment sync is already in flight"
-        flats = [_pseudo_gradient_bucket([globals_[i] for i in idx], [locals_[i] for i in idx])
-                 for idx in self.buckets]
-        # NaN and Inf propagate through a sum: one pass, no mask. It overflows only for entries
-        # near 1e31, a diverged worker that is better left out as well.
-        finite = all(bool(torch.isfinite(f.sum())) for f in flats)
-        flags = torch.zeros(self.comm.world_size)
-        rank = self.comm.rank
-        if rank is not None:  # None: a torchft replica that is healing this step (it sends zeros)
-            flags[rank] = 1.0 if finite else 0.0
-        self.comm.all_reduce_sum(flags)
-        if not finite:
-            for f in flats:
-                f.zero_()
+        self.step = step
         grads = list(locals_)  # shapes only, from here on
+        plain = not self.merge.gathers and self.quant == "none"
+        if plain and optimistic:
+            bufs = self._buffers(locals_)
+            finite, handles = True, []
+            for idx, buf in zip(self.buckets, bufs):
+                finite &= _pseudo_gradient_into(buf, [globals_[i] for i in idx], [locals_[i] for i in idx])
+                handles.append(self.comm.all_reduce_sum(buf, async_op=True))
+            flags = self._flags(finite)
+            self.pending = _Pending(grads, flags, handles, bufs, None, inputs=(globals_, locals_, finite),
+                                    flags_handle=self.comm.all_reduce_sum(flags, async_op=True))
+            return
+        if plain:
+            flats = self._buffers(locals_)
+            finite = True
+            for idx, buf in zip(self.buckets, flats):
+                finite &= _pseudo_gradient_into(buf, [globals_[i] for i in idx], [locals_[i] for i in idx])
+        else:
+            flats = [_pseudo_gradient_bucket([globals_[i] for i in idx], [locals_[i] for i in idx])
+                     for idx in self.buckets]
+            finite = all(bool(torch.isfinite(f.sum())) for f in flats)
+        flags = self._agree_finite(flats, finite)
         handles, results = [], []
         for flat in flats:
-            if not self.merge.gathers and self.quant == "none":
+            if plain:
                 handles.append(self.comm.all_reduce_sum(flat, async_op=True))
                 results.append(flat)
             else:
@@ -145,21 +165,100 @@ class FragmentReducer:
                 handles.append(h)
                 gathered_stats.append(out)
         self.pending = _Pending(grads, flags, handles, results, gathered_stats)
-        self.step = step
 
-    def finish(self) -> list[Tensor] | None:
-        """The merged pseudo-gradient of every tensor (float32), or None if no worker was finite."""
-        p, self.pending = self.pending, None
-        assert p is not None, "finish() without start()"
+    def _flags(self, finite: bool) -> Tensor:
+        flags = torch.zeros(self.comm.world_size)
+        rank = self.comm.rank
+        if rank is not None:  # None: a torchft replica that is healing this step (it sends zeros)
+            flags[rank] = 1.0 if finite else 0.0
+        return flags
+
+    def _settle(self, p: _Pending) -> None:
+        """After an optimistic start: wait for the flags; if a worker was not finite, reduce again
+        without it (every worker recomputes its pseudo-gradients; the bad one sends zeros)."""
+        if p.flags_handle is None:
+            return
+        p.flags_handle.wait()
+        p.flags_handle = None
+        if bool((p.ok > 0.5).all()):
+            return
         for h in p.handles:
             h.wait()
-        keep = p.ok > 0.5
+        globals_, locals_, finite = p.inputs
+        for idx, buf in zip(self.buckets, p.results):
+            if finite:
+                _pseudo_gradient_into(buf, [globals_[i] for i in idx], [locals_[i] for i in idx])
+            else:
+                buf.zero_()
+        p.handles = [self.comm.all_reduce_sum(buf, async_op=True) for buf in p.results]
+
+    def _agree_finite(self, flats: list[Tensor], finite: bool) -> Tensor:
+        """All-reduce one "finite" flag per worker; a non-finite worker's buckets are zeroed."""
+        flags = self._flags(finite)
+        self.comm.all_reduce_sum(flags)
+        if not finite:
+            for f in flats:
+                f.zero_()
+        return flags
+
+    def _buffers(self, like: Sequence[Tensor]) -> list[Tensor]:
+        """The persistent flat pseudo-gradient buffer of each bucket (allocated at the first sync: fresh
+        memory costs a page fault per page on first touch). When every tensor of the fragment has the
+        same dtype and device, the buckets are consecutive slices of one flat buffer, `self.flat`."""
+        if self.bufs is None:
+            dtypes = [_grad_dtype(t) for t in like]
+            if len(set(dtypes)) == 1 and len({t.device for t in like}) == 1:
+                self.flat, _ = flat_views(like, dtype=dtypes[0])
+                self.bufs, offset = [], 0
+                for idx in self.buckets:
+                    n = sum(like[i].numel() for i in idx)
+                    self.bufs.append(self.flat[offset:offset + n])
+                    offset += n
+            else:
+                self.bufs = [torch.empty(sum(like[i].numel() for i in idx), dtype=dtypes[idx[0]],
+                                         device=like[idx[0]].device) for idx in self.buckets]
+        return self.bufs
+
+    def finish_plain(self) -> Iterator[tuple[list[int], Tensor]] | None:
+        """Plain mean: the number of workers taking part is `self.count`; returns an iterator that waits
+        for each bucket's all-reduce in turn and yields (its tensors' indices, its summed flat buffer,
+        undivided), so the caller can work on one bucket while the next is still being reduced; or None
+        if no worker was finite."""
+        p, self.pending = self.pending, None
+        assert p is not None and not self.merge.gathers and self.quant == "none"
+        self._settle(p)
+        self.count = self._count_ok(p.ok)
+        if self.count == 0:
+            for h in p.handles:
+                h.wait()
+            return None
+
+        def buckets():
+            for h, idx, buf in zip(p.handles, self.buckets, p.results):
+                h.wait()
+                yield idx, buf
+
+        return buckets()
+
+    def _count_ok(self, ok: Tensor) -> int:
+        keep = ok > 0.5
         n_ok = int(keep.sum())
         if n_ok < self.comm.world_size:
             bad = [r for r in range(self.comm.world_size) if not keep[r]]  # ranks in this step's group
             warnings.warn(f"outer step {self.step}: pseudo-gradient of worker(s) {bad} holds NaN/Inf; "
                           f"left out of this step ({n_ok} of {self.comm.world_size} workers averaged)",
-                          WorkerLeftOut, stacklevel=3)
+                          WorkerLeftOut, stacklevel=4)
+        return n_ok
+
+    def finish(self) -> list[Tensor] | None:
+        """The merged pseudo-gradient of every tensor (float32), or None if no worker was finite."""
+        p, self.pending = self.pending, None
+        assert p is not None, "finish() without start()"
+        self._settle(p)
+        for h in p.handles:
+            h.wait()
+        keep = p.ok > 0.5
+        n_ok = self._count_ok(p.ok)
         if n_ok == 0:
             return None
         out: list[Tensor | None] = [None] * len(p.grads)
@@ -185,19 +284,43 @@ class FragmentReducer:
         return out  # type: ignore[return-value]
 
 
-def _pseudo_gradient_bucket(globals_: Sequence[Tensor], locals_: Sequence[Tensor]) -> Tensor:
-    """Flat (sum numel,) buffer of globals_[i] - locals_[i], in float32 (float64 for float64 tensors)."""
-    dtype = torch.float64 if locals_[0].dtype == torch.float64 else torch.float32
-    flat = torch.empty(sum(t.numel() for t in locals_), dtype=dtype, device=locals_[0].device)
-    offset = 0
+def _grad_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _pseudo_gradient_into(flat: Tensor, globals_: Sequence[Tensor], locals_: Sequence[Tensor]) -> bool:
+    """flat (sum numel,) <- globals_[i] - locals_[i], in place, tensor by tensor; True if all finite.
+
+    With numba, subtraction and finiteness check are one compiled pass (sub_finite); else torch.sub and
+    a sum (NaN and Inf propagate through a sum; it overflows only for entries near 1e31, a diverged
+    worker that is better left out as well)."""
+    kernel = sub_kernel(flat)
+    finite, offset = True, 0
     for g, x in zip(globals_, locals_):
         n = x.numel()
         out = flat[offset:offset + n].view(x.shape)
-        if g.dtype == x.dtype == dtype and g.device == x.device:
+        same = g.dtype == x.dtype == flat.dtype and g.device == x.device == flat.device
+        if same and kernel is not None and g.is_contiguous() and x.is_contiguous():
+            finite &= bool(kernel(g.view(-1).numpy(), x.detach().view(-1).numpy(), out.view(-1).numpy()))
+            offset += n
+            continue
+        if same:
             torch.sub(g, x.detach(), out=out)
         else:  # other dtypes or a backup on another device: widen first, then subtract
-            torch.sub(g.to(x.device, dtype), x.detach().to(dtype), out=out)
+            torch.sub(g.to(flat.device, flat.dtype), x.detach().to(flat.dtype), out=out)
+        finite &= bool(torch.isfinite(out.sum()))
         offset += n
+    return finite
+
+
+def _pseudo_gradient_bucket(globals_: Sequence[Tensor], locals_: Sequence[Tensor]) -> Tensor:
+    """A new flat (sum numel,) buffer of globals_[i] - locals_[i], in float32 (float64 for float64 tensors)."""
+    flat = torch.empty(sum(t.numel() for t in locals_), dtype=_grad_dtype(locals_[0]), device=locals_[0].device)
+    offset = 0
+    for g, x in zip(globals_, locals_):  # (.to is a no-op where dtype and device already agree)
+        out = flat[offset:offset + x.numel()].view(x.shape)
+        torch.sub(g.to(x.device, flat.dtype), x.detach().to(flat.dtype), out=out)
+        offset += x.numel()
     return flat
 
 
