@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import mergelab
 from mergelab.errors import RecipeError, ShapeMismatch
 from tok_kit import rows_by_token
+from tok_family import family  # noqa: F401  (the fixture)
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 

@@ -10,6 +10,7 @@ import torch
 import mergelab
 from mergelab.errors import RecipeError
 from tok_kit import WORDS, word_tokenizer, write_gpt2
+from tok_family import family  # noqa: F401  (the fixture)
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import mergelab
 from tok_kit import rows_by_token, write_llama, word_tokenizer, WORDS
+from tok_family import family  # noqa: F401  (the fixture)
 
 pytest.importorskip("mergekit", reason="mergekit 0.1.5 is the reference (pip install mergelab[bench])")
 pytestmark = pytest.mark.mergekit

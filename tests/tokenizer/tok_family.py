@@ -1,14 +1,10 @@
-"""Fixtures of tests/tokenizer: tiny Llamas with WordLevel tokenizers whose vocabularies differ."""
+"""The `family` fixture of tests/tokenizer (imported by its test files; a conftest.py here would shadow tests/conftest.py for `from conftest import`): tiny Llamas with WordLevel tokenizers whose vocabularies differ."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 
 from tok_kit import SPECIAL, WORDS, word_tokenizer, write_llama  # noqa: E402
 
