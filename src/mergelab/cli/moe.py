@@ -32,6 +32,8 @@ def moe_command(
                                           help="write README.md describing the experts"),
     all_same: bool = typer.Option(False, "--i-understand-this-is-not-useful-without-training",
                                   help="allow every expert to be the same model (mergekit's flag)"),
+    load_in_4bit: bool = typer.Option(False, "--load-in-4bit", hidden=True),
+    load_in_8bit: bool = typer.Option(False, "--load-in-8bit", hidden=True),
     overwrite: bool = OVERWRITE,
     clean_partials: bool = CLEAN_PARTIALS,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
@@ -43,6 +45,9 @@ def moe_command(
     from mergelab.moe.build import build_moe
 
     with user_errors():
+        if load_in_4bit or load_in_8bit:
+            raise InvalidInput(f"--load-in-{4 if load_in_4bit else 8}bit: quantized gate computation is not "
+                               "supported; use --gate-dtype bfloat16 (mergekit-moe's default precision) or a GPU")
         report_partials(out_dir, clean_partials)
         try:
             dtype = parse_dtype(gate_dtype)
