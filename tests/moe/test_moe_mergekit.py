@@ -67,6 +67,27 @@ def test_mixtral_hidden_gates(family, tmp_path, gate_dtype):
     theirs, ours = _both(tmp_path, moe_config(family), fused=True, gate_dtype=gate_dtype)
     assert "model.layers.2.mlp.experts.gate_up_proj" in ours
     _check(theirs, ours, gate_atol=BF16_STEP / 2 if gate_dtype == torch.bfloat16 else BF16_STEP)
+    if gate_dtype == torch.bfloat16:
+        _check_difference_is_bf16_averaging(family, theirs)
+
+
+def _check_difference_is_bf16_averaging(family, theirs: dict) -> None:
+    """The explanation, checked: our bf16 forward pass (same layer inputs), averaged and normalized in
+    bfloat16 instead of float32, gives mergekit's gates bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from mergelab.moe import gates as G
+    from mergelab.moe.build import _tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(family["base"], dtype=torch.bfloat16).eval()
+    tok = _tokenizer(family["base"])
+    for e, expert in enumerate(moe_config(family)["experts"]):
+        states = G.layer_inputs(model, G.tokenize_prompts(tok, expert["positive_prompts"]))  # (L, B, T, H) bf16
+        last = states[:, :, -1, :]
+        v = last.sum(dim=1) / last.shape[1]                                # bf16 arithmetic
+        v = v / v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+        for layer in range(v.shape[0]):
+            assert torch.equal(v[layer].float(), theirs[f"model.layers.{layer}.mlp.gate.weight"][e])
 
 
 def test_mixtral_cheap_embed_gates(family, tmp_path):

@@ -187,6 +187,10 @@ def build_moe(config_path: str | Path, out_dir: str | Path, *, device: str = "cp
         fused: write transformers 5's fused expert tensors instead of one tensor per expert.
     """
     start = time.perf_counter()
+    try:
+        import transformers  # noqa: F401  (config classes, tokenizer and the base model for the gates)
+    except ImportError:
+        raise MergeError("mergelab moe needs transformers: pip install 'mergelab[hf]'") from None
     plan = load_moe_config(config_path, allow_all_same=allow_all_same)
     resolve_device(device)
     inputs = [plan.base, *plan.experts, *plan.shared, Path(config_path)]
