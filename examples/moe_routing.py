@@ -85,14 +85,17 @@ def routing_table(results: dict) -> str:
 
 # -- memory ---------------------------------------------------------------------------------
 
+# VmHWM (peak resident set of this process's memory map, reset by exec) rather than ru_maxrss,
+# which Linux carries over from the parent across fork and exec.
 _PEAK = """
-import resource, sys, json
+import json, sys
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 import torch, transformers
 {imports}
-after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after_import = hwm()
 {run}
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"after_import_mb": after_import / 1024, "peak_mb": peak / 1024}}))
+print(json.dumps({{"after_import_mb": after_import, "peak_mb": hwm()}}))
 """
 
 
@@ -115,6 +118,7 @@ def synthetic_family(root: Path, experts: int, hidden: int, inter: int, layers: 
 
 
 def peak_memory(work: Path, experts: int, hidden: int, inter: int, layers: int) -> dict:
+    work.mkdir(parents=True)
     fam = synthetic_family(work / "synthetic", experts, hidden, inter, layers)
     config = {"base_model": str(fam["m0"]), "gate_mode": "random", "dtype": "float32",
               "experts": [{"source_model": str(fam[f"m{i}"])} for i in range(1, experts + 1)]}
@@ -137,6 +141,31 @@ def peak_memory(work: Path, experts: int, hidden: int, inter: int, layers: int) 
     return out
 
 
+def memory_table(rows: list[dict]) -> str:
+    lines = ["| experts | output (MB) | one expert's MLP, one layer (MB) | mergelab moe: peak - after imports (MB) "
+             "| mergekit-moe 0.1.5: peak - after imports (MB) |", "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ml, mk = (r[k]["peak_mb"] - r[k]["after_import_mb"] for k in ("mergelab moe", "mergekit-moe 0.1.5"))
+        lines.append(f"| {r['experts']} | {r['output_mb']:.0f} | {r['one_expert_layer_mb']:.1f} | {ml:.0f} | {mk:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_memory(rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = [r["output_mb"] for r in rows]
+    for key, marker in (("mergelab moe", "o"), ("mergekit-moe 0.1.5", "s")):
+        ax.plot(x, [r[key]["peak_mb"] - r[key]["after_import_mb"] for r in rows], marker=marker, label=key)
+    ax.plot(x, x, ":", color="gray", label="output size")
+    ax.set_xlabel("output size (MB)")
+    ax.set_ylabel("peak memory above imports (MB)")
+    ax.set_title("building an MoE (random gates)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="fewer prompts, smaller synthetic experts")
@@ -148,11 +177,13 @@ def main() -> None:
         results = routing(work, n_prompts=10 if args.fast else 40)
         plot_routing(results, args.out / "routing.png")
         print(routing_table(results))
-        size = dict(experts=4, hidden=128, inter=512, layers=4) if args.fast else \
-            dict(experts=4, hidden=256, inter=1024, layers=8)
-        memory = peak_memory(work, **size)
-        memory["size"] = size
-        print(json.dumps(memory, indent=2))
+        size = dict(hidden=128, inter=512, layers=4) if args.fast else dict(hidden=256, inter=1024, layers=8)
+        memory = []
+        for experts in ((2, 4) if args.fast else (2, 4, 8)):
+            memory.append({**peak_memory(work / f"mem{experts}", experts=experts, **size), "experts": experts,
+                           **size})
+        print(memory_table(memory))
+        plot_memory(memory, args.out / "memory.png")
     (args.out / "moe_results.json").write_text(json.dumps({"routing": results, "memory": memory}, indent=2) + "\n")
 
 
