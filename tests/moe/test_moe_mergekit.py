@@ -90,6 +90,19 @@ def _check_difference_is_bf16_averaging(family, theirs: dict) -> None:
             assert torch.equal(v[layer].float(), theirs[f"model.layers.{layer}.mlp.gate.weight"][e])
 
 
+def test_mixtral_hidden_avg_gates_on_prompts_of_one_length(family, tmp_path):
+    # mergekit's mean also counts the left padding of shorter prompts, mergelab's only real tokens:
+    # with prompts of one length there is no padding, and the two must agree.
+    from moe_kit import DOMAINS, sentence
+
+    gen = torch.Generator().manual_seed(3)
+    experts = [{"source_model": str(family[d]), "positive_prompts": [sentence(d, gen, length=7) for _ in range(6)]}
+               for d in DOMAINS]
+    theirs, ours = _both(tmp_path, moe_config(family, gate_mode="hidden_avg", experts=experts), fused=True,
+                         gate_dtype=torch.bfloat16)
+    _check(theirs, ours, gate_atol=BF16_STEP)  # mergekit sums each prompt's 8 positions in bfloat16 too
+
+
 def test_mixtral_cheap_embed_gates(family, tmp_path):
     theirs, ours = _both(tmp_path, moe_config(family, gate_mode="cheap_embed"), fused=True)
     _check(theirs, ours, gate_atol=1e-6)
