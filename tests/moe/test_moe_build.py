@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import held_out_prompts, moe_config, write_config
@@ -32,6 +35,9 @@ def test_mixtral_loads_and_generates(mixtral):
     assert out.shape == (1, enc["input_ids"].shape[1] + 5)
     with torch.no_grad():
         assert torch.isfinite(model(**enc).logits).all()
+    report = json.loads((mixtral / "mergelab_report.json").read_text())
+    assert report["output"] == "Mixtral" and len(report["dropped"]) == 9  # the base's 3 x 3 dense MLP matrices
+    assert yaml.safe_load((mixtral / "mergekit_moe_config.yml").read_text())["gate_mode"] == "hidden"
 
 
 def test_experts_are_the_dense_mlps_unchanged(family, mixtral):

@@ -98,7 +98,12 @@ def _hidden_vectors(plan: MoEPlan, tokenizer, device: str, dtype: torch.dtype,
 
     dev = resolve_device(device)
     key = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(str(plan.base), local_files_only=True, **{key: dtype})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(plan.base), local_files_only=True, **{key: dtype})
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; all mean "this folder does not load"
+        raise MergeError(f"base_model: transformers cannot load {plan.base} to compute the gates "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                         "check its config and weights") from None
     model = model.to(dev).eval()
     reduce = "mean" if plan.config.gate_mode == "hidden_avg" else "last"
 
