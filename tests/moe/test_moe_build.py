@@ -120,3 +120,46 @@ def test_qwen2_moe_with_a_shared_expert_loads_and_runs(family, tmp_path):
     assert generated.shape[1] == enc["input_ids"].shape[1] + 4
     shares = routing_shares(model, tok, {d: held_out_prompts(i, d) for i, d in enumerate(DOMAINS)}, 3)
     assert (torch.diagonal(shares["tokens"], dim1=1, dim2=2) >= 0.9).all()
+
+
+def _dense_family(tmp_path, model_cls, config, n: int = 3) -> list[str]:
+    torch.manual_seed(0)
+    paths = []
+    for i in range(n):
+        model = model_cls(config)
+        paths.append(str(tmp_path / f"m{i}"))
+        model.save_pretrained(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "llama-tied"])
+def test_other_dense_architectures(kind, tmp_path):
+    # Random gates need no tokenizer: these check the layout and config for each input kind.
+    import transformers as tf
+
+    from moe_kit import llama_config
+
+    small = dict(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=32)
+    cls, config = {"mistral": (tf.MistralForCausalLM, tf.MistralConfig(sliding_window=16, **small)),
+                   "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config(**small)),
+                   "llama-tied": (tf.LlamaForCausalLM, llama_config(tie_word_embeddings=True, num_hidden_layers=2))
+                   }[kind]
+    base, *experts = _dense_family(tmp_path, cls, config)
+    moe = {"base_model": base, "gate_mode": "random", "experts": [{"source_model": p} for p in experts]}
+    if kind == "qwen2":
+        moe["shared_experts"] = [{"source_model": base}]
+    result = _build(tmp_path, moe, seed=0)
+    model = tf.AutoModelForCausalLM.from_pretrained(result.out_dir).eval()
+    assert type(model).__name__ == ("Qwen2MoeForCausalLM" if kind == "qwen2" else "MixtralForCausalLM")
+    dense = cls.from_pretrained(base)
+    out = load_file(str(result.out_dir / "model.safetensors"))
+    for name, t in dense.state_dict().items():
+        if ".mlp." not in name and name in out:
+            assert torch.equal(out[name], t), name  # q/k/v biases of Qwen2 included
+    if kind == "llama-tied":
+        assert "lm_head.weight" not in out and model.config.tie_word_embeddings
+        assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
