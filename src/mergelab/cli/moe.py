@@ -59,8 +59,9 @@ def moe_command(
                            allow_all_same=all_same, progress=not quiet)
     if result.degenerate_layers:
         console.print(f"[yellow]warning:[/] the gates of {len(result.degenerate_layers)} layer(s) "
-                      f"({', '.join(map(str, result.degenerate_layers[:8]))}) are nearly parallel (condition "
-                      "number > 5): the experts' prompts are too alike, some experts will rarely be chosen",
+                      f"({', '.join(map(str, result.degenerate_layers[:8]))}) are close to parallel (condition "
+                      "number > 5, mergekit-moe's threshold): if the experts' prompts are too alike, some experts "
+                      "will rarely be chosen; `mergelab.moe.routing.routing_shares` measures it",
                       highlight=False, soft_wrap=True)
     out.print(f"{result.output} with {result.num_experts} experts: {result.tensors} tensors written to "
               f"{result.out_dir} in {result.seconds:.1f} s", soft_wrap=True, highlight=False)
