@@ -58,3 +58,24 @@ def test_degenerate_layers_flags_parallel_gates():
     good = torch.eye(3)[None]                                              # orthogonal rows: cond 1
     bad = torch.tensor([[[1.0, 0.0, 0.0], [0.99, 0.14, 0.0], [0.0, 0.0, 1.0]]])
     assert G.degenerate_layers(torch.cat([good, bad])) == [1]
+
+
+def test_layer_inputs_are_what_each_decoder_layer_receives():
+    # Checked with forward pre-hooks on the decoder layers, not through output_hidden_states.
+    from transformers import LlamaForCausalLM
+
+    from moe_kit import llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config()).eval()
+    seen = []
+    hooks = [layer.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+        for layer in model.model.layers]
+    batch = {"input_ids": torch.tensor([[1, 5, 9, 13], [1, 1, 20, 30]]), "attention_mask": torch.tensor([[1] * 4, [0, 1, 1, 1]])}
+    states = G.layer_inputs(model, batch)
+    for h in hooks:
+        h.remove()
+    assert states.shape == (3, 2, 4, 32)
+    for layer in range(3):
+        assert torch.equal(states[layer], seen[layer])
