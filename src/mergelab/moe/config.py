@@ -250,9 +250,8 @@ MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 def _open_config(where: str, path: Path, problems: list[str]) -> dict | None:
     if not path.exists():
-        hub = len(str(path).split("/")) == 2
         problems.append(f"{where}: {path} does not exist; relative paths resolve against the current folder, "
-                        "then the config's folder" + ("; download Hub models first" if hub else ""))
+                        "then the config's folder (Hub ids are not downloaded: download the model, give its folder)")
         return None
     try:
         with Checkpoint(path) as ck:
