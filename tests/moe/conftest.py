@@ -9,8 +9,6 @@ import yaml
 
 from moe_kit import DOMAINS, sentences, write_experts
 
-pytest.importorskip("transformers", reason="mergelab moe needs transformers (pip install mergelab[hf])")
-
 
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, Path]:

@@ -14,6 +14,8 @@ from moe_kit import DOMAINS
 from mergelab.moe.build import build_moe
 from mergelab.moe.routing import load_moe, routing_shares
 
+pytest.importorskip("transformers", reason="mergelab moe needs transformers (pip install mergelab[hf])")
+
 
 def _build(tmp_path, config: dict, name: str = "out", **kwargs):
     return build_moe(write_config(tmp_path, config, f"{name}.yml"), tmp_path / name, progress=False, **kwargs)

@@ -8,6 +8,8 @@ from typer.testing import CliRunner
 from conftest import moe_config, write_config
 from mergelab.cli.main import app
 
+pytest.importorskip("transformers", reason="mergelab moe needs transformers (pip install mergelab[hf])")
+
 
 def _run(tmp_path, config: dict, *extra: str):
     out = tmp_path / "out"
