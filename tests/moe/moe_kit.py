@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 
 SHARED = ["the", "a", "and", "then", "with", "is", "to", "of"]
 DOMAINS = {
@@ -111,3 +113,43 @@ def write_experts(root: Path, base_steps: int = 80, expert_steps: int = 25) -> d
         model.save_pretrained(paths[domain])
         tok.save_pretrained(paths[domain])
     return paths
+
+
+# -- fixtures and configs for the tests ------------------------------------------------------
+
+_BUILT: dict[str, dict[str, Path]] = {}
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, Path]:
+    """The experts, trained once per test session (the fixture is imported by several test modules,
+    and pytest would otherwise run it once per module). Not a conftest.py: tests/conftest.py is
+    imported as `conftest` by other tests, and a second conftest.py would shadow it."""
+    if "family" not in _BUILT:
+        _BUILT["family"] = write_experts(tmp_path_factory.mktemp("moe-experts"))
+    return _BUILT["family"]
+
+
+def positive_prompts(index: int, domain: str) -> list[str]:
+    return sentences(domain, 8, seed=100 + index)
+
+
+def held_out_prompts(index: int, domain: str) -> list[str]:
+    return sentences(domain, 20, seed=500 + index)
+
+
+def moe_config(family: dict[str, Path], **overrides) -> dict:
+    """A mergekit-moe config: the trained base, one expert per domain with its prompts."""
+    config = {"base_model": str(family["base"]), "gate_mode": "hidden", "dtype": "float32",
+              "experts_per_token": 2,
+              "experts": [{"source_model": str(family[d]), "positive_prompts": positive_prompts(i, d)}
+                          for i, d in enumerate(DOMAINS)]}
+    config.update(overrides)
+    return config
+
+
+def write_config(folder: Path, config: dict, name: str = "moe.yml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -9,8 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import held_out_prompts, moe_config, write_config
-from moe_kit import DOMAINS
+from moe_kit import DOMAINS, family, held_out_prompts, moe_config, write_config  # noqa: F401 (family: a fixture)
 from mergelab.moe.build import build_moe
 from mergelab.moe.routing import load_moe, routing_shares
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from conftest import moe_config, write_config
+from moe_kit import family, moe_config, write_config  # noqa: F401 (family: a fixture)
 from mergelab.cli.main import app
 
 pytest.importorskip("transformers", reason="mergelab moe needs transformers (pip install mergelab[hf])")

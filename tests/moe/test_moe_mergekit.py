@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import moe_config, write_config
+from moe_kit import family, moe_config, write_config  # noqa: F401 (family: a fixture)
 from mergelab.moe.build import build_moe
 
 pytest.importorskip("mergekit", reason="mergekit-moe 0.1.5 is the reference (pip install mergelab[bench])")
