@@ -164,3 +164,22 @@ def test_other_dense_architectures(kind, tmp_path):
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_nonfinite_expert_weights_are_refused(family, tmp_path):
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("config.json", "generation_config.json"):
+        (broken / f).write_bytes((family["code"] / f).read_bytes())
+    weights = load_file(str(family["code"] / "model.safetensors"))
+    weights["model.layers.2.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    config = moe_config(family, gate_mode="random")
+    config["experts"][2]["source_model"] = str(broken)
+    from mergelab.errors import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"model.layers.2.mlp.up_proj.weight of .*broken"):
+        _build(tmp_path, config)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))

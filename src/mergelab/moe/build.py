@@ -25,7 +25,8 @@ from torch import Tensor
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
 from mergelab.engine import make_generator, resolve_device
-from mergelab.errors import MergeError
+from mergelab.errors import MergeError, NonFiniteError
+from mergelab.methods.kernels import has_nonfinite
 from mergelab.moe import gates as G
 from mergelab.moe.arch import expert_names, output_config, router_names
 from mergelab.moe.config import MoEPlan, load_moe_config
@@ -163,11 +164,24 @@ def _missing_biases(base: Checkpoint, layers: int) -> list[tuple[str, tuple[int,
     return out
 
 
+def _finite(t: Tensor, what: str) -> Tensor:
+    """`t`, or NonFiniteError naming `what`: an MoE built from NaN/Inf weights would be silently broken."""
+    if has_nonfinite(t):
+        raise NonFiniteError(f"{what} holds NaN or Inf values; nothing was written. Repair or leave out that "
+                             "model (or, for noise_scale / residual_scale, use smaller numbers or a wider dtype)")
+    return t
+
+
+def _read(ck: Checkpoint, name: str, dtype: torch.dtype) -> Tensor:
+    return _finite(ck[name], f"tensor {name} of {ck.path}").to(dtype)
+
+
 def _expert_matrices(ck: Checkpoint, layer: int, entry, seed: int | None, tag: str, dtype: torch.dtype) -> dict[str, Tensor]:
     """One expert's three MLP matrices of one layer, with its noise_scale / residual_scale, in `dtype`."""
     out = {}
     for proj in _PROJS:
-        t = ck[f"model.layers.{layer}.mlp.{proj}.weight"]
+        name = f"model.layers.{layer}.mlp.{proj}.weight"
+        t = _finite(ck[name], f"tensor {name} of {ck.path}")
         if entry.noise_scale or (entry.residual_scale is not None and proj == "down_proj"):
             t = t.float()
             if entry.noise_scale:
@@ -175,7 +189,7 @@ def _expert_matrices(ck: Checkpoint, layer: int, entry, seed: int | None, tag: s
                 t = t + torch.randn(t.shape, generator=gen) * entry.noise_scale
             if entry.residual_scale is not None and proj == "down_proj":
                 t = t * entry.residual_scale
-        out[proj] = t.to(dtype)
+        out[proj] = _finite(t.to(dtype), f"expert {tag}'s {name} after noise_scale / residual_scale")
     return out
 
 
@@ -209,13 +223,15 @@ def build_moe(config_path: str | Path, out_dir: str | Path, *, device: str = "cp
                                                       protected=inputs))
         routed, shared = compute_gates(plan, device=device, gate_dtype=gate_dtype, seed=seed)
         gc.collect()  # the base model that made the gates
+        _finite(routed if shared is None else torch.cat([routed, shared], 1),
+                f"the gates computed from {plan.base}'s hidden states")
         degenerate = G.degenerate_layers(torch.cat([routed, shared], 1) if shared is not None else routed)
         steps = sum(1 for i in layout if i.name in base or i.name.endswith("_proj.bias"))
         steps += plan.num_layers * (1 + len(plan.experts) + len(plan.shared))
         with ByteProgress(steps, sum(i.nbytes for i in layout), enabled=progress, label="moe") as bar:
             for info in layout:  # everything outside the MLPs, from the base
                 if info.name in base:
-                    writer.write(info.name, base[info.name].to(dtype))
+                    writer.write(info.name, _read(base, info.name, dtype))
                 elif info.name.endswith("_proj.bias"):
                     writer.write(info.name, torch.zeros(info.shape, dtype=dtype))
                 else:
@@ -226,7 +242,7 @@ def build_moe(config_path: str | Path, out_dir: str | Path, *, device: str = "cp
                 writer.write(router, routed[layer].to(dtype))
                 if shared_gate:
                     writer.write(shared_gate, shared[layer].to(dtype))
-                bar.advance(routed[layer].numel() * dtype.itemsize * (1 + (shared_gate is not None)))
+                bar.advance((routed[layer].numel() + (shared[layer].numel() if shared_gate else 0)) * dtype.itemsize)
                 _write_experts(writer, plan, experts, layer, fused, seed, dtype, bar)
         config = output_config(plan.base_config, plan.output, len(plan.config.experts),
                                plan.config.experts_per_token, dtype)
