@@ -243,8 +243,9 @@ def resolve(ref: str, folder: Path) -> Path:
     return Path(os.path.abspath(folder / p))
 
 
-# Keys every input must agree on, read from config.json.
-_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+# Keys every input must agree on, read from config.json: what the experts' MLPs depend on. (Not the
+# vocabulary: only the base's embeddings are used, and mergekit-moe accepts experts with added tokens.)
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
