@@ -386,6 +386,9 @@ from mergelab.cli.search import register as _register_search; _register_search(a
 from mergelab.cli import align as _align_cli; _align_cli.register(app)  # noqa: E402, E702
 
 
+from mergelab.cli import moe as _moe_cli; _moe_cli.register(app)  # noqa: E402, E702
+
+
 def main() -> None:
     """Entry point of the `mergelab` command.
 
