@@ -59,8 +59,8 @@ SAMPLE_SIZE = 1 << 16
 
 def gram(x: Tensor) -> Tensor:
     """(N, N) float64 matrix of inner products <x_i, x_j> of the flattened rows of x (N, *shape)."""
-    flat = x.reshape(x.shape[0], -1)
-    return (flat @ flat.T).double()
+    flat = x.reshape(x.shape[0], -1).double()  # float64 products: the compiled pass sums in float64 too
+    return flat @ flat.T
 
 
 def cosine_from_gram(g: Tensor) -> Tensor:

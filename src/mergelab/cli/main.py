@@ -225,6 +225,9 @@ def inspect(
     models: list[Path] = typer.Argument(..., help="model folders or weight files"),
     base: Optional[Path] = typer.Option(None, help="base model the task vectors are measured from"),
     density: float = typer.Option(0.2, help="TIES density for the trimmed sign-conflict rate"),
+    spectral_layers: int = typer.Option(8, "--spectral-layers", help="spectral overlap (an SVD per model and "
+                                        "matrix, the costly statistic) on this many evenly spaced layers; "
+                                        "-1: every layer, 0: none"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a per-layer similarity heat-map PNG"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing --json / --plot files"),
@@ -237,6 +240,7 @@ def inspect(
     with user_errors():
         check_outputs([(json_out, "file", "--json file"), (plot, "file", "--plot file")], inputs, overwrite)
         report = inspect_models([str(m) for m in models], base=str(base) if base else None, density=density,
+                                spectral_layers=None if spectral_layers == -1 else spectral_layers,
                                 show_progress=not quiet)
         advice = recommend(report)
         for table in render_inspect(report, advice):
