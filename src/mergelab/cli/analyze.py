@@ -19,7 +19,7 @@ import typer
 
 from mergelab.analysis import paths as ap
 from mergelab.analysis.eval_setup import EvalOptions, model_labels, prepare
-from mergelab.cli.common import check_outputs, console, fail, out, save_plot, write_json
+from mergelab.cli.common import check_outputs, console, fail, need_plots, out, save_plot, write_json
 from mergelab.errors import MergeError
 
 analyze_app = typer.Typer(no_args_is_help=True, help=(
@@ -51,6 +51,7 @@ OVERWRITE = typer.Option(False, "--overwrite", help="replace existing --json / -
 def _outputs(json_out: Optional[Path], plot: Optional[Path], inputs: list[Path], overwrite: bool) -> None:
     """Check the --json / --plot paths before any evaluation starts."""
     check_outputs([(json_out, "file", "--json file"), (plot, "file", "--plot file")], inputs, overwrite)
+    need_plots(plot)
 
 
 # ----------------------------------------------------------------------------- headlines

@@ -28,6 +28,7 @@ from mergelab.cli.common import (  # noqa: E402
     check_outputs,
     console,
     fail,
+    need_plots,
     out,
     report_partials,
     save_plot,
@@ -239,6 +240,7 @@ def inspect(
     inputs = [*models, *([base] if base else [])]
     with user_errors():
         check_outputs([(json_out, "file", "--json file"), (plot, "file", "--plot file")], inputs, overwrite)
+        need_plots(plot)
         report = inspect_models([str(m) for m in models], base=str(base) if base else None, density=density,
                                 spectral_layers=None if spectral_layers == -1 else spectral_layers,
                                 show_progress=not quiet)

@@ -353,13 +353,11 @@ def print_table(result: dict) -> None:
 
 def plot_results(result: dict, path: Path) -> Path:
     """Grouped bars: each merge's accuracy on every task; its normalised accuracy as a black tick (± std)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from mergelab.analysis.plots import figure
 
     tasks = list(result["tasks"])
     rows = {"individual": result["individual"], **{k: r["accuracy"] for k, r in result["merges"].items()}}
-    fig = Figure(figsize=(11, 4.5))
-    FigureCanvasAgg(fig)  # an Agg canvas of its own: no pyplot, no display, no global state
+    fig = figure((11, 4.5))  # an Agg canvas of its own: no pyplot, no display, no global state
     ax = fig.add_subplot()
     width = 0.8 / len(tasks)
     for j, t in enumerate(tasks):
