@@ -193,7 +193,8 @@ def tensor_sums(weights: list[torch.Tensor], reference: torch.Tensor | None, den
         sums.task_gram = torch.from_numpy(found["task_gram"])
         sums.mass_total = torch.from_numpy(found["mass_total"])
         sums.mass_kept = {d: profile.mass_share[:, c] * sums.mass_total for c, d in enumerate(MASS_DENSITIES)}
-    if spectral and weights[0].dim() == 2:
+    finite = bool(torch.isfinite(sums.weight_gram.diagonal()).all()) and math.isfinite(sums.ref_sq)
+    if spectral and weights[0].dim() == 2 and finite:  # NaN/Inf: the caller reports it, no SVD to fail on
         grids = torch.stack([_subgrid(w) for w in weights])  # (N, <= SPECTRAL_MAX_DIM, <= SPECTRAL_MAX_DIM)
         ref_grid = _subgrid(reference) if reference is not None else grids.mean(dim=0)
         sums.set_overlap(*spectral_overlap(grids - ref_grid))
