@@ -317,6 +317,8 @@ def demo(
     minilm: bool = typer.Option(False, "--minilm", help="instead: merge two fine-tunes of the real MiniLM "
                                 "through the whole recipe -> folder -> sentence-transformers pipeline"),
     fast: bool = typer.Option(False, "--fast", help="a reduced configuration (seconds)"),
+    replicates: Optional[int] = typer.Option(None, "--replicates", min=1, help="seeds averaged in the table "
+                                             "(default 5; 1 with --fast)"),
 ) -> None:
     """Digits: four task models from one base, merged with every method; accuracy table, PNG and JSON."""
     from mergelab.checkpoint.output import MARKER, check_output
@@ -333,7 +335,7 @@ def demo(
         else:
             from mergelab.demos.digits import run_digits_demo
 
-            run_digits_demo(out_dir, fast=fast)
+            run_digits_demo(out_dir, fast=fast, replicates=replicates)
 
 
 def _terminate(signum, frame) -> None:
