@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import mmap
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mergelab.checkpoint.prefetch import Prefetcher
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
 from mergelab.errors import InvalidInput, NonFiniteError
@@ -94,60 +93,28 @@ class _Inputs:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-# madvise() advice that maps a range's pages in ahead of use (Linux 5.14+); older kernels get WILLNEED.
-_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
-
-
 class _Reader:
-    """Gives the tensors of a row range of a job (None = the whole tensor) as memory-map views.
+    """A job's (or a row range's) input tensors as memory-map views, prefetched and released by
+    checkpoint.prefetch.Prefetcher, which keeps the madvise bookkeeping.
 
     Inputs are never copied into buffers of our own: the merge reads the page
-    cache directly (the float32 conversion of the reference methods reads from it
-    too). prefetch() maps the next job's pages in from a background thread;
-    release() unmaps a finished job's pages, so resident memory stays at about
-    two jobs' inputs whatever the model size.
+    cache directly (the float32 conversion of the reference methods reads from it too).
     """
 
     def __init__(self, checkpoints: list[Checkpoint]):
-        self.ckpts = checkpoints
-        self.populate = _POPULATE_READ
-
-    def _span(self, ref: TensorRef, rows: tuple[int, int] | None) -> tuple[int, int] | None:
-        if rows is None:
-            return None
-        n = self.ckpts[ref.model].shape(ref.name)[0]
-        return min(rows[0], n), min(rows[1], n)
+        self.pages = Prefetcher(checkpoints)
 
     def inputs(self, job: Job, rows: tuple[int, int] | None) -> _Inputs:
-        return _Inputs({ref: self.ckpts[ref.model].view(ref.name, self._span(ref, rows)) for ref in job.refs()})
-
-    def _advise(self, job: Job, rows: tuple[int, int] | None, advice: int) -> bool:
-        results = [self.ckpts[ref.model].advise(ref.name, advice, self._span(ref, rows))
-                   for ref in dict.fromkeys(job.refs())]
-        return all(results)
+        return _Inputs(self.pages.views(job.refs(), rows))
 
     def prefetch(self, job: Job, rows: tuple[int, int] | None) -> None:
-        if self.populate is None or not self._advise(job, rows, self.populate):
-            self.populate = None  # refused once (an older kernel): read-ahead hints from now on
-            self._advise(job, rows, mmap.MADV_WILLNEED)
-        self.check_unchanged(job)
+        self.pages.prefetch(job.refs(), rows)
 
     def check_unchanged(self, job: Job) -> None:
-        """CheckpointError if a file holding one of the job's inputs changed (size, mtime, inode) since opening.
-
-        Called after prefetching a job (before its pages are touched, so a
-        truncated file is an error, not SIGBUS) and after computing it (before
-        the output is written, so bytes changed in place mid-job are never
-        merged).
-        """
-        by_model: dict[int, list[str]] = {}
-        for ref in job.refs():
-            by_model.setdefault(ref.model, []).append(ref.name)
-        for model, names in by_model.items():
-            self.ckpts[model].check_unchanged(names)
+        self.pages.check_unchanged(job.refs())
 
     def release(self, job: Job, rows: tuple[int, int] | None) -> None:
-        self._advise(job, rows, mmap.MADV_DONTNEED)
+        self.pages.release(job.refs(), rows)
 
 
 def _fit_vocab(t: torch.Tensor, fill: torch.Tensor | None, want: int) -> torch.Tensor:

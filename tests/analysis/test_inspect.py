@@ -216,3 +216,119 @@ def test_hugging_face_folders(llama_family):
     assert abs(report.overall.mean_task_cosine) < 0.1
     assert report.kinds["mlp"].trimmed_conflict_ratio == pytest.approx(1.0, abs=0.15)
     assert recommend(report)[0].startswith("ties or dare_ties")
+
+
+# ----------------------------------------------------------------------------- the compiled pass
+
+
+def numpy_sums(w: np.ndarray, ref: np.ndarray, threshold: np.ndarray) -> dict:
+    """Every sum of one tensor name, written directly in numpy (float64), for w (N, m) and ref (m,)."""
+    d = (w.astype(np.float32) - ref.astype(np.float32)).astype(np.float64)
+
+    def counts(x):
+        m = (x != 0).sum(0)
+        both = (x > 0).any(0) & (x < 0).any(0)
+        chance = sum((m == k).sum() * (1 - 2.0 ** (1 - k)) for k in range(2, x.shape[0] + 1))
+        return [int((both & (m >= 2)).sum()), int((m >= 2).sum()), chance]
+
+    trimmed = np.where(np.abs(d) >= threshold[:, None], d, 0.0)
+    return {"weight_gram": w.astype(np.float64) @ w.astype(np.float64).T, "task_gram": d @ d.T,
+            "ref_sq": float((ref.astype(np.float64) ** 2).sum()), "mass_total": np.abs(d).sum(1),
+            "conflicts": counts(d), "trimmed": counts(trimmed)}
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_compiled_pass_matches_numpy_with_ties_and_zeros(n, dtype, with_base):
+    from mergelab.analysis import geometry_kernel
+
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(3001, generator=g).to(dtype)
+    # Coarse steps make many exact ties and zero task-vector entries (a model equal to the base there).
+    steps = torch.randint(-2, 3, (n, 3001), generator=g) * (torch.rand(n, 3001, generator=g) < 0.7)
+    weights = [(base.float() + 0.25 * steps[i]).to(dtype) for i in range(n)]
+    threshold = torch.tensor([0.25, 0.5, 0.3][:n])
+    ref = base if with_base else None
+    got = geometry_kernel.geometry_pass(weights, ref, threshold)
+    w = torch.stack(weights).float().numpy()
+    ref_np = base.float().numpy() if with_base else torch.stack(weights).float().mean(0).numpy()
+    want = numpy_sums(w, ref_np, threshold.numpy())
+    for key in ("weight_gram", "task_gram", "mass_total"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+    assert got["ref_sq"] == pytest.approx(want["ref_sq"], rel=1e-6)
+    for key in ("conflicts", "trimmed"):
+        assert got[key][:2] == want[key][:2] and got[key][2] == pytest.approx(want[key][2]), key
+    assert want["conflicts"][0] > 0 and want["trimmed"][1] < want["conflicts"][1]  # the case is not trivial
+
+
+def test_compiled_and_reference_reports_agree(tmp_path):
+    from mergelab.methods.kernels import kernels_disabled
+
+    base_path, paths, _, _ = family(tmp_path, independent, n=3)
+    fast = inspect_models(paths, base_path).to_dict()
+    with kernels_disabled():
+        slow = inspect_models(paths, base_path).to_dict()
+
+    def close(a, b, where="report"):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for k in a:
+                close(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                close(x, y, f"{where}[{i}]")
+        elif isinstance(a, float):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-7), where
+        else:
+            assert a == b, where
+
+    close(fast, slow)
+
+
+def test_bfloat16_checkpoints_against_numpy(tmp_path):
+    """Norms, cosines, kept masses and conflicts of bf16 files, without a base (deviations from the mean)."""
+    g = torch.Generator().manual_seed(7)
+    names = {"model.layers.0.mlp.up_proj.weight": (64, 48), "model.layers.1.mlp.up_proj.weight": (64, 48),
+             "model.norm.weight": (48,)}
+    base = {k: torch.randn(s, generator=g) for k, s in names.items()}
+    models = [{k: (v + 0.05 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
+              for _ in range(3)]
+    paths = [write(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
+    report = inspect_models(paths, density=0.3)
+    w = {k: np.stack([m[k].float().reshape(-1).numpy() for m in models]) for k in names}
+    d = {k: w[k] - w[k].astype(np.float32).sum(0, dtype=np.float32) / np.float32(3) for k in names}
+    flat_w = np.concatenate([w[k] for k in names], 1).astype(np.float64)
+    flat_d = np.concatenate([d[k] for k in names], 1).astype(np.float64)
+    o = report.overall
+    np.testing.assert_allclose(o.weight_norm, np.linalg.norm(flat_w, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(o.task_norm, np.linalg.norm(flat_d, axis=1), rtol=1e-5)
+    wn = np.linalg.norm(flat_w, axis=1)
+    np.testing.assert_allclose(np.array(o.weight_cosine), flat_w @ flat_w.T / np.outer(wn, wn), atol=1e-6)
+    mean = np.concatenate([w[k].mean(0) for k in names]).astype(np.float64)
+    assert o.reference_norm == pytest.approx(np.linalg.norm(mean), rel=1e-5)
+    # Share of each task vector's L1 mass in its top-d magnitudes, per tensor, summed over tensors.
+    for density in ("0.1", "0.5"):
+        kept = sum(np.sort(np.abs(d[k]), axis=1)[:, ::-1][:, :max(1, int(float(density) * d[k].shape[1]))]
+                   .sum(1) for k in names)
+        np.testing.assert_allclose(o.mass_kept[density], kept / np.abs(flat_d).sum(1), rtol=1e-5)
+    signs = np.sign(flat_d)
+    contested = (signs != 0).sum(0) >= 2
+    assert o.sign_conflict == pytest.approx(((signs > 0).any(0) & (signs < 0).any(0) & contested).sum()
+                                            / contested.sum())
+
+
+@pytest.mark.parametrize("layers, expected", [(None, [0, 1, 2, 3, 4]), (2, [0, 4]), (3, [0, 2, 4]), (0, [])])
+def test_spectral_overlap_on_a_sample_of_layers(tmp_path, layers, expected):
+    g = torch.Generator().manual_seed(1)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(12, 8, generator=g) for i in range(5)}
+    base["lm_head.weight"] = torch.randn(10, 8, generator=g)
+    models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    report = inspect_models(models, base, spectral_layers=layers)
+    with_overlap = [int(gr.name.split()[1]) for gr in report.groups
+                    if gr.name.startswith("layer") and gr.spectral_overlap is not None]
+    assert with_overlap == expected
+    head = next(gr for gr in report.groups if gr.name == "lm_head.weight")
+    assert head.spectral_overlap is not None  # tensors outside the layers are always measured
+    assert report.to_dict()["spectral_layers"] == layers

@@ -80,3 +80,14 @@ def test_smoother_r2_is_high_for_a_curve_and_low_for_noise():
     assert ns.smooth_r2(x, curve) > 0.8
     noise = np.random.default_rng(0).standard_normal(30)
     assert ns.smooth_r2(x, noise) < 0.2
+
+
+def test_spearman_with_ties_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from mergelab.analysis.noise_sweep import _spearman
+
+    x = np.array([1.0, 2.0, 2.0, 3.0, 5.0, 5.0, 5.0, 0.5])
+    y = np.array([0.3, 0.1, 0.4, 0.4, 0.9, 0.2, 0.7, 0.0])
+    assert _spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    # hand-worked: y a decreasing function of x (ties in x shared) gives -1
+    assert _spearman(np.array([1.0, 2.0, 3.0]), np.array([9.0, 4.0, 1.0])) == pytest.approx(-1.0)

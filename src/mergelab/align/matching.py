@@ -12,11 +12,11 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from mergelab.align.spec import PermutationSpec, apply_permutations, identity_perms, unit_view
 from mergelab.errors import MergeError
+from mergelab.extras import require
 
 
 @dataclasses.dataclass
@@ -41,7 +41,8 @@ def objective(spec: PermutationSpec, state_a: Mapping[str, Tensor], state_b: Map
 
 
 def _lap(cost: Tensor) -> Tensor:
-    _, cols = linear_sum_assignment(cost.double().numpy(), maximize=True)
+    solve = require("scipy.optimize", "permutation alignment").linear_sum_assignment
+    _, cols = solve(cost.double().numpy(), maximize=True)
     return torch.as_tensor(cols, dtype=torch.long)
 
 

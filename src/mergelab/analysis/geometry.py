@@ -37,15 +37,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mergelab.methods.sparsify import keep_count, keep_top_magnitude
+from mergelab.methods.sparsify import keep_count
 
 SPECTRAL_RANK = 8  # k of the top-k singular subspaces compared
-SPECTRAL_MAX_DIM = 1024  # larger matrices are compared on an evenly spaced sub-grid of rows/columns
+SPECTRAL_MAX_DIM = 512  # larger matrices are compared on an evenly spaced sub-grid of rows/columns
 EXACT_SVD_MAX_DIM = 256  # above this (smaller side), a seeded randomized SVD replaces the full one
 MASS_DENSITIES = (0.1, 0.2, 0.5)
 EXACT_TOPK_MAX_NUMEL = 1 << 16  # top-k trims and masses are exact up to this many entries per tensor
@@ -57,8 +59,8 @@ SAMPLE_SIZE = 1 << 16
 
 def gram(x: Tensor) -> Tensor:
     """(N, N) float64 matrix of inner products <x_i, x_j> of the flattened rows of x (N, *shape)."""
-    flat = x.reshape(x.shape[0], -1)
-    return (flat @ flat.T).double()
+    flat = x.reshape(x.shape[0], -1).double()  # float64 products: the compiled pass sums in float64 too
+    return flat @ flat.T
 
 
 def cosine_from_gram(g: Tensor) -> Tensor:
@@ -89,57 +91,88 @@ def sign_conflicts(deltas: Tensor) -> tuple[int, int, float]:
     return conflicts, int(contested.sum()), chance
 
 
-def _magnitude_sample(magnitude: Tensor) -> Tensor:
-    """A seeded uniform sample of SAMPLE_SIZE entries of a big tensor, sorted descending."""
-    gen = torch.Generator().manual_seed(0)
-    index = torch.randint(0, magnitude.numel(), (SAMPLE_SIZE,), generator=gen)
-    return magnitude.reshape(-1)[index].sort(descending=True).values
+@dataclasses.dataclass
+class MagnitudeProfile:
+    """Where a trim cuts each of N task vectors, and how much of their L1 mass it keeps.
+
+    threshold: (N,) float32, the magnitude down to which a trim at `density` keeps.
+    mass_share: (N, len(MASS_DENSITIES)) float64, the share of each task vector's L1
+        mass held by its top-d magnitudes, for each d in MASS_DENSITIES.
+    """
+
+    threshold: Tensor
+    mass_share: Tensor
 
 
-def _samples(deltas: Tensor) -> list[Tensor | None]:
-    """Per row, the sorted magnitude sample used above EXACT_TOPK_MAX_NUMEL entries (None below)."""
-    big = deltas[0].numel() > EXACT_TOPK_MAX_NUMEL
-    return [_magnitude_sample(row.abs()) if big else None for row in deltas]
+def magnitude_profile(weights: Sequence[Tensor], reference: Tensor | None, density: float) -> MagnitudeProfile:
+    """The trim thresholds and kept-mass shares of task vectors tau_i = w_i - reference.
+
+    threshold_i is the keep_count(density, m)-th largest |tau_i| among m entries, and
+    mass_share_i(d) the sum of the keep_count(d, m) largest |tau_i| over the sum of all m:
+    over every entry when the tensor has at most EXACT_TOPK_MAX_NUMEL, otherwise over a
+    seeded uniform sample of SAMPLE_SIZE positions (the same for every model), which puts
+    the share a trim keeps within sqrt(d (1 - d) / SAMPLE_SIZE) of d (0.16% at d = 0.2).
+    Only the sampled entries are converted to float32 and subtracted here.
+
+    Args:
+        weights: N tensors of one shape, any floating dtype, as stored.
+        reference: the base tensor, or None for the models' mean.
+        density: share kept by the trim, in (0, 1].
+    """
+    numel = weights[0].numel()
+    if numel > EXACT_TOPK_MAX_NUMEL:
+        index = torch.randint(0, numel, (SAMPLE_SIZE,), generator=torch.Generator().manual_seed(0))
+        pick = lambda t: t.reshape(-1)[index].float()  # noqa: E731
+    else:
+        pick = lambda t: t.reshape(-1).float()  # noqa: E731
+    w = torch.stack([pick(t) for t in weights])  # (N, m)
+    ref = pick(reference) if reference is not None else w.mean(dim=0)
+    mags = (w - ref).abs_().numpy()  # (N, m)
+    n, m = mags.shape
+    if m == 0:
+        return MagnitudeProfile(torch.zeros(n), torch.zeros(n, len(MASS_DENSITIES), dtype=torch.float64))
+    # A partition around the few ranks needed (O(m)) instead of a full sort: entries after
+    # position m - k are the k largest, whatever their order.
+    ranks = sorted({m - keep_count(d, m) for d in (density, *MASS_DENSITIES)})
+    part = np.partition(mags, ranks, axis=1)
+    total = part.sum(axis=1, dtype=np.float64).clip(min=1e-300)
+    shares = np.stack([part[:, m - keep_count(d, m):].sum(axis=1, dtype=np.float64) for d in MASS_DENSITIES], 1)
+    return MagnitudeProfile(threshold=torch.from_numpy(part[:, m - keep_count(density, m)].copy()),
+                            mass_share=torch.from_numpy(shares / total[:, None]))
 
 
-def _keep_mask(row: Tensor, density: float, sample: Tensor | None) -> Tensor:
-    if sample is None:
-        return keep_top_magnitude(row, density)
-    return row.abs() >= sample[max(keep_count(density, SAMPLE_SIZE) - 1, 0)]
-
-
-def trim_top_magnitude(deltas: Tensor, density: float, samples: list[Tensor | None] | None = None) -> Tensor:
+def trim_top_magnitude(deltas: Tensor, density: float, threshold: Tensor | None = None) -> Tensor:
     """Copy of deltas (N, *shape) keeping each row's top-`density` magnitudes (TIES trim), zeros elsewhere.
 
-    Exact (ties broken as in methods.sparsify) up to EXACT_TOPK_MAX_NUMEL entries; above,
-    the magnitude threshold is the quantile of a seeded SAMPLE_SIZE sample, so the kept
-    share is `density` to within about 0.1%. Selecting exactly in a 10^8-entry tensor
-    costs seconds per model, the estimate a fraction of that, and the statistics built
-    on the trim (sign-conflict rates) do not need more precision.
+    Keeps |tau_i| >= threshold_i (magnitude_profile: exact up to EXACT_TOPK_MAX_NUMEL
+    entries, a sampled quantile above; entries tied with the threshold are all kept).
+    Selecting exactly in a 10^8-entry tensor costs seconds per model, the estimate a
+    fraction of that, and the statistics built on the trim (sign-conflict rates) do not
+    need more precision.
     """
-    samples = _samples(deltas) if samples is None else samples
-    return torch.stack([torch.where(_keep_mask(row, density, smp), row, 0.0) for row, smp in zip(deltas, samples)])
+    if threshold is None:
+        threshold = magnitude_profile(list(deltas), torch.zeros_like(deltas[0]), density).threshold
+    return torch.where(deltas.abs() >= threshold.reshape(-1, *[1] * (deltas.dim() - 1)), deltas, 0.0)
 
 
-def kept_mass(deltas: Tensor, density: float, samples: list[Tensor | None] | None = None) -> Tensor:
+def kept_mass(deltas: Tensor, density: float) -> Tensor:
     """(N,) float64 L1 mass of each row's top-`density` magnitudes (the part a TIES trim keeps).
 
-    Exact up to EXACT_TOPK_MAX_NUMEL entries, above estimated as the share a seeded
-    sample keeps times the row's exact L1 mass (as in trim_top_magnitude).
+    Exact up to EXACT_TOPK_MAX_NUMEL entries; above, the share a seeded sample's top
+    `density` holds of the sample's mass, times the row's exact L1 mass.
     """
-    samples = _samples(deltas) if samples is None else samples
-    out = []
-    for row, sample in zip(deltas, samples):
-        if sample is None:
-            out.append(row.abs()[keep_top_magnitude(row, density)].sum().double())
-            continue
-        sample = sample.double()
-        share = sample[:keep_count(density, SAMPLE_SIZE)].sum() / sample.sum().clamp(min=1e-300)
-        out.append(share * row.abs().sum().double())
-    return torch.stack(out)
+    numel = deltas[0].numel()
+    if numel > EXACT_TOPK_MAX_NUMEL:
+        index = torch.randint(0, numel, (SAMPLE_SIZE,), generator=torch.Generator().manual_seed(0))
+        mags = deltas.reshape(deltas.shape[0], -1)[:, index].abs()
+    else:
+        mags = deltas.reshape(deltas.shape[0], -1).abs()
+    top = mags.double().sort(dim=1, descending=True).values[:, :keep_count(density, mags.shape[1])].sum(dim=1)
+    share = top / mags.double().sum(dim=1).clamp(min=1e-300)
+    return share * deltas.reshape(deltas.shape[0], -1).abs().sum(dim=1, dtype=torch.float64)
 
 
-def _even_indices(n: int, limit: int) -> Tensor:
+def even_indices(n: int, limit: int) -> Tensor:
     # The same evenly spaced sub-grid for every model, so subspaces stay comparable.
     return torch.linspace(0, n - 1, limit).round().long() if n > limit else torch.arange(n)
 
@@ -185,7 +218,7 @@ def spectral_overlap(mats: Tensor, k_max: int = SPECTRAL_RANK, *,
         chance_ij = max(k_i, k_j) / rows is the expected overlap of random subspaces.
     """
     rows, cols = mats.shape[1:]
-    sub = mats[:, _even_indices(rows, max_dim)][:, :, _even_indices(cols, max_dim)]
+    sub = mats[:, even_indices(rows, max_dim)][:, :, even_indices(cols, max_dim)]
     bases = [top_left_singular(sub[i], k_max, seed=i) for i in range(sub.shape[0])]
     n, r = len(bases), sub.shape[1]
     overlap = torch.full((n, n), math.nan, dtype=torch.float64)
@@ -232,6 +265,13 @@ class GeometrySums:
         self.overlap_count = torch.zeros(n, n, dtype=torch.float64)
         self.chance_sum = torch.zeros(n, n, dtype=torch.float64)
 
+    def set_overlap(self, overlap: Tensor, chance: Tensor) -> None:
+        """Record one tensor's spectral overlap and its chance level (spectral_overlap's output)."""
+        defined = ~overlap.isnan()
+        self.overlap_sum = torch.where(defined, overlap, 0.0)
+        self.overlap_count = defined.double()
+        self.chance_sum = torch.where(defined, chance, 0.0)
+
     def add(self, other: GeometrySums) -> None:
         """Add another set of sums (e.g. one tensor's) into this one."""
         self.n_tensors += other.n_tensors
@@ -246,31 +286,30 @@ class GeometrySums:
             self.mass_kept[d].add_(other.mass_kept[d])
 
 
-def tensor_geometry(weights: Tensor, reference: Tensor, density: float, *, spectral: bool = True) -> GeometrySums:
-    """The geometry sums of one tensor name.
+def tensor_geometry(weights: Tensor, reference: Tensor, density: float, *, spectral: bool = True,
+                    profile: MagnitudeProfile | None = None) -> GeometrySums:
+    """The geometry sums of one tensor name: the readable reference of the compiled pass.
 
     Args:
         weights: (N, *shape) float32 weights of the N models; not modified.
         reference: (*shape) the base tensor, or the models' mean when there is no base.
         density: share kept by the TIES-style trim before the second sign-conflict count.
         spectral: compute spectral overlap for 2-D tensors (skipped for embeddings, say).
+        profile: the trim threshold and mass shares (magnitude_profile); computed here when not given.
     """
+    if profile is None:
+        profile = magnitude_profile(list(weights), reference, density)
     sums = GeometrySums(weights.shape[0], n_tensors=1, n_params=reference.numel())
     sums.weight_gram = gram(weights)
     sums.ref_sq = float(reference.double().square().sum())
     deltas = weights - reference  # (N, *shape)
     sums.task_gram = gram(deltas)
     sums.conflicts = list(sign_conflicts(deltas))
-    samples = _samples(deltas)  # one magnitude sample per row, shared by the trim and the masses
-    sums.trimmed = list(sign_conflicts(trim_top_magnitude(deltas, density, samples)))
-    sums.mass_total = deltas.reshape(deltas.shape[0], -1).abs().sum(dim=1).double()
-    sums.mass_kept = {d: kept_mass(deltas, d, samples) for d in MASS_DENSITIES}
+    sums.trimmed = list(sign_conflicts(trim_top_magnitude(deltas, density, profile.threshold)))
+    sums.mass_total = deltas.reshape(deltas.shape[0], -1).abs().sum(dim=1, dtype=torch.float64)
+    sums.mass_kept = {d: profile.mass_share[:, c] * sums.mass_total for c, d in enumerate(MASS_DENSITIES)}
     if spectral and deltas.dim() == 3:
-        overlap, chance = spectral_overlap(deltas)
-        defined = ~overlap.isnan()
-        sums.overlap_sum = torch.where(defined, overlap, 0.0)
-        sums.overlap_count = defined.double()
-        sums.chance_sum = torch.where(defined, chance, 0.0)
+        sums.set_overlap(*spectral_overlap(deltas))
     return sums
 
 

@@ -1,11 +1,13 @@
 """`inspect`: data-free diagnostics of models about to be merged, streamed tensor by tensor.
 
 `inspect_models` reads the N models (and the base, if any) one tensor name at a
-time, computes the task-vector geometry of that tensor (analysis/geometry.py)
-and adds it to the sums of its layer, of its kind (attention, mlp, embedding,
-norm, other) and of the whole model. Memory holds one tensor name at a time:
-about 3N + 1 float32 copies of the largest tensor (weights, task vectors, trimmed
-task vectors), never a whole model. `recommend` turns the report into merge-method suggestions with their
+time, computes the task-vector geometry of that tensor and adds it to the sums
+of its layer, of its kind (attention, mlp, embedding, norm, other) and of the
+whole model. Per tensor: a sampled magnitude profile (the trim threshold), one
+compiled pass over the tensors as stored for every sum (analysis/geometry_kernel.py;
+the torch reference in analysis/geometry.py where numba is missing), and, on a
+sample of layers, an SVD of an evenly spaced sub-grid for the spectral overlap.
+Memory holds one tensor name at a time, as stored, never a whole model. `recommend` turns the report into merge-method suggestions with their
 reasons; `render_inspect` draws it as rich tables.
 """
 
@@ -13,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,11 +26,24 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from mergelab.analysis.geometry import MASS_DENSITIES, GeometrySums, GroupStats, tensor_geometry
+from mergelab.analysis.geometry import (
+    MASS_DENSITIES,
+    SPECTRAL_MAX_DIM,
+    GeometrySums,
+    GroupStats,
+    even_indices,
+    magnitude_profile,
+    spectral_overlap,
+    tensor_geometry,
+)
 from mergelab.checkpoint.reader import Checkpoint, layer_index
 from mergelab.errors import MergeError, NonFiniteError, ShapeMismatch
-from mergelab.methods.kernels import has_nonfinite
+from mergelab.methods.kernels import has_nonfinite, kernels_enabled
 from mergelab.progress import ByteProgress
+
+SPECTRAL_LAYERS = 8
+"""Layers (evenly spaced) whose 2-D tensors get a spectral overlap by default: the SVDs cost more
+than every other statistic together, and the overlap varies slowly with depth."""
 
 KINDS = ("attention", "mlp", "embedding", "norm", "other")
 _KIND_PATTERNS = (  # first match wins; matched against dotted name components
@@ -54,6 +72,7 @@ class InspectReport:
     base: str | None
     reference: str  # "base": task vectors from the base; "mean": deviations from the models' mean
     density: float
+    spectral_layers: int | None  # layers sampled for spectral overlap (None: all)
     groups: list[GroupStats]  # layers in index order, then each non-layer tensor on its own
     kinds: dict[str, GroupStats]  # attention / mlp / embedding / norm / other, those present
     overall: GroupStats
@@ -62,7 +81,7 @@ class InspectReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "models": self.models, "base": self.base, "reference": self.reference, "density": self.density,
-            "overall": self.overall.to_dict(),
+            "spectral_layers": self.spectral_layers, "overall": self.overall.to_dict(),
             "kinds": {k: g.to_dict() for k, g in self.kinds.items()},
             "groups": [g.to_dict() for g in self.groups],
             "skipped": self.skipped,
@@ -127,35 +146,101 @@ def _nbytes(mapping: Mapping, name: str) -> int:
     return t.numel() * t.element_size()
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_pass() -> Any:
+    """geometry_kernel.geometry_pass, or None where numba is missing (then the torch reference runs)."""
+    try:
+        from mergelab.analysis.geometry_kernel import geometry_pass
+    except ImportError as exc:
+        warnings.warn(f"inspect's compiled pass is not available ({exc}); the torch code runs instead, several "
+                      "times slower; install mergelab[fast] (numba) for it", stacklevel=3)
+        return None
+    return geometry_pass
+
+
+def _spectral_sample(names: list[str], layers: int | None) -> set[str]:
+    """The 2-D-or-not tensor names whose spectral overlap is computed: every non-layer tensor, and those of
+    `layers` evenly spaced layer indices (all layers when None)."""
+    indices = sorted({i for i in map(layer_index, names) if i is not None})
+    if layers is not None and len(indices) > layers:
+        picks = {indices[round(k * (len(indices) - 1) / max(layers - 1, 1))] for k in range(layers)} if layers else set()
+    else:
+        picks = set(indices)
+    return {n for n in names if layer_index(n) is None or layer_index(n) in picks}
+
+
+def _subgrid(t: torch.Tensor) -> torch.Tensor:
+    """float32 copy of the evenly spaced SPECTRAL_MAX_DIM sub-grid that spectral_overlap compares."""
+    rows, cols = t.shape
+    return t[even_indices(rows, SPECTRAL_MAX_DIM)][:, even_indices(cols, SPECTRAL_MAX_DIM)].float()
+
+
+def tensor_sums(weights: list[torch.Tensor], reference: torch.Tensor | None, density: float, *,
+                spectral: bool) -> GeometrySums:
+    """The geometry sums of one tensor name from the tensors as stored: the compiled pass where numba is
+    there and kernels are on, else the torch reference (tensor_geometry); the same numbers either way."""
+    profile = magnitude_profile(weights, reference, density)
+    fused = _compiled_pass() if kernels_enabled() else None
+    if fused is None:
+        stacked = torch.stack([w.float() for w in weights])  # (N, *shape)
+        ref = reference.float() if reference is not None else stacked.mean(dim=0)
+        sums = tensor_geometry(stacked, ref, density, spectral=False, profile=profile)
+    else:
+        found = fused(weights, reference, profile.threshold)
+        sums = GeometrySums(len(weights), n_tensors=1, n_params=weights[0].numel(), ref_sq=found["ref_sq"],
+                            conflicts=found["conflicts"], trimmed=found["trimmed"])
+        sums.weight_gram = torch.from_numpy(found["weight_gram"])
+        sums.task_gram = torch.from_numpy(found["task_gram"])
+        sums.mass_total = torch.from_numpy(found["mass_total"])
+        sums.mass_kept = {d: profile.mass_share[:, c] * sums.mass_total for c, d in enumerate(MASS_DENSITIES)}
+    finite = bool(torch.isfinite(sums.weight_gram.diagonal()).all()) and math.isfinite(sums.ref_sq)
+    if spectral and weights[0].dim() == 2 and finite:  # NaN/Inf: the caller reports it, no SVD to fail on
+        grids = torch.stack([_subgrid(w) for w in weights])  # (N, <= SPECTRAL_MAX_DIM, <= SPECTRAL_MAX_DIM)
+        ref_grid = _subgrid(reference) if reference is not None else grids.mean(dim=0)
+        sums.set_overlap(*spectral_overlap(grids - ref_grid))
+    return sums
+
+
+def _check_finite(models: list[tuple[str, Mapping]], name: str, sums: GeometrySums,
+                  weights: list[torch.Tensor], reference: torch.Tensor | None) -> None:
+    """NaN or Inf in an input shows in its float64 sum of squares (finite float32 squares cannot overflow it)."""
+    if bool(torch.isfinite(sums.weight_gram.diagonal()).all()) and math.isfinite(sums.ref_sq):
+        return
+    where = [label for (label, _), w in zip(models, weights) if has_nonfinite(w)]
+    if reference is not None and has_nonfinite(reference):
+        where.append("the base")
+    raise NonFiniteError(f"tensor {name} of {', '.join(where) or 'an input'} holds NaN or Inf values; "
+                         "no geometry can be measured on it; repair or leave out that model")
+
+
 def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: list[str], density: float,
-                progress: ByteProgress | None = None
+                spectral_names: set[str], progress: ByteProgress | None = None
                 ) -> tuple[dict[tuple, GeometrySums], dict[str, GeometrySums], GeometrySums]:
     """Geometry sums per group, per kind and overall, reading one tensor name at a time."""
     n = len(models)
     groups: dict[tuple, GeometrySums] = {}
     kinds: dict[str, GeometrySums] = {}
     overall = GeometrySums(n)
-    sources = [m for _, m in models] + ([base] if base is not None else [])
     for name in names:
-        weights = torch.stack([m[name].float() for _, m in models])  # (N, *shape)
-        reference = base[name].float() if base is not None else weights.mean(dim=0)
-        if has_nonfinite(weights) or has_nonfinite(reference):
-            where = [label for (label, _), w in zip(models, weights) if has_nonfinite(w)]
-            raise NonFiniteError(f"tensor {name} of {', '.join(where) or 'the base'} holds NaN or Inf values; "
-                                 "no geometry can be measured on it; repair or leave out that model")
-        sums = tensor_geometry(weights, reference, density)
+        weights = [m[name] for _, m in models]  # as stored: the compiled pass reads bfloat16 in place
+        reference = base[name] if base is not None else None
+        sums = tensor_sums(weights, reference, density, spectral=name in spectral_names)
+        _check_finite(models, name, sums, weights, reference)
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        nbytes += reference.numel() * reference.element_size() if reference is not None else 0
         del weights, reference  # keep at most one tensor name in memory
         groups.setdefault(_group_of(name), GeometrySums(n)).add(sums)
         kinds.setdefault(tensor_kind(name), GeometrySums(n)).add(sums)
         overall.add(sums)
         if progress is not None:
-            progress.advance(sum(_nbytes(m, name) for m in sources))
+            progress.advance(nbytes)
     return groups, kinds, overall
 
 
 def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
                    base: str | Path | Mapping[str, torch.Tensor] | None = None, *,
-                   density: float = 0.2, show_progress: bool = False) -> InspectReport:
+                   density: float = 0.2, spectral_layers: int | None = SPECTRAL_LAYERS,
+                   show_progress: bool = False) -> InspectReport:
     """Data-free geometry of the task vectors of `paths`, per layer, per kind and overall.
 
     Args:
@@ -165,27 +250,36 @@ def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
             deviations from the models' mean; those of two models are exact opposites
             (cosine -1), so pairwise task-vector numbers only mean something with a base.
         density: share kept by the TIES-style trim before the trimmed sign-conflict count.
+        spectral_layers: spectral overlap (an SVD per model and 2-D tensor, the costly
+            statistic) is measured on the 2-D tensors of this many evenly spaced layers
+            (first and last included) and on every tensor outside the layers; None: all
+            layers, 0: no layer.
         show_progress: a progress bar (tensors, bytes read per second, time left) on stderr.
 
     Raises:
         ShapeMismatch: a tensor has different shapes in two inputs.
-        MergeError: fewer than two models (one with a base), or density outside (0, 1].
+        NonFiniteError: a tensor holds NaN or Inf.
+        MergeError: fewer than two models (one with a base), density outside (0, 1], or a
+            negative spectral_layers.
     """
     if not 0 < density <= 1:
         raise MergeError(f"inspect: density must be in (0, 1], got {density}")
+    if spectral_layers is not None and spectral_layers < 0:
+        raise MergeError(f"inspect: spectral_layers must be >= 0 (or None for all), got {spectral_layers}")
     if len(paths) < (1 if base is not None else 2):
         raise MergeError("inspect needs at least two models, or one model and a base (base=, --base)")
     with contextlib.ExitStack() as opened:
         models = [_open(p, f"model_{i}", opened) for i, p in enumerate(paths)]
         base_src = _open(base, "base", opened) if base is not None else None
         names, skipped = _plan(models + ([base_src] if base_src else []))
+        spectral_names = _spectral_sample(names, spectral_layers)
         total = sum(_nbytes(m, name) for name in names for _, m in models + ([base_src] if base_src else []))
         with ByteProgress(len(names), total, enabled=show_progress, label="inspecting") as progress:
             groups, kinds, overall = _accumulate(models, base_src[1] if base_src else None, names, density,
-                                                 progress)
+                                                 spectral_names, progress)
     return InspectReport(
         models=[label for label, _ in models], base=base_src[0] if base_src else None,
-        reference="base" if base_src else "mean", density=density,
+        reference="base" if base_src else "mean", density=density, spectral_layers=spectral_layers,
         groups=[GroupStats.from_sums(f"layer {key[1]}" if key[0] == 0 else str(key[1]), groups[key])
                 for key in sorted(groups)],
         kinds={k: GroupStats.from_sums(k, kinds[k]) for k in KINDS if k in kinds},

@@ -179,10 +179,18 @@ def quadratic_r2(x: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
     return r2, peak
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """1-based ranks of a, tied values sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # rank of each distinct value's last copy
+    return (last - (counts - 1) / 2.0)[inverse.reshape(-1)]
 
-    return float(spearmanr(x, y).statistic) if len(x) > 2 and np.ptp(x) > 0 and np.ptp(y) > 0 else math.nan
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the (tie-averaged) ranks."""
+    if len(x) <= 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(np.corrcoef(_ranks(np.asarray(x)), _ranks(np.asarray(y)))[0, 1])
 
 
 def smooth_r2(x: np.ndarray, y: np.ndarray, bandwidth: float = 0.3) -> float:
@@ -255,12 +263,10 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, k: float = 1.0) -> Path:
     """Accuracy gain (top) and loss gain (bottom) of the 0.5 merge against lr, B and S (log x), seed means."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from mergelab.analysis.plots import figure
 
     table = summary_table(rows)
-    fig = Figure(figsize=(15, 8))
-    FigureCanvasAgg(fig)
+    fig = figure((15, 8))
     axes = fig.subplots(2, 3)
     markers = {b: m for b, m in zip(sorted({e["batch"] for e in table}), "osD^v")}
     columns = [("lr", "learning rate"), ("batch", "batch size"), ("S", f"S = lr / (B (1-m)^{k:g})")]

@@ -3,7 +3,8 @@
 Figures are built with `matplotlib.figure.Figure` and an Agg canvas directly, not
 pyplot, so plotting neither needs a display nor touches pyplot's global state
 (safe in tests, threads and notebooks alike). Each function writes one PNG and
-returns its path.
+returns its path. matplotlib is the `plots` extra: `figure()` imports it, or
+raises MissingExtra naming the extra.
 """
 
 from __future__ import annotations
@@ -12,18 +13,26 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import Any
 
 from mergelab.analysis.inspect import InspectReport, short_names
 from mergelab.analysis.paths import PathResult, PlaneResult, ScalingResult
 from mergelab.errors import MergeError
+from mergelab.extras import require
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib Figure on an Agg canvas of its own (no pyplot state); MissingExtra without matplotlib."""
+    Figure = require("matplotlib.figure", "plotting").Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plotting").FigureCanvasAgg
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -41,7 +50,7 @@ def plot_layer_similarity(report: InspectReport, path: str | Path) -> Path:
         pairs = [(0, 0)]  # one model with a base: show its self-similarity row rather than nothing
     grid = np.array([[_nan(g.task_cosine[i][j]) for g in report.groups] for i, j in pairs])
     longest = max(len(g.name) for g in report.groups)  # rotated tick labels need room below the map
-    fig = Figure(figsize=(max(6.0, 0.35 * len(report.groups) + 3), 1.5 + 0.45 * len(pairs) + 0.07 * longest))
+    fig = figure((max(6.0, 0.35 * len(report.groups) + 3), 1.5 + 0.45 * len(pairs) + 0.07 * longest))
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(len(report.groups)), [g.name for g in report.groups], rotation=90, fontsize=7)
@@ -55,7 +64,7 @@ def plot_layer_similarity(report: InspectReport, path: str | Path) -> Path:
 
 def plot_path(result: PathResult, path: str | Path) -> Path:
     """Metrics along an interpolation path, with the chord between the endpoints dashed."""
-    fig = Figure(figsize=(6, 4))
+    fig = figure((6, 4))
     ax = fig.add_subplot()
     axes = {name: (ax if k == 0 else ax.twinx()) for k, name in enumerate(list(result.metrics)[:2])}
     for (name, axis), color in zip(axes.items(), ("tab:blue", "tab:orange")):
@@ -70,7 +79,7 @@ def plot_path(result: PathResult, path: str | Path) -> Path:
 
 def plot_scaling_curve(result: ScalingResult, path: str | Path) -> Path:
     """Metric against lambda for theta_base + lambda * sum tau_i, the best lambda marked."""
-    fig = Figure(figsize=(6, 4))
+    fig = figure((6, 4))
     ax = fig.add_subplot()
     values = result.metrics[result.select]
     ax.plot(result.lambdas, values, "o-")
@@ -90,7 +99,7 @@ def plot_plane(result: PlaneResult, path: str | Path, metric: str | None = None)
     if metric not in result.metrics:
         raise MergeError(f"plot_plane: metric {metric!r} was not evaluated; the plane has {sorted(result.metrics)}")
     z = np.array(result.metrics[metric])
-    fig = Figure(figsize=(6, 5))
+    fig = figure((6, 5))
     ax = fig.add_subplot()
     levels = np.unique(np.quantile(z, np.linspace(0, 1, 21)))  # quantile levels resolve the valleys
     filled = ax.contourf(result.x, result.y, z, levels=levels if len(levels) > 1 else 10, cmap="viridis")

@@ -109,7 +109,6 @@ def with_layer_index(name: str, new_index: int) -> str:
 
 class _Source(Protocol):
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
-    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor: ...
     def view(self, name: str) -> torch.Tensor: ...
     def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> bool: ...
     def check_unchanged(self) -> None: ...
@@ -177,11 +176,6 @@ class _TorchFile:
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         self.check_unchanged()
         return _fresh_copy(self.tensors[name]) if out is None else out.copy_(self.tensors[name])
-
-    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_unchanged()
-        rows = self.tensors[name][start:stop]
-        return _fresh_copy(rows) if out is None else out.copy_(rows)
 
     def view(self, name: str) -> torch.Tensor:
         self.check_unchanged()
@@ -411,7 +405,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     Every file is opened and checked when the Checkpoint is made, so a damaged
     or incomplete model fails before any merge work; tensors are read only by
-    ``ck[name]`` or ``ck.read_rows``, each into a new CPU tensor in its stored dtype.
+    ``ck[name]``, each into a new CPU tensor in its stored dtype.
     Each file's size, modification time and inode are recorded at opening;
     reads and check_unchanged() refuse a file that changed since.
 
@@ -573,22 +567,6 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def total_bytes(self) -> int:
         return sum(math.prod(shape) * dtype.itemsize for shape, dtype, _ in self._where.values())
 
-    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows start:stop of dim 0 of `name`, reading only those bytes (for safetensors).
-
-        With `out` (contiguous, of the rows' shape and the tensor's dtype) the
-        bytes go straight into it: no new tensor, no copy.
-        """
-        shape, dtype, source = self._entry(name)
-        if not shape:
-            raise ValueError(f"tensor {name} of {self.path} is a scalar; it has no rows to read")
-        if not 0 <= start <= stop <= shape[0]:
-            raise ValueError(f"rows {start}:{stop} are outside tensor {name} of {self.path} ({shape[0]} rows)")
-        if out is not None:
-            self._check_out(name, out, (stop - start, *shape[1:]), dtype)
-        self._check_open()
-        return source.read_rows(name, start, stop, out)
-
     def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """`name` (or its rows start:stop) without reading it: a view of the file's memory map.
 
@@ -633,20 +611,6 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         sources = self._sources if names is None else {id(s): s for s in (self._entry(n)[2] for n in names)}.values()
         for source in sources:
             source.check_unchanged()
-
-    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Read the whole tensor `name` into `out` (contiguous, same shape and dtype); returns out."""
-        shape, dtype, source = self._entry(name)
-        self._check_out(name, out, shape, dtype)
-        self._check_open()
-        return source.read(name, out)
-
-    def _check_out(self, name: str, out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous() \
-                or out.device.type != "cpu":
-            raise ValueError(f"cannot read tensor {name} of {self.path} ({tuple(shape)}, {dtype}) into a "
-                             f"{'contiguous' if out.is_contiguous() else 'non-contiguous'} {out.device.type} "
-                             f"tensor of shape {tuple(out.shape)} and dtype {out.dtype}")
 
     def _config_value(self, *keys: str) -> Any:
         for config in (self.config or {}, (self.config or {}).get("text_config") or {}):

@@ -348,14 +348,6 @@ class SafetensorsFile:
         entry = self.entries[name]
         return self._fill(torch.empty(entry.shape, dtype=entry.dtype) if out is None else out, entry.begin, name)
 
-    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows start:stop of dim 0 of `name` (one contiguous byte range of the file), into `out` or a new tensor."""
-        entry = self.entries[name]
-        row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
-        if out is None:
-            out = torch.empty((stop - start, *entry.shape[1:]), dtype=entry.dtype)
-        return self._fill(out, entry.begin + start * row_bytes, name)
-
     def _mapping(self) -> mmap.mmap:
         fd = self._descriptor()
         with self._lock:

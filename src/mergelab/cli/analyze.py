@@ -10,18 +10,19 @@ model and an evaluator by `mergelab.analysis.eval_setup`.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the analysis modules import torch: loaded by the commands, so `mergelab --help` stays fast
+if TYPE_CHECKING:  # these import torch: the commands load them, so `mergelab --help` stays fast
     from mergelab.analysis import paths as ap
-from mergelab.cli.common import check_outputs, console, fail, out, save_plot, write_json
+    from mergelab.analysis.eval_setup import EvalOptions
+from mergelab.cli.common import check_outputs, console, fail, need_plots, out, save_plot, write_json
 from mergelab.errors import MergeError
 
 analyze_app = typer.Typer(no_args_is_help=True, help=(
@@ -31,20 +32,56 @@ analyze_app = typer.Typer(no_args_is_help=True, help=(
     "module:function (or file.py:function): your function, given the model (with --model) or else the "
     "state dict, returning a dict of metrics."))
 
-# Options shared by path, scaling and plane (typer reads these defaults afresh for each command).
-EVAL = typer.Option(..., "--eval", help="causal-lm | classifier | module:function | file.py:function")
-MODEL = typer.Option(None, "--model", help="module:factory or file.py:factory, a zero-argument function "
-                     "returning the nn.Module (needed by classifier; optional for a user function)")
-DATA = typer.Option(None, "--data", help="classifier data: a torch file of {'X': inputs, 'y': labels} or (X, y)")
-TEXT = typer.Option(None, "--text", help="causal-lm: a UTF-8 text file")
-TOKENS = typer.Option(None, "--tokens", help="causal-lm: a torch file holding a 1-D tensor of token ids")
-TOKENIZER = typer.Option(None, "--tokenizer", help="causal-lm: tokenizer folder for --text (default: first model)")
-SEQ_LEN = typer.Option(128, "--seq-len", help="causal-lm: tokens predicted per window")
-MAX_BATCHES = typer.Option(16, "--max-batches", help="causal-lm: batches evaluated at each point")
-BATCH_SIZE = typer.Option(None, "--batch-size", help="examples per forward pass (classifier 256, causal-lm 4)")
-BN_DATA = typer.Option(None, "--bn-data", help="recompute batch-norm statistics at every point from these "
-                       "inputs (a tensor, {'X': ...} or (X, y) torch file)")
-DEVICE = typer.Option(None, "--device", help="where the model runs: cpu (default), cuda, cuda:1")
+# The evaluator options, defined once: `eval_options` adds them to a command (analyze path, scaling,
+# plane; soup, sweep, search), which receives them together as one EvalOptions `o`.
+EVAL_OPTIONS: dict[str, tuple[Any, Any]] = {  # EvalOptions field -> (type, typer option)
+    "spec": (str, typer.Option(..., "--eval", help="causal-lm | classifier | module:function | file.py:function")),
+    "model": (Optional[str], typer.Option(None, "--model", help="module:factory or file.py:factory, a "
+              "zero-argument function returning the nn.Module (needed by classifier; optional for a user "
+              "function)")),
+    "data": (Optional[Path], typer.Option(None, "--data", help="classifier data: a torch file of {'X': inputs, "
+             "'y': labels} or (X, y)")),
+    "text": (Optional[Path], typer.Option(None, "--text", help="causal-lm: a UTF-8 text file")),
+    "tokens": (Optional[Path], typer.Option(None, "--tokens", help="causal-lm: a torch file holding a 1-D tensor "
+               "of token ids")),
+    "tokenizer": (Optional[Path], typer.Option(None, "--tokenizer", help="causal-lm: tokenizer folder for --text "
+                  "(default: first model)")),
+    "seq_len": (int, typer.Option(128, "--seq-len", help="causal-lm: tokens predicted per window")),
+    "max_batches": (int, typer.Option(16, "--max-batches", help="causal-lm: batches evaluated at each point")),
+    "batch_size": (Optional[int], typer.Option(None, "--batch-size", help="examples per forward pass "
+                   "(classifier 256, causal-lm 4)")),
+    "bn_data": (Optional[Path], typer.Option(None, "--bn-data", help="recompute batch-norm statistics at every "
+                "point from these inputs (a tensor, {'X': ...} or (X, y) torch file)")),
+    "device": (Optional[str], typer.Option(None, "--device", help="where the model runs: cpu (default), cuda, "
+               "cuda:1")),
+}
+
+
+def eval_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a typer command the evaluator options; it takes them as one keyword argument `o: EvalOptions`.
+
+    The options are appended to the command's own (keyword-only, in EVAL_OPTIONS order);
+    typer reads the wrapper's signature and annotations.
+    """
+    own = [p for name, p in inspect.signature(command).parameters.items() if name != "o"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+             for name, (kind, option) in EVAL_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        from mergelab.analysis.eval_setup import EvalOptions
+
+        o = EvalOptions(**{name: kwargs.pop(name) for name in EVAL_OPTIONS})
+        return command(o=o, **kwargs)
+
+    hints = typing.get_type_hints(command, localns={"EvalOptions": Any})  # `o` is not among the options
+    wrapper.__signature__ = inspect.Signature([p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
+                                              + added)
+    wrapper.__annotations__ = {**{p.name: hints.get(p.name, p.annotation) for p in own},
+                               **{name: kind for name, (kind, _) in EVAL_OPTIONS.items()}}
+    return wrapper
+
+
 JSON_OUT = typer.Option(None, "--json", help="write the full result as JSON")
 PLOT = typer.Option(None, "--plot", help="write a PNG plot")
 OVERWRITE = typer.Option(False, "--overwrite", help="replace existing --json / --plot files")
@@ -53,6 +90,7 @@ OVERWRITE = typer.Option(False, "--overwrite", help="replace existing --json / -
 def _outputs(json_out: Optional[Path], plot: Optional[Path], inputs: list[Path], overwrite: bool) -> None:
     """Check the --json / --plot paths before any evaluation starts."""
     check_outputs([(json_out, "file", "--json file"), (plot, "file", "--plot file")], inputs, overwrite)
+    need_plots(plot)
 
 
 # ----------------------------------------------------------------------------- headlines
@@ -98,22 +136,19 @@ def _finish(payload: dict[str, Any], json_out: Optional[Path], plot: Optional[Pa
 
 
 @analyze_app.command("path")
+@eval_options
 def path_cmd(
     model_a: Path = typer.Argument(..., help="model at alpha = 0 (folder or weight file)"),
     model_b: Path = typer.Argument(..., help="model at alpha = 1"),
     points: int = typer.Option(11, "--points", help="evenly spaced alphas in [0, 1] (0.5 is always added)"),
     slerp: bool = typer.Option(False, "--slerp", help="spherical interpolation per tensor instead of linear"),
-    spec: str = EVAL, model: Optional[str] = MODEL, data: Optional[Path] = DATA, text: Optional[Path] = TEXT,
-    tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
-    max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
-    device: Optional[str] = DEVICE, json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT,
-    overwrite: bool = OVERWRITE,
+    json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT, overwrite: bool = OVERWRITE, *,
+    o: EvalOptions,
 ) -> None:
     """Metrics along the path from A to B: loss and accuracy barriers, merge gain at the midpoint."""
     from mergelab.analysis import paths as ap
-    from mergelab.analysis.eval_setup import EvalOptions, prepare
+    from mergelab.analysis.eval_setup import prepare
 
-    o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
     inputs = [model_a, model_b]
     try:
         _outputs(json_out, plot, inputs, overwrite)
@@ -143,23 +178,20 @@ def parse_lambdas(text: str) -> list[float]:
 
 
 @analyze_app.command("scaling")
+@eval_options
 def scaling_cmd(
     base: Path = typer.Argument(..., help="the pretrained model the task vectors are measured from"),
     finetuned: list[Path] = typer.Argument(..., help="its fine-tunes"),
     lambdas: str = typer.Option(",".join(f"{i / 10:g}" for i in range(11)), "--lambdas",
                                 help="scaling coefficients, comma-separated"),
     select: str = typer.Option("loss", "--select", help="metric that picks the best lambda (accuracy: highest)"),
-    spec: str = EVAL, model: Optional[str] = MODEL, data: Optional[Path] = DATA, text: Optional[Path] = TEXT,
-    tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
-    max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
-    device: Optional[str] = DEVICE, json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT,
-    overwrite: bool = OVERWRITE,
+    json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT, overwrite: bool = OVERWRITE, *,
+    o: EvalOptions,
 ) -> None:
     """Task arithmetic's curve: metrics of base + lambda * sum_i (FT_i - base), and the best lambda."""
     from mergelab.analysis import paths as ap
-    from mergelab.analysis.eval_setup import EvalOptions, prepare
+    from mergelab.analysis.eval_setup import prepare
 
-    o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
     inputs = [base, *finetuned]
     try:
         _outputs(json_out, plot, inputs, overwrite)
@@ -179,6 +211,7 @@ def scaling_cmd(
 
 
 @analyze_app.command("plane")
+@eval_options
 def plane_cmd(
     model_o: Path = typer.Argument(..., help="origin of the plane (e.g. the base model)"),
     model_a: Path = typer.Argument(..., help="second model: fixes the x axis"),
@@ -188,17 +221,13 @@ def plane_cmd(
     extra: Optional[list[Path]] = typer.Option(None, "--extra", help="another model (e.g. a merge) to place "
                                                "on the plane; repeatable"),
     metric: Optional[str] = typer.Option(None, "--metric", help="metric to plot (default: loss)"),
-    spec: str = EVAL, model: Optional[str] = MODEL, data: Optional[Path] = DATA, text: Optional[Path] = TEXT,
-    tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
-    max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
-    device: Optional[str] = DEVICE, json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT,
-    overwrite: bool = OVERWRITE,
+    json_out: Optional[Path] = JSON_OUT, plot: Optional[Path] = PLOT, overwrite: bool = OVERWRITE, *,
+    o: EvalOptions,
 ) -> None:
     """Metrics on a grid in the plane through three models (Garipov et al., 2018), with the best grid point."""
     from mergelab.analysis import paths as ap
-    from mergelab.analysis.eval_setup import EvalOptions, model_labels, prepare
+    from mergelab.analysis.eval_setup import model_labels, prepare
 
-    o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
     paths = [model_o, model_a, model_b, *(extra or [])]
     try:
         _outputs(json_out, plot, paths, overwrite)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mergelab.errors import MergeError
 
@@ -33,8 +34,9 @@ def fail(exc: BaseException) -> None:
     text = str(exc)
     if len(text) > MAX_MESSAGE:
         text = text[:MAX_MESSAGE] + f" ... [{len(text) - MAX_MESSAGE} more characters]"
-    # soft_wrap keeps long paths in one piece, so they can be copied from the message.
-    console.print(f"[bold red]error:[/] {text}", markup=True, highlight=False, soft_wrap=True)
+    # soft_wrap keeps long paths in one piece, so they can be copied from the message; escaped,
+    # so that brackets in it (mergelab[plots], a path or tensor name) are printed, not read as markup.
+    console.print(f"[bold red]error:[/] {escape(text)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -64,6 +66,15 @@ def write_json(path: Path, payload: Mapping[str, Any], *, inputs: Sequence[Path 
     write_file_atomic(path, json.dumps(payload, indent=2) + "\n", inputs=inputs, overwrite=overwrite,
                       what="--json file")
     out.print(f"JSON written to {path}", soft_wrap=True)
+
+
+def need_plots(plot: Path | None) -> None:
+    """With --plot, check before any work that matplotlib (the plots extra) can be imported."""
+    if plot is not None:
+        from mergelab.extras import require
+
+        require("matplotlib.figure", "--plot")
+        require("matplotlib.backends.backend_agg", "--plot")
 
 
 def save_plot(plotter: Callable[[Any, Path], Any], result: Any, path: Path, *,

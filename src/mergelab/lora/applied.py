@@ -57,16 +57,6 @@ class AppliedLoraCheckpoint(Checkpoint):
             return self._applied(name, rows)
         return super().view(name, rows)
 
-    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        if name in self.layers:
-            t = self._applied(name, (start, stop))
-            return t if out is None else out.copy_(t)
-        return super().read_rows(name, start, stop, out)
-
-    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        if name in self.layers:
-            return out.copy_(self._applied(name, None))
-        return super().read_into(name, out)
 
 
 def open_input(path: str, base_model: str | None = None) -> Checkpoint:

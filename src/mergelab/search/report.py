@@ -48,11 +48,9 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _figure(size=(7, 4.5)):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from mergelab.analysis.plots import figure
 
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)  # its own canvas: no pyplot state
+    fig = figure(size)  # its own canvas: no pyplot state; names the plots extra without matplotlib
     return fig, fig.add_subplot()
 
 
