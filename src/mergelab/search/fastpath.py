@@ -28,7 +28,6 @@ writes, bit for bit (tests/search/test_candidate.py).
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 from collections import Counter
@@ -44,11 +43,15 @@ _FAST_METHODS = ("linear", "ties")
 
 
 def default_cache_bytes() -> int:
-    """A quarter of the memory available now (Linux), else 4 GiB."""
+    """A quarter of the memory available now (Linux's MemAvailable: free plus reclaimable cache), else 4 GiB."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
 
 
 @dataclasses.dataclass
