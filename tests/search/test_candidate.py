@@ -61,14 +61,12 @@ def test_in_memory_equals_written_merge_bit_for_bit(family, tmp_path, monkeypatc
 
 # Candidates of one search: parameters change from one to the next (the repeated one is skipped).
 _SEQUENCES = {
-    "linear": [({"weight": 0.3}, {"weight": 0.5}, {}), ({"weight": 0.3}, {"weight": 0.9}, {}),
-               ({"weight": 1.0}, {"weight": 1.0}, {}), ({"weight": 1.0}, {"weight": 1.0}, {}),
-               ({"weight": 0.2}, {"weight": -0.1}, {"normalize": False})],
+    "linear": [({"weight": 0.3}, {"weight": 0.5}, {}), ({"weight": 1.0}, {"weight": 1.0}, {}),
+               ({"weight": 1.0}, {"weight": 1.0}, {}), ({"weight": 0.2}, {"weight": -0.1}, {"normalize": False})],
     "ties": [({"weight": 0.8, "density": [0.2, 0.9]}, {"weight": 0.5, "density": 0.4}, {}),
              ({"weight": 0.8, "density": 0.5}, {"weight": 0.5, "density": 0.4}, {}),  # only a's density moves
              ({"weight": 1.0, "density": 0.05}, {"weight": 1.0, "density": 1.0}, {"normalize": False, "lambda": 0.7}),
-             ({"weight": 1.0, "density": 0.05}, {"weight": 1.0, "density": 1.0}, {"normalize": False, "lambda": 0.7}),
-             ({"weight": 0.3, "density": 0.33}, {"weight": 1.2, "density": 0.66}, {})],
+             ({"weight": 1.0, "density": 0.05}, {"weight": 1.0, "density": 1.0}, {"normalize": False, "lambda": 0.7})],
 }
 
 
@@ -102,8 +100,8 @@ def test_cached_candidates_equal_written_merges_as_parameters_change(family, tmp
     if method == "ties" and budget == 0:
         assert indexed == 0 and writer.cache.stats.over_budget > 0 and writer.counts["fast"] == 0
     elif method == "ties":
-        assert writer.counts["fast"] >= 3 * big and writer.counts["engine"] >= 3 * (n - big)
-        assert indexed <= 2 * big  # one index per task vector that was trimmed, built once
+        assert writer.counts["fast"] >= 3 * big and writer.counts["engine"] >= 3 * (n - big)  # 3 not skipped
+        assert 0 < indexed <= 2 * big  # one index per task vector that was trimmed, built once
     else:
         assert writer.counts["fast"] >= 3 * n and writer.counts["engine"] == 0 and indexed == 0
 

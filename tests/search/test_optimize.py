@@ -122,13 +122,13 @@ def test_two_processes_share_one_study(unit_models, tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    assert all(p.returncode == 0 for p in procs), outs
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
     # The second process to finish sees every trial of the study.
     trials = max((json.loads((tmp_path / f"w{i}" / "search.json").read_text())["trials"] for i in range(2)), key=len)
     done = [t for t in trials if t["state"] == "COMPLETE"]
-    assert 6 <= len(done) <= 7  # the budget, plus at most the other process's candidate in flight
+    assert 6 <= len(done) <= 7, trials  # the budget, plus at most the other process's candidate in flight
     assert len({t["number"] for t in trials}) == len(trials)  # no candidate handed out twice
-    assert len({t["worker"] for t in done}) == 2  # both processes evaluated candidates
+    assert len({t["worker"] for t in done}) == 2, trials  # both processes evaluated candidates
 
 
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(unit_models, tmp_path):

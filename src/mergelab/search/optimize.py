@@ -121,7 +121,11 @@ def open_study(s: SearchSettings, sampler_name: str, key: str, directions: list[
     if s.storage is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-            storage = RDBStorage(s.storage, heartbeat_interval=s.heartbeat_s, grace_period=2 * s.heartbeat_s,
+            # SQLite lets one process write at a time; the others wait for the lock (60 s, not sqlite3's 5 s,
+            # which busy processes sharing one study file exceed).
+            engine = {"connect_args": {"timeout": 60}} if s.storage.startswith("sqlite") else None
+            storage = RDBStorage(s.storage, engine_kwargs=engine, heartbeat_interval=s.heartbeat_s,
+                                 grace_period=2 * s.heartbeat_s,
                                  heartbeat_stale_trial_callback=Retry(max_retry=s.max_retry))
     study = optuna.create_study(storage=storage, study_name=s.study_name, load_if_exists=True,
                                 directions=directions, sampler=make_sampler(sampler_name, s.seed, n_params))
