@@ -110,13 +110,16 @@ def test_two_processes_share_one_study(unit_models, tmp_path):
     (tmp_path / "meet").mkdir()
     env = {**os.environ, "MERGELAB_TEST_RENDEZVOUS": str(tmp_path / "meet")}
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    import optuna
+
+    optuna.storages.RDBStorage(storage).engine.dispose()  # the schema, made once (as a database server's is)
     procs = [subprocess.Popen([sys.executable, "-m", "mergelab.cli", "search", str(recipe), "--eval",
                                toy_spec("rendezvous"), "--objective", "loss", "--budget", "6", "--sampler", "random",
                                "--search-seed", str(i), "--storage", storage, "--out", str(tmp_path / f"w{i}"),
                                "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
+        outs = [p.communicate(timeout=400)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -126,9 +129,9 @@ def test_two_processes_share_one_study(unit_models, tmp_path):
     # The second process to finish sees every trial of the study.
     trials = max((json.loads((tmp_path / f"w{i}" / "search.json").read_text())["trials"] for i in range(2)), key=len)
     done = [t for t in trials if t["state"] == "COMPLETE"]
-    assert 6 <= len(done) <= 7, trials  # the budget, plus at most the other process's candidate in flight
+    assert 6 <= len(done) <= 7, (trials, outs)  # the budget, plus at most the other process's candidate in flight
     assert len({t["number"] for t in trials}) == len(trials)  # no candidate handed out twice
-    assert len({t["worker"] for t in done}) == 2, trials  # both processes evaluated candidates
+    assert len({t["worker"] for t in done}) == 2, (trials, outs)  # both processes evaluated candidates
 
 
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(unit_models, tmp_path):

@@ -39,13 +39,13 @@ def flaky(state):
 
 
 def rendezvous(state):
-    """The quadratic, slowed down; each process's first call waits (150 s at most) until two processes
+    """The quadratic, slowed down; each process's first call waits (300 s at most) until two processes
     have made one, so that both take part in a shared study (folder: $MERGELAB_TEST_RENDEZVOUS)."""
     folder = Path(os.environ["MERGELAB_TEST_RENDEZVOUS"])
     mark = folder / str(os.getpid())
     if not mark.exists():
         mark.touch()
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 300
         while len(list(folder.iterdir())) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
     time.sleep(0.1)
