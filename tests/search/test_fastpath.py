@@ -53,3 +53,19 @@ def test_index_of_a_multidimensional_tensor_uses_flat_indices():
     for k in (1, 400, 1960):
         assert (float(idx.select(k, x, base)[0]), idx.select(k, x, base)[1]) == _reference(x, base, k)
     assert idx.nbytes == MagnitudeIndex.nbytes_for(37 * 53)
+
+
+def test_an_input_holding_nan_is_refused_once_with_its_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergelab.errors import NonFiniteError
+    from mergelab.search.candidate import merge_in_memory
+
+    save_file({"w": torch.tensor([1.0, 2.0])}, str(tmp_path / "good.safetensors"))
+    save_file({"w": torch.tensor([1.0, float("nan")])}, str(tmp_path / "bad.safetensors"))
+    recipe = {"merge_method": "linear", "models": [{"model": str(tmp_path / "good.safetensors"),
+                                                   "parameters": {"weight": 1.0}},
+                                                  {"model": str(tmp_path / "bad.safetensors"),
+                                                   "parameters": {"weight": 1.0}}]}
+    with pytest.raises(NonFiniteError, match=r"input w \(.*bad\.safetensors\) holds NaN or Inf"):
+        merge_in_memory(recipe)
