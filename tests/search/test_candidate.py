@@ -12,6 +12,7 @@ import mergelab
 from mergelab import engine
 from mergelab.errors import MergeError
 from mergelab.search.candidate import CheckpointCache, merge_in_memory
+from mergelab.search.fastpath import CandidateWriter, SearchCache
 
 from conftest import write_llama_family
 
@@ -56,6 +57,53 @@ def test_in_memory_equals_written_merge_bit_for_bit(family, tmp_path, monkeypatc
     if method == "dare_ties":
         other = merge_in_memory(recipe, seed=8)
         assert any(not torch.equal(other[n], written[n]) for n in written)
+
+
+# Candidates of one search: parameters change from one to the next (the repeated one is skipped).
+_SEQUENCES = {
+    "linear": [({"weight": 0.3}, {"weight": 0.5}, {}), ({"weight": 1.0}, {"weight": 1.0}, {}),
+               ({"weight": 1.0}, {"weight": 1.0}, {}), ({"weight": 0.2}, {"weight": -0.1}, {"normalize": False})],
+    "ties": [({"weight": 0.8, "density": [0.2, 0.9]}, {"weight": 0.5, "density": 0.4}, {}),
+             ({"weight": 0.8, "density": 0.5}, {"weight": 0.5, "density": 0.4}, {}),  # only a's density moves
+             ({"weight": 1.0, "density": 0.05}, {"weight": 1.0, "density": 1.0}, {"normalize": False, "lambda": 0.7}),
+             ({"weight": 1.0, "density": 0.05}, {"weight": 1.0, "density": 1.0}, {"normalize": False, "lambda": 0.7})],
+}
+
+
+@pytest.mark.parametrize("method,budget", [("linear", None), ("ties", None), ("ties", 0)])
+def test_cached_candidates_equal_written_merges_as_parameters_change(family, tmp_path, monkeypatch, method, budget):
+    tk = pytest.importorskip("mergelab.methods.kernels.ties")
+    # TIES tensors of 2048 entries or more through the compiled kernel (the embedding and the MLP
+    # matrices of the tiny family), in `mergelab merge` and in the cached path alike; the smaller
+    # ones through the reference. bfloat16 task vectors are full of tied magnitudes: the tie
+    # cut-offs are exercised.
+    monkeypatch.setattr(tk, "MIN_KERNEL_NUMEL", 2048)
+    writer, cache, sink = CandidateWriter(SearchCache(budget)), CheckpointCache(), None
+    sequence = _SEQUENCES[method] if budget is None else _SEQUENCES[method][2:4]
+    for i, (pa, pb, shared) in enumerate(sequence):
+        recipe = {"merge_method": method, "parameters": shared,
+                  "models": [{"model": str(family["a"]), "parameters": pa},
+                             {"model": str(family["b"]), "parameters": pb}]}
+        if method == "ties":
+            recipe["base_model"] = str(family["base"])
+        mergelab.merge(recipe, tmp_path / f"out{i}", seed=7)
+        written = _written(tmp_path / f"out{i}")
+        sink = sink or {n: torch.full_like(t, float("nan")) for n, t in written.items()}
+        merge_in_memory(recipe, sink, seed=7, cache=cache, writer=writer)
+        for name, t in written.items():
+            assert torch.equal(sink[name].view(torch.int16), t.view(torch.int16)), (i, name)
+    cache.close()
+    n = len(sink)
+    assert writer.counts["skipped"] >= n  # the repeated candidate wrote nothing
+    indexed = writer.cache.stats.indexes
+    big = sum(1 for t in sink.values() if t.numel() >= 2048)
+    if method == "ties" and budget == 0:
+        assert indexed == 0 and writer.cache.stats.over_budget > 0 and writer.counts["fast"] == 0
+    elif method == "ties":
+        assert writer.counts["fast"] >= 3 * big and writer.counts["engine"] >= 3 * (n - big)  # 3 not skipped
+        assert 0 < indexed <= 2 * big  # one index per task vector that was trimmed, built once
+    else:
+        assert writer.counts["fast"] >= 3 * n and writer.counts["engine"] == 0 and indexed == 0
 
 
 def test_merge_into_a_module_writes_its_parameters(family, tmp_path):

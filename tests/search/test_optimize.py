@@ -99,6 +99,41 @@ def test_the_candidate_of_a_dead_worker_is_retried(unit_models, tmp_path):
     assert len(retried) == 1 and retried[0]["state"] == "COMPLETE" and retried[0]["params"] == dead.params
 
 
+@pytest.mark.slow
+def test_two_processes_share_one_study(unit_models, tmp_path):
+    """optuna's distributed mode: `mergelab search` processes given one storage URL split one budget."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(linear_recipe(unit_models, RANGE, RANGE)))
+    (tmp_path / "meet").mkdir()
+    env = {**os.environ, "MERGELAB_TEST_RENDEZVOUS": str(tmp_path / "meet")}
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    import optuna
+
+    optuna.storages.RDBStorage(storage).engine.dispose()  # the schema, made once (as a database server's is)
+    procs = [subprocess.Popen([sys.executable, "-m", "mergelab.cli", "search", str(recipe), "--eval",
+                               toy_spec("rendezvous"), "--objective", "loss", "--budget", "6", "--sampler", "random",
+                               "--search-seed", str(i), "--storage", storage, "--out", str(tmp_path / f"w{i}"),
+                               "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    # The second process to finish sees every trial of the study.
+    trials = max((json.loads((tmp_path / f"w{i}" / "search.json").read_text())["trials"] for i in range(2)), key=len)
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    assert 6 <= len(done) <= 7, (trials, outs)  # the budget, plus at most the other process's candidate in flight
+    assert len({t["number"] for t in trials}) == len(trials)  # no candidate handed out twice
+    assert len({t["worker"] for t in done}) == 2, (trials, outs)  # both processes evaluated candidates
+
+
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(unit_models, tmp_path):
     recipe = linear_recipe(unit_models, RANGE, RANGE)
     r = run_search(recipe, find_search_params(recipe), _scorer(unit_models["e1"], "flaky", workers=2), LOSS,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 
 def _w(state):
     w = state["w"].double()
@@ -31,4 +35,18 @@ def flaky(state):
     x, _ = _w(state)
     if x > 0.8:
         raise RuntimeError("evaluation crashed")
+    return quadratic(state)
+
+
+def rendezvous(state):
+    """The quadratic, slowed down; each process's first call waits (300 s at most) until two processes
+    have made one, so that both take part in a shared study (folder: $MERGELAB_TEST_RENDEZVOUS)."""
+    folder = Path(os.environ["MERGELAB_TEST_RENDEZVOUS"])
+    mark = folder / str(os.getpid())
+    if not mark.exists():
+        mark.touch()
+        deadline = time.monotonic() + 300
+        while len(list(folder.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    time.sleep(0.1)
     return quadratic(state)

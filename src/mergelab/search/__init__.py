@@ -1,6 +1,8 @@
 """Finding the best merge: in-memory candidates, model soups, sweeps with Pareto fronts, and search.
 
     candidate.py  a recipe merged into one preallocated model (merge_in_memory, CandidateEvaluator)
+    fastpath.py   what candidates share: skipped unchanged tensors, kernels into the model, caches
+    magnitude.py  a task vector's magnitude index: TIES's top-k for any density as a lookup
     space.py      recipe field paths, grids, and `{search: [lo, hi]}` ranges
     soup.py       uniform and greedy soups (Wortsman et al., 2022)
     sweep.py      grid sweeps of recipe fields, the Pareto front (rewarded soups)

@@ -1,11 +1,15 @@
 """In-memory candidates: a recipe merged straight into a preallocated model, nothing written to disk.
 
 The input checkpoints are opened once (memory-mapped) and shared by every
-candidate; each candidate is planned with `mergelab.plan.make_plan` and run by
-`mergelab.engine.execute_into` -- the planning and method code `mergelab merge`
-uses, with the same jobs, chunks and seeded generators -- into the tensors of
-one template module (its state dict shares the parameters' storage), which the
-evaluator then uses as it is. Evaluation is the only real cost of a candidate.
+candidate; each candidate is planned with `mergelab.plan.make_plan` (the recipe
+validated as `mergelab merge` does) and written by a search/fastpath.py
+CandidateWriter into the tensors of one template module (its state dict shares
+the parameters' storage), which the evaluator then uses as it is. The writer
+skips tensors whose result the model already holds, runs linear and TIES through
+the compiled kernels straight into the model's tensors with what does not depend
+on the candidate cached once per search, and hands everything else to
+`mergelab.engine.execute_into` (same jobs, chunks and seeded generators as
+`mergelab merge`). Evaluation should be the only real cost of a candidate.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from mergelab.analysis.eval_setup import StateDictTemplate
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.errors import CheckpointError, MergeError
 from mergelab.plan import Plan, make_plan
+from mergelab.search.fastpath import CandidateWriter, SearchCache
 from mergelab.recipe import Recipe, load_recipe
 
 
@@ -87,16 +92,18 @@ class InMemoryModel:
     tensors allocated once, at the first candidate, with the output's names, shapes and dtypes.
     """
 
-    def __init__(self, template: nn.Module):
+    def __init__(self, template: nn.Module, cache: SearchCache | None = None):
         self.module = template
         self._sink: dict[str, torch.Tensor] | None = None
         self.left_out: list[str] = []
+        self.writer = CandidateWriter(cache)
 
     def sink_for(self, plan: Plan) -> dict[str, torch.Tensor]:
         if isinstance(self.module, StateDictTemplate):
             if self._sink is None or set(self._sink) != {j.name for j in plan.jobs}:
                 self._sink = {j.name: torch.empty(j.shape, dtype=j.dtype) for j in plan.jobs}
                 self.module.tensors = self._sink
+                self.writer.forget()
             return self._sink
         if self._sink is None:
             self._sink = dict(self.module.state_dict())
@@ -104,11 +111,9 @@ class InMemoryModel:
 
     def load(self, plan: Plan, *, device: str = "cpu", seed: int | None = None) -> None:
         """Merge `plan` into this model's tensors."""
-        from mergelab.engine import execute_into
-
-        fitted, self.left_out = fit_plan(plan, self.sink_for(plan))
-        # The same inputs serve every candidate: their pages stay mapped (page cache, reclaimable).
-        execute_into(fitted, self.sink_for(plan), device=device, seed=seed, keep_inputs=True)
+        sink = self.sink_for(plan)
+        fitted, self.left_out = fit_plan(plan, sink)
+        self.writer.write(fitted, sink, device=device, seed=seed)
 
 
 @dataclasses.dataclass
@@ -125,13 +130,14 @@ class CandidateEvaluator:
     seed: int | None = None
     refresh_bn: Any = None
     cache: CheckpointCache = dataclasses.field(default_factory=CheckpointCache)
+    search_cache: SearchCache = dataclasses.field(default_factory=SearchCache)
 
     def __post_init__(self) -> None:
         import queue
 
         self._free: queue.Queue[InMemoryModel] = queue.Queue()
         for t in self.templates:
-            self._free.put(InMemoryModel(t))
+            self._free.put(InMemoryModel(t, self.search_cache))
         self.left_out: list[str] = []
 
     @classmethod
@@ -150,6 +156,8 @@ class CandidateEvaluator:
             model.load(plan, device=self.device, seed=self.seed if self.seed is not None else plan.recipe.seed)
             if model.left_out and not self.left_out:
                 self.left_out = list(model.left_out)
+            if self.refresh_bn is not None:
+                model.writer.forget()  # the refresh rewrites normalisation buffers the merge wrote
             ev.refresh_statistics(model.module, self.refresh_bn)
             return ev.evaluate(self.evaluator, model.module, label)
         finally:
@@ -157,11 +165,12 @@ class CandidateEvaluator:
 
     def close(self) -> None:
         self.cache.close()
+        self.search_cache.clear()
 
 
 def merge_in_memory(recipe: Mapping | Recipe | str, into: nn.Module | Mapping[str, torch.Tensor] | None = None,
-                    *, device: str = "cpu", seed: int | None = None,
-                    cache: CheckpointCache | None = None) -> dict[str, torch.Tensor]:
+                    *, device: str = "cpu", seed: int | None = None, cache: CheckpointCache | None = None,
+                    writer: CandidateWriter | None = None) -> dict[str, torch.Tensor]:
     """Merge `recipe` in memory; returns the merged tensors (those of `into` when given).
 
     Args:
@@ -169,6 +178,8 @@ def merge_in_memory(recipe: Mapping | Recipe | str, into: nn.Module | Mapping[st
         into: an nn.Module or a dict of preallocated tensors to write into (None: new tensors).
         seed: seed of randomised methods (None: the recipe's `seed:`), as `mergelab merge --seed`.
         cache: opened checkpoints to reuse across calls.
+        writer: a CandidateWriter to reuse across calls into the same `into` (it remembers what
+            each tensor holds and keeps the search's caches); None: a fresh one.
     """
     own = cache is None
     cache = cache or CheckpointCache()
@@ -179,10 +190,8 @@ def merge_in_memory(recipe: Mapping | Recipe | str, into: nn.Module | Mapping[st
             sink = {j.name: torch.empty(j.shape, dtype=j.dtype) for j in plan.jobs}
         else:
             sink = dict(into.state_dict()) if isinstance(into, nn.Module) else dict(into)
-        from mergelab.engine import execute_into
-
         fitted, _ = fit_plan(plan, sink)
-        execute_into(fitted, sink, device=device, seed=seed)
+        (writer or CandidateWriter()).write(fitted, sink, device=device, seed=seed)
         return sink
     finally:
         if own:

@@ -13,7 +13,9 @@ each candidate is merged in memory, and the study lives in an optuna storage:
   run with the same storage continues; its budget counts finished trials;
 - parallel: `workers` threads evaluate candidates at once (optuna's n_jobs),
   each with its own preallocated model; several processes or machines join the
-  same study through a shared RDB URL (optuna's distributed mode);
+  same study through a shared RDB URL (optuna's distributed mode: the database
+  hands out the trials, each process merges and evaluates its own; every trial
+  records the `worker` host:pid that ran it);
 - fault tolerant: a candidate whose merge or evaluation fails is recorded as a
   failed trial with its message and the search goes on; a worker that dies
   stops sending heartbeats, and optuna's RetryHeartbeatStaleTrialCallback queues its
@@ -25,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import socket
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -117,7 +121,11 @@ def open_study(s: SearchSettings, sampler_name: str, key: str, directions: list[
     if s.storage is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-            storage = RDBStorage(s.storage, heartbeat_interval=s.heartbeat_s, grace_period=2 * s.heartbeat_s,
+            # SQLite lets one process write at a time; the others wait for the lock (60 s, not sqlite3's 5 s,
+            # which busy processes sharing one study file exceed).
+            engine = {"connect_args": {"timeout": 60}} if s.storage.startswith("sqlite") else None
+            storage = RDBStorage(s.storage, engine_kwargs=engine, heartbeat_interval=s.heartbeat_s,
+                                 grace_period=2 * s.heartbeat_s,
                                  heartbeat_stale_trial_callback=Retry(max_retry=s.max_retry))
     study = optuna.create_study(storage=storage, study_name=s.study_name, load_if_exists=True,
                                 directions=directions, sampler=make_sampler(sampler_name, s.seed, n_params))
@@ -174,7 +182,8 @@ def collect(study, objectives: Sequence[Objective], sampler: str) -> SearchResul
         rows.append({"number": t.number, "state": t.state.name, "params": dict(t.params),
                      "metrics": t.user_attrs.get("metrics"), "values": t.values, "error": t.user_attrs.get("error"),
                      "seconds": t.duration.total_seconds() if t.duration else None,
-                     "retry_of": t.system_attrs.get("failed_trial")})  # a dead worker's candidate, run again
+                     "retry_of": t.system_attrs.get("failed_trial"),  # a dead worker's candidate, run again
+                     "worker": t.user_attrs.get("worker")})
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         best: list[int] = []
@@ -204,7 +213,10 @@ def run_search(recipe: Mapping, params: Sequence[SearchParam], score: Score, obj
     n_params = sum(p.per_layer for p in params)
     study = open_study(settings, sampler, space_key(recipe, params, objectives), directions, n_params)
 
+    worker = f"{socket.gethostname()}:{os.getpid()}"  # which process (on which machine) ran a candidate
+
     def objective(trial):
+        trial.set_user_attr("worker", worker)
         coords = suggest(trial, params)
         try:
             metrics = score(instantiate(recipe, params, coords), f"trial {trial.number}")

@@ -46,11 +46,16 @@ def available(x: Sequence[Tensor]) -> bool:
     return len(x) > 0 and usable(list(x))
 
 
-def weighted_sum(x: Sequence[Tensor], weights: Sequence[float], out_dtype: torch.dtype | None = None) -> Tensor:
-    """sum_i weights[i] * x[i] for N tensors of one shape; float32 result unless out_dtype says otherwise."""
+def weighted_sum(x: Sequence[Tensor], weights: Sequence[float], out_dtype: torch.dtype | None = None, *,
+                 out: Tensor | None = None) -> Tensor:
+    """sum_i weights[i] * x[i] for N tensors of one shape; float32 result unless out_dtype says otherwise.
+
+    out: a contiguous CPU tensor of x's shape, float32 or bfloat16, written in place and returned
+    (a search writes each candidate straight into the evaluated model's parameters).
+    """
     shape = x[0].shape
-    store_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
-    out = torch.empty(shape, dtype=store_dtype)
+    store_dtype = out.dtype if out is not None else torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+    out = torch.empty(shape, dtype=store_dtype) if out is None else out
     if out.numel():
         rows = tuple(as_array(t) for t in x)
         w = np.asarray(weights, dtype=np.float32)

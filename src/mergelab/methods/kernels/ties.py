@@ -34,7 +34,7 @@ from torch import Tensor
 
 from mergelab.methods.kernels.io import as_array, load, store, usable
 
-__all__ = ["available", "ties_merge"]
+__all__ = ["available", "ties_combine", "ties_merge"]
 
 _BLOCK = 1 << 16  # elements per parallel block of the combine pass
 _BUCKETS = 1 << 16
@@ -218,16 +218,26 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
     Same result as sparsify._ties_blockwise on the float32 versions of the inputs;
     out_dtype bfloat16 rounds it as torch's .to(torch.bfloat16) does, in the same pass.
     """
-    n = len(x)
     if base.numel() == 0:
         return torch.empty(base.shape, dtype=out_dtype)
+    thresholds, cutoffs = _thresholds(tuple(as_array(row) for row in x), as_array(base), keep)
+    out = torch.empty(base.shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    ties_combine(x, base, keep, weights, thresholds, cutoffs, normalize=normalize, lam=lam, out=out)
+    return out.to(out_dtype)
+
+
+def ties_combine(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None], weights: list[float],
+                 thresholds: np.ndarray, cutoffs: np.ndarray, *, normalize: bool, lam: float, out: Tensor) -> None:
+    """The combining pass of ties_merge alone, written into `out` (base's shape, float32 or bfloat16, contiguous).
+
+    For callers that already know each model's threshold T_i (float32) and cut-off (int64), the
+    values ties_merge's selection finds: a search keeps them across candidates (search/fastpath.py).
+    """
     xs = tuple(as_array(row) for row in x)
     b = as_array(base)
     numel = b.shape[0]
     keep_all = np.array([k is None or k >= numel for k in keep], dtype=np.bool_)
-    thresholds, cutoffs = _thresholds(xs, b, keep)
-    out = torch.empty(numel, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
-    combine = _combine_pair if n == 2 else _combine
+    combine = _combine_pair if len(xs) == 2 else _combine
     w = np.asarray(weights, dtype=np.float32)
     # Between consecutive cutoffs each model's rule is one comparison, |d| >= floor:
     # floor T_i before its cutoff, the next float32 above T_i (i.e. |d| > T_i) after it.
@@ -236,7 +246,6 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         floors = np.where(lo < cutoffs, thresholds, above).astype(np.float32)
         combine(xs, b, lo, hi, floors, keep_all, w, bool(normalize), np.float32(lam), as_array(out))
-    return out.reshape(base.shape).to(out_dtype)
 
 
 # Below this many entries the reference is faster: the kernel's two histogram passes have a

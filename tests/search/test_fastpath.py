@@ -1,0 +1,71 @@
+"""The search's cached candidate paths: magnitude-index lookups against a sort, skipping, memory budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from mergelab.search.magnitude import MagnitudeIndex  # noqa: E402
+
+
+def _reference(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[float, int]:
+    """(k-th largest |x - base|, flat index of the first tied entry that does not fit) by a full stable sort."""
+    mag = (x.float() - base.float()).abs().reshape(-1)
+    # Descending magnitude, ascending index among equals: the order in which TIES keeps entries.
+    order = torch.sort(mag, descending=True, stable=True).indices
+    t = mag[order[k - 1]]
+    cutoff = int(order[k]) if k < mag.numel() and mag[order[k]] == t else mag.numel()
+    return float(t), cutoff
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_index_lookup_equals_a_full_sort_for_every_k(dtype, tied):
+    g = torch.Generator().manual_seed(3 + tied)
+    n = 3001
+    if tied:  # few distinct magnitudes, many entries equal to each: the tie cut-off matters
+        base = (torch.randint(-3, 4, (n,), generator=g).float() / 8).to(dtype)
+        x = (base.float() + torch.randint(-2, 3, (n,), generator=g).float() / 8).to(dtype)
+    else:
+        base = torch.randn(n, generator=g).to(dtype)
+        x = (base.float() + 0.05 * torch.randn(n, generator=g)).to(dtype)
+    idx = MagnitudeIndex.build(x, base)
+    assert sorted(idx.perm.tolist()) == list(range(n))
+    for k in [1, 2, 7, 100, 1500, 2999, 3000, *range(1, n, 97)]:
+        t, cutoff = idx.select(k, x, base)
+        want_t, want_cut = _reference(x, base, k)
+        assert float(t) == want_t and cutoff == want_cut, k
+        # exactly k entries kept by the rule "above T, or equal to T below the cut-off"
+        mag = (x.float() - base.float()).abs()
+        kept = (mag > t) | ((mag == t) & (torch.arange(n) < cutoff))
+        assert int(kept.sum()) == k
+    with pytest.raises(ValueError):
+        idx.select(n, x, base)
+
+
+def test_index_of_a_multidimensional_tensor_uses_flat_indices():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 53, generator=g)
+    x = base + torch.randn(37, 53, generator=g)
+    idx = MagnitudeIndex.build(x, base)
+    for k in (1, 400, 1960):
+        assert (float(idx.select(k, x, base)[0]), idx.select(k, x, base)[1]) == _reference(x, base, k)
+    assert idx.nbytes == MagnitudeIndex.nbytes_for(37 * 53)
+
+
+def test_an_input_holding_nan_is_refused_once_with_its_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergelab.errors import NonFiniteError
+    from mergelab.search.candidate import merge_in_memory
+
+    save_file({"w": torch.tensor([1.0, 2.0])}, str(tmp_path / "good.safetensors"))
+    save_file({"w": torch.tensor([1.0, float("nan")])}, str(tmp_path / "bad.safetensors"))
+    recipe = {"merge_method": "linear", "models": [{"model": str(tmp_path / "good.safetensors"),
+                                                   "parameters": {"weight": 1.0}},
+                                                  {"model": str(tmp_path / "bad.safetensors"),
+                                                   "parameters": {"weight": 1.0}}]}
+    with pytest.raises(NonFiniteError, match=r"input w \(.*bad\.safetensors\) holds NaN or Inf"):
+        merge_in_memory(recipe)
