@@ -8,11 +8,12 @@ and evaluated there; only the final result is written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from mergelab.analysis.eval_setup import EvalOptions
+if TYPE_CHECKING:  # imports torch; `mergelab --help` must not
+    from mergelab.analysis.eval_setup import EvalOptions
 from mergelab.cli.analyze import eval_options
 from mergelab.cli.common import fail, out
 from mergelab.errors import MergeError
