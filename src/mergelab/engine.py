@@ -146,7 +146,7 @@ def _work_items(plan: Plan) -> Iterator[tuple[Job, tuple[int, int] | None]]:
 
 def _method_inputs(job: Job, inputs: _Inputs, device: torch.device
                    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """(rows, base): the models' tensors and the base's, as stored, on `device`, vocabularies fitted."""
+    """(xs, base): the models' tensors and the base's, as stored, on `device`, vocabularies fitted."""
     tensors = inputs.tensors
     fill = tensors.get(job.vocab_fill) if job.vocab_fill is not None else None
 
@@ -155,10 +155,10 @@ def _method_inputs(job: Job, inputs: _Inputs, device: torch.device
         return t.to(device)
 
     if job.vocab is not None:  # rows matched by token into the output vocabulary (mergelab.tokenizer)
-        ins = [tensors[r] for r in job.rows] + ([tensors[job.base]] if job.base is not None else [])
+        ins = [tensors[r] for r in job.inputs] + ([tensors[job.base]] if job.base is not None else [])
         moved = [t.to(device) for t in job.vocab.apply(ins)]
-        return moved[:len(job.rows)], moved[len(job.rows)] if job.base is not None else None
-    return [fit(tensors[r]) for r in job.rows], fit(tensors[job.base]) if job.base is not None else None
+        return moved[:len(job.inputs)], moved[len(job.inputs)] if job.base is not None else None
+    return [fit(tensors[r]) for r in job.inputs], fit(tensors[job.base]) if job.base is not None else None
 
 
 def nonfinite_inputs(plan: Plan, inputs: _Inputs) -> list[str]:
@@ -168,14 +168,18 @@ def nonfinite_inputs(plan: Plan, inputs: _Inputs) -> list[str]:
 
 
 def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
-            seed: int | None, chunk: tuple[int, int] | None) -> torch.Tensor:
-    """Run the method of `job` on its inputs (through run_method); the output on CPU in the output dtype."""
+            seed: int | None, chunk: tuple[int, int] | None, notes: dict[str, list[str]] | None = None
+            ) -> torch.Tensor:
+    """Run the method of `job` on its inputs (through run_method); the output on CPU in the output dtype.
+
+    Warnings the method raises are added to `notes[job.name]` (for the run's report); the job is not changed.
+    """
     if job.copy:
-        t = inputs.tensors[job.rows[0]]
+        t = inputs.tensors[job.inputs[0]]
         return (job.vocab.apply([t])[0] if job.vocab is not None else t).to(job.dtype)
     spec = plan.recipe.method
     cdtype = plan.recipe.compute_dtype
-    rows, base = _method_inputs(job, inputs, device)
+    xs, base = _method_inputs(job, inputs, device)
     stats = {}
     if spec.needs_stats:
         stats["stats"] = None if job.stats is None else torch.stack(
@@ -189,13 +193,13 @@ def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
         gen = make_generator(seed, key, device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = run_method(spec, rows, base, PerModel(job.model_params), job.shared, gen, out_dtype=job.dtype,
+        out = run_method(spec, xs, base, PerModel(job.model_params), job.shared, gen, out_dtype=job.dtype,
                          compute_dtype=cdtype, **stats)
     for w in caught:  # e.g. metric entries floored: kept in the report, not just printed
         note = f"{spec.name}: {w.message}"
-        if note not in job.warnings:
-            job.warnings.append(note)
-    del rows, base, stats
+        if notes is not None and note not in notes.setdefault(job.name, []):
+            notes[job.name].append(note)
+    del xs, base, stats
     return out.cpu()
 
 
@@ -216,6 +220,7 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
     protected = [*(Path(ck.folder or ck.path) for ck in plan.checkpoints), *protected]
     reader = _Reader(plan.checkpoints)
     items = list(_work_items(plan))
+    notes: dict[str, list[str]] = {}  # job name -> warnings its method raised (into the report)
     nonfinite: list[str] = []
     start = time.perf_counter()
     with CheckpointWriter(out_dir, layout, shard_size=shard_size, overwrite=overwrite,
@@ -244,7 +249,7 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
                     "wrong; nothing was written. Repair or leave out that checkpoint, or allow non-finite inputs "
                     "(allow_nonfinite=True; --allow-nonfinite), which writes the merge and lists every such tensor")
             nonfinite.extend(b for b in bad if b not in nonfinite)
-            out = compute(plan, job, inputs, dev, seed, rows)
+            out = compute(plan, job, inputs, dev, seed, rows, notes)
             reader.check_unchanged(job)
             if not bad and not allow_nonfinite and has_nonfinite(out):
                 raise NonFiniteError(
@@ -265,8 +270,8 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
         report = RunReport(
             out_dir=out_dir, tensors=len(plan.jobs),
             merged=sum(1 for j in plan.jobs if not j.copy),
-            copied=[(j.name, "; ".join(filter(None, [j.note, *j.warnings]))) for j in plan.jobs
-                    if j.copy or j.note or j.warnings],
+            copied=[(j.name, "; ".join(filter(None, [j.note, *notes.get(j.name, [])]))) for j in plan.jobs
+                    if j.copy or j.note or notes.get(j.name)],
             left_out=plan.left_out, bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
             seconds=time.perf_counter() - start, device=str(dev), nonfinite=nonfinite)
         extra = extra_files_fn(report) if extra_files_fn else None

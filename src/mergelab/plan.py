@@ -36,28 +36,31 @@ class TensorRef:
     name: str
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Job:
-    """How to compute one output tensor."""
+    """How to compute one output tensor: a sealed record, built once with keywords by the planner.
+
+    The engine reads it and never changes it; what a method warns about while
+    merging goes into the run's report (RunReport.copied), not into the job.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype  # output dtype
-    rows: list[TensorRef]  # the stacked inputs x (non-base models, or all for base-ignoring methods)
-    base: TensorRef | None
-    model_params: list[MethodParams]
-    shared: MethodParams | None
-    copy: bool = False  # copied from rows[0] (or base) without a method
+    inputs: tuple[TensorRef, ...]  # the stacked models x (non-base models, or all for base-ignoring methods)
+    base: TensorRef | None = None
+    model_params: tuple[MethodParams, ...] = ()  # one per input
+    shared: MethodParams | None = None
+    copy: bool = False  # copied from inputs[0] without a method
     vocab_rows: int | None = None  # resize every input's first dim to this (vocab_mismatch: resize)
     vocab_fill: TensorRef | None = None  # where padding rows come from
-    stats: list[TensorRef] | None = None  # per-row statistics (methods with needs_stats)
+    stats: tuple[TensorRef, ...] | None = None  # per-input statistics (methods with needs_stats)
     base_stats: TensorRef | None = None  # the base model's statistics (methods with uses_base_stats)
     vocab: VocabJob | None = None  # rows moved into the output vocabulary by token (mergelab.tokenizer)
     note: str | None = None
-    warnings: list[str] = dataclasses.field(default_factory=list)  # raised by the method while merging
 
     def refs(self) -> list[TensorRef]:
-        out = list(self.rows)
+        out = list(self.inputs)
         if self.base is not None:
             out.append(self.base)
         if self.vocab_fill is not None and self.vocab_fill not in out:
@@ -169,11 +172,11 @@ class _Planner:
         ref = TensorRef(self.index[ref_path], ref_name)
 
         if not in_dtype.is_floating_point:
-            self.jobs.append(Job(out_name, shape, in_dtype, [ref], None, [], None, copy=True,
+            self.jobs.append(Job(name=out_name, shape=shape, dtype=in_dtype, inputs=(ref,), copy=True,
                                  note=f"non-float tensor ({in_dtype}) copied from {ref_path}"))
             return
 
-        rows: list[TensorRef] = []
+        inputs: list[TensorRef] = []
         row_sources: list[tuple[Source, str]] = []
         vocab_rows = None
         for src, in_name in sources:
@@ -199,15 +202,15 @@ class _Planner:
                         f"model '{src.model}' tensor {name} has shape {tuple(other)}, "
                         f"{ref_path} has {tuple(shape)}: these models cannot be merged tensor by tensor")
                     continue
-            rows.append(TensorRef(self.index[src.model], name))
+            inputs.append(TensorRef(self.index[src.model], name))
             row_sources.append((src, in_name))
 
-        if len(rows) < self.spec.min_models:
-            self.jobs.append(self._by_token(Job(out_name, shape, out_dtype, [ref], None, [], None, copy=True,
+        if len(inputs) < self.spec.min_models:
+            self.jobs.append(self._by_token(Job(name=out_name, shape=shape, dtype=out_dtype, inputs=(ref,), copy=True,
                                                 note=f"only in {ref_path}: copied"), base_path))
             return
 
-        job = self._by_token(Job(out_name, shape, out_dtype, rows, ref if uses_base else None, [], None), base_path)
+        out_shape, vocab_fill, note = shape, None, None
         if vocab_rows is not None:
             tok = self.tokenizer_ref
             tok_name = self._resolve_name(tok, ref_in_name)
@@ -215,26 +218,28 @@ class _Planner:
                 self.problems.append(f"tokenizer source '{tok}' has no tensor {ref_in_name} to size the vocabulary")
                 return
             tok_shape = self.ckpts[self.index[tok]].shape(tok_name)
-            job.vocab_rows = tok_shape[0]
-            job.vocab_fill = TensorRef(self.index[tok], tok_name)
-            job.shape = (tok_shape[0], *shape[1:])
-            job.note = f"vocabulary resized to {tok_shape[0]} rows of {tok}"
+            vocab_rows, vocab_fill = tok_shape[0], TensorRef(self.index[tok], tok_name)
+            out_shape, note = (tok_shape[0], *shape[1:]), f"vocabulary resized to {tok_shape[0]} rows of {tok}"
 
         where = f"{self.recipe.source_name}: tensor {out_name}"
-        for src, in_name in row_sources:
-            # As in MergeKit: a model's own filters match its input tensor's name (its own layer
-            # number in a shifted slice), shared parameters match the output tensor's name.
-            values = self._params(in_name, t, src.model, out_slice, self.spec.model_params)
-            job.model_params.append(self._build(self.spec.model_params, values, f"{where}, model '{src.model}'"))
-        job.shared = self._build(self.spec.shared_params,
-                                 self._params(out_name, t, None, out_slice, self.spec.shared_params), where)
-        if self.spec.needs_stats:
-            job.stats = self._stats_refs(out_name, [src for src, _ in row_sources], where)
+        # As in MergeKit: a model's own filters match its input tensor's name (its own layer
+        # number in a shifted slice), shared parameters match the output tensor's name.
+        model_params = tuple(
+            self._build(self.spec.model_params, self._params(in_name, t, src.model, out_slice, self.spec.model_params),
+                        f"{where}, model '{src.model}'")
+            for src, in_name in row_sources)
+        shared = self._build(self.spec.shared_params,
+                             self._params(out_name, t, None, out_slice, self.spec.shared_params), where)
+        stats = self._stats_refs(out_name, [src for src, _ in row_sources], where) if self.spec.needs_stats else None
         base_stats = self.recipe.resolve(self.recipe.base_stats) if self.recipe.base_stats else None
-        if self.spec.uses_base_stats and base_stats and job.stats is not None:
-            ck = self.ckpts[self.index[base_stats]]
-            if out_name in ck:
-                job.base_stats = TensorRef(self.index[base_stats], out_name)
+        base_stats_ref = None
+        if self.spec.uses_base_stats and base_stats and stats is not None:
+            if out_name in self.ckpts[self.index[base_stats]]:
+                base_stats_ref = TensorRef(self.index[base_stats], out_name)
+        job = self._by_token(Job(name=out_name, shape=out_shape, dtype=out_dtype, inputs=tuple(inputs),
+                                 base=ref if uses_base else None, model_params=model_params, shared=shared,
+                                 stats=None if stats is None else tuple(stats), base_stats=base_stats_ref,
+                                 vocab_rows=vocab_rows, vocab_fill=vocab_fill, note=note), base_path)
         self._check_weight_sum(job, where)
         self.jobs.append(job)
 
@@ -242,16 +247,15 @@ class _Planner:
         """A vocabulary tensor's job with its rows matched by token into the output vocabulary."""
         if self.vocab is None or not self._is_vocab(job.name) or not job.shape:
             return job
-        models = [self.paths[r.model] for r in job.rows] + ([self.paths[job.base.model]] if job.base else [])
+        models = [self.paths[r.model] for r in job.inputs] + ([self.paths[job.base.model]] if job.base else [])
         try:
-            job.vocab = self.vocab.job(models, base_path, job.name)
+            vocab = self.vocab.job(models, base_path, job.name)
         except RecipeError as exc:
             self.problems += [p for p in exc.problems if p not in self.problems]
             return job
-        job.shape = (self.vocab.rows, *job.shape[1:])
-        job.note = "; ".join(filter(None, [job.note, "rows matched by token to the output vocabulary",
-                                           *self.vocab.notes]))
-        return job
+        return dataclasses.replace(job, vocab=vocab, shape=(self.vocab.rows, *job.shape[1:]),
+                                   note="; ".join(filter(None, [job.note, "rows matched by token to the output "
+                                                                "vocabulary", *self.vocab.notes])))
 
     def _check_weight_sum(self, job: Job, where: str) -> None:
         """Weights that `normalize` would divide by must not sum to zero: caught here, before any reading."""

@@ -141,7 +141,7 @@ def _plan_summary(plan) -> dict:
         return {"dry_run": True, "plan": str(plan)}
     rec = plan.recipe
     jobs = [{"tensor": j.name, "shape": list(j.shape), "dtype": str(j.dtype).removeprefix("torch."),
-             "inputs": len(j.rows) + (j.base is not None), "copied": j.copy, "note": j.note} for j in plan.jobs]
+             "inputs": len(j.inputs) + (j.base is not None), "copied": j.copy, "note": j.note} for j in plan.jobs]
     return {"dry_run": True, "method": rec.method.name, "tensors": jobs, "bytes_read": plan.bytes_read,
             "bytes_written": plan.bytes_written, "ignored_parameters": rec.ignored_parameters(),
             "left_out": [{"model": m, "tensor": t, "why": why} for m, t, why in plan.left_out]}
@@ -160,7 +160,7 @@ def _print_plan(plan) -> None:
             per = "; ".join(p.model_dump_json(by_alias=True) for p in job.model_params)
             how = f"{per} | {job.shared.model_dump_json(by_alias=True) if job.shared else ''}"
         table.add_row(job.name, str(tuple(job.shape)), str(job.dtype).removeprefix("torch."),
-                      str(len(job.rows) + (job.base is not None)), how)
+                      str(len(job.inputs) + (job.base is not None)), how)
     out.print(table)
     if len(plan.jobs) > 60:
         out.print(f"... {len(plan.jobs) - 60} more tensors")

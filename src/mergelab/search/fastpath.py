@@ -128,7 +128,7 @@ def job_signature(plan: Plan, job: Job, seed: int | None) -> tuple:
 
     spec = plan.recipe.method
     return (spec.name, str(plan.recipe.compute_dtype), str(job.dtype), tuple(job.shape), job.copy,
-            tuple(where(r) for r in job.rows), where(job.base), tuple(params(p) for p in job.model_params),
+            tuple(where(r) for r in job.inputs), where(job.base), tuple(params(p) for p in job.model_params),
             params(job.shared), job.vocab_rows, where(job.vocab_fill),
             tuple(where(r) for r in job.stats or ()), where(job.base_stats), seed if spec.randomized else None)
 
@@ -188,7 +188,7 @@ class CandidateWriter:
         if target.dtype != job.dtype or job.dtype not in (torch.float32, torch.bfloat16) \
                 or not target.is_contiguous() or target.device.type != "cpu":
             return False
-        xs = [plan.checkpoints[r.model].view(r.name) for r in job.rows]
+        xs = [plan.checkpoints[r.model].view(r.name) for r in job.inputs]
         base = plan.checkpoints[job.base.model].view(job.base.name) if job.base is not None else None
         p = PerModel(job.model_params)
         if not spec.kernel.supports(xs, base, p, job.shared):
@@ -213,7 +213,7 @@ class CandidateWriter:
         keeps = [None if q.density >= 1 else keep_count(q.density, n) for q in p]  # as the kernel's run()
         thresholds = np.zeros(len(xs), dtype=np.float32)
         cutoffs = np.full(len(xs), n, dtype=np.int64)
-        for i, (ref, k) in enumerate(zip(job.rows, keeps)):
+        for i, (ref, k) in enumerate(zip(job.inputs, keeps)):
             if k is None or k >= n:
                 continue
             idx = self.cache.index(plan, ref, job.base, xs[i], base)
