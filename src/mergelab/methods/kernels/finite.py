@@ -1,4 +1,4 @@
-"""Whether a tensor holds NaN or Inf, in one parallel pass over its bits (numba).
+"""Whether a tensor holds NaN or Inf, in one pass over its bits (numba).
 
 A float is NaN or infinite exactly when all its exponent bits are set: bits &
 0x7F80 == 0x7F80 for bfloat16 and float16's counterpart 0x7C00, bits &
@@ -12,28 +12,25 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 from torch import Tensor
 
 __all__ = ["supports", "has_nonfinite"]
 
-_BLOCK = 1 << 16
 _MASKS = {torch.bfloat16: (torch.int16, np.uint16, 0x7F80), torch.float16: (torch.int16, np.uint16, 0x7C00),
           torch.float32: (torch.int32, np.uint32, 0x7F800000)}
 
 
-@njit(parallel=True, cache=True)
+# One thread on purpose: this loop vectorises (SIMD) and runs at memory speed on one core. The
+# earlier parallel version (prange over 64k blocks) was slower at every size measured, on 2 busy
+# cores: 4M bf16 entries 25.6 ms against 0.24 ms, 64M entries 52.9 ms against 7.8 ms; its thread
+# wake-ups dominated small merges (seconds of a MiniLM merge).
+@njit(cache=True)
 def _count(bits, mask):
-    n = bits.shape[0]
-    blocks = (n + _BLOCK - 1) // _BLOCK
-    found = np.zeros(blocks, dtype=np.int64)
-    for b in prange(blocks):
-        stop = min(n, (b + 1) * _BLOCK)
-        c = 0
-        for j in range(b * _BLOCK, stop):
-            c += (bits[j] & mask) == mask
-        found[b] = c
-    return found.sum()
+    c = 0
+    for j in range(bits.shape[0]):
+        c += (bits[j] & mask) == mask
+    return c
 
 
 def supports(t: Tensor) -> bool:
