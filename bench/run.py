@@ -44,11 +44,28 @@ METHODS = {
     "slerp": ("ft_a", "ft_b"),
     "ties": ("base", "ft_a", "ft_b"),
     "dare_ties": ("base", "ft_a", "ft_b"),
+    "dare_linear": ("base", "ft_a", "ft_b"),
+    "breadcrumbs_ties": ("base", "ft_a", "ft_b"),
+    "della": ("base", "ft_a", "ft_b"),
+    "sce": ("base", "ft_a", "ft_b"),
+}
+
+# per-model parameters of the task-vector methods (every other parameter at both tools' defaults)
+TASK_VECTOR_PARAMS = {
+    "ties": {"weight": 0.5, "density": 0.5},
+    "dare_ties": {"weight": 0.5, "density": 0.5},
+    "dare_linear": {"weight": 0.5, "density": 0.5},
+    "breadcrumbs_ties": {"weight": 0.5, "density": 0.5, "gamma": 0.01},
+    "della": {"weight": 0.5, "density": 0.5, "epsilon": 0.1},
 }
 
 
 def recipe_for(method: str, paths: dict[str, Path]) -> dict:
-    """The recipe both tools run: weights 0.5/0.5, density 0.5, slerp t 0.5, bf16 output."""
+    """The recipe both tools run: weights 0.5/0.5, density 0.5, slerp t 0.5, bf16 output.
+
+    breadcrumbs_ties drops the top 1% as outliers (gamma 0.01), della uses epsilon 0.1,
+    sce keeps every entry (select_topk 1, the default of both tools).
+    """
     a, b = str(paths["ft_a"]), str(paths["ft_b"])
     if method == "linear":
         models = [{"model": m, "parameters": {"weight": 0.5}} for m in (a, b)]
@@ -57,9 +74,12 @@ def recipe_for(method: str, paths: dict[str, Path]) -> dict:
         # mergekit's slerp interpolates from base_model (t=0) to the other model (t=1).
         return {"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
                 "parameters": {"t": 0.5}, "dtype": "bfloat16"}
-    if method in ("ties", "dare_ties"):
-        models = [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in (a, b)]
+    if method in TASK_VECTOR_PARAMS:
+        models = [{"model": m, "parameters": dict(TASK_VECTOR_PARAMS[method])} for m in (a, b)]
         return {"merge_method": method, "base_model": str(paths["base"]), "models": models,
+                "dtype": "bfloat16"}
+    if method == "sce":
+        return {"merge_method": "sce", "base_model": str(paths["base"]), "models": [{"model": a}, {"model": b}],
                 "dtype": "bfloat16"}
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 

@@ -48,7 +48,10 @@ _S32 = np.uint64(32)
 _ONE, _ZERO, _TWO = np.float32(1.0), np.float32(0.0), np.float32(2.0)
 
 
-@njit(parallel=True, cache=True)
+# The mask passes sum |tau| in float64 with reassociation allowed (so the sums vectorise):
+# the order of float64 additions is not the reference's anyway. No other float operation
+# there is affected (a subtraction, an abs, an exact scaling, comparisons).
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
 def _random_masks(xs, base, thinned, densities, k0s, k1s, masks):
     """masks[i, j] = uniform(k_i, j) < densities[i]; returns (blocks, models, 2) L1 sums before/after."""
     n, models = base.shape[0], len(xs)
@@ -114,7 +117,7 @@ def _della_masks(xs, base, cols, thinned, densities, epsilons, k0s, k1s, masks):
     return norms
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
 def _band_masks(xs, base, thinned, lows, low_cuts, highs, high_cuts, masks):
     """Breadcrumbs: keep |d| in the top (k + n_top) but not the top n_top, ties by index.
 
@@ -147,7 +150,7 @@ def _band_masks(xs, base, thinned, lows, low_cuts, highs, high_cuts, masks):
 
 
 @njit(parallel=True, cache=True)
-def _combine(xs, base, masks, thinned, factors, weights, ties, normalize, divisor, lam, out):
+def _combine(xs, base, masks, factors, weights, ties, normalize, divisor, lam, out):
     """out = base + lambda * (weighted sum / divisor, or disjoint mean of the agreeing entries)."""
     n, models = base.shape[0], len(xs)
     blocks = (n + _BLOCK - 1) // _BLOCK
@@ -156,11 +159,9 @@ def _combine(xs, base, masks, thinned, factors, weights, ties, normalize, diviso
         for j in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
             b = load(base, j)
             for i in range(models):
-                v = load(xs[i], j) - b
-                if thinned[i]:
-                    v = v * (_ONE if masks[i, j] else _ZERO)
-                    v = v * factors[i]
-                t[i] = v * weights[i]
+                # x * 1.0 is exact, so models kept whole (mask all True, factor 1) need no branch
+                v = (load(xs[i], j) - b) * (_ONE if masks[i, j] else _ZERO)
+                t[i] = v * factors[i] * weights[i]
             if ties:
                 total = t[0]
                 for i in range(1, models):
@@ -178,6 +179,33 @@ def _combine(xs, base, masks, thinned, factors, weights, ties, normalize, diviso
                 merged = t[0]
                 for i in range(1, models):
                     merged += t[i]
+                if normalize:
+                    merged = merged / divisor
+            store(out, j, b + lam * merged)
+
+
+@njit(parallel=True, cache=True)
+def _combine_pair(x0, x1, base, m0, m1, factors, weights, ties, normalize, divisor, lam, out):
+    """_combine for two models, one entry at a time without scratch arrays (the compiler vectorises it)."""
+    f0, f1, w0, w1 = factors[0], factors[1], weights[0], weights[1]
+    n = base.shape[0]
+    for blk in prange((n + _BLOCK - 1) // _BLOCK):  # blocks: numba's parfor pass rejects the flat form here
+        for j in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
+            b = load(base, j)
+            v0 = (load(x0, j) - b) * (_ONE if m0[j] else _ZERO)
+            v1 = (load(x1, j) - b) * (_ONE if m1[j] else _ZERO)
+            v0 = v0 * f0 * w0
+            v1 = v1 * f1 * w1
+            if ties:
+                positive = v0 + v1 >= 0
+                a0 = v0 > 0 if positive else v0 < 0
+                a1 = v1 > 0 if positive else v1 < 0
+                merged = (v0 if a0 else _ZERO) + (v1 if a1 else _ZERO)
+                if normalize:
+                    agreeing = (w0 if a0 else _ZERO) + (w1 if a1 else _ZERO)
+                    merged = merged / (agreeing if agreeing != 0 else _ONE)
+            else:
+                merged = v0 + v1
                 if normalize:
                     merged = merged / divisor
             store(out, j, b + lam * merged)
@@ -226,7 +254,7 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype, *
     rows = tuple(as_array(t) for t in xs)
     b = as_array(base)
     thinned = np.array([q.density < 1 for q in p], dtype=np.bool_)
-    masks = np.zeros((models, numel if thinned.any() else 1), dtype=np.bool_)
+    masks = np.ones((models, numel), dtype=np.bool_)  # rows of models kept whole stay True
     if thinned.any():
         if mask == "band":
             norms = _band_masks(rows, b, thinned, *_band_thresholds(rows, b, p, numel), masks)
@@ -248,8 +276,12 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype, *
             factors[i] = np.float32(before / after)
     weights = torch.tensor([float(q.weight) for q in p], dtype=torch.float32)
     divisor = weight_divisor(weights) if s.normalize and not ties else 1.0
-    _combine(rows, b, masks, thinned, factors, weights.numpy(), ties, bool(s.normalize), np.float32(divisor),
-             np.float32(s.lambda_), as_array(out))
+    args = (factors, weights.numpy(), ties, bool(s.normalize), np.float32(divisor), np.float32(s.lambda_),
+            as_array(out))
+    if models == 2:
+        _combine_pair(rows[0], rows[1], b, masks[0], masks[1], *args)
+    else:
+        _combine(rows, b, masks, *args)
     return out.reshape(base.shape).to(out_dtype)
 
 
