@@ -366,3 +366,67 @@ def test_hand_worked_breadcrumbs_ties_three_models():
     for got in both_seeded("breadcrumbs_ties", [base + t for t in taus], base, params, spec.shared_params(),
                            torch.float32):
         assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- slerp and sce
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slerp_kernel_equals_reference_and_the_formula(dtype):
+    spec = get_method("slerp")
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(211, 307, generator=g).to(dtype)
+    cases = {"general": (a.float() * 0.6 + torch.randn(211, 307, generator=g)).to(dtype),
+             "colinear": (a.float() * 2).to(dtype), "antipodal": (-a.float()).to(dtype),
+             "zero": torch.zeros(211, 307, dtype=dtype)}
+    for label, b in cases.items():
+        for t in (0.0, 0.25, 1.0):
+            s = spec.shared_params(t=t)
+            fast = spec.kernel.run([b], a, PerModel([]), s, None, dtype)
+            with kernels_disabled():
+                slow = run_method(spec, [b], a, PerModel([]), s, out_dtype=dtype)
+            assert torch.equal(fast, slow), (label, t)
+        # second formula, in float64: sin((1-t) w)/sin w a + sin(t w)/sin w b, lerp when nearly colinear
+        a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+        cos = float(a64 @ b64 / max(a64.norm(), 1e-8) / max(b64.norm(), 1e-8)) if b64.norm() > 1e-8 else 0.0
+        if abs(cos) > 0.9995:
+            want = 0.75 * a64 + 0.25 * b64
+        else:
+            w = np.arccos(cos)
+            want = np.sin(0.75 * w) / np.sin(w) * a64 + np.sin(0.25 * w) / np.sin(w) * b64
+        got = spec.kernel.run([b], a, PerModel([]), spec.shared_params(t=0.25), None, torch.float32)
+        torch.testing.assert_close(got.double().reshape(-1), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sce_kernel_equals_reference(n_models, dtype):
+    from mergelab.methods import NoParams
+
+    spec = get_method("sce")
+    g = torch.Generator().manual_seed(n_models)
+    base = _quantised((97, 211), 3, g)
+    xs = [(base + _quantised((97, 211), 2, g)).to(dtype) for _ in range(n_models)]
+    base = base.to(dtype)
+    p = PerModel([NoParams()] * n_models)
+    assert spec.kernel.supports(xs, base, p, spec.shared_params())
+    assert not spec.kernel.supports(xs, base, p, spec.shared_params(select_topk=0.5))  # variance: reference
+    for out_dtype in (torch.float32, dtype):
+        fast = spec.kernel.run(xs, base, p, spec.shared_params(), None, out_dtype)
+        with kernels_disabled():
+            slow = run_method(spec, xs, base, p, spec.shared_params(), out_dtype=out_dtype)
+        assert torch.equal(fast, slow)
+
+
+def test_hand_worked_sce_three_models():
+    # base 0; tau = [1, -2], [3, 1], [0, -2]: mean squares 2.5, 5, 2 -> eta = [2.5, 5, 2] / 9.5
+    # signs of the sums [4, -3]: [+, -]. Entry 0: models 0, 1 agree: (2.5*1 + 5*3) / (2.5 + 5) = 17.5/7.5;
+    # entry 1: models 0, 2 agree: (2.5*-2 + 2*-2) / (2.5 + 2) = -2.
+    from mergelab.methods import NoParams
+
+    xs = [torch.tensor([1.0, -2.0] * 70_000), torch.tensor([3.0, 1.0] * 70_000), torch.tensor([0.0, -2.0] * 70_000)]
+    base = torch.zeros(140_000)
+    spec = get_method("sce")
+    got = spec.kernel.run(xs, base, PerModel([NoParams()] * 3), spec.shared_params(), None, torch.float32)
+    torch.testing.assert_close(got[:2], torch.tensor([17.5 / 7.5, -2.0]), rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.view(-1, 2), got[:2].expand(70_000, 2))

@@ -7,6 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from mergelab.methods import MethodParams, PerModel, merge_method
+from mergelab.methods.kernels import lazy_kernel
 from mergelab.methods.consensus import disjoint_mean, elect_sign
 from mergelab.methods.task_arithmetic import check_inputs
 from mergelab.methods.trim import keep_count, top_k_mask
@@ -19,6 +20,9 @@ class SceShared(MethodParams):
     int8_mask: bool = Field(False, description="MergeKit's memory option for its masks; no numerical effect")
 
 
+_BLOCK = 1 << 20  # entries per float64 partial sum
+
+
 def keep_top_variance(task_vectors: Tensor, share: float) -> Tensor:
     """(*shape) bool mask of the entries whose task vectors vary most across models.
 
@@ -29,19 +33,30 @@ def keep_top_variance(task_vectors: Tensor, share: float) -> Tensor:
     return top_k_mask(var, keep_count(share, int(torch.count_nonzero(var))))
 
 
-def sce_weights(task_vectors: Tensor) -> Tensor:
-    """(N,) eta_i = mean(tau_i^2) / sum_j mean(tau_j^2); uniform when every tau_i is zero."""
-    n = task_vectors[0].numel()
-    # Fused norm accumulated in float32 even for half-precision inputs; no squared temporary.
-    ms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32).square() / n for t in task_vectors])
-    total = ms.sum()
+def weights_from_squares(squares: list[float], n: int) -> Tensor:
+    """(N,) float32 eta_i = mean(tau_i^2) / sum_j mean(tau_j^2) from the float64 sums of squares.
+
+    Uniform when every tau_i is zero. Each ratio is taken in float64 and rounded
+    once, so a kernel summing in another order gives the same weights.
+    """
+    ms = [q / n for q in squares]
+    total = sum(ms)
     # Only an exactly zero total is special (then the merge is zero whatever the weights);
     # MergeKit's absolute 1e-6 threshold would switch small real task vectors to uniform weights.
-    weights = ms / total if total > 0 else torch.full_like(ms, 1 / len(ms))
-    return weights.to(task_vectors.dtype)
+    return torch.tensor([m / total if total > 0 else 1 / len(ms) for m in ms], dtype=torch.float32)
 
 
-@merge_method("sce", shared_params=SceShared, base="required")
+def sce_weights(task_vectors: Tensor) -> Tensor:
+    """(N,) eta_i = mean(tau_i^2) / sum_j mean(tau_j^2), summed in float64; uniform when every tau_i is zero."""
+    squares = []
+    for t in task_vectors:
+        flat = t.reshape(-1)
+        squares.append(sum(float(torch.linalg.vector_norm(flat[i:i + _BLOCK], dtype=torch.float64) ** 2)
+                           for i in range(0, flat.numel(), _BLOCK)))
+    return weights_from_squares(squares, task_vectors[0].numel()).to(task_vectors.dtype)
+
+
+@merge_method("sce", shared_params=SceShared, base="required", kernel=lazy_kernel("sce"))
 def sce(x: Tensor, base: Tensor, p: PerModel, s: SceShared, gen=None) -> Tensor:
     """SCE: select entries by variance, calculate weights, erase sign conflicts.
 
