@@ -11,8 +11,8 @@ float32 tensor, then weight, elect and combine. Here, from the inputs as stored
                           generator of methods/counter_rng.py, so the bits are
                           those the reference draws, whatever the blocking;
           della (DELLA)   uniform(key, i, j) < p_ij, p_ij linear in the rank of
-                          |tau_ij| in its row (a sort of 64-bit keys |tau| bits,
-                          column: ties rank by index, as the reference's stable sort);
+                          |tau_ij| in its row (a stable radix sort of the bits of
+                          |tau|: ties rank by index, as in the reference's stable sort);
           band            (breadcrumbs) rank in the top k + n_top magnitudes but not
                           in the top n_top: thresholds and tie cut-offs from the
                           TIES kernel's radix selection (kernels/ties.py);
@@ -75,18 +75,56 @@ def _random_masks(xs, base, thinned, densities, k0s, k1s, masks):
     return norms
 
 
+_RADIX = 11  # bits per digit of the row sort: three passes over 32-bit keys
+_DIGITS = 1 << _RADIX
+
+
+@njit(cache=True)
+def _sort_row(keys, idx, spare_keys, spare_idx, hist):
+    """Stable LSD radix sort of keys (uint32) carrying idx; returns the sorted (keys, idx) pair of arrays.
+
+    Stable, so entries of equal key stay in index order, as the reference's stable argsort keeps them.
+    A pass whose digit is the same for every key moves nothing and is skipped.
+    """
+    cols = keys.shape[0]
+    for shift in range(0, 32, _RADIX):
+        hist[:] = 0
+        for c in range(cols):
+            hist[(keys[c] >> shift) & (_DIGITS - 1)] += 1
+        if hist.max() == cols:
+            continue
+        start = 0
+        for d in range(_DIGITS):
+            count = hist[d]
+            hist[d] = start
+            start += count
+        for c in range(cols):
+            d = (keys[c] >> shift) & (_DIGITS - 1)
+            pos = hist[d]
+            hist[d] = pos + 1
+            spare_keys[pos] = keys[c]
+            spare_idx[pos] = idx[c]
+        keys, spare_keys = spare_keys, keys
+        idx, spare_idx = spare_idx, idx
+    return keys, idx
+
+
 @njit(parallel=True, cache=True)
 def _della_masks(xs, base, cols, thinned, densities, epsilons, k0s, k1s, masks):
     """DELLA's masks row by row (rows of `cols` entries); returns (rows, models, 2) L1 sums before/after.
 
     p = rank / (cols - 1) * 2 * epsilon + (density - epsilon) in float32, in the
     reference's order of operations (della_keep_probabilities); p = density for one-entry rows.
+    Ranks come from a stable radix sort of the float32 bit patterns of |tau| (which order
+    like the values, for non-negative floats).
     """
     n, models = base.shape[0], len(xs)
     rows = n // cols
     norms = np.zeros((rows, models, 2), dtype=np.float64)
     for r in prange(rows):
-        keys = np.empty(cols, dtype=np.uint64)
+        keys, spare_keys = np.empty(cols, dtype=np.uint32), np.empty(cols, dtype=np.uint32)
+        idx, spare_idx = np.empty(cols, dtype=np.int64), np.empty(cols, dtype=np.int64)
+        hist = np.empty(_DIGITS, dtype=np.int64)
         lo = r * cols
         for i in range(models):
             if not thinned[i]:
@@ -97,11 +135,11 @@ def _della_masks(xs, base, cols, thinned, densities, epsilons, k0s, k1s, masks):
             eps = np.float32(epsilons[i])
             before, after = 0.0, 0.0
             for c in range(cols):
-                a = abs(load(xi, lo + c) - load(base, lo + c))
-                keys[c] = (np.uint64(np.float32(a).view(np.uint32)) << _S32) | np.uint64(c)
-            keys.sort()
+                keys[c] = np.float32(abs(load(xi, lo + c) - load(base, lo + c))).view(np.uint32)
+                idx[c] = c
+            sorted_keys, order = _sort_row(keys, idx, spare_keys, spare_idx, hist)
             for rank in range(cols):
-                c = np.int64(keys[rank] & _M32)
+                c = order[rank]
                 if cols < 2:
                     p = density
                 else:
@@ -109,7 +147,7 @@ def _della_masks(xs, base, cols, thinned, densities, epsilons, k0s, k1s, masks):
                 j = lo + c
                 keep = uniform(k0, k1, j) < p
                 mi[j] = keep
-                a64 = np.float64(abs(load(xi, j) - load(base, j)))
+                a64 = np.float64(np.uint32(sorted_keys[rank]).view(np.float32))
                 before += a64
                 after += a64 if keep else 0.0
             norms[r, i, 0] = before
@@ -230,8 +268,10 @@ def _band_thresholds(xs: tuple[np.ndarray, ...], base: np.ndarray, p, numel: int
         n_top = min(math.floor(Fraction(repr(float(q.gamma))) * numel), numel - k)
         keeps.append(None if q.density >= 1 else k + n_top)
         tops.append(n_top if q.density < 1 and n_top > 0 else None)
-    lows, low_cuts = _thresholds(xs, base, keeps)
-    highs, high_cuts = _thresholds(xs, base, [t if t is not None else numel for t in tops])
+    # one selection for both bounds of every model: its histogram passes read the base once
+    both, cuts = _thresholds(xs + xs, base, keeps + [t if t is not None else numel for t in tops])
+    m = len(xs)
+    lows, low_cuts, highs, high_cuts = both[:m], cuts[:m], both[m:], cuts[m:]
     high_cuts = np.where([t is None for t in tops], -1, high_cuts).astype(np.int64)
     # a model whose k + n_top is the whole tensor keeps every entry of the lower bound
     low_cuts = np.where([k is None or k >= numel for k in keeps], numel, low_cuts).astype(np.int64)
