@@ -199,8 +199,12 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_all(args: argparse.Namespace, paths: dict[str, Path], work: Path, log=print) -> list[dict]:
-    """Every (repeat, method, tool) run; one record each, outputs removed after each."""
+def run_all(args: argparse.Namespace, paths: dict[str, Path], work: Path, log=print,
+            on_record=None) -> list[dict]:
+    """Every (repeat, method, tool) run; one record each, outputs removed after each.
+
+    on_record(records), when given, is called after every run (to save partial results).
+    """
     tools = [t for t in TOOLS if not getattr(args, f"skip_{t}")]
     extra = {"mergekit": shlex.split(args.mergekit_args), "mergelab": shlex.split(args.mergelab_args)}
     (work / "recipes").mkdir(parents=True, exist_ok=True)
@@ -225,6 +229,8 @@ def run_all(args: argparse.Namespace, paths: dict[str, Path], work: Path, log=pr
                     f"max RSS {rec['max_rss_bytes'] / 1e9:.2f} GB, anon {rec['peak_anon_bytes'] / 1e9:.2f} GB")
                 records.append(rec)
                 _rmtree(out)
+                if on_record is not None:
+                    on_record(records)
     return records
 
 
@@ -419,7 +425,17 @@ def main(argv: list[str] | None = None) -> dict:
     print("warming the page cache")
     read_files([f for p in paths.values() for f in weight_files(p)])
     floor = io_floor(paths, work / "outputs", args.repeats)
-    records = run_all(args, paths, work)
+    print(f"I/O floor: read {', '.join(f'{n} {t:.2f} s' for n, t in floor['read_s'].items())}; "
+          f"write+fsync {floor['write_fsync_s']:.2f} s (without fsync {floor['write_nofsync_s']:.2f} s)")
+
+    def save_partial(records: list[dict]) -> None:
+        # a long run keeps what it measured so far, if it is stopped before the end
+        rows = summarize(records, floor, {m: METHODS[m] for m in args.methods})
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        (args.results_dir / "partial.md").write_text(render_markdown(rows, _meta(args, mc.SIZES[args.size], floor,
+                                                                                 records)))
+
+    records = run_all(args, paths, work, on_record=save_partial)
     rows = summarize(records, floor, {m: METHODS[m] for m in args.methods})
     return write_results(rows, records, floor, args, mc.SIZES[args.size])
 
