@@ -1,8 +1,10 @@
 """Every compiled kernel against its method's readable reference, through the one chooser (run_method).
 
-Kernels (methods/kernels/) read the inputs as stored and must give the reference's numbers: checked on
-N = 2, 3 and 5 models, float32 and bfloat16 (float16 falls back to the reference), masses of tied values,
-plus hand-worked cases for N = 2 and N = 3 that need neither implementation.
+Kernels (methods/kernels/) read the inputs as stored and must give the reference's numbers: checked for
+linear, ties, dare_ties, dare_linear, della, della_linear, breadcrumbs, breadcrumbs_ties and sce on
+N = 2, 3 and 5 models (slerp: its pair), float32 and bfloat16 (float16 falls back to the reference),
+masses of tied values, plus hand-worked cases for N = 2 and N = 3 that need neither implementation,
+and the counter-based generator against a second implementation.
 """
 
 import numpy as np
