@@ -44,11 +44,28 @@ METHODS = {
     "slerp": ("ft_a", "ft_b"),
     "ties": ("base", "ft_a", "ft_b"),
     "dare_ties": ("base", "ft_a", "ft_b"),
+    "dare_linear": ("base", "ft_a", "ft_b"),
+    "breadcrumbs_ties": ("base", "ft_a", "ft_b"),
+    "della": ("base", "ft_a", "ft_b"),
+    "sce": ("base", "ft_a", "ft_b"),
+}
+
+# per-model parameters of the task-vector methods (every other parameter at both tools' defaults)
+TASK_VECTOR_PARAMS = {
+    "ties": {"weight": 0.5, "density": 0.5},
+    "dare_ties": {"weight": 0.5, "density": 0.5},
+    "dare_linear": {"weight": 0.5, "density": 0.5},
+    "breadcrumbs_ties": {"weight": 0.5, "density": 0.5, "gamma": 0.01},
+    "della": {"weight": 0.5, "density": 0.5, "epsilon": 0.1},
 }
 
 
 def recipe_for(method: str, paths: dict[str, Path]) -> dict:
-    """The recipe both tools run: weights 0.5/0.5, density 0.5, slerp t 0.5, bf16 output."""
+    """The recipe both tools run: weights 0.5/0.5, density 0.5, slerp t 0.5, bf16 output.
+
+    breadcrumbs_ties drops the top 1% as outliers (gamma 0.01), della uses epsilon 0.1,
+    sce keeps every entry (select_topk 1, the default of both tools).
+    """
     a, b = str(paths["ft_a"]), str(paths["ft_b"])
     if method == "linear":
         models = [{"model": m, "parameters": {"weight": 0.5}} for m in (a, b)]
@@ -57,9 +74,12 @@ def recipe_for(method: str, paths: dict[str, Path]) -> dict:
         # mergekit's slerp interpolates from base_model (t=0) to the other model (t=1).
         return {"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}],
                 "parameters": {"t": 0.5}, "dtype": "bfloat16"}
-    if method in ("ties", "dare_ties"):
-        models = [{"model": m, "parameters": {"weight": 0.5, "density": 0.5}} for m in (a, b)]
+    if method in TASK_VECTOR_PARAMS:
+        models = [{"model": m, "parameters": dict(TASK_VECTOR_PARAMS[method])} for m in (a, b)]
         return {"merge_method": method, "base_model": str(paths["base"]), "models": models,
+                "dtype": "bfloat16"}
+    if method == "sce":
+        return {"merge_method": "sce", "base_model": str(paths["base"]), "models": [{"model": a}, {"model": b}],
                 "dtype": "bfloat16"}
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
@@ -179,8 +199,12 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_all(args: argparse.Namespace, paths: dict[str, Path], work: Path, log=print) -> list[dict]:
-    """Every (repeat, method, tool) run; one record each, outputs removed after each."""
+def run_all(args: argparse.Namespace, paths: dict[str, Path], work: Path, log=print,
+            on_record=None) -> list[dict]:
+    """Every (repeat, method, tool) run; one record each, outputs removed after each.
+
+    on_record(records), when given, is called after every run (to save partial results).
+    """
     tools = [t for t in TOOLS if not getattr(args, f"skip_{t}")]
     extra = {"mergekit": shlex.split(args.mergekit_args), "mergelab": shlex.split(args.mergelab_args)}
     (work / "recipes").mkdir(parents=True, exist_ok=True)
@@ -205,6 +229,8 @@ def run_all(args: argparse.Namespace, paths: dict[str, Path], work: Path, log=pr
                     f"max RSS {rec['max_rss_bytes'] / 1e9:.2f} GB, anon {rec['peak_anon_bytes'] / 1e9:.2f} GB")
                 records.append(rec)
                 _rmtree(out)
+                if on_record is not None:
+                    on_record(records)
     return records
 
 
@@ -399,7 +425,17 @@ def main(argv: list[str] | None = None) -> dict:
     print("warming the page cache")
     read_files([f for p in paths.values() for f in weight_files(p)])
     floor = io_floor(paths, work / "outputs", args.repeats)
-    records = run_all(args, paths, work)
+    print(f"I/O floor: read {', '.join(f'{n} {t:.2f} s' for n, t in floor['read_s'].items())}; "
+          f"write+fsync {floor['write_fsync_s']:.2f} s (without fsync {floor['write_nofsync_s']:.2f} s)")
+
+    def save_partial(records: list[dict]) -> None:
+        # a long run keeps what it measured so far, if it is stopped before the end
+        rows = summarize(records, floor, {m: METHODS[m] for m in args.methods})
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        (args.results_dir / "partial.md").write_text(render_markdown(rows, _meta(args, mc.SIZES[args.size], floor,
+                                                                                 records)))
+
+    records = run_all(args, paths, work, on_record=save_partial)
     rows = summarize(records, floor, {m: METHODS[m] for m in args.methods})
     return write_results(rows, records, floor, args, mc.SIZES[args.size])
 

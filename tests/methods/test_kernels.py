@@ -1,8 +1,10 @@
 """Every compiled kernel against its method's readable reference, through the one chooser (run_method).
 
-Kernels (methods/kernels/) read the inputs as stored and must give the reference's numbers: checked on
-N = 2, 3 and 5 models, float32 and bfloat16 (float16 falls back to the reference), masses of tied values,
-plus hand-worked cases for N = 2 and N = 3 that need neither implementation.
+Kernels (methods/kernels/) read the inputs as stored and must give the reference's numbers: checked for
+linear, ties, dare_ties, dare_linear, della, della_linear, breadcrumbs, breadcrumbs_ties and sce on
+N = 2, 3 and 5 models (slerp: its pair), float32 and bfloat16 (float16 falls back to the reference),
+masses of tied values, plus hand-worked cases for N = 2 and N = 3 that need neither implementation,
+and the counter-based generator against a second implementation.
 """
 
 import numpy as np
@@ -210,3 +212,223 @@ def test_has_nonfinite_never_mistakes_a_sum_overflow_for_nan():
         bad[1, 2] = float("nan")
         assert has_nonfinite(bad) and has_nonfinite(bad.t())
     assert not has_nonfinite(torch.arange(5))  # integers hold neither
+
+
+# ----------------------------------------------------------------------------- thinned task vectors
+
+THINNED = ["dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties"]
+
+
+def _thinned_params(name, n_models):
+    spec = get_method(name)
+    extra = {"epsilon": 0.1} if name.startswith("della") else {"gamma": 0.03} if name.startswith("breadcrumbs") else {}
+    densities = [0.3, 0.5, 1.0, 0.7, 0.2]
+    return [spec.model_params(weight=[0.6, 0.4, 1.1, -0.3, 0.8][i], density=densities[i], **extra)
+            for i in range(n_models)]
+
+
+def both_seeded(name, xs, base, params, shared, out_dtype, seed=3):
+    """(kernel, reference) of a possibly random method, each with its own generator seeded alike."""
+    spec = get_method(name)
+    p = PerModel(params)
+    fast = spec.kernel.run(xs, base, p, shared, torch.Generator().manual_seed(seed), out_dtype)
+    with kernels_disabled():
+        slow = run_method(spec, xs, base, p, shared, torch.Generator().manual_seed(seed), out_dtype=out_dtype)
+    return fast, slow
+
+
+@pytest.mark.parametrize("name", THINNED)
+@pytest.mark.parametrize("n_models", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_thinned_kernels_equal_reference(name, n_models, dtype):
+    # Quantised task vectors: masses of tied magnitudes (ranks and thresholds among ties).
+    g = torch.Generator().manual_seed(n_models)
+    shape = (37, 301)
+    base = _quantised(shape, 3, g)
+    xs = [(base + _quantised(shape, 2, g)).to(dtype) for _ in range(n_models)]
+    base = base.to(dtype)
+    spec = get_method(name)
+    params = _thinned_params(name, n_models)
+    assert spec.kernel.supports(xs, base, PerModel(params), spec.shared_params())
+    for shared in (spec.shared_params(), spec.shared_params(normalize=True, rescale=True, **{"lambda": 0.7})):
+        for out_dtype in (torch.float32, dtype):
+            fast, slow = both_seeded(name, xs, base, params, shared, out_dtype)
+            assert fast.dtype == slow.dtype == out_dtype
+            # same masks, same float32 operations in the same order: the same bits
+            assert torch.equal(fast.view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32),
+                               slow.view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32))
+
+
+@pytest.mark.parametrize("name", THINNED)
+def test_thinned_kernels_on_continuous_values_and_float16(name):
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(64, 257, generator=g)
+    xs = [base + 0.05 * torch.randn(64, 257, generator=g) for _ in range(3)]
+    spec = get_method(name)
+    params = _thinned_params(name, 3)
+    fast, slow = both_seeded(name, xs, base, params, spec.shared_params(rescale=True), torch.float32)
+    assert torch.equal(fast, slow)
+    half = [x.half() for x in xs]  # float16: no kernel, the reference runs
+    assert not spec.kernel.supports(half, base.half(), PerModel(params), spec.shared_params())
+    out = run_method(spec, half, base.half(), PerModel(params), spec.shared_params(), torch.Generator().manual_seed(1))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_della_kernel_on_one_dimensional_tensors_and_refuses_three():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(5000, generator=g)
+    xs = [base + 0.1 * torch.randn(5000, generator=g) for _ in range(2)]
+    params = _thinned_params("della", 2)
+    fast, slow = both_seeded("della", xs, base, params, get_method("della").shared_params(), torch.float32)
+    assert torch.equal(fast, slow)
+    cube = [torch.zeros(2, 3, 4)] * 2
+    assert not get_method("della").kernel.supports(cube, cube[0], PerModel(params), get_method("della").shared_params())
+
+
+def test_thinned_kernel_does_not_depend_on_thread_count():
+    numba = pytest.importorskip("numba")
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(300, 700, generator=g).bfloat16()
+    xs = [(base.float() + 0.01 * torch.randn(300, 700, generator=g)).bfloat16() for _ in range(3)]
+    params = _thinned_params("dare_ties", 3)
+    spec = get_method("dare_ties")
+    before = numba.get_num_threads()
+    outs = []
+    for threads in {1, before}:
+        numba.set_num_threads(threads)
+        try:
+            outs.append(spec.kernel.run(xs, base, PerModel(params), spec.shared_params(),
+                                        torch.Generator().manual_seed(8), torch.bfloat16))
+        finally:
+            numba.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def _mix32_by_hand(h):
+    # lowbias32 (C. Wellons), the finaliser written out again from its definition
+    h = (h ^ (h >> 16)) * 0x21F0AAAD % 2**32
+    h = (h ^ (h >> 15)) * 0x735A2D97 % 2**32
+    return h ^ (h >> 15)
+
+
+def test_counter_rng_against_a_second_implementation_and_chunking():
+    from mergelab.methods.counter_rng import stream_keys, uniform
+
+    key = 0x1234_5678_9ABC_DEF0
+    for stream in (0, 1, 4):
+        k0, k1 = stream_keys(key, stream)
+        for j in (0, 1, 2**20 + 7, 2**32 + 5):  # an index past 2**32 uses the high word
+            h = _mix32_by_hand(_mix32_by_hand((j % 2**32) ^ k0) ^ (j >> 32) ^ k1)
+            assert uniform(key, stream, j, j + 1).item() == (h >> 8) / 2**24
+        # entry j's uniform does not depend on the range it is drawn in
+        whole = uniform(key, stream, 0, 5000)
+        assert torch.equal(torch.cat([uniform(key, stream, 0, 1234), uniform(key, stream, 1234, 5000)]), whole)
+    a, b = uniform(key, 0, 0, 200_000), uniform(key, 1, 0, 200_000)
+    assert abs(float(a.mean()) - 0.5) < 0.005 and abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.01
+    assert abs(float((a < 0.3).float().mean()) - 0.3) < 5 * (0.21 / 200_000) ** 0.5
+
+
+def test_hand_worked_dare_linear_three_models():
+    # base 0; task vectors of 4 entries; the masks are whatever the counter-based generator
+    # draws (read from it here), the rest is worked by hand:
+    #   tau_i * mask_i, rescaled to its former L1 norm, times w_i, summed, divided by sum w.
+    from mergelab.methods.counter_rng import keep_mask
+
+    base = torch.zeros(4)
+    taus = [torch.tensor([1.0, -2.0, 3.0, 4.0]), torch.tensor([2.0, 2.0, -1.0, 1.0]),
+            torch.tensor([0.5, -0.5, 0.5, -0.5])]
+    weights, density, seed = [1.0, 2.0, 1.0], 0.5, 21
+    spec = get_method("dare_linear")
+    params = [spec.model_params(weight=w, density=density) for w in weights]
+    want = torch.zeros(4, dtype=torch.float64)
+    for i, (tau, w) in enumerate(zip(taus, weights)):
+        m = keep_mask((4,), density, seed, i).tolist()
+        kept = [t if k else 0.0 for t, k in zip(tau.tolist(), m)]
+        l1_kept = sum(abs(v) for v in kept)
+        scale = sum(abs(v) for v in tau.tolist()) / l1_kept if l1_kept else 1.0
+        want += torch.tensor([w * v * scale for v in kept], dtype=torch.float64)
+    want /= sum(weights)
+    shared = spec.shared_params(normalize=True)
+    for got in both_seeded("dare_linear", taus, base, params, shared, torch.float32, seed=seed):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_hand_worked_breadcrumbs_ties_three_models():
+    # base 1; density 0.5 and gamma 0.25 on 4 entries: drop the largest |tau|, keep the next 2.
+    #   a = [ 4, -1,  2, -3] -> drop 4, keep -3, 2:  [0, 0, 2, -3]
+    #   b = [-1,  3, -2,  1] -> drop 3, keep -2 and (|-1| = |1|: lower index) -1: [-1, 0, -2, 0]
+    #   c = [ 1,  1,  1,  1] density 1: kept whole
+    # weights 1, 1, 2 -> rows [0, 0, 2, -3], [-1, 0, -2, 0], [2, 2, 2, 2]
+    # sums [1, 2, 2, -1] -> signs [+, +, +, -]; agreeing (no normalize): [2, 2, 4, -3]
+    base = torch.ones(4)
+    taus = [torch.tensor([4.0, -1, 2, -3]), torch.tensor([-1.0, 3, -2, 1]), torch.ones(4)]
+    spec = get_method("breadcrumbs_ties")
+    params = [spec.model_params(weight=w, density=d, gamma=0.25) for w, d in ((1, 0.5), (1, 0.5), (2, 1.0))]
+    want = base + torch.tensor([2.0, 2, 4, -3])
+    for got in both_seeded("breadcrumbs_ties", [base + t for t in taus], base, params, spec.shared_params(),
+                           torch.float32):
+        assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- slerp and sce
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slerp_kernel_equals_reference_and_the_formula(dtype):
+    spec = get_method("slerp")
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(211, 307, generator=g).to(dtype)
+    cases = {"general": (a.float() * 0.6 + torch.randn(211, 307, generator=g)).to(dtype),
+             "colinear": (a.float() * 2).to(dtype), "antipodal": (-a.float()).to(dtype),
+             "zero": torch.zeros(211, 307, dtype=dtype)}
+    for label, b in cases.items():
+        for t in (0.0, 0.25, 1.0):
+            s = spec.shared_params(t=t)
+            fast = spec.kernel.run([b], a, PerModel([]), s, None, dtype)
+            with kernels_disabled():
+                slow = run_method(spec, [b], a, PerModel([]), s, out_dtype=dtype)
+            assert torch.equal(fast, slow), (label, t)
+        # second formula, in float64: sin((1-t) w)/sin w a + sin(t w)/sin w b, lerp when nearly colinear
+        a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+        cos = float(a64 @ b64 / max(a64.norm(), 1e-8) / max(b64.norm(), 1e-8)) if b64.norm() > 1e-8 else 0.0
+        if abs(cos) > 0.9995:
+            want = 0.75 * a64 + 0.25 * b64
+        else:
+            w = np.arccos(cos)
+            want = np.sin(0.75 * w) / np.sin(w) * a64 + np.sin(0.25 * w) / np.sin(w) * b64
+        got = spec.kernel.run([b], a, PerModel([]), spec.shared_params(t=0.25), None, torch.float32)
+        torch.testing.assert_close(got.double().reshape(-1), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sce_kernel_equals_reference(n_models, dtype):
+    from mergelab.methods import NoParams
+
+    spec = get_method("sce")
+    g = torch.Generator().manual_seed(n_models)
+    base = _quantised((97, 211), 3, g)
+    xs = [(base + _quantised((97, 211), 2, g)).to(dtype) for _ in range(n_models)]
+    base = base.to(dtype)
+    p = PerModel([NoParams()] * n_models)
+    assert spec.kernel.supports(xs, base, p, spec.shared_params())
+    assert not spec.kernel.supports(xs, base, p, spec.shared_params(select_topk=0.5))  # variance: reference
+    for out_dtype in (torch.float32, dtype):
+        fast = spec.kernel.run(xs, base, p, spec.shared_params(), None, out_dtype)
+        with kernels_disabled():
+            slow = run_method(spec, xs, base, p, spec.shared_params(), out_dtype=out_dtype)
+        assert torch.equal(fast, slow)
+
+
+def test_hand_worked_sce_three_models():
+    # base 0; tau = [1, -2], [3, 1], [0, -2]: mean squares 2.5, 5, 2 -> eta = [2.5, 5, 2] / 9.5
+    # signs of the sums [4, -3]: [+, -]. Entry 0: models 0, 1 agree: (2.5*1 + 5*3) / (2.5 + 5) = 17.5/7.5;
+    # entry 1: models 0, 2 agree: (2.5*-2 + 2*-2) / (2.5 + 2) = -2.
+    from mergelab.methods import NoParams
+
+    xs = [torch.tensor([1.0, -2.0] * 70_000), torch.tensor([3.0, 1.0] * 70_000), torch.tensor([0.0, -2.0] * 70_000)]
+    base = torch.zeros(140_000)
+    spec = get_method("sce")
+    got = spec.kernel.run(xs, base, PerModel([NoParams()] * 3), spec.shared_params(), None, torch.float32)
+    torch.testing.assert_close(got[:2], torch.tensor([17.5 / 7.5, -2.0]), rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.view(-1, 2), got[:2].expand(70_000, 2))

@@ -209,18 +209,85 @@ def _params_of(name, models):
     return [{k: v for k, v in m.items() if k in fields} for m in models]
 
 
+def our_masks(name, x, base, models, seed):
+    """The keep masks our random methods draw, one per model with density < 1, in model order."""
+    from mergelab.methods.counter_rng import keep_mask
+
+    def probability(i, m):
+        if name.startswith("della"):
+            return della_keep_probabilities(x[i] - base, m["density"], m.get("epsilon", 0.15))
+        return m["density"]
+
+    return [keep_mask(base.shape, probability(i, m), seed, i) for i, m in enumerate(models) if m["density"] < 1]
+
+
+def mergekit_with_masks(monkeypatch, name, x, base, models, seed, **shared):
+    """MergeKit's merge with our masks in place of its torch.bernoulli draws (one call per thinned model).
+
+    MergeKit draws from torch's global generator, so its masks cannot equal ours; handing it
+    our masks checks everything else (DELLA's probabilities aside: the draw replaces them)
+    exactly: rescaling, weighting, sign election, normalisation.
+    """
+    masks = iter(our_masks(name, x, base, models, seed))
+
+    def bernoulli(probs, *args, **kwargs):
+        mask = next(masks)
+        assert mask.numel() == probs.numel()  # MergeKit's della views a 1-D tensor as one row
+        return mask.reshape(probs.shape).to(probs.dtype)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "bernoulli", bernoulli)
+        out = mergekit_merge(name, x, base, models, seed=seed, **shared)
+    assert next(masks, None) is None  # every mask was used
+    return out
+
+
 @pytest.mark.mergekit
 @pytest.mark.parametrize("name", TASK_VECTOR_METHODS)
 @pytest.mark.parametrize("shape", [(96,), (12, 16), (3, 8, 4)])
 @pytest.mark.parametrize("shared", [{}, {"normalize": True, "rescale": True, "lambda": 1.3, "int8_mask": True}])
-def test_matches_mergekit(name, shape, shared):
-    # Random methods match too: both draw with torch.bernoulli on a probability tensor,
-    # ours from the generator passed in, MergeKit's from the global one, seeded alike.
+def test_matches_mergekit(name, shape, shared, monkeypatch):
+    # Deterministic methods match MergeKit exactly. Random ones draw their masks from our
+    # counter-based generator, MergeKit from torch's global one; with MergeKit handed our
+    # masks, the rest of the pipeline must match exactly (the draws' distribution is
+    # compared in test_random_masks_match_mergekit_in_distribution).
     x, base = randn(3, *shape, seed=1), randn(*shape, seed=2)
     models = _params_of(name, PARITY_MODELS)
-    seed = 7 if name in RANDOM else None
-    assert_close(merge(name, x, base, models, seed=seed, **shared),
-                 mergekit_merge(name, x, base, models, seed=seed, **shared))
+    if name in RANDOM:
+        want = mergekit_with_masks(monkeypatch, name, x, base, models, 7, **shared)
+    else:
+        want = mergekit_merge(name, x, base, models, **shared)
+    assert_close(merge(name, x, base, models, seed=7 if name in RANDOM else None, **shared), want)
+
+
+@pytest.mark.mergekit
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della_linear"])
+def test_random_masks_match_mergekit_in_distribution(name):
+    # One model, 4000 entries, 150 seeds per tool: per draw, the kept fraction of each tool
+    # lies within binomial bounds of the density and the L1 norm is restored; for DARE the
+    # mean of each entry over the draws is unbiased (E[output] ~ tau) for both tools; and
+    # the two tools' per-entry means agree within their standard errors.
+    n, seeds, density = 4000, 150, 0.3
+    tau, base = randn(1, n, seed=5), torch.zeros(n)
+    models = _params_of(name, [{"weight": 1.0, "density": density, "epsilon": 0.1}])
+    ours = torch.stack([merge(name, tau, base, models, seed=s) for s in range(seeds)])
+    theirs = torch.stack([mergekit_merge(name, tau, base, models, seed=s) for s in range(seeds)])
+    for out in (ours, theirs):
+        kept = (out != 0).float().mean(dim=1)  # (seeds,) kept fraction of each draw
+        bound = 5 * (density * (1 - density) / n) ** 0.5
+        assert ((kept - density).abs() < bound).all()
+        assert_close(out.abs().sum(dim=1), tau.abs().sum().expand(seeds))  # L1 norm restored, each draw
+        if name.startswith("dare"):  # DELLA's uniform L1 rescale of rank-dependent draws is biased by design
+            # each entry's mean over draws ~ tau (Bernoulli spread: sd tau sqrt((1-p)/p) / sqrt(seeds))
+            z = (out.mean(dim=0) - tau[0]) / (tau[0].abs() * ((1 - density) / density / seeds) ** 0.5 + 1e-12)
+            assert z.abs().mean() < 1.0 and z.mean().abs() < 0.1  # |z| of a unit normal averages 0.8
+    spread = ours.std(dim=0) + theirs.std(dim=0)
+    diff = (ours.mean(dim=0) - theirs.mean(dim=0)) / (spread / seeds ** 0.5 + 1e-12)
+    assert diff.abs().mean() < 1.0
+    # The two tools' kept fractions have the same distribution: compare their means and spreads.
+    k_ours, k_theirs = (ours != 0).float().mean(dim=1), (theirs != 0).float().mean(dim=1)
+    assert abs(k_ours.mean() - k_theirs.mean()) < 5 * (density * (1 - density) / n / seeds * 2) ** 0.5
+    assert 0.7 < float(k_ours.std() / k_theirs.std()) < 1.4
 
 
 @pytest.mark.mergekit

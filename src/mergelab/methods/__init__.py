@@ -266,6 +266,7 @@ from mergelab.methods import (  # noqa: E402,F401
     ram,
     spectral,
     sparsify,
+    sce,  # after sparsify: the registry lists sce after the task-vector methods, as before
     spherical,
     task_arithmetic,
 )

@@ -7,6 +7,7 @@ work row by row); norms are carried separately from directions.
 
 from __future__ import annotations
 
+import math
 
 import torch
 from pydantic import Field
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from mergelab.errors import MergeError
 from mergelab.methods import MethodParams, PerModel, merge_method
+from mergelab.methods.kernels import lazy_kernel
 
 
 def _unit(v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -21,6 +23,26 @@ def _unit(v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     norm = v.norm(dim=-1, keepdim=True)
     safe = torch.where(norm > eps, norm, torch.ones_like(norm))
     return v / safe, norm
+
+
+def slerp_coefficients(t: float, raw: Tensor, n0: Tensor, n1: Tensor, *, dot_threshold: float = 0.9995,
+                       eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """(c0, c1) with slerp(t) = c0 v0 + c1 v1, from <v0, v1> (raw) and the norms |v0|, |v1| (float32).
+
+    cos omega = raw / |v0| / |v1| (a norm <= eps counts as 1), clamped to [-1, 1];
+    c0 = sin((1 - t) omega) / sin omega, c1 = sin(t omega) / sin omega, and
+    c0 = 1 - t, c1 = t when |cos omega| > dot_threshold (nearly colinear or antipodal).
+    """
+    n0 = torch.where(n0 > eps, n0, torch.ones_like(n0))
+    n1 = torch.where(n1 > eps, n1, torch.ones_like(n1))
+    dot = (raw / n0 / n1).clamp(-1, 1)
+    colinear = dot.abs() > dot_threshold
+    omega = torch.acos(torch.where(colinear, torch.zeros_like(dot), dot))
+    sin_omega = torch.sin(omega)
+    safe_sin = torch.where(colinear, torch.ones_like(sin_omega), sin_omega)
+    c0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * omega) / safe_sin)
+    c1 = torch.where(colinear, torch.full_like(dot, t), torch.sin(t * omega) / safe_sin)
+    return c0, c1
 
 
 def slerp_vectors(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995,
@@ -33,30 +55,38 @@ def slerp_vectors(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.
     """
     n0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True)
     n1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True)
-    n0 = torch.where(n0 > eps, n0, torch.ones_like(n0))
-    n1 = torch.where(n1 > eps, n1, torch.ones_like(n1))
-    # <v0, v1> / (|v0| |v1|) without materialising the unit vectors (two fewer full-size copies).
-    if v0.dim() == 2 and v0.shape[0] == 1:
-        raw = torch.dot(v0[0], v1[0]).view(1, 1)
-    else:
-        raw = torch.linalg.vecdot(v0, v1, dim=-1).unsqueeze(-1)
-    dot = (raw / n0 / n1).clamp(-1, 1)
-    colinear = dot.abs() > dot_threshold
-    omega = torch.acos(torch.where(colinear, torch.zeros_like(dot), dot))
-    sin_omega = torch.sin(omega)
-    safe_sin = torch.where(colinear, torch.ones_like(sin_omega), sin_omega)
-    c0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * omega) / safe_sin)
-    c1 = torch.where(colinear, torch.full_like(dot, t), torch.sin(t * omega) / safe_sin)
-    if c0.numel() == 1:
-        return torch.add(v0 * float(c0), v1, alpha=float(c1))  # one temporary, not three
+    raw = torch.linalg.vecdot(v0, v1, dim=-1).unsqueeze(-1)  # no unit vectors materialised
+    c0, c1 = slerp_coefficients(t, raw, n0, n1, dot_threshold=dot_threshold, eps=eps)
     return c0 * v0 + c1 * v1
+
+
+_SUM_BLOCK = 1 << 20
+
+
+def flat_slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
+    """slerp_coefficients from the float64 sums |a|^2, |b|^2 and <a, b>, each rounded once to float32."""
+    def f32(v: float) -> Tensor:
+        return torch.tensor(v, dtype=torch.float32)
+
+    c0, c1 = slerp_coefficients(t, f32(ab), f32(math.sqrt(aa)), f32(math.sqrt(bb)))
+    return float(c0), float(c1)
+
+
+def _float64_sums(a: Tensor, b: Tensor) -> tuple[float, float, float]:
+    """(|a|^2, |b|^2, <a, b>) of two flat tensors, accumulated in float64 a block at a time."""
+    aa = bb = ab = 0.0
+    for start in range(0, a.numel(), _SUM_BLOCK):
+        x, y = a[start:start + _SUM_BLOCK].double(), b[start:start + _SUM_BLOCK].double()
+        aa, bb, ab = aa + float(x @ x), bb + float(y @ y), ab + float(x @ y)
+    return aa, bb, ab
 
 
 class SlerpShared(MethodParams):
     t: float = Field(description="interpolation factor: 0 gives the base model, 1 the other model")
 
 
-@merge_method("slerp", shared_params=SlerpShared, base="required", min_models=1, max_models=1)
+@merge_method("slerp", shared_params=SlerpShared, base="required", min_models=1, max_models=1,
+              kernel=lazy_kernel("slerp"))
 def slerp(x: Tensor, base: Tensor, p, s: SlerpShared, gen=None) -> Tensor:
     """Spherical linear interpolation between the base model and one other model.
 
@@ -67,13 +97,18 @@ def slerp(x: Tensor, base: Tensor, p, s: SlerpShared, gen=None) -> Tensor:
     Shoemake 1985, "Animating rotation with quaternion curves"; used for
     model merging by MergeKit (Goddard et al. 2024, arXiv:2403.13257).
 
+    The norms and the dot product are summed in float64 and rounded once to
+    float32 (a compiled kernel, methods/kernels/slerp.py, sums the same way in
+    another order: the two agree to the last float32 bit but for rare cases),
+    and theta = c0 a + c1 b is rounded term by term, without fused multiply-adds.
+
     Args:
         t (shared, required): 0 returns the base, 1 the other model; usually a
             gradient over layers or a filter list.
     """
-    a = base.reshape(1, -1)
-    b = x[0].reshape(1, -1)
-    return slerp_vectors(s.t, a, b).reshape(base.shape)
+    a, b = base.reshape(-1), x[0].reshape(-1)
+    c0, c1 = flat_slerp_coefficients(s.t, *_float64_sums(a, b))
+    return (a * c0 + b * c1).reshape(base.shape)
 
 
 class NuslerpModel(MethodParams):

@@ -2,8 +2,8 @@
 
 A task vector is what fine-tuning added to the base model, tau_i = theta_i - theta_base.
 Task arithmetic adds a weighted sum of task vectors back onto the base. The sparsified
-relatives in sparsify.py (TIES, DARE, breadcrumbs, DELLA) reuse the parameter models
-and `weighted_sum` / `add_to_base` defined here; they differ only in which entries of
+relatives in sparsify.py (TIES, DARE, breadcrumbs, DELLA) extend the parameter models
+and reuse `weighted_sum` / `add_to_base` defined here; they differ only in which entries of
 each task vector survive and whether conflicting signs are resolved first.
 
 Names, parameters and defaults follow MergeKit 0.1.5, so a MergeKit recipe gives the
@@ -59,29 +59,6 @@ class TaskArithmeticShared(MethodParams):
     )
 
 
-class TiesShared(TaskArithmeticShared):
-    """Shared parameters with TIES's defaults."""
-
-    normalize: bool = Field(True, description="divide by the summed weights of the entries that agree in sign")
-
-
-class DareShared(TaskArithmeticShared):
-    """Shared parameters with DARE's (and linear DELLA's) defaults."""
-
-    rescale: bool = Field(
-        True, description="after dropping entries, rescale each task vector to its former L1 norm"
-    )
-
-
-class DellaShared(TaskArithmeticShared):
-    """Shared parameters with DELLA's defaults."""
-
-    normalize: bool = Field(True, description="divide by the summed weights of the entries that agree in sign")
-    rescale: bool = Field(
-        True, description="after dropping entries, rescale each task vector to its former L1 norm"
-    )
-
-
 def weighted_sum(deltas, weights: Tensor, *, normalize: bool) -> Tensor:
     """sum_i w_i tau_i, divided by sum_i w_i when ``normalize``.
 
@@ -103,15 +80,24 @@ def weighted_sum(deltas, weights: Tensor, *, normalize: bool) -> Tensor:
         term = delta.mul_(w)
         total = term if total is None else total.add_(term)
     if normalize:
-        divisor = float(weights.sum())
-        if abs(divisor) < _ZERO_WEIGHT_SUM:
-            # MergeKit silently divides by 1 here; a zero sum means the recipe is wrong.
-            raise MergeError(
-                f"the weights {weights.tolist()} sum to zero, so `normalize: true` would divide by zero; "
-                "change the weights or set normalize: false"
-            )
-        total.div_(divisor)
+        total.div_(weight_divisor(weights))
     return total
+
+
+def weight_divisor(weights: Tensor) -> float:
+    """sum_i w_i of the (N,) weights, the divisor of `normalize`.
+
+    Raises:
+        MergeError: the weights sum to zero.
+    """
+    divisor = float(weights.sum())
+    if abs(divisor) < _ZERO_WEIGHT_SUM:
+        # MergeKit silently divides by 1 here; a zero sum means the recipe is wrong.
+        raise MergeError(
+            f"the weights {weights.tolist()} sum to zero, so `normalize: true` would divide by zero; "
+            "change the weights or set normalize: false"
+        )
+    return divisor
 
 
 def add_to_base(base: Tensor, merged_delta: Tensor, lam: float) -> Tensor:

@@ -75,11 +75,13 @@ def _compiled(module: str) -> Any:
         return None
 
 
-def lazy_kernel(module: str) -> Kernel:
+def lazy_kernel(module: str, **options: Any) -> Kernel:
     """The kernel of `mergelab.methods.kernels.<module>` (its `run` and `supports`), imported on first use.
 
     numba is imported only when a kernel is first asked about; where it cannot
-    be imported, `supports` answers False and the reference runs.
+    be imported, `supports` answers False and the reference runs. `options`
+    (e.g. ties=True) are passed to both functions as keywords, so that one
+    module serves several methods.
     """
 
     def load() -> Any:
@@ -87,11 +89,11 @@ def lazy_kernel(module: str) -> Kernel:
 
     def supports(xs: Sequence[Tensor], base: Tensor | None, p: Any, s: Any) -> bool:
         mod = load()
-        return mod is not None and bool(mod.supports(xs, base, p, s))
+        return mod is not None and bool(mod.supports(xs, base, p, s, **options))
 
     def run(xs: Sequence[Tensor], base: Tensor | None, p: Any, s: Any, gen: torch.Generator | None,
             out_dtype: torch.dtype) -> Tensor:
-        return load().run(xs, base, p, s, gen, out_dtype)
+        return load().run(xs, base, p, s, gen, out_dtype, **options)
 
     return Kernel(run=run, supports=supports)
 

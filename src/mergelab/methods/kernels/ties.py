@@ -1,6 +1,6 @@
 """TIES on the CPU in a few streaming passes, compiled with numba.
 
-The torch version of TIES (sparsify._ties_blockwise) runs some thirty tensor
+The readable TIES (methods/sparsify.py) runs some thirty tensor
 operations per block and needs every input converted to float32 first. Here
 each pass reads the inputs once, in their storage dtype (bfloat16 bits or
 float32), and does all its arithmetic per element in float32 registers:
@@ -18,7 +18,7 @@ float32), and does all its arithmetic per element in float32 registers:
         per element for two models (the common case), in tiles that stay in
         L1 cache for more.
 
-The numbers are those of sparsify._ties_blockwise (same float32 operations in
+The numbers are those of sparsify.ties (same float32 operations in
 the same order per element: bit for bit on the tests). Inputs are never written.
 """
 
@@ -215,7 +215,7 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
     """TIES of x (N, *shape), or N tensors, on base (*shape); bfloat16 or float32 in, float32 (*shape) out.
 
     keep[i] is the number of entries of task vector i kept by magnitude (None: all).
-    Same result as sparsify._ties_blockwise on the float32 versions of the inputs;
+    Same result as sparsify.ties on the float32 versions of the inputs;
     out_dtype bfloat16 rounds it as torch's .to(torch.bfloat16) does, in the same pass.
     """
     if base.numel() == 0:

@@ -1,0 +1,81 @@
+"""SCE without variance selection (select_topk 1) on the CPU in two compiled passes (numba).
+
+    squares: sum_j tau_ij^2 per model, tau_i = x_i - base in float32, summed in float64;
+    combine: per entry, elect the sign of sum_i tau_i, then the eta-weighted disjoint
+             mean of the agreeing entries, plus the base, rounded to the output dtype,
+
+with the float32 operations of the reference (methods/sce.py) in its order and
+the weights from the same float64 formula (sce.weights_from_squares). With
+select_topk < 1 the reference runs (its variance ranking is not compiled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import Tensor
+
+from mergelab.methods.kernels.io import as_array, load, store, usable
+
+__all__ = ["supports", "run"]
+
+_BLOCK = 1 << 16
+_ONE, _ZERO = np.float32(1.0), np.float32(0.0)
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
+def _squares(xs, base):
+    """(blocks, models) float64 partial sums of (x_i - base)^2 (reassociation only touches these sums)."""
+    n, models = base.shape[0], len(xs)
+    blocks = (n + _BLOCK - 1) // _BLOCK
+    out = np.zeros((blocks, models), dtype=np.float64)
+    for blk in prange(blocks):
+        for i in range(models):
+            xi, acc = xs[i], 0.0
+            for j in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
+                d = np.float64(load(xi, j) - load(base, j))
+                acc += d * d
+            out[blk, i] = acc
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _combine(xs, base, weights, out):
+    n, models = base.shape[0], len(xs)
+    for blk in prange((n + _BLOCK - 1) // _BLOCK):
+        tv = np.empty(models, dtype=np.float32)
+        for j in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
+            b = load(base, j)
+            total = _ZERO
+            for i in range(models):
+                tv[i] = load(xs[i], j) - b
+                total = tv[i] if i == 0 else total + tv[i]
+            positive = total >= 0  # elected before weighting, as the reference does
+            merged, agreeing = _ZERO, _ZERO
+            for i in range(models):
+                r = tv[i] * weights[i]
+                if (r > 0) if positive else (r < 0):
+                    merged += r
+                    agreeing += weights[i]
+            store(out, j, b + merged / (agreeing if agreeing != 0 else _ONE))
+
+
+def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
+    """select_topk 1, CPU inputs all bfloat16 or all float32."""
+    return base is not None and len(xs) > 0 and s.select_topk >= 1 and usable([*xs, base])
+
+
+def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -> Tensor:
+    """sce (methods/sce.py) on the inputs as stored, rounded to out_dtype in the combining pass."""
+    from mergelab.methods.sce import weights_from_squares
+
+    out = torch.empty(base.numel(), dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    if base.numel():
+        rows, b = tuple(as_array(t) for t in xs), as_array(base)
+        squares = [float(v) for v in _squares(rows, b).sum(axis=0)]
+        weights = weights_from_squares(squares, base.numel()).numpy()
+        _combine(rows, b, weights, as_array(out))
+    return out.reshape(base.shape).to(out_dtype)
