@@ -13,6 +13,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_method_catalog(tmp_path_factory):
+    """`mergelab methods` caches its catalog; tests (and their subprocesses) use a folder of their own, not ~/.cache."""
+    before = os.environ.get("MERGELAB_CACHE")
+    os.environ["MERGELAB_CACHE"] = str(tmp_path_factory.mktemp("mergelab-cache"))
+    yield
+    if before is None:
+        os.environ.pop("MERGELAB_CACHE", None)
+    else:
+        os.environ["MERGELAB_CACHE"] = before
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
