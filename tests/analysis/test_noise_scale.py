@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergelab.analysis.noise_scale import effective_noise_scale, noise_scale_from_trainer, render_noise_scale
+from mergelab.analysis.noise_scale import effective_noise_scale, noise_scale_from_trainer
+from mergelab.cli.tables import render_noise_scale
 from mergelab.errors import MergeError
 
 FAST = settings(max_examples=25, deadline=None)

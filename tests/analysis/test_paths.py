@@ -14,12 +14,10 @@ from mergelab.analysis.paths import (
     barrier,
     interpolation_path,
     plane,
-    render_path,
-    render_plane,
-    render_scaling,
     scaling_curve,
     slerp_tensor,
 )
+from mergelab.cli.tables import render_path, render_plane, render_scaling
 from mergelab.errors import MergeError, ShapeMismatch
 
 FAST = settings(max_examples=25, deadline=None)

@@ -19,7 +19,6 @@ from mergelab.analysis.noise_scale import (
     NoiseScale,
     effective_noise_scale,
     noise_scale_from_trainer,
-    render_noise_scale,
 )
 from mergelab.analysis.paths import (
     PathResult,
@@ -28,16 +27,13 @@ from mergelab.analysis.paths import (
     barrier,
     interpolation_path,
     plane,
-    render_path,
-    render_plane,
-    render_scaling,
     scaling_curve,
 )
 
 __all__ = [
     "Evaluator", "causal_lm_evaluator", "classifier_evaluator", "evaluate", "load_evaluator",
     "GroupStats", "InspectReport", "inspect_models", "recommend", "render_inspect",
-    "NoiseScale", "effective_noise_scale", "noise_scale_from_trainer", "render_noise_scale",
+    "NoiseScale", "effective_noise_scale", "noise_scale_from_trainer",
     "PathResult", "PlaneResult", "ScalingResult", "barrier", "interpolation_path", "plane",
-    "render_path", "render_plane", "render_scaling", "scaling_curve",
+    "scaling_curve",
 ]

@@ -37,7 +37,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
 
 from mergelab.errors import MergeError
 
@@ -176,17 +175,3 @@ def noise_scale_from_trainer(folder_or_args: str | Path | Mapping[str, Any] | An
     s = effective_noise_scale(float(lr), batch, momentum, k=k, augmentation_variance=augmentation_variance)
     return NoiseScale(noise_scale=s, lr=float(lr), batch_size=batch, momentum=float(momentum), k=k,
                       augmentation_variance=augmentation_variance, notes=notes)
-
-
-def render_noise_scale(result: NoiseScale) -> Table:
-    """rich Table of a noise scale, its inputs and the assumptions made reading them."""
-    table = Table(title=f"effective noise scale S = lr / (B (1 - m)^{result.k:g}) x v_aug")
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
-    for name, value in (("S", f"{result.noise_scale:.4g}"), ("learning rate", f"{result.lr:g}"),
-                        ("batch size B", str(result.batch_size)), ("momentum m", f"{result.momentum:g}"),
-                        ("augmentation variance", f"{result.augmentation_variance:g}")):
-        table.add_row(name, value)
-    for note in result.notes:
-        table.add_row("note", note)
-    return table

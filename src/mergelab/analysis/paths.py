@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from rich.table import Table
 from torch import Tensor
 
 from mergelab.analysis.evaluators import (
@@ -284,46 +283,3 @@ def plane(model: ModelLike, sd_o: StateLike, sd_a: StateLike, sd_b: StateLike, e
         points=points, off_plane=off_plane,
         point_metrics={label: {m: vals[i] for m, vals in at_models.items()} for i, label in enumerate(points)},
     )
-
-
-# ----------------------------------------------------------------------------- rendering
-
-
-def render_path(result: PathResult) -> Table:
-    """rich Table of a path: one row per alpha, then barrier and merge gain per metric."""
-    table = Table(title=f"{result.method} interpolation path")
-    names = list(result.metrics)
-    table.add_column("alpha", justify="right")
-    for m in names:
-        table.add_column(m, justify="right")
-    for i, alpha in enumerate(result.alphas):
-        table.add_row(f"{alpha:.3g}", *(f"{result.metrics[m][i]:.4g}" for m in names))
-    table.add_section()
-    table.add_row("barrier", *(f"{result.barriers[m]:.4g}" for m in names))
-    table.add_row("merge gain", *(f"{result.merge_gain[m]:+.4g}" for m in names))
-    return table
-
-
-def render_scaling(result: ScalingResult) -> Table:
-    """rich Table of a scaling curve, the best lambda marked."""
-    table = Table(title=f"task-arithmetic scaling curve (best lambda {result.best_lambda:g} by {result.select})")
-    names = list(result.metrics)
-    table.add_column("lambda", justify="right")
-    for m in names:
-        table.add_column(m, justify="right")
-    for i, lam in enumerate(result.lambdas):
-        mark = " *" if lam == result.best_lambda else ""
-        table.add_row(f"{lam:g}{mark}", *(f"{result.metrics[m][i]:.4g}" for m in names))
-    return table
-
-
-def render_plane(result: PlaneResult) -> Table:
-    """rich Table of the models placed on a plane: coordinates, distance off it, metrics."""
-    table = Table(title=f"loss plane, {len(result.x)} x {len(result.y)} grid")
-    names = sorted({m for metrics in result.point_metrics.values() for m in metrics})
-    for col in ("model", "x", "y", "off plane", *names):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for label, (x, y) in result.points.items():
-        table.add_row(label, f"{x:.4g}", f"{y:.4g}", f"{result.off_plane[label]:.3g}",
-                      *(f"{result.point_metrics[label][m]:.4g}" for m in names))
-    return table

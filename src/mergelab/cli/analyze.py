@@ -22,6 +22,7 @@ import typer
 if TYPE_CHECKING:  # these import torch: the commands load them, so `mergelab --help` stays fast
     from mergelab.analysis import paths as ap
     from mergelab.analysis.eval_setup import EvalOptions
+from mergelab.cli import tables
 from mergelab.cli.common import check_outputs, console, fail, need_plots, out, save_plot, write_json
 from mergelab.errors import MergeError
 
@@ -155,7 +156,7 @@ def path_cmd(
         setup, (a, b) = prepare(o, [model_a, model_b])
         result = ap.interpolation_path(setup.template, a, b, setup.evaluator, points=points,
                                        method="slerp" if slerp else "linear", refresh_bn=setup.refresh_bn)
-        out.print(ap.render_path(result))
+        out.print(tables.render_path(result))
         head = path_headline(result)
         _print_headline("path", head)
         from mergelab.analysis.plots import plot_path
@@ -199,7 +200,7 @@ def scaling_cmd(
         setup, (base_sd, *tasks) = prepare(o, [base, *finetuned])
         result = ap.scaling_curve(setup.template, base_sd, tasks, setup.evaluator, grid,
                                   refresh_bn=setup.refresh_bn, select=select)
-        out.print(ap.render_scaling(result))
+        out.print(tables.render_scaling(result))
         head = {"best lambda": result.best_lambda, f"{result.select} there": result.best_value}
         _print_headline("scaling", head)
         from mergelab.analysis.plots import plot_scaling_curve
@@ -235,7 +236,7 @@ def plane_cmd(
         setup, states = prepare(o, paths)
         result = ap.plane(setup.template, *states[:3], setup.evaluator, grid=grid, margin=margin,
                           refresh_bn=setup.refresh_bn, names=labels[:3], extra=dict(zip(labels[3:], states[3:])))
-        out.print(ap.render_plane(result))
+        out.print(tables.render_plane(result))
         head = plane_headline(result)
         for m, h in head.items():
             _print_headline(f"plane {'max' if m in ap.MAXIMIZED else 'min'} {m}",
@@ -270,8 +271,8 @@ def noise_scale_cmd(
         NoiseScale,
         effective_noise_scale,
         noise_scale_from_trainer,
-        render_noise_scale,
     )
+    from mergelab.cli.tables import render_noise_scale
 
     inputs = [trainer_state] if trainer_state is not None else []
     try:
