@@ -208,7 +208,9 @@ def methods_cmd(name: Optional[str] = typer.Argument(None, help="a method to des
         table.add_row(k, v["scope"], "required" if v["required"] else repr(v["default"]), v["description"])
     out.print(table)
     out.print(f"base model: {d['base']}; models: {d['min_models']}..{d['max_models'] or 'any'}"
-              + ("; randomised (use --seed)" if d["randomized"] else ""))
+              + ("; randomised (use --seed)" if d["randomized"] else "")
+              + ("; statistics: `stats:` on each model" if d["needs_stats"] else "")
+              + ("; the base's statistics: `base_stats:`" if d.get("uses_base_stats") else ""))
     out.print(d["doc"], highlight=False, markup=False)
 
 
