@@ -190,3 +190,21 @@ def test_nan_without_skip_unstable_writes_nothing(tmp_path):
     with pytest.raises(NonFiniteError, match=r"checkpoint-200.*b\.weight.*skip-unstable"):
         average_run(run, tmp_path / "out", show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no temporary left behind
+
+
+@pytest.mark.parametrize("k", [3, 5, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_gram_matches_the_torch_path(k, dtype):
+    """The numba Gram (up to 16 checkpoints) and the torch path agree to float64 rounding; 17 takes the torch path."""
+    from mergelab.methods.kernels import kernels_disabled
+
+    g = torch.Generator().manual_seed(k)
+    base = torch.randn(300, 70, generator=g)
+    xs = [(base + 0.01 * torch.randn(base.shape, generator=g)).to(dtype) for _ in range(k)]
+    fast = DeviationGram(k, max_elements=5000)
+    fast.add(xs, start=3, total=300 * 70 + 3)
+    with kernels_disabled():
+        slow = DeviationGram(k, max_elements=5000)
+        slow.add(xs, start=3, total=300 * 70 + 3)
+    torch.testing.assert_close(fast.gram, slow.gram, rtol=1e-10, atol=0)
+    assert bool((fast.gram.diagonal() > 0).all())

@@ -140,13 +140,33 @@ class DeviationGram:
         flat = [t.reshape(-1) for t in tensors]
         stride = max(1, math.ceil((total or flat[0].numel()) / self.max_elements))
         first = -start % stride  # the first position of this chunk on the whole tensor's grid
-        x = torch.stack([f[first::stride].to(torch.float64) for f in flat])  # (K, samples)
+        kernel = _gram_kernel()
+        if kernel is not None and kernel.supports(flat):
+            self.gram += kernel.gram(flat, first, stride)  # one compiled pass, no float64 copies
+            return
+        samples = flat[0][first::stride].numel()
+        x = torch.empty(len(flat), samples, dtype=torch.float64)  # (K, samples)
+        for row, f in zip(x, flat):
+            row.copy_(f[first::stride])
         x -= x.mean(0, keepdim=True)
         self.gram += x @ x.T
 
     def cosines(self) -> torch.Tensor:
         norms = self.gram.diagonal().clamp_min(1e-30).sqrt()
         return self.gram / norms[:, None] / norms[None, :]
+
+
+def _gram_kernel():
+    """trajectory.gram_kernel when kernels are on and numba imports, else None (the torch path runs)."""
+    from mergelab.methods.kernels import kernels_enabled
+
+    if not kernels_enabled():
+        return None
+    try:
+        from mergelab.trajectory import gram_kernel
+    except ImportError:
+        return None
+    return gram_kernel
 
 
 class PassObserver:
