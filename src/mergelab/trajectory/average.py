@@ -41,6 +41,7 @@ class AverageReport:
     bytes_read: int = 0  # input bytes the pass read (every chosen checkpoint once)
     bytes_reread: int = 0  # read by passes stopped at a NaN/Inf checkpoint (skip_unstable), then read again
     seconds: float = 0.0
+    copied_files: list[str] = dataclasses.field(default_factory=list)  # e.g. optimizer state, for resuming
 
 
 class UnstableCheckpoint(NonFiniteError):
@@ -227,7 +228,7 @@ def average_checkpoints(chosen: Sequence[RunCheckpoint], weights: Sequence[float
         partial = {j.name: [labels[r.model] for r in j.inputs] for j in plan.jobs
                    if not j.copy and len(j.inputs) != len(ckpts)}
         used = [(c.step, str(c.path), float(wt)) for c, wt in zip(chosen, weights)]
-        report = AverageReport(Path(out_dir), used, [], len(plan.jobs), partial)
+        report = AverageReport(Path(out_dir), used, [], len(plan.jobs), partial, copied_files=list(copy_files or {}))
         observer = PassObserver(labels)
 
         def files(run) -> dict:

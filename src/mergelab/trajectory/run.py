@@ -6,9 +6,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from mergelab.checkpoint.writer import parse_size
 from mergelab.checkpoint.output import check_output
 from mergelab.errors import CheckpointError, InvalidInput
@@ -16,19 +13,6 @@ from mergelab.trajectory.average import UnstableCheckpoint, average_checkpoints
 from mergelab.trajectory.discovery import RunCheckpoint, discover, select
 from mergelab.trajectory.recover import before_spike, resume_files
 from mergelab.trajectory.schedules import scheme_weights
-
-
-def _show(console: Console | None, chosen, weights, skipped, title: str) -> None:
-    if console is None:
-        return
-    table = Table(title=title)
-    for col in ("step", "checkpoint", "weight"):
-        table.add_column(col)
-    for c, w in zip(chosen, weights):
-        table.add_row(str(c.step), c.path.name, f"{w:.4f}")
-    for c, why in skipped:
-        table.add_row(str(c.step), c.path.name, f"[red]skipped[/]: {why}")
-    console.print(table)
 
 
 def plan_average(run_dir, *, scheme: str = "sma", last: int | None = None, every: int = 1,
@@ -56,7 +40,7 @@ def plan_average(run_dir, *, scheme: str = "sma", last: int | None = None, every
     return chosen, weights, skipped
 
 
-def _skipping_unstable(pick, average, skip: bool, console: Console | None):
+def _skipping_unstable(pick, average, skip: bool):
     """Run `average(chosen, weights, skipped)` on `pick(unstable)`; with `skip`, a checkpoint the pass
     finds holding NaN/Inf is left out and the choice made again (nothing was written).
 
@@ -76,9 +60,6 @@ def _skipping_unstable(pick, average, skip: bool, console: Console | None):
             bad = chosen[exc.index]
             unstable.append((bad, f"tensor {exc.tensor} holds NaN/Inf"))
             reread += exc.bytes_read
-            if console is not None:
-                console.print(f"[yellow]{bad.path.name}: tensor {exc.tensor} holds NaN/Inf[/]; left out, "
-                              "choosing again")
             continue
         report.skipped = [(c.step, str(c.path), why) for c, why in skipped]
         report.bytes_reread = reread
@@ -98,8 +79,12 @@ def _with_partial(info: dict):
 
 def average_run(run_dir, out_dir, *, scheme="sma", last=None, every=1, decay="linear", alpha=0.9,
                 skip_unstable=False, out_shard_size="5GB", overwrite=False, show_progress=True,
-                console: Console | None = None, explicit=None, allow_missing_tensors: bool = False):
-    """Average a run's checkpoints under `scheme` into out_dir (engine plan; each checkpoint read once)."""
+                explicit=None, allow_missing_tensors: bool = False):
+    """Average a run's checkpoints under `scheme` into out_dir (engine plan; each checkpoint read once).
+
+    Returns the AverageReport: checkpoints used with their weights, those skipped and why,
+    tensors from fewer checkpoints, the deviation cosines with their advice, bytes read.
+    """
     shard_size = parse_size(out_shard_size)
     check_output(out_dir, kind="folder", inputs=[run_dir, *(explicit or [])], overwrite=overwrite,
                  what="output folder")
@@ -109,7 +94,6 @@ def average_run(run_dir, out_dir, *, scheme="sma", last=None, every=1, decay="li
                             skip_unstable=skip_unstable, explicit=explicit, unstable=unstable)
 
     def average(chosen, weights, skipped):
-        _show(console, chosen, weights, skipped, f"{scheme} average of {len(chosen)} checkpoints")
         info = {"scheme": scheme, "decay": decay if scheme == "wsm" else None,
                 "alpha": alpha if scheme == "ema" else None,
                 "used": [{"step": c.step, "path": str(c.path), "weight": w} for c, w in zip(chosen, weights)],
@@ -119,20 +103,10 @@ def average_run(run_dir, out_dir, *, scheme="sma", last=None, every=1, decay="li
                                    extra_files_fn=_with_partial({"mergelab_average.json": info}),
                                    allow_missing_tensors=allow_missing_tensors)
 
-    report = _skipping_unstable(pick, average, skip_unstable, console)
-    _show_partial(console, report)
-    if console is not None:
-        console.print(report.correlation["recommendation"])
-    return report
+    return _skipping_unstable(pick, average, skip_unstable)
 
 
-def _show_partial(console: Console | None, report) -> None:
-    if console is not None and report.partial:
-        console.print(f"[yellow]{len(report.partial)} tensor(s) came from fewer checkpoints[/] (listed in the "
-                      "output's JSON): " + ", ".join(list(report.partial)[:5]))
-
-
-def recover_run(run_dir, out_dir, *, last: int = 3, overwrite: bool = False, console: Console | None = None,
+def recover_run(run_dir, out_dir, *, last: int = 3, overwrite: bool = False, show_progress: bool = False,
                 allow_missing_tensors: bool = False):
     """Average the newest `last` stable checkpoints; copy the newest stable one's optimizer state beside them.
 
@@ -159,18 +133,11 @@ def recover_run(run_dir, out_dir, *, last: int = 3, overwrite: bool = False, con
         return chosen, scheme_weights("sma", len(chosen)), skipped
 
     def average(chosen, weights, skipped):
-        _show(console, chosen, weights, skipped, f"recovering from {len(chosen)} stable checkpoints")
         info = {"used": [{"step": c.step, "path": str(c.path)} for c in chosen],
                 "skipped": [{"step": c.step, "path": str(c.path), "why": why} for c, why in skipped],
                 "resume_state_from": str(chosen[-1].path)}
-        return average_checkpoints(chosen, weights, out_dir, overwrite=overwrite, show_progress=console is not None,
+        return average_checkpoints(chosen, weights, out_dir, overwrite=overwrite, show_progress=show_progress,
                                    extra_files_fn=_with_partial({"mergelab_recover.json": info}),
                                    copy_files=resume_files(chosen[-1]), allow_missing_tensors=allow_missing_tensors)
 
-    report = _skipping_unstable(pick, average, True, console)
-    _show_partial(console, report)
-    if console is not None:
-        newest = Path(report.used[-1][1])
-        copied = list(resume_files(RunCheckpoint(report.used[-1][0], newest)))
-        console.print(f"wrote {out_dir}; resume state copied from {newest.name}: {', '.join(copied) or 'none found'}")
-    return report
+    return _skipping_unstable(pick, average, True)
