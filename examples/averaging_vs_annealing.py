@@ -114,16 +114,12 @@ def train(cfg, train_data, val_data, schedule: str, save_dir: Path | None):
 
 
 def averaged_loss(cfg, run_dir: Path, val_data, scheme: str, last: int, **kw) -> float:
-    from mergelab.checkpoint.reader import Checkpoint
-    from mergelab.trajectory.average import average_tensor
+    from mergelab.trajectory.average import average_state_dict
     from mergelab.trajectory.run import plan_average
 
     chosen, weights, _ = plan_average(run_dir, scheme=scheme, last=last, **kw)
-    ckpts = [Checkpoint(c.path) for c in chosen]
     model = TinyGPT(cfg.d, cfg.layers, cfg.heads, cfg.ctx)
-    labels = [str(c.path) for c in chosen]
-    model.load_state_dict({k: average_tensor([ck.view(k) for ck in ckpts], weights, k, labels)
-                           for k in ckpts[-1].keys()})
+    model.load_state_dict(average_state_dict(chosen, weights))  # the numbers `mergelab average` writes
     return evaluate(model, val_data, cfg.ctx)
 
 

@@ -206,13 +206,17 @@ def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
 def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
             shard_size: int = 5 * 10**9, overwrite: bool = False, show_progress: bool = True,
             extra_files_fn=None, allow_nonfinite: bool = False, copy_tokenizer: bool = True,
-            protected: Sequence[Path] = ()) -> RunReport:
+            protected: Sequence[Path] = (), observe=None, copy_files=None) -> RunReport:
     """Run `plan` and write the result atomically to `out_dir`.
 
     Inputs holding NaN/Inf stop the run (NonFiniteError, nothing written) unless
     `allow_nonfinite`, in which case they are merged as they are and listed in
     the report. The output may not touch the plan's inputs nor `protected` (e.g.
     the originals of aligned copies); that is checked before anything is read.
+    `observe(job, rows, tensors)`, if given, sees each work item's input tensors
+    (ref -> view, as stored) before the method runs, so statistics come from the
+    same single read (trajectory averages); an exception it raises stops the run
+    with nothing written. `copy_files` (name -> path) are copied into the output.
     """
     dev = resolve_device(device)
     out_dir = Path(out_dir)
@@ -242,6 +246,8 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
                                          or _item_bytes(plan, job, rows) <= PREFETCH_LIMIT)
             pending = pool.submit(reader.prefetch, *nxt) if small else None
             nread = inputs.nbytes
+            if observe is not None:
+                observe(job, rows, inputs.tensors)
             bad = nonfinite_inputs(plan, inputs)
             if bad and not allow_nonfinite:
                 raise NonFiniteError(
@@ -278,7 +284,8 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
         if plan.tokenizer_files is not None:  # a rebuilt tokenizer replaces the copied one (MergeKit writes it too)
             extra = {**plan.tokenizer_files, **(extra or {})}
         writer.finish(assets_from=plan.assets_from.folder, config_updates=plan.config_updates,
-                      extra_files=extra, copy_tokenizer=copy_tokenizer and plan.tokenizer_files is None)
+                      extra_files=extra, copy_tokenizer=copy_tokenizer and plan.tokenizer_files is None,
+                      copy_files=copy_files)
     report.seconds = time.perf_counter() - start
     return report
 

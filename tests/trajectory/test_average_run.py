@@ -54,9 +54,14 @@ def test_ema_average_matches_the_recursion(tmp_path):
 
 def test_skip_unstable_leaves_out_nan_checkpoint(tmp_path):
     run, states = _run(tmp_path, nan_at=3)
-    chosen, weights, skipped = plan_average(run, skip_unstable=True)
-    assert [c.step for c in chosen] == [100, 200, 300, 500]
-    assert [c.step for c, _ in skipped] == [400] and "NaN" in skipped[0][1]
+    report = average_run(run, tmp_path / "out", skip_unstable=True, show_progress=False)
+    assert [u[0] for u in report.used] == [100, 200, 300, 500]
+    assert [s for s, _, _ in report.skipped] == [400] and "NaN" in report.skipped[0][2]
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    want = torch.stack([states[i]["layer.weight"] for i in (0, 1, 2, 4)]).mean(0)
+    torch.testing.assert_close(got["layer.weight"], want)
+    info = json.loads((tmp_path / "out" / "mergelab_average.json").read_text())
+    assert [s["step"] for s in info["skipped"]] == [400]
 
 
 def test_loss_spike_in_trainer_state_marks_later_checkpoints(tmp_path):

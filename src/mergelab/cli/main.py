@@ -208,57 +208,10 @@ def methods_cmd(name: Optional[str] = typer.Argument(None, help="a method to des
         table.add_row(k, v["scope"], "required" if v["required"] else repr(v["default"]), v["description"])
     out.print(table)
     out.print(f"base model: {d['base']}; models: {d['min_models']}..{d['max_models'] or 'any'}"
-              + ("; randomised (use --seed)" if d["randomized"] else ""))
+              + ("; randomised (use --seed)" if d["randomized"] else "")
+              + ("; statistics: `stats:` on each model" if d["needs_stats"] else "")
+              + ("; the base's statistics: `base_stats:`" if d.get("uses_base_stats") else ""))
     out.print(d["doc"], highlight=False, markup=False)
-
-
-@app.command()
-def average(
-    run_dir: Path = typer.Argument(..., help="folder of a training run's checkpoints"),
-    out_dir: Path = typer.Argument(..., help="output folder (written atomically)"),
-    scheme: str = typer.Option("sma", help="sma | wma | ema | lawa | wsm"),
-    last: Optional[int] = typer.Option(None, help="average only the newest K checkpoints"),
-    every: int = typer.Option(1, help="take every N-th checkpoint, counting back from the newest"),
-    decay: str = typer.Option("linear", help="wsm decay shape: linear | cosine | 1-sqrt"),
-    alpha: float = typer.Option(0.9, help="ema decay per checkpoint"),
-    skip_unstable: bool = typer.Option(False, "--skip-unstable", help="leave out NaN/Inf checkpoints and those after a loss spike"),
-    checkpoint: Optional[list[Path]] = typer.Option(None, "--checkpoint", help="use these checkpoints (repeatable) instead of discovering them in RUN_DIR"),
-    out_shard_size: str = typer.Option("5GB", help="maximum size of an output shard"),
-    allow_missing_tensors: bool = typer.Option(False, "--allow-missing-tensors", help="average a tensor "
-                                               "that only some checkpoints hold over those (reported); "
-                                               "refused otherwise"),
-    overwrite: bool = OVERWRITE,
-    clean_partials: bool = CLEAN_PARTIALS,
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
-) -> None:
-    """Average the checkpoints of one training run (SMA, WMA, EMA, LAWA, WSM)."""
-    from mergelab.trajectory.run import average_run
-
-    with user_errors():
-        report_partials(out_dir, clean_partials)
-        average_run(run_dir, out_dir, scheme=scheme, last=last, every=every, decay=decay, alpha=alpha,
-                    skip_unstable=skip_unstable, out_shard_size=out_shard_size, overwrite=overwrite,
-                    show_progress=not quiet, console=out, explicit=checkpoint or None,
-                    allow_missing_tensors=allow_missing_tensors)
-
-
-@app.command()
-def recover(
-    run_dir: Path = typer.Argument(..., help="folder of a crashed or diverged training run"),
-    out_dir: Path = typer.Argument(..., help="folder training can resume from"),
-    last: int = typer.Option(3, help="how many of the newest stable checkpoints to average (1 or more)"),
-    allow_missing_tensors: bool = typer.Option(False, "--allow-missing-tensors", help="average a tensor "
-                                               "that only some checkpoints hold over those (reported)"),
-    overwrite: bool = OVERWRITE,
-    clean_partials: bool = CLEAN_PARTIALS,
-) -> None:
-    """Average the last stable checkpoints of a run into a folder training can resume from."""
-    from mergelab.trajectory.run import recover_run
-
-    with user_errors():
-        report_partials(out_dir, clean_partials)
-        recover_run(run_dir, out_dir, last=last, overwrite=overwrite, console=out,
-                    allow_missing_tensors=allow_missing_tensors)
 
 
 @app.command()
@@ -395,6 +348,9 @@ from mergelab.cli import align as _align_cli; _align_cli.register(app)  # noqa: 
 
 
 from mergelab.cli import moe as _moe_cli; _moe_cli.register(app)  # noqa: E402, E702
+
+
+from mergelab.cli import trajectory as _trajectory_cli; _trajectory_cli.register(app)  # noqa: E402, E702
 
 
 def main() -> None:

@@ -137,6 +137,7 @@ class MethodSpec:
             "base": self.base,
             "needs_base": self.needs_base,
             "needs_stats": self.needs_stats,
+            "uses_base_stats": self.uses_base_stats,
             "randomized": self.randomized,
             "min_models": self.min_models,
             "max_models": self.max_models,

@@ -1,8 +1,15 @@
-"""Average saved checkpoints of one run, streaming: memory does not grow with their number.
+"""Average saved checkpoints of one run: a plan of weighted sums, run by the engine.
 
-For each tensor, a float32 accumulator sums c_k * theta_k over the selected
-checkpoints, read one at a time; the result is written like any merge
-(sharded, atomic, config and tokenizer copied from the newest checkpoint).
+The average sum_k c_k theta_k is a linear merge whose weights come from a
+schedule (schedules.py). average_plan() turns the chosen checkpoints and
+their weights into one engine Job per tensor (the `linear` method, weights
+normalised per tensor), and engine.execute() runs it like any merge:
+prefetching, chunking, the compiled kernel, the report, the atomic writer.
+
+What the run's report needs besides the sum (the deviation cosines, and
+which checkpoints hold NaN/Inf) is gathered by PassObserver from the very
+tensors the engine reads for the sum, through execute's `observe` hook: every
+checkpoint is read once.
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ from pathlib import Path
 import torch
 
 from mergelab.checkpoint.reader import Checkpoint
-from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
 from mergelab.errors import InvalidInput, NonFiniteError, ShapeMismatch
 from mergelab.methods.kernels import has_nonfinite
-from mergelab.progress import ByteProgress
+from mergelab.methods.linear import LinearModel, LinearShared
+from mergelab.plan import Job, Plan, TensorRef
+from mergelab.recipe import Recipe
 from mergelab.trajectory.discovery import RunCheckpoint
 
 
@@ -30,6 +38,21 @@ class AverageReport:
     tensors: int
     partial: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # tensor -> checkpoints it came from
     correlation: dict | None = None  # deviation cosines and the advice drawn from them (same pass as the average)
+    bytes_read: int = 0  # input bytes the pass read (every chosen checkpoint once)
+    bytes_reread: int = 0  # read by passes stopped at a NaN/Inf checkpoint (skip_unstable), then read again
+    seconds: float = 0.0
+    copied_files: list[str] = dataclasses.field(default_factory=list)  # e.g. optimizer state, for resuming
+
+
+class UnstableCheckpoint(NonFiniteError):
+    """A chosen checkpoint holds NaN/Inf; raised from inside the pass, so nothing is written."""
+
+    def __init__(self, index: int, label: str, tensor: str):
+        super().__init__(f"checkpoint {label} tensor {tensor} holds NaN or Inf values, so the average would too; "
+                         "nothing was written. Leave out unstable checkpoints (skip_unstable=True; "
+                         "--skip-unstable) or choose the checkpoints yourself")
+        self.index, self.label, self.tensor = index, label, tensor
+        self.bytes_read = 0  # what the stopped pass had read (set by PassObserver)
 
 
 def tensor_sources(ckpts: Sequence[Checkpoint], labels: Sequence[str], *,
@@ -66,91 +89,38 @@ def tensor_sources(ckpts: Sequence[Checkpoint], labels: Sequence[str], *,
     return names
 
 
-def average_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float], name: str,
-                   labels: Sequence[str]) -> torch.Tensor:
-    """sum_k w_k tensors[k] in float32 (tensors: one checkpoint's `name` each, as stored).
+def average_plan(ckpts: Sequence[Checkpoint], weights: Sequence[float], labels: Sequence[str], *,
+                 out_dtype: torch.dtype | None = None, allow_missing: bool = False) -> Plan:
+    """One job per tensor: the `linear` method over the checkpoints holding it, with their weights.
 
-    Raises:
-        NonFiniteError: a checkpoint's tensor holds NaN/Inf (named), so the average would too.
+    The output holds the newest checkpoint's tensors in its order, then those
+    only older ones hold (allow_missing). Float tensors are sum_k c_k theta_k / sum_k c_k
+    over the checkpoints holding them (the weights sum to one, so for a tensor every
+    checkpoint holds this is the schedule's average); non-float ones are copied
+    from the newest checkpoint holding them. Nothing is read here.
     """
-    acc = None
-    for t, w in zip(tensors, weights):
-        if acc is None:
-            acc = t.to(torch.float32, copy=True).mul_(w)
-        else:
-            acc.add_(t, alpha=w)
-    if acc is not None and has_nonfinite(acc):
-        for t, label in zip(tensors, labels):
-            if has_nonfinite(t):
-                raise NonFiniteError(f"checkpoint {label} tensor {name} holds NaN or Inf values, so the average "
-                                     "would too; nothing was written. Leave out unstable checkpoints "
-                                     "(skip_unstable=True; --skip-unstable) or choose the checkpoints yourself")
-    return acc
-
-
-def nonfinite(ck: Checkpoint) -> str | None:
-    """The first tensor holding NaN or Inf, or None."""
-    for name in ck.keys():
-        if has_nonfinite(ck.view(name)):
-            return name
-    return None
-
-
-def average_checkpoints(chosen: Sequence[RunCheckpoint], weights: Sequence[float], out_dir: str | Path, *,
-                        shard_size: int = 5 * 10**9, overwrite: bool = False, show_progress: bool = True,
-                        out_dtype: torch.dtype | None = None, extra_files: dict | None = None,
-                        extra_files_fn=None, copy_files: dict | None = None,
-                        allow_missing_tensors: bool = False) -> AverageReport:
-    """Write sum_k weights[k] * chosen[k] to out_dir. Non-float tensors come from the newest checkpoint.
-
-    A tensor held by only some checkpoints (allowed with `allow_missing_tensors`)
-    is averaged over those, with their weights renormalised to sum to one; the
-    report lists it with the checkpoints it came from. `extra_files_fn(report)`
-    returns files written beside the weights (after the report is known);
-    `copy_files` are copied into the output before it is moved into place.
-    """
-    if len(chosen) != len(weights):
+    if len(ckpts) != len(weights):
         raise InvalidInput("one weight per checkpoint")
-    ckpts = [Checkpoint(c.path) for c in chosen]
-    labels = [str(c.path) for c in chosen]
-    sources = tensor_sources(ckpts, labels, allow_missing=allow_missing_tensors)
-    newest = ckpts[-1]
-    names = list(newest.keys()) + [n for n in sources if n not in newest]
-    holder = {n: ckpts[sources[n][-1]] for n in names}
-    layout = [TensorInfo(n, tuple(holder[n].shape(n)), (out_dtype if holder[n].dtype(n).is_floating_point else None)
-                         or holder[n].dtype(n)) for n in names]
-    total = sum(ck.total_bytes for ck in ckpts)
-    protected = [Path(ck.folder or ck.path) for ck in ckpts]
-    partial = {n: [labels[k] for k in ks] for n, ks in sources.items() if len(ks) != len(ckpts)}
-    used = [(c.step, str(c.path), float(wt)) for c, wt in zip(chosen, weights)]
-    report = AverageReport(Path(out_dir), used, [], len(names), partial)
-    deviations = DeviationGram(len(ckpts))
-    with CheckpointWriter(out_dir, layout, shard_size=shard_size, overwrite=overwrite, protected=protected) as w, \
-            ByteProgress(len(names), total, enabled=show_progress, label="averaging") as progress:
-        for info in layout:
-            ks = sources[info.name]
-            if holder[info.name].dtype(info.name).is_floating_point:
-                ws = [weights[k] for k in ks]
-                scale = sum(ws)
-                tensors = [ckpts[k].view(info.name) for k in ks]  # read once: the average and the cosines
-                out = average_tensor(tensors, [x / scale for x in ws], info.name,
-                                     [labels[k] for k in ks]).to(info.dtype)
-                if len(ks) == len(ckpts):
-                    deviations.add(tensors)
-                del tensors
-            else:
-                out = holder[info.name][info.name]
-            w.write(info.name, out)
-            progress.advance(sum(ckpts[k].nbytes(info.name) for k in ks))
-        cos = deviations.cosines()
-        report.correlation = {"steps": [c.step for c in chosen],
-                              "deviation_cosine": cos.tolist() if bool(cos.isfinite().all()) else None,
-                              "recommendation": recommend(cos)}
-        files = dict(extra_files or {})
-        if extra_files_fn is not None:
-            files.update(extra_files_fn(report))
-        w.finish(assets_from=newest.folder, extra_files=files, copy_files=copy_files)
-    return report
+    sources = tensor_sources(ckpts, labels, allow_missing=allow_missing)
+    names = list(ckpts[-1].keys()) + [n for n in sources if n not in ckpts[-1]]
+    shared = LinearShared(normalize=True)
+    jobs = []
+    for name in names:
+        ks = sources[name]
+        holder = ckpts[ks[-1]]
+        shape, dtype = tuple(holder.shape(name)), holder.dtype(name)
+        if not dtype.is_floating_point:
+            jobs.append(Job(name=name, shape=shape, dtype=dtype, inputs=(TensorRef(ks[-1], name),), copy=True))
+            continue
+        if sum(weights[k] for k in ks) <= 0:
+            raise InvalidInput(f"tensor {name} is held only by checkpoints of weight 0 ({labels[ks[0]]} ...), so "
+                               "it has no average; choose a window or scheme that gives them weight")
+        jobs.append(Job(name=name, shape=shape, dtype=out_dtype or dtype,
+                        inputs=tuple(TensorRef(k, name) for k in ks),
+                        model_params=tuple(LinearModel(weight=weights[k]) for k in ks), shared=shared))
+    recipe = Recipe.model_validate({"merge_method": "linear", "models": [
+        {"model": label, "parameters": {"weight": float(w)}} for label, w in zip(labels, weights)]})
+    return Plan(recipe, list(ckpts), jobs, [], {}, ckpts[-1])
 
 
 class DeviationGram:
@@ -158,23 +128,140 @@ class DeviationGram:
 
     Each tensor enters through a fixed stride that keeps at most `max_elements`
     entries (an unbiased estimate for a big tensor), so the sums cost little
-    beside the average they are computed with, from the same reads.
+    beside the average they are computed with, from the same reads. A tensor
+    may arrive in row chunks: `start` and `total` (its element offset and
+    size) keep the sampled positions those of the whole tensor.
     """
 
     def __init__(self, k: int, *, max_elements: int = 2_000_000):
         self.gram = torch.zeros(k, k, dtype=torch.float64)
         self.max_elements = max_elements
 
-    def add(self, tensors: Sequence[torch.Tensor]) -> None:
+    def add(self, tensors: Sequence[torch.Tensor], *, start: int = 0, total: int | None = None) -> None:
         flat = [t.reshape(-1) for t in tensors]
-        stride = max(1, math.ceil(flat[0].numel() / self.max_elements))
-        x = torch.stack([f[::stride].to(torch.float64) for f in flat])
+        stride = max(1, math.ceil((total or flat[0].numel()) / self.max_elements))
+        first = -start % stride  # the first position of this chunk on the whole tensor's grid
+        kernel = _gram_kernel()
+        if kernel is not None and kernel.supports(flat):
+            self.gram += kernel.gram(flat, first, stride)  # one compiled pass, no float64 copies
+            return
+        samples = flat[0][first::stride].numel()
+        x = torch.empty(len(flat), samples, dtype=torch.float64)  # (K, samples)
+        for row, f in zip(x, flat):
+            row.copy_(f[first::stride])
         x -= x.mean(0, keepdim=True)
         self.gram += x @ x.T
 
     def cosines(self) -> torch.Tensor:
         norms = self.gram.diagonal().clamp_min(1e-30).sqrt()
         return self.gram / norms[:, None] / norms[None, :]
+
+
+def _gram_kernel():
+    """trajectory.gram_kernel when kernels are on and numba imports, else None (the torch path runs)."""
+    from mergelab.methods.kernels import kernels_enabled
+
+    if not kernels_enabled():
+        return None
+    try:
+        from mergelab.trajectory import gram_kernel
+    except ImportError:
+        return None
+    return gram_kernel
+
+
+class PassObserver:
+    """engine.execute's `observe` hook for an average: the cosines and the NaN/Inf check, same reads.
+
+    Raises UnstableCheckpoint at the first input holding NaN/Inf, which stops
+    the engine before anything is written.
+    """
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = list(labels)
+        self.gram = DeviationGram(len(labels))
+        self.bytes_read = 0
+
+    def __call__(self, job: Job, rows: tuple[int, int] | None, tensors: dict) -> None:
+        self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
+        if job.copy:
+            return
+        xs = [tensors[r] for r in job.inputs]
+        for ref, t in zip(job.inputs, xs):
+            if has_nonfinite(t):
+                exc = UnstableCheckpoint(ref.model, self.labels[ref.model], job.name)
+                exc.bytes_read = self.bytes_read
+                raise exc
+        if len(xs) == len(self.labels):  # tensors every checkpoint holds
+            row = math.prod(job.shape[1:]) if job.shape else 1
+            self.gram.add(xs, start=0 if rows is None else rows[0] * row, total=math.prod(job.shape))
+
+    def correlation(self, steps: Sequence[int]) -> dict:
+        cos = self.gram.cosines()
+        return {"steps": list(steps), "deviation_cosine": cos.tolist() if bool(cos.isfinite().all()) else None,
+                "recommendation": recommend(cos)}
+
+
+def average_checkpoints(chosen: Sequence[RunCheckpoint], weights: Sequence[float], out_dir: str | Path, *,
+                        shard_size: int = 5 * 10**9, overwrite: bool = False, show_progress: bool = True,
+                        out_dtype: torch.dtype | None = None, extra_files: dict | None = None,
+                        extra_files_fn=None, copy_files: dict | None = None,
+                        allow_missing_tensors: bool = False) -> AverageReport:
+    """Write sum_k weights[k] * chosen[k] to out_dir, reading each checkpoint once.
+
+    Non-float tensors come from the newest checkpoint. A tensor held by only
+    some checkpoints (allowed with `allow_missing_tensors`) is averaged over
+    those, with their weights renormalised to sum to one; the report lists it
+    with the checkpoints it came from. `extra_files_fn(report)` returns files
+    written beside the weights (after the report is known); `copy_files` are
+    copied into the output before it is moved into place.
+
+    Raises:
+        UnstableCheckpoint: a chosen checkpoint holds NaN/Inf (nothing written).
+    """
+    from mergelab.engine import execute
+
+    labels = [str(c.path) for c in chosen]
+    ckpts = [Checkpoint(c.path) for c in chosen]
+    try:
+        plan = average_plan(ckpts, weights, labels, out_dtype=out_dtype, allow_missing=allow_missing_tensors)
+        partial = {j.name: [labels[r.model] for r in j.inputs] for j in plan.jobs
+                   if not j.copy and len(j.inputs) != len(ckpts)}
+        used = [(c.step, str(c.path), float(wt)) for c, wt in zip(chosen, weights)]
+        report = AverageReport(Path(out_dir), used, [], len(plan.jobs), partial, copied_files=list(copy_files or {}))
+        observer = PassObserver(labels)
+
+        def files(run) -> dict:
+            report.correlation = observer.correlation([c.step for c in chosen])
+            report.bytes_read = run.bytes_read
+            out = dict(extra_files or {})
+            if extra_files_fn is not None:
+                out.update(extra_files_fn(report))
+            return out
+
+        run = execute(plan, out_dir, shard_size=shard_size, overwrite=overwrite, show_progress=show_progress,
+                      extra_files_fn=files, copy_files=copy_files, observe=observer)
+        report.seconds = run.seconds
+        return report
+    finally:
+        for ck in ckpts:
+            ck.close()
+
+
+def average_state_dict(chosen: Sequence[RunCheckpoint], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """sum_k weights[k] * chosen[k] in memory (the numbers average_checkpoints writes), e.g. to evaluate it."""
+    from mergelab.engine import execute_into
+
+    labels = [str(c.path) for c in chosen]
+    ckpts = [Checkpoint(c.path) for c in chosen]
+    try:
+        plan = average_plan(ckpts, weights, labels)
+        out = {j.name: torch.empty(j.shape, dtype=j.dtype) for j in plan.jobs}
+        execute_into(plan, out)
+        return out
+    finally:
+        for ck in ckpts:
+            ck.close()
 
 
 def recommend(cos: torch.Tensor) -> str:

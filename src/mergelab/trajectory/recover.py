@@ -1,11 +1,13 @@
 """Crash recovery: leave out unstable checkpoints, average the last stable ones.
 
-A checkpoint is unstable when any of its weights is NaN/Inf, or, when the
+A checkpoint is unstable when any of its weights is NaN/Inf (found while
+averaging, in the one pass over the weights: trajectory.run), or, when the
 run's trainer_state.json log history is available, when it was saved at or
-after a loss spike: a logged training loss above `spike_factor` times the
-median of the preceding `window` logged losses (or a non-finite loss). Once a
-spike is seen, later checkpoints are treated as unstable too, since the
-weights that follow a spike descend from it.
+after a loss spike (decided here, before any weight is read): a logged
+training loss above `spike_factor` times the median of the preceding
+`window` logged losses (or a non-finite loss). Once a spike is seen, later
+checkpoints are treated as unstable too, since the weights that follow a
+spike descend from it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from mergelab.checkpoint.reader import Checkpoint
 from mergelab.errors import CheckpointError
 from mergelab.jsonfile import read_json_file
 from mergelab.trajectory.discovery import RunCheckpoint
@@ -60,28 +61,18 @@ def first_spike(history: Sequence[tuple[int, float]], *, spike_factor: float = 3
     return None
 
 
-def stable_checkpoints(run_dir: Path, checkpoints: Sequence[RunCheckpoint], *, spike_factor: float = 3.0,
-                       window: int = 10) -> tuple[list[RunCheckpoint], list[tuple[RunCheckpoint, str]]]:
-    """Split checkpoints into (stable, [(unstable, why)])."""
+def before_spike(run_dir: Path, checkpoints: Sequence[RunCheckpoint], *, spike_factor: float = 3.0,
+                 window: int = 10) -> tuple[list[RunCheckpoint], list[tuple[RunCheckpoint, str]]]:
+    """Split checkpoints into (kept, [(left out, why)]) by the loss history alone: no weights are read.
+
+    Checkpoints holding NaN/Inf are found by the average's own pass over the
+    weights (average.PassObserver), which reads each checkpoint once.
+    """
     spike = first_spike(loss_history(Path(run_dir), checkpoints), spike_factor=spike_factor, window=window)
-    stable, skipped = [], []
-    for c in checkpoints:
-        if spike is not None and c.step >= spike:
-            skipped.append((c, f"saved at or after the loss spike at step {spike}"))
-            continue
-        with Checkpoint(c.path) as ck:
-            bad = _first_nonfinite(ck)
-        if bad is not None:
-            skipped.append((c, f"tensor {bad} holds NaN/Inf"))
-            continue
-        stable.append(c)
-    return stable, skipped
-
-
-def _first_nonfinite(ck: Checkpoint) -> str | None:
-    from mergelab.trajectory.average import nonfinite
-
-    return nonfinite(ck)
+    if spike is None:
+        return list(checkpoints), []
+    kept = [c for c in checkpoints if c.step < spike]
+    return kept, [(c, f"saved at or after the loss spike at step {spike}") for c in checkpoints if c.step >= spike]
 
 
 RESUME_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "rng_state.pth")
