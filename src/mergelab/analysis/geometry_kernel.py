@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ _FAST = {"reassoc", "contract"}  # sums may be reordered (vectorised); NaN and I
 
 
 @njit(cache=True, nogil=True)
-def _many_block(xs, ref, has_ref, threshold, lo, hi, gram_w, gram_t, acc, hist, conflicts):
+def _many_block(xs, ref, threshold, lo, hi, gram_w, gram_t, acc, hist, conflicts):
     """Any N, elements lo:hi: gram_w/gram_t (N, N) lower triangles, acc (1 + N,) ref_sq then masses,
     hist (2, N + 1) coordinates by nonzero count and conflicts (2,), before and after the trim."""
     n = len(xs)
@@ -58,7 +59,7 @@ def _many_block(xs, ref, has_ref, threshold, lo, hi, gram_w, gram_t, acc, hist, 
         for i in range(n):
             w[i] = load(xs[i], j)
             total += w[i]
-        r = load(ref, j) if has_ref else total / np.float32(n)
+        r = total / np.float32(n) if ref is None else load(ref, j)
         acc[0] += np.float64(r) * np.float64(r)
         m = 0
         pos = False
@@ -89,7 +90,7 @@ def _many_block(xs, ref, has_ref, threshold, lo, hi, gram_w, gram_t, acc, hist, 
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def _pair_block(x0, x1, ref, has_ref, t0, t1, lo, hi, acc):
+def _pair_block(x0, x1, ref, t0, t1, lo, hi, acc):
     """Two models, elements lo:hi: the same sums as _many_block with a branch-free body.
 
     acc (13,) float64: weight gram 00 01 11, task gram 00 01 11, ref_sq, mass 0 1, then counts:
@@ -101,7 +102,7 @@ def _pair_block(x0, x1, ref, has_ref, t0, t1, lo, hi, acc):
     for j in range(lo, hi):
         a = load(x0, j)
         b = load(x1, j)
-        r = load(ref, j) if has_ref else (a + b) / np.float32(2)
+        r = (a + b) / np.float32(2) if ref is None else load(ref, j)
         da = np.float64(a - r)
         db = np.float64(b - r)
         a64 = np.float64(a)
@@ -139,37 +140,37 @@ def _pair_block(x0, x1, ref, has_ref, t0, t1, lo, hi, acc):
 
 
 @njit(cache=True, nogil=True)
-def _sample_magnitudes(xs, ref, has_ref, index, out):
+def _sample_magnitudes(xs, ref, index, out):
     """out[i, s] = |w_i[index[s]] - r[index[s]]| in float32, r the base or the float32 mean."""
     n = len(xs)
     for s in range(index.shape[0]):
         j = index[s]
-        if has_ref:
-            r = load(ref, j)
-        else:
+        if ref is None:
             total = np.float32(0.0)
             for i in range(n):
                 total += load(xs[i], j)
             r = total / np.float32(n)
+        else:
+            r = load(ref, j)
         for i in range(n):
             out[i, s] = abs(load(xs[i], j) - r)
 
 
 @njit(cache=True, nogil=True)
-def _subgrid_deltas(xs, ref, has_ref, width, rows, cols, out):
+def _subgrid_deltas(xs, ref, width, rows, cols, out):
     """out[i, a, b] = w_i[rows[a], cols[b]] - r[rows[a], cols[b]] in float32 (row-major, `width` columns)."""
     n = len(xs)
     for a in range(rows.shape[0]):
         base = rows[a] * width
         for b in range(cols.shape[0]):
             j = base + cols[b]
-            if has_ref:
-                r = load(ref, j)
-            else:
+            if ref is None:
                 total = np.float32(0.0)
                 for i in range(n):
                     total += load(xs[i], j)
                 r = total / np.float32(n)
+            else:
+                r = load(ref, j)
             for i in range(n):
                 out[i, a, b] = load(xs[i], j) - r
 
@@ -181,19 +182,20 @@ def _flat(t: Tensor, dtype: torch.dtype) -> np.ndarray:
     return as_array(t)
 
 
-def stored_arrays(weights: Sequence[Tensor], reference: Tensor | None) -> tuple[tuple[np.ndarray, ...], np.ndarray, bool]:
-    """(xs, ref, has_ref): flat numpy views of the tensors as stored (bfloat16 bits or float32).
+def stored_arrays(weights: Sequence[Tensor], reference: Tensor | None) -> tuple[tuple[np.ndarray, ...], Any]:
+    """(xs, ref): flat numpy views of the tensors as stored (bfloat16 bits or float32).
 
     Views, not copies, when every model tensor is bfloat16, or every one float32, on the CPU and
     contiguous; otherwise (a mix, float16, float64) float32 copies. Without a reference, `ref`
-    is a placeholder and the kernels use the models' mean.
+    is None: the kernels then use the models' mean, and numba compiles that case apart (a None
+    argument prunes its branch), so neither loop tests for a reference per element.
     """
     dtypes = {t.dtype for t in weights}
     dtype = dtypes.pop() if len(dtypes) == 1 and weights[0].dtype in KERNEL_DTYPES else torch.float32
     xs = tuple(_flat(t, dtype) for t in weights)
     if reference is None:
-        return xs, xs[0], False
-    return xs, _flat(reference, reference.dtype if reference.dtype in KERNEL_DTYPES else torch.float32), True
+        return xs, None
+    return xs, _flat(reference, reference.dtype if reference.dtype in KERNEL_DTYPES else torch.float32)
 
 
 def _run(tasks: list[Callable[[], None]], pool: Executor | None) -> None:
@@ -205,14 +207,14 @@ def _run(tasks: list[Callable[[], None]], pool: Executor | None) -> None:
             future.result()
 
 
-def _pair_pass(xs, ref, has_ref, threshold: np.ndarray, pool: Executor | None) -> dict:
+def _pair_pass(xs, ref, threshold: np.ndarray, pool: Executor | None) -> dict:
     n_el = xs[0].shape[0]
     starts = range(0, n_el, BLOCK)
     parts = np.zeros((len(starts), 13))  # float64 partial sums per block, added up in block order
     t0, t1 = np.float32(threshold[0]), np.float32(threshold[1])
 
     def block(k: int) -> Callable[[], None]:
-        return lambda: _pair_block(xs[0], xs[1], ref, has_ref, t0, t1, starts[k], min(starts[k] + BLOCK, n_el),
+        return lambda: _pair_block(xs[0], xs[1], ref, t0, t1, starts[k], min(starts[k] + BLOCK, n_el),
                                    parts[k])
 
     _run([block(k) for k in range(len(starts))], pool)
@@ -223,7 +225,7 @@ def _pair_pass(xs, ref, has_ref, threshold: np.ndarray, pool: Executor | None) -
             "conflicts": [int(acc[10]), int(acc[9]), acc[9] / 2], "trimmed": [int(acc[12]), int(acc[11]), acc[11] / 2]}
 
 
-def _many_pass(xs, ref, has_ref, threshold: np.ndarray, pool: Executor | None) -> dict:
+def _many_pass(xs, ref, threshold: np.ndarray, pool: Executor | None) -> dict:
     n, n_el = len(xs), xs[0].shape[0]
     starts = range(0, n_el, BLOCK)
     blocks = len(starts)
@@ -233,7 +235,7 @@ def _many_pass(xs, ref, has_ref, threshold: np.ndarray, pool: Executor | None) -
     thr = threshold.astype(np.float32)
 
     def block(k: int) -> Callable[[], None]:
-        return lambda: _many_block(xs, ref, has_ref, thr, starts[k], min(starts[k] + BLOCK, n_el), gram_w[k],
+        return lambda: _many_block(xs, ref, thr, starts[k], min(starts[k] + BLOCK, n_el), gram_w[k],
                                    gram_t[k], acc[k], hist[k], conflicts[k])
 
     _run([block(k) for k in range(blocks)], pool)
@@ -267,25 +269,25 @@ def geometry_pass(weights: Sequence[Tensor], reference: Tensor | None, threshold
         weight_gram, task_gram (N, N) float64 symmetric; ref_sq float; mass_total (N,);
         conflicts, trimmed: [conflicts, contested, chance] before and after the trim.
     """
-    xs, ref, has_ref = stored_arrays(weights, reference)
+    xs, ref = stored_arrays(weights, reference)
     thr = threshold.numpy() if isinstance(threshold, Tensor) else np.asarray(threshold)
     if len(xs) == 2:
-        return _pair_pass(xs, ref, has_ref, thr, pool)
-    return _many_pass(xs, ref, has_ref, thr, pool)
+        return _pair_pass(xs, ref, thr, pool)
+    return _many_pass(xs, ref, thr, pool)
 
 
 def sample_magnitudes(weights: Sequence[Tensor], reference: Tensor | None, index: np.ndarray) -> np.ndarray:
     """(N, len(index)) float32 |tau_i| at the flat positions `index`, read from the tensors as stored."""
-    xs, ref, has_ref = stored_arrays(weights, reference)
+    xs, ref = stored_arrays(weights, reference)
     out = np.empty((len(xs), index.shape[0]), np.float32)
-    _sample_magnitudes(xs, ref, has_ref, index, out)
+    _sample_magnitudes(xs, ref, index, out)
     return out
 
 
 def subgrid_deltas(weights: Sequence[Tensor], reference: Tensor | None, rows: np.ndarray,
                    cols: np.ndarray) -> np.ndarray:
     """(N, len(rows), len(cols)) float32 tau_i on the sub-grid rows x cols of 2-D tensors, read as stored."""
-    xs, ref, has_ref = stored_arrays(weights, reference)
+    xs, ref = stored_arrays(weights, reference)
     out = np.empty((len(xs), rows.shape[0], cols.shape[0]), np.float32)
-    _subgrid_deltas(xs, ref, has_ref, weights[0].shape[1], rows, cols, out)
+    _subgrid_deltas(xs, ref, weights[0].shape[1], rows, cols, out)
     return out
