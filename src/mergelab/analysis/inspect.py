@@ -19,7 +19,7 @@ import functools
 import math
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -262,9 +262,9 @@ class _Ref:
 
 
 class _Source:
-    """One tensor name of every input at a time: memory-map views of checkpoints (their pages mapped in by
-    a background thread one name ahead, through checkpoint.prefetch.Prefetcher, and released after use,
-    as the engine does), or the tensors of in-memory mappings as they are."""
+    """The tensors of every input, a few names at a time: memory-map views of checkpoints (their pages
+    mapped in by a background thread one batch ahead, through checkpoint.prefetch.Prefetcher, and
+    released after use, as the engine does), or the tensors of in-memory mappings as they are."""
 
     def __init__(self, mappings: list[Mapping]):
         self.mappings = mappings
@@ -272,50 +272,71 @@ class _Source:
         self.slot = {id(m): k for k, m in enumerate(ckpts)}
         self.pages = Prefetcher(ckpts) if ckpts else None
 
-    def refs(self, name: str) -> list[_Ref]:
-        return [_Ref(self.slot[id(m)], name) for m in self.mappings if id(m) in self.slot]
+    def refs(self, names: Sequence[str]) -> list[_Ref]:
+        return [_Ref(self.slot[id(m)], name) for name in names for m in self.mappings if id(m) in self.slot]
 
-    def prefetch(self, name: str) -> None:
+    def prefetch(self, names: Sequence[str]) -> None:
         if self.pages is not None:
-            self.pages.prefetch(self.refs(name), None)
+            self.pages.prefetch(self.refs(names), None)
 
     def tensors(self, name: str) -> list[torch.Tensor]:
         return [m.view(name) if id(m) in self.slot else m[name] for m in self.mappings]
 
-    def done(self, name: str) -> None:
+    def done(self, names: Sequence[str]) -> None:
         """After the tensors were used: the files must not have changed meanwhile; then drop the pages."""
         if self.pages is not None:
-            refs = self.refs(name)
+            refs = self.refs(names)
             self.pages.check_unchanged(refs)
             self.pages.release(refs, None)
+
+
+BATCH_BYTES = 32 << 20
+"""Consecutive small tensor names are read ahead and released together, up to about this many bytes of
+all inputs: one hand-off to the read-ahead thread per batch instead of per name (MiniLM has 100 names,
+most of a few KB)."""
+
+
+def _batches(names: list[str], nbytes: Callable[[str], int]) -> list[list[str]]:
+    out: list[list[str]] = []
+    size = 0
+    for name in names:
+        if not out or size >= BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += nbytes(name)
+    return out
 
 
 def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: list[str], density: float,
                 spectral_names: set[str], progress: ByteProgress | None = None, pool: Executor | None = None
                 ) -> tuple[dict[tuple, GeometrySums], dict[str, GeometrySums], GeometrySums]:
-    """Geometry sums per group, per kind and overall, reading one tensor name at a time."""
+    """Geometry sums per group, per kind and overall, reading a batch of tensor names at a time."""
     n = len(models)
     groups: dict[tuple, GeometrySums] = {}
     kinds: dict[str, GeometrySums] = {}
     overall = GeometrySums(n)
-    source = _Source([m for _, m in models] + ([base] if base is not None else []))
+    mappings = [m for _, m in models] + ([base] if base is not None else [])
+    source = _Source(mappings)
+    batches = _batches(names, lambda name: sum(_nbytes(m, name) for m in mappings))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-inspect-prefetch") as reader:
-        pending = reader.submit(source.prefetch, names[0]) if names else None
-        for k, name in enumerate(names):
+        pending = reader.submit(source.prefetch, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
             pending.result()  # pages mapped in, files checked unchanged
-            pending = reader.submit(source.prefetch, names[k + 1]) if k + 1 < len(names) else None
-            tensors = source.tensors(name)  # as stored: the compiled pass reads bfloat16 in place
-            weights, reference = tensors[:n], (tensors[n] if base is not None else None)
-            sums = tensor_sums(weights, reference, density, spectral=name in spectral_names, pool=pool)
-            _check_finite(models, name, sums, weights, reference)
-            nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            del tensors, weights, reference  # keep at most one tensor name in memory
-            source.done(name)
-            groups.setdefault(_group_of(name), GeometrySums(n)).add(sums)
-            kinds.setdefault(tensor_kind(name), GeometrySums(n)).add(sums)
-            overall.add(sums)
-            if progress is not None:
-                progress.advance(nbytes)
+            pending = reader.submit(source.prefetch, batches[k + 1]) if k + 1 < len(batches) else None
+            for name in batch:
+                tensors = source.tensors(name)  # as stored: the compiled pass reads bfloat16 in place
+                weights, reference = tensors[:n], (tensors[n] if base is not None else None)
+                sums = tensor_sums(weights, reference, density, spectral=name in spectral_names, pool=pool)
+                _check_finite(models, name, sums, weights, reference)
+                nbytes = sum(t.numel() * t.element_size() for t in tensors)
+                del tensors, weights, reference  # keep at most one batch of tensor names in memory
+                groups.setdefault(_group_of(name), GeometrySums(n)).add(sums)
+                kinds.setdefault(tensor_kind(name), GeometrySums(n)).add(sums)
+                overall.add(sums)
+                if progress is not None:
+                    progress.advance(nbytes)
+            source.done(batch)
     return groups, kinds, overall
 
 
