@@ -5,12 +5,16 @@ time, computes the task-vector geometry of that tensor and adds it to the sums
 of its layer, of its kind (attention, mlp, embedding, norm, other) and of the
 whole model. Per tensor: a sampled magnitude profile (the trim threshold), one
 compiled pass over the tensors as stored for every sum (analysis/geometry_kernel.py;
-the torch reference in analysis/geometry.py where numba is missing), and, on a
-sample of layers, an SVD of an evenly spaced sub-grid for the spectral overlap.
-Memory holds one tensor name at a time, as stored, never a whole model. `recommend` turns the report into merge-method suggestions with their
+the torch reference in analysis/geometry.py where numba is missing or kernels are
+off), and, on a sample of layers, a randomized SVD of an evenly spaced sub-grid for
+the spectral overlap, run beside the pass on a worker thread.
+
+Checkpoints are read as the merge engine reads them: memory-map views whose pages
+a background thread maps in one batch of names ahead (checkpoint.prefetch), checked
+unchanged after use and released, so memory holds about two batches' pages, never a
+whole model. `recommend` turns the report into merge-method suggestions with their
 reasons; `render_inspect` draws it as rich tables.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +24,7 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -291,9 +295,14 @@ class _Source:
 
 
 BATCH_BYTES = 32 << 20
-"""Consecutive small tensor names are read ahead and released together, up to about this many bytes of
-all inputs: one hand-off to the read-ahead thread per batch instead of per name (MiniLM has 100 names,
-most of a few KB)."""
+"""Consecutive small tensor names of checkpoints are read ahead, computed (several at once) and released
+together, up to about this many bytes of all inputs: one hand-off to the read-ahead thread per batch
+instead of per name (MiniLM has 100 names, most of a few KB)."""
+
+
+SMALL_NUMEL = 1 << 20
+"""Names with fewer entries than this are computed whole on one worker thread each, several at once;
+bigger ones have their compiled pass cut into blocks for the workers (geometry_kernel.BLOCK)."""
 
 
 def _batches(names: list[str], nbytes: Callable[[str], int]) -> list[list[str]]:
@@ -318,24 +327,33 @@ def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: 
     overall = GeometrySums(n)
     mappings = [m for _, m in models] + ([base] if base is not None else [])
     source = _Source(mappings)
-    batches = _batches(names, lambda name: sum(_nbytes(m, name) for m in mappings))
+    # Mappings may make their tensors on access (a lazy loader): those are taken one name at a time.
+    lazy = not all(isinstance(m, Checkpoint) for m in mappings)
+    batches = [[name] for name in names] if lazy else _batches(names, lambda name: sum(m.nbytes(name) for m in mappings))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-inspect-prefetch") as reader:
         pending = reader.submit(source.prefetch, batches[0]) if batches else None
         for k, batch in enumerate(batches):
             pending.result()  # pages mapped in, files checked unchanged
             pending = reader.submit(source.prefetch, batches[k + 1]) if k + 1 < len(batches) else None
+            work = []
             for name in batch:
                 tensors = source.tensors(name)  # as stored: the compiled pass reads bfloat16 in place
                 weights, reference = tensors[:n], (tensors[n] if base is not None else None)
-                sums = tensor_sums(weights, reference, density, spectral=name in spectral_names, pool=pool)
-                _check_finite(models, name, sums, weights, reference)
-                nbytes = sum(t.numel() * t.element_size() for t in tensors)
-                del tensors, weights, reference  # keep at most one batch of tensor names in memory
+                spectral = name in spectral_names
+                if pool is not None and weights[0].numel() < SMALL_NUMEL:  # a whole name per worker
+                    found = pool.submit(tensor_sums, weights, reference, density, spectral=spectral)
+                else:  # a big name: its blocks spread over the workers
+                    found = tensor_sums(weights, reference, density, spectral=spectral, pool=pool)
+                work.append((name, tensors, found))
+            for name, tensors, found in work:  # added up in name order, whatever finished first
+                sums = found.result() if isinstance(found, Future) else found
+                _check_finite(models, name, sums, tensors[:n], tensors[n] if base is not None else None)
                 groups.setdefault(_group_of(name), GeometrySums(n)).add(sums)
                 kinds.setdefault(tensor_kind(name), GeometrySums(n)).add(sums)
                 overall.add(sums)
                 if progress is not None:
-                    progress.advance(nbytes)
+                    progress.advance(sum(t.numel() * t.element_size() for t in tensors))
+            del work, tensors, weights, reference  # keep at most one batch of tensor names in memory
             source.done(batch)
     return groups, kinds, overall
 
