@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,22 +49,40 @@ def main(argv: list[str] | None = None) -> dict:
                         "(page cache filled, numba compiled or loaded from its cache)")
     parser.add_argument("--spectral-layers", type=int, default=None, help="default: inspect's own default")
     parser.add_argument("--json", type=Path, help="also write the timings here")
+    parser.add_argument("--cli", type=int, default=0, help="also time this many runs of `mergelab inspect`")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     from mergelab.analysis import inspect_models
+
+    import_s = time.perf_counter() - start
 
     paths = [*args.models, *([args.base] if args.base else [])]
     if args.warm:
         read_all(paths)
     nbytes, read_wall, read_cpu = timed(read_all, paths)
     kwargs = {} if args.spectral_layers is None else {"spectral_layers": args.spectral_layers}
+    first = None
     if args.warm:
-        inspect_models(args.models, args.base, **kwargs)
+        _, first, _ = timed(inspect_models, args.models, args.base, **kwargs)
     _, wall, cpu = timed(inspect_models, args.models, args.base, **kwargs)
     result = {"bytes": nbytes, "read_wall_s": read_wall, "read_cpu_s": read_cpu, "inspect_wall_s": wall,
-              "inspect_cpu_s": cpu, "ratio_wall": wall / read_wall, "ratio_cpu": cpu / max(read_cpu, 1e-9)}
+              "inspect_cpu_s": cpu, "ratio_wall": wall / read_wall, "ratio_cpu": cpu / max(read_cpu, 1e-9),
+              "import_s": import_s, "first_call_s": first, "load_average": os.getloadavg()}
     print(f"read {nbytes / 1e9:.2f} GB: {read_wall:.2f} s wall ({read_cpu:.2f} s CPU); inspect: {wall:.2f} s "
           f"wall ({cpu:.2f} s CPU); inspect / read = {wall / read_wall:.2f} (wall), "
-          f"{result['ratio_cpu']:.2f} (CPU)")
+          f"{result['ratio_cpu']:.2f} (CPU); import {import_s:.2f} s"
+          + (f", first call {first:.2f} s" if first is not None else ""))
+    if args.cli:
+        command = [sys.executable, "-m", "mergelab.cli", "inspect", *map(str, args.models), "--quiet",
+                   *(["--base", str(args.base)] if args.base else []),
+                   *(["--spectral-layers", str(args.spectral_layers)] if args.spectral_layers is not None else [])]
+        walls = []
+        for _ in range(args.cli):
+            begin = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=os.environ)
+            walls.append(time.perf_counter() - begin)
+        result["cli_wall_s"] = walls
+        print("`mergelab inspect` end to end: " + ", ".join(f"{w:.2f}" for w in walls) + " s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

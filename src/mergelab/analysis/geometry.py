@@ -30,12 +30,14 @@ Cost bounds, so that inspecting a 7B model stays a CPU job: trims and masses of
 tensors above EXACT_TOPK_MAX_NUMEL entries use a magnitude threshold estimated from
 a seeded sample; subspaces of matrices wider than SPECTRAL_MAX_DIM are compared on
 an evenly spaced sub-grid, and found by a seeded randomized SVD above EXACT_SVD_MAX_DIM.
-About 6 s per 4096 x 4096 tensor for three models on two cores.
+The functions here are the readable reference; inspect runs the same statistics from
+the stored tensors in compiled code (geometry_kernel.py), tested against float64 numpy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -104,13 +106,45 @@ class MagnitudeProfile:
     mass_share: Tensor
 
 
+def sample_index(numel: int) -> np.ndarray:
+    """The SAMPLE_SIZE flat positions (seeded, uniform with replacement, sorted) where tensors of
+    `numel` entries are sampled; the same for every model and every call, so a tensor's
+    statistics do not depend on what was read before it. Read-only (cached)."""
+    return _sample_index(numel, SAMPLE_SIZE)
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_index(numel: int, size: int) -> np.ndarray:
+    gen = torch.Generator().manual_seed(0)
+    index = np.sort(torch.randint(0, numel, (size,), generator=gen).numpy())  # sorted: reads go forward
+    index.flags.writeable = False
+    return index
+
+
+def profile_from_magnitudes(mags: np.ndarray, density: float) -> MagnitudeProfile:
+    """The MagnitudeProfile of (N, m) float32 magnitudes |tau_i| (all entries, or a sample).
+
+    A partition around the few ranks needed (O(m)) instead of a full sort: entries after
+    position m - k are the k largest, whatever their order.
+    """
+    n, m = mags.shape
+    if m == 0:
+        return MagnitudeProfile(torch.zeros(n), torch.zeros(n, len(MASS_DENSITIES), dtype=torch.float64))
+    ranks = sorted({m - keep_count(d, m) for d in (density, *MASS_DENSITIES)})
+    part = np.partition(mags, ranks, axis=1)
+    total = part.sum(axis=1, dtype=np.float64).clip(min=1e-300)
+    shares = np.stack([part[:, m - keep_count(d, m):].sum(axis=1, dtype=np.float64) for d in MASS_DENSITIES], 1)
+    return MagnitudeProfile(threshold=torch.from_numpy(part[:, m - keep_count(density, m)].copy()),
+                            mass_share=torch.from_numpy(shares / total[:, None]))
+
+
 def magnitude_profile(weights: Sequence[Tensor], reference: Tensor | None, density: float) -> MagnitudeProfile:
     """The trim thresholds and kept-mass shares of task vectors tau_i = w_i - reference.
 
     threshold_i is the keep_count(density, m)-th largest |tau_i| among m entries, and
     mass_share_i(d) the sum of the keep_count(d, m) largest |tau_i| over the sum of all m:
-    over every entry when the tensor has at most EXACT_TOPK_MAX_NUMEL, otherwise over a
-    seeded uniform sample of SAMPLE_SIZE positions (the same for every model), which puts
+    over every entry when the tensor has at most EXACT_TOPK_MAX_NUMEL, otherwise over the
+    seeded uniform sample `sample_index` (the same positions for every model), which puts
     the share a trim keeps within sqrt(d (1 - d) / SAMPLE_SIZE) of d (0.16% at d = 0.2).
     Only the sampled entries are converted to float32 and subtracted here.
 
@@ -121,24 +155,13 @@ def magnitude_profile(weights: Sequence[Tensor], reference: Tensor | None, densi
     """
     numel = weights[0].numel()
     if numel > EXACT_TOPK_MAX_NUMEL:
-        index = torch.randint(0, numel, (SAMPLE_SIZE,), generator=torch.Generator().manual_seed(0))
+        index = torch.from_numpy(sample_index(numel).copy())
         pick = lambda t: t.reshape(-1)[index].float()  # noqa: E731
     else:
         pick = lambda t: t.reshape(-1).float()  # noqa: E731
     w = torch.stack([pick(t) for t in weights])  # (N, m)
     ref = pick(reference) if reference is not None else w.mean(dim=0)
-    mags = (w - ref).abs_().numpy()  # (N, m)
-    n, m = mags.shape
-    if m == 0:
-        return MagnitudeProfile(torch.zeros(n), torch.zeros(n, len(MASS_DENSITIES), dtype=torch.float64))
-    # A partition around the few ranks needed (O(m)) instead of a full sort: entries after
-    # position m - k are the k largest, whatever their order.
-    ranks = sorted({m - keep_count(d, m) for d in (density, *MASS_DENSITIES)})
-    part = np.partition(mags, ranks, axis=1)
-    total = part.sum(axis=1, dtype=np.float64).clip(min=1e-300)
-    shares = np.stack([part[:, m - keep_count(d, m):].sum(axis=1, dtype=np.float64) for d in MASS_DENSITIES], 1)
-    return MagnitudeProfile(threshold=torch.from_numpy(part[:, m - keep_count(density, m)].copy()),
-                            mass_share=torch.from_numpy(shares / total[:, None]))
+    return profile_from_magnitudes((w - ref).abs_().numpy(), density)
 
 
 def trim_top_magnitude(deltas: Tensor, density: float, threshold: Tensor | None = None) -> Tensor:
@@ -163,7 +186,7 @@ def kept_mass(deltas: Tensor, density: float) -> Tensor:
     """
     numel = deltas[0].numel()
     if numel > EXACT_TOPK_MAX_NUMEL:
-        index = torch.randint(0, numel, (SAMPLE_SIZE,), generator=torch.Generator().manual_seed(0))
+        index = torch.from_numpy(sample_index(numel).copy())
         mags = deltas.reshape(deltas.shape[0], -1)[:, index].abs()
     else:
         mags = deltas.reshape(deltas.shape[0], -1).abs()
@@ -218,7 +241,7 @@ def spectral_overlap(mats: Tensor, k_max: int = SPECTRAL_RANK, *,
         chance_ij = max(k_i, k_j) / rows is the expected overlap of random subspaces.
     """
     rows, cols = mats.shape[1:]
-    sub = mats[:, even_indices(rows, max_dim)][:, :, even_indices(cols, max_dim)]
+    sub = mats[:, even_indices(rows, max_dim)][:, :, even_indices(cols, max_dim)] if max(rows, cols) > max_dim else mats
     bases = [top_left_singular(sub[i], k_max, seed=i) for i in range(sub.shape[0])]
     n, r = len(bases), sub.shape[1]
     overlap = torch.full((n, n), math.nan, dtype=torch.float64)

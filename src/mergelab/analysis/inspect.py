@@ -5,12 +5,16 @@ time, computes the task-vector geometry of that tensor and adds it to the sums
 of its layer, of its kind (attention, mlp, embedding, norm, other) and of the
 whole model. Per tensor: a sampled magnitude profile (the trim threshold), one
 compiled pass over the tensors as stored for every sum (analysis/geometry_kernel.py;
-the torch reference in analysis/geometry.py where numba is missing), and, on a
-sample of layers, an SVD of an evenly spaced sub-grid for the spectral overlap.
-Memory holds one tensor name at a time, as stored, never a whole model. `recommend` turns the report into merge-method suggestions with their
+the torch reference in analysis/geometry.py where numba is missing or kernels are
+off), and, on a sample of layers, a randomized SVD of an evenly spaced sub-grid for
+the spectral overlap, run beside the pass on a worker thread.
+
+Checkpoints are read as the merge engine reads them: memory-map views whose pages
+a background thread maps in one batch of names ahead (checkpoint.prefetch), checked
+unchanged after use and released, so memory holds about two batches' pages, never a
+whole model. `recommend` turns the report into merge-method suggestions with their
 reasons; `render_inspect` draws it as rich tables.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -19,23 +23,29 @@ import functools
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.table import Table
 
 from mergelab.analysis.geometry import (
+    EXACT_TOPK_MAX_NUMEL,
     MASS_DENSITIES,
     SPECTRAL_MAX_DIM,
     GeometrySums,
     GroupStats,
     even_indices,
     magnitude_profile,
+    profile_from_magnitudes,
+    sample_index,
     spectral_overlap,
     tensor_geometry,
 )
+from mergelab.checkpoint.prefetch import Prefetcher
 from mergelab.checkpoint.reader import Checkpoint, layer_index
 from mergelab.errors import MergeError, NonFiniteError, ShapeMismatch
 from mergelab.methods.kernels import has_nonfinite, kernels_enabled
@@ -147,15 +157,15 @@ def _nbytes(mapping: Mapping, name: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_pass() -> Any:
-    """geometry_kernel.geometry_pass, or None where numba is missing (then the torch reference runs)."""
+def _compiled() -> Any:
+    """The geometry_kernel module, or None where numba is missing (then the torch reference runs)."""
     try:
-        from mergelab.analysis.geometry_kernel import geometry_pass
+        from mergelab.analysis import geometry_kernel
     except ImportError as exc:
         warnings.warn(f"inspect's compiled pass is not available ({exc}); the torch code runs instead, several "
                       "times slower; install mergelab[fast] (numba) for it", stacklevel=3)
         return None
-    return geometry_pass
+    return geometry_kernel
 
 
 def _spectral_sample(names: list[str], layers: int | None) -> set[str]:
@@ -175,36 +185,72 @@ def _subgrid(t: torch.Tensor) -> torch.Tensor:
     return t[even_indices(rows, SPECTRAL_MAX_DIM)][:, even_indices(cols, SPECTRAL_MAX_DIM)].float()
 
 
-def tensor_sums(weights: list[torch.Tensor], reference: torch.Tensor | None, density: float, *,
-                spectral: bool) -> GeometrySums:
-    """The geometry sums of one tensor name from the tensors as stored: the compiled pass where numba is
-    there and kernels are on, else the torch reference (tensor_geometry); the same numbers either way."""
+def _reference_sums(weights: list[torch.Tensor], reference: torch.Tensor | None, density: float,
+                    spectral: bool) -> GeometrySums:
+    """tensor_geometry on float32 copies: the readable path, where numba is missing or kernels are off."""
     profile = magnitude_profile(weights, reference, density)
-    fused = _compiled_pass() if kernels_enabled() else None
-    if fused is None:
-        stacked = torch.stack([w.float() for w in weights])  # (N, *shape)
-        ref = reference.float() if reference is not None else stacked.mean(dim=0)
-        sums = tensor_geometry(stacked, ref, density, spectral=False, profile=profile)
-    else:
-        found = fused(weights, reference, profile.threshold)
-        sums = GeometrySums(len(weights), n_tensors=1, n_params=weights[0].numel(), ref_sq=found["ref_sq"],
-                            conflicts=found["conflicts"], trimmed=found["trimmed"])
-        sums.weight_gram = torch.from_numpy(found["weight_gram"])
-        sums.task_gram = torch.from_numpy(found["task_gram"])
-        sums.mass_total = torch.from_numpy(found["mass_total"])
-        sums.mass_kept = {d: profile.mass_share[:, c] * sums.mass_total for c, d in enumerate(MASS_DENSITIES)}
-    finite = bool(torch.isfinite(sums.weight_gram.diagonal()).all()) and math.isfinite(sums.ref_sq)
-    if spectral and weights[0].dim() == 2 and finite:  # NaN/Inf: the caller reports it, no SVD to fail on
+    stacked = torch.stack([w.float() for w in weights])  # (N, *shape)
+    ref = reference.float() if reference is not None else stacked.mean(dim=0)
+    sums = tensor_geometry(stacked, ref, density, spectral=False, profile=profile)
+    if spectral and _finite(sums):  # NaN/Inf: the caller reports it, no SVD to fail on
         grids = torch.stack([_subgrid(w) for w in weights])  # (N, <= SPECTRAL_MAX_DIM, <= SPECTRAL_MAX_DIM)
         ref_grid = _subgrid(reference) if reference is not None else grids.mean(dim=0)
         sums.set_overlap(*spectral_overlap(grids - ref_grid))
     return sums
 
 
+def _spectral_task(kernel: Any, weights: list[torch.Tensor], reference: torch.Tensor | None) -> Any:
+    """spectral_overlap of the sub-grid task matrices, gathered from the stored tensors; None if not finite."""
+    rows, cols = weights[0].shape
+    sub = kernel.subgrid_deltas(weights, reference, even_indices(rows, SPECTRAL_MAX_DIM).numpy(),
+                                even_indices(cols, SPECTRAL_MAX_DIM).numpy())  # (N, <= 512, <= 512) float32
+    return spectral_overlap(torch.from_numpy(sub)) if np.isfinite(sub).all() else None
+
+
+def _compiled_sums(kernel: Any, weights: list[torch.Tensor], reference: torch.Tensor | None, density: float,
+                   spectral: bool, pool: Executor | None) -> GeometrySums:
+    """The same sums from the tensors as stored: a sampled profile, one compiled pass (its blocks on `pool`),
+    the spectral overlap of 2-D tensors alongside it."""
+    numel = weights[0].numel()
+    index = sample_index(numel) if numel > EXACT_TOPK_MAX_NUMEL else np.arange(numel)
+    profile = profile_from_magnitudes(kernel.sample_magnitudes(weights, reference, index), density)
+    overlap = None
+    if spectral and pool is not None:  # started first: it runs beside the pass's blocks
+        overlap = pool.submit(_spectral_task, kernel, weights, reference)
+    found = kernel.geometry_pass(weights, reference, profile.threshold, pool)
+    sums = GeometrySums(len(weights), n_tensors=1, n_params=numel, ref_sq=found["ref_sq"],
+                        conflicts=found["conflicts"], trimmed=found["trimmed"])
+    sums.weight_gram = torch.from_numpy(found["weight_gram"])
+    sums.task_gram = torch.from_numpy(found["task_gram"])
+    sums.mass_total = torch.from_numpy(found["mass_total"])
+    sums.mass_kept = {d: profile.mass_share[:, c] * sums.mass_total for c, d in enumerate(MASS_DENSITIES)}
+    if spectral:
+        found_overlap = overlap.result() if overlap is not None else _spectral_task(kernel, weights, reference)
+        if found_overlap is not None and _finite(sums):
+            sums.set_overlap(*found_overlap)
+    return sums
+
+
+def _finite(sums: GeometrySums) -> bool:
+    return bool(torch.isfinite(sums.weight_gram.diagonal()).all()) and math.isfinite(sums.ref_sq)
+
+
+def tensor_sums(weights: list[torch.Tensor], reference: torch.Tensor | None, density: float, *,
+                spectral: bool, pool: Executor | None = None) -> GeometrySums:
+    """The geometry sums of one tensor name from the tensors as stored: the compiled kernels where numba is
+    there and kernels are on (their work spread over `pool`'s threads), else the torch reference
+    (tensor_geometry); the same numbers either way (tests/analysis/test_inspect_fast.py)."""
+    spectral = spectral and weights[0].dim() == 2
+    kernel = _compiled() if kernels_enabled() else None
+    if kernel is None:
+        return _reference_sums(weights, reference, density, spectral)
+    return _compiled_sums(kernel, weights, reference, density, spectral, pool)
+
+
 def _check_finite(models: list[tuple[str, Mapping]], name: str, sums: GeometrySums,
                   weights: list[torch.Tensor], reference: torch.Tensor | None) -> None:
     """NaN or Inf in an input shows in its float64 sum of squares (finite float32 squares cannot overflow it)."""
-    if bool(torch.isfinite(sums.weight_gram.diagonal()).all()) and math.isfinite(sums.ref_sq):
+    if _finite(sums):
         return
     where = [label for (label, _), w in zip(models, weights) if has_nonfinite(w)]
     if reference is not None and has_nonfinite(reference):
@@ -213,28 +259,122 @@ def _check_finite(models: list[tuple[str, Mapping]], name: str, sums: GeometrySu
                          "no geometry can be measured on it; repair or leave out that model")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    model: int  # index into the checkpoints read through the Prefetcher
+    name: str
+
+
+class _Source:
+    """The tensors of every input, a few names at a time: memory-map views of checkpoints (their pages
+    mapped in by a background thread one batch ahead, through checkpoint.prefetch.Prefetcher, and
+    released after use, as the engine does), or the tensors of in-memory mappings as they are."""
+
+    def __init__(self, mappings: list[Mapping]):
+        self.mappings = mappings
+        ckpts = [m for m in mappings if isinstance(m, Checkpoint)]
+        self.slot = {id(m): k for k, m in enumerate(ckpts)}
+        self.pages = Prefetcher(ckpts) if ckpts else None
+
+    def refs(self, names: Sequence[str]) -> list[_Ref]:
+        return [_Ref(self.slot[id(m)], name) for name in names for m in self.mappings if id(m) in self.slot]
+
+    def prefetch(self, names: Sequence[str]) -> None:
+        if self.pages is not None:
+            self.pages.prefetch(self.refs(names), None)
+
+    def tensors(self, name: str) -> list[torch.Tensor]:
+        return [m.view(name) if id(m) in self.slot else m[name] for m in self.mappings]
+
+    def done(self, names: Sequence[str]) -> None:
+        """After the tensors were used: the files must not have changed meanwhile; then drop the pages."""
+        if self.pages is not None:
+            refs = self.refs(names)
+            self.pages.check_unchanged(refs)
+            self.pages.release(refs, None)
+
+
+BATCH_BYTES = 32 << 20
+"""Consecutive small tensor names of checkpoints are read ahead, computed (several at once) and released
+together, up to about this many bytes of all inputs: one hand-off to the read-ahead thread per batch
+instead of per name (MiniLM has 100 names, most of a few KB)."""
+
+
+SMALL_NUMEL = 1 << 20
+"""Names with fewer entries than this are computed whole on one worker thread each, several at once;
+bigger ones have their compiled pass cut into blocks for the workers (geometry_kernel.BLOCK)."""
+
+
+def _batches(names: list[str], nbytes: Callable[[str], int]) -> list[list[str]]:
+    out: list[list[str]] = []
+    size = 0
+    for name in names:
+        if not out or size >= BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += nbytes(name)
+    return out
+
+
 def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: list[str], density: float,
-                spectral_names: set[str], progress: ByteProgress | None = None
+                spectral_names: set[str], progress: ByteProgress | None = None, pool: Executor | None = None
                 ) -> tuple[dict[tuple, GeometrySums], dict[str, GeometrySums], GeometrySums]:
-    """Geometry sums per group, per kind and overall, reading one tensor name at a time."""
+    """Geometry sums per group, per kind and overall, reading a batch of tensor names at a time."""
     n = len(models)
     groups: dict[tuple, GeometrySums] = {}
     kinds: dict[str, GeometrySums] = {}
     overall = GeometrySums(n)
-    for name in names:
-        weights = [m[name] for _, m in models]  # as stored: the compiled pass reads bfloat16 in place
-        reference = base[name] if base is not None else None
-        sums = tensor_sums(weights, reference, density, spectral=name in spectral_names)
-        _check_finite(models, name, sums, weights, reference)
-        nbytes = sum(w.numel() * w.element_size() for w in weights)
-        nbytes += reference.numel() * reference.element_size() if reference is not None else 0
-        del weights, reference  # keep at most one tensor name in memory
-        groups.setdefault(_group_of(name), GeometrySums(n)).add(sums)
-        kinds.setdefault(tensor_kind(name), GeometrySums(n)).add(sums)
-        overall.add(sums)
-        if progress is not None:
-            progress.advance(nbytes)
+    mappings = [m for _, m in models] + ([base] if base is not None else [])
+    source = _Source(mappings)
+    # Mappings may make their tensors on access (a lazy loader): those are taken one name at a time.
+    lazy = not all(isinstance(m, Checkpoint) for m in mappings)
+    batches = [[name] for name in names] if lazy else _batches(names, lambda name: sum(m.nbytes(name) for m in mappings))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-inspect-prefetch") as reader:
+        pending = reader.submit(source.prefetch, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            pending.result()  # pages mapped in, files checked unchanged
+            pending = reader.submit(source.prefetch, batches[k + 1]) if k + 1 < len(batches) else None
+            work = []
+            for name in batch:
+                tensors = source.tensors(name)  # as stored: the compiled pass reads bfloat16 in place
+                weights, reference = tensors[:n], (tensors[n] if base is not None else None)
+                spectral = name in spectral_names
+                if pool is not None and weights[0].numel() < SMALL_NUMEL:  # a whole name per worker
+                    found = pool.submit(tensor_sums, weights, reference, density, spectral=spectral)
+                else:  # a big name: its blocks spread over the workers
+                    found = tensor_sums(weights, reference, density, spectral=spectral, pool=pool)
+                work.append((name, tensors, found))
+            for name, tensors, found in work:  # added up in name order, whatever finished first
+                sums = found.result() if isinstance(found, Future) else found
+                _check_finite(models, name, sums, tensors[:n], tensors[n] if base is not None else None)
+                groups.setdefault(_group_of(name), GeometrySums(n)).add(sums)
+                kinds.setdefault(tensor_kind(name), GeometrySums(n)).add(sums)
+                overall.add(sums)
+                if progress is not None:
+                    progress.advance(sum(t.numel() * t.element_size() for t in tensors))
+            del work, tensors, weights, reference  # keep at most one batch of tensor names in memory
+            source.done(batch)
     return groups, kinds, overall
+
+
+def _one_torch_thread() -> None:
+    # Per worker thread (OpenMP's and MKL's thread counts are thread-local): the small QR/SVD calls of the
+    # spectral overlap spend more in a thread team's spin-waits than in arithmetic, and the pool already
+    # keeps every core busy. The caller's own setting is left as it is.
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _workers() -> Iterator[Executor | None]:
+    """Threads for the compiled blocks and the SVDs: as many as torch's thread count (None: just this one)."""
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        yield None
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergelab-inspect",
+                            initializer=_one_torch_thread) as pool:
+        yield pool
 
 
 def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
@@ -256,9 +396,12 @@ def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
             layers, 0: no layer.
         show_progress: a progress bar (tensors, bytes read per second, time left) on stderr.
 
+    The work runs on torch.get_num_threads() threads of its own (compiled blocks release the GIL).
+
     Raises:
         ShapeMismatch: a tensor has different shapes in two inputs.
         NonFiniteError: a tensor holds NaN or Inf.
+        CheckpointError: an input file changed while it was read.
         MergeError: fewer than two models (one with a base), density outside (0, 1], or a
             negative spectral_layers.
     """
@@ -274,9 +417,10 @@ def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
         names, skipped = _plan(models + ([base_src] if base_src else []))
         spectral_names = _spectral_sample(names, spectral_layers)
         total = sum(_nbytes(m, name) for name in names for _, m in models + ([base_src] if base_src else []))
-        with ByteProgress(len(names), total, enabled=show_progress, label="inspecting") as progress:
+        with ByteProgress(len(names), total, enabled=show_progress, label="inspecting") as progress, \
+                _workers() as pool:
             groups, kinds, overall = _accumulate(models, base_src[1] if base_src else None, names, density,
-                                                 spectral_names, progress)
+                                                 spectral_names, progress, pool)
     return InspectReport(
         models=[label for label, _ in models], base=base_src[0] if base_src else None,
         reference="base" if base_src else "mean", density=density, spectral_layers=spectral_layers,
