@@ -32,13 +32,14 @@ def test_index_lookup_equals_a_full_sort_for_every_k(dtype, tied):
         base = torch.randn(n, generator=g).to(dtype)
         x = (base.float() + 0.05 * torch.randn(n, generator=g)).to(dtype)
     idx = MagnitudeIndex.build(x, base)
-    assert sorted(idx.perm.tolist()) == list(range(n))
+    mag = (x.float() - base.float()).abs()
+    # the whole order is TIES's keeping order: magnitude descending, flat index ascending among equals
+    assert idx.order.tolist() == torch.sort(mag, descending=True, stable=True).indices.tolist()
     for k in [1, 2, 7, 100, 1500, 2999, 3000, *range(1, n, 97)]:
         t, cutoff = idx.select(k, x, base)
         want_t, want_cut = _reference(x, base, k)
         assert float(t) == want_t and cutoff == want_cut, k
         # exactly k entries kept by the rule "above T, or equal to T below the cut-off"
-        mag = (x.float() - base.float()).abs()
         kept = (mag > t) | ((mag == t) & (torch.arange(n) < cutoff))
         assert int(kept.sum()) == k
     with pytest.raises(ValueError):

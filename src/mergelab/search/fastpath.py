@@ -5,8 +5,8 @@ Per search (SearchCache, shared by every preallocated model and worker thread):
 
 - input checks: each input tensor is checked for NaN/Inf once (as `mergelab merge`
   refuses such inputs), not at every candidate;
-- TIES magnitude indexes (search/magnitude.py): built once per task vector, they turn the
-  exact top-k selection of any density into a lookup, within a memory budget.
+- TIES magnitude orders (search/magnitude.py): built once per task vector, they turn the
+  exact top-k selection of any density into two reads, within a memory budget.
 
 Per preallocated model (CandidateWriter):
 
@@ -14,15 +14,16 @@ Per preallocated model (CandidateWriter):
   methods) equals the one whose result the model already holds is skipped;
 - linear: the compiled weighted sum writes straight into the model's tensor (no
   temporary output, no copy);
-- ties: each model's threshold and tie cut-off come from its index, then the compiled
-  combining pass writes straight into the model's tensor;
+- ties: each model's threshold and tie cut-off are two reads of its magnitude order, then
+  one fused compiled pass (search/ties_kernel.py) writes straight into the model's tensor;
 - everything else (other methods, TIES tensors small enough that `mergelab merge`
   runs the readable reference, vocabulary resizing, statistics, GPU) runs through
   engine.execute_into, the engine's own path.
 
-The fast paths run exactly where `run_method` would pick the compiled kernel, and
-call that kernel's own code, so the model holds the numbers `mergelab merge`
-writes, bit for bit (tests/search/test_candidate.py).
+The fast paths run exactly where `run_method` would pick the compiled kernel (the
+kernel's own `supports`), linear through that kernel's code, TIES through a pass that
+does the reference's float32 operations in its order, so the model holds the numbers
+`mergelab merge` writes, bit for bit (tests/search/test_candidate.py, test_ties_kernel.py).
 """
 
 from __future__ import annotations
@@ -206,20 +207,20 @@ class CandidateWriter:
         return True
 
     def _ties(self, plan: Plan, job: Job, xs, base, p, target: torch.Tensor) -> bool:
-        from mergelab.methods.kernels.ties import ties_combine
         from mergelab.methods.sparsify import keep_count
+        from mergelab.search.ties_kernel import ties_into
 
         n = base.numel()
-        keeps = [None if q.density >= 1 else keep_count(q.density, n) for q in p]  # as the kernel's run()
-        thresholds = np.zeros(len(xs), dtype=np.float32)
+        thresholds = np.zeros(len(xs), dtype=np.float32)  # threshold 0, cut-off n: every entry kept
         cutoffs = np.full(len(xs), n, dtype=np.int64)
-        for i, (ref, k) in enumerate(zip(job.inputs, keeps)):
-            if k is None or k >= n:
+        for i, (ref, q) in enumerate(zip(job.inputs, p)):
+            k = n if q.density >= 1 else keep_count(q.density, n)  # as the kernel's run()
+            if k >= n:
                 continue
             idx = self.cache.index(plan, ref, job.base, xs[i], base)
             if idx is None:
-                return False  # over the memory budget: the kernel's own selection runs
+                return False  # over the memory budget: the engine's kernel selects
             thresholds[i], cutoffs[i] = idx.select(k, xs[i], base)
-        ties_combine(xs, base, keeps, [float(q.weight) for q in p], thresholds, cutoffs,
-                     normalize=job.shared.normalize, lam=job.shared.lambda_, out=target)
+        ties_into(xs, base, thresholds, cutoffs, [float(q.weight) for q in p], normalize=job.shared.normalize,
+                  lam=job.shared.lambda_, out=target)
         return True
