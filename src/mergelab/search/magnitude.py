@@ -18,8 +18,9 @@ Build: a stable sort of 32-bit keys. |tau|'s float32 pattern orders like its val
 non-negative), so key = ~bits sorts descending magnitude ascending. A counting sort on the
 key's top 16 bits (two parallel passes: counts per part of the tensor, then a scatter that keeps
 ascending flat indices inside a bucket, writing each entry's low 16 bits beside it), then a
-stable sort of each bucket by those low bits (skipped where they are all equal, as they are
-for most entries of a bfloat16 task vector, whose differences have few significant bits).
+stable sort of each bucket by those low bits: skipped where they are all equal, a counting
+sort for big buckets (a bfloat16 task vector's differences have few significant bits, so a
+few hundred values hold millions of entries each), a merge sort for the others.
 
 Memory: 4 bytes per entry (int32) per task vector, plus 2 bytes per entry while building.
 Tested against a full stable sort for every k (tests/search/test_fastpath.py).
@@ -73,6 +74,21 @@ def _scatter(x, base, starts, order, low):
             pos[h] += 1
 
 
+@njit(cache=True)
+def _counting_sort(order, low):
+    """Stable counting sort of order by low (one bucket's slices), in place."""
+    counts = np.zeros(_BUCKETS + 1, dtype=np.int64)
+    for m in range(low.shape[0]):
+        counts[np.int64(low[m]) + 1] += 1
+    for h in range(_BUCKETS):
+        counts[h + 1] += counts[h]
+    src = order.copy()
+    for m in range(low.shape[0]):
+        h = np.int64(low[m])
+        order[counts[h]] = src[m]
+        counts[h] += 1
+
+
 @njit(parallel=True, cache=True)
 def _sort_buckets(offsets, order, low):
     """Each bucket's entries stably sorted by their low 16 bits (indices stay ascending among equal keys)."""
@@ -88,8 +104,11 @@ def _sort_buckets(offsets, order, low):
                 break
         if uniform:
             continue
-        perm = np.argsort(low[lo:hi], kind="mergesort")  # stable
-        order[lo:hi] = order[lo:hi][perm]
+        if hi - lo >= _BUCKETS:  # big buckets (masses of tied bfloat16 differences): linear time
+            _counting_sort(order[lo:hi], low[lo:hi])
+        else:
+            perm = np.argsort(low[lo:hi], kind="mergesort")  # stable
+            order[lo:hi] = order[lo:hi][perm]
 
 
 @njit(cache=True)
