@@ -28,6 +28,7 @@ does the reference's float32 operations in its order, so the model holds the num
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -41,6 +42,28 @@ from mergelab.errors import NonFiniteError
 from mergelab.plan import Job, Plan, TensorRef
 
 _FAST_METHODS = ("linear", "ties")
+# Entries per thread below which a compiled pass runs on fewer threads: starting and joining a
+# parallel region costs tens of microseconds on an idle machine, and a scheduling slice when the
+# cores are shared (on the loaded 2-core development machine a 600k-entry pass took 26 ms on two
+# threads and 2.6 ms on one). Most tensors of a small model are far below this.
+ENTRIES_PER_THREAD = 1 << 20
+
+
+@contextlib.contextmanager
+def _threads_for(numel: int):
+    """Run numba's parallel kernels inside the block on at most one thread per ENTRIES_PER_THREAD entries."""
+    import numba
+
+    before = numba.get_num_threads()  # this thread's setting (numba keeps it per thread)
+    want = max(1, min(before, numel // ENTRIES_PER_THREAD))
+    if want == before:
+        yield
+        return
+    numba.set_num_threads(want)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def default_cache_bytes() -> int:
@@ -194,9 +217,10 @@ class CandidateWriter:
         p = PerModel(job.model_params)
         if not spec.kernel.supports(xs, base, p, job.shared):
             return False  # merge runs the readable reference here: so must we
-        if spec.name == "linear":
-            return self._linear(xs, p, job, target)
-        return self._ties(plan, job, xs, base, p, target)
+        with _threads_for(target.numel()):
+            if spec.name == "linear":
+                return self._linear(xs, p, job, target)
+            return self._ties(plan, job, xs, base, p, target)
 
     @staticmethod
     def _linear(xs, p, job: Job, target: torch.Tensor) -> bool:
