@@ -59,7 +59,7 @@ def test_a_hand_worked_case():
 @pytest.mark.parametrize("models", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_equals_the_reference_for_densities_in_sequence_with_many_ties(models, dtype):
-    n = 40_000
+    n = 10_000
     xs, base = _tied(n, models, dtype, seed=models)
     indexes = [MagnitudeIndex.build(x, base) for x in xs]  # built once, used by every candidate
     candidates = [  # (densities, weights, normalize, lambda): a search's successive candidates
