@@ -114,7 +114,7 @@ class SearchCache:
                     self._checked.add(key)
 
     def index(self, plan: Plan, ref: TensorRef, base: TensorRef, x: torch.Tensor, b: torch.Tensor):
-        """The MagnitudeIndex of |x - b|, built on first use; None when the budget does not allow it."""
+        """The MagnitudeIndex (keeping order) of |x - b|, built on first use; None when the budget does not allow it."""
         from mergelab.search.magnitude import MagnitudeIndex
 
         key = (str(plan.checkpoints[ref.model].path), ref.name, str(plan.checkpoints[base.model].path), base.name)
