@@ -7,7 +7,9 @@ three see the same machine load:
   in memory, cached:    the search's path: plan the recipe over the inputs opened once,
                         write it into the preallocated transformers model with
                         search.fastpath.CandidateWriter (kernels straight into the model's
-                        tensors, TIES thresholds from per-task-vector indexes built once);
+                        tensors; TIES: each task vector's magnitude order built once, so a
+                        density's threshold is two reads, then one fused pass per tensor,
+                        search/ties_kernel.py);
   in memory, engine:    the same plan run by engine.execute_into alone (last session's path);
   on disk:              `mergelab.merge` into a folder (atomic, fsynced), then
                         `AutoModel*.from_pretrained` it, as mergekit-evolve's on-disk mode does.
@@ -18,7 +20,7 @@ and the median of the per-candidate ratios. Every cached model is checked to hol
 disk path's tensors bit for bit.
 
     python bench/make_checkpoints.py --out /tmp/tinyllama --layers 4
-    python examples/search_candidate_cost.py --minilm --tinyllama /tmp/tinyllama --repeats 5 \
+    python examples/search_candidate_cost.py --minilm --tinyllama /tmp/tinyllama --repeats 3 \
         --out docs/img/search
 """
 

@@ -32,13 +32,14 @@ def test_index_lookup_equals_a_full_sort_for_every_k(dtype, tied):
         base = torch.randn(n, generator=g).to(dtype)
         x = (base.float() + 0.05 * torch.randn(n, generator=g)).to(dtype)
     idx = MagnitudeIndex.build(x, base)
-    assert sorted(idx.perm.tolist()) == list(range(n))
+    mag = (x.float() - base.float()).abs()
+    # the whole order is TIES's keeping order: magnitude descending, flat index ascending among equals
+    assert idx.order.tolist() == torch.sort(mag, descending=True, stable=True).indices.tolist()
     for k in [1, 2, 7, 100, 1500, 2999, 3000, *range(1, n, 97)]:
         t, cutoff = idx.select(k, x, base)
         want_t, want_cut = _reference(x, base, k)
         assert float(t) == want_t and cutoff == want_cut, k
         # exactly k entries kept by the rule "above T, or equal to T below the cut-off"
-        mag = (x.float() - base.float()).abs()
         kept = (mag > t) | ((mag == t) & (torch.arange(n) < cutoff))
         assert int(kept.sum()) == k
     with pytest.raises(ValueError):
@@ -69,3 +70,19 @@ def test_an_input_holding_nan_is_refused_once_with_its_name(tmp_path):
                                                    "parameters": {"weight": 1.0}}]}
     with pytest.raises(NonFiniteError, match=r"input w \(.*bad\.safetensors\) holds NaN or Inf"):
         merge_in_memory(recipe)
+
+
+def test_order_of_a_bucket_bigger_than_the_counting_sort_bound():
+    # 200,000 magnitudes in [1, 1 + 300 * 2^-23): one bucket of the top 16 bits, 300 low values, all tied
+    # with hundreds of others: the big-bucket path (a counting sort) must keep indices ascending among equals.
+    g = torch.Generator().manual_seed(5)
+    n = 200_000
+    base = torch.randn(n, generator=g) * 1e-3
+    mag = 1 + torch.randint(0, 300, (n,), generator=g).double() * 2.0**-23
+    sign = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    x = ((base.double() + sign * mag)).float()
+    idx = MagnitudeIndex.build(x, base)
+    want = torch.sort((x - base).abs(), descending=True, stable=True).indices
+    assert torch.equal(torch.from_numpy(idx.order).long(), want)
+    for k in (1, 5000, 123_457, n - 1):
+        assert (float(idx.select(k, x, base)[0]), idx.select(k, x, base)[1]) == _reference(x, base, k)

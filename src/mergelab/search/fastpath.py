@@ -5,8 +5,8 @@ Per search (SearchCache, shared by every preallocated model and worker thread):
 
 - input checks: each input tensor is checked for NaN/Inf once (as `mergelab merge`
   refuses such inputs), not at every candidate;
-- TIES magnitude indexes (search/magnitude.py): built once per task vector, they turn the
-  exact top-k selection of any density into a lookup, within a memory budget.
+- TIES magnitude orders (search/magnitude.py): built once per task vector, they turn the
+  exact top-k selection of any density into two reads, within a memory budget.
 
 Per preallocated model (CandidateWriter):
 
@@ -14,19 +14,21 @@ Per preallocated model (CandidateWriter):
   methods) equals the one whose result the model already holds is skipped;
 - linear: the compiled weighted sum writes straight into the model's tensor (no
   temporary output, no copy);
-- ties: each model's threshold and tie cut-off come from its index, then the compiled
-  combining pass writes straight into the model's tensor;
+- ties: each model's threshold and tie cut-off are two reads of its magnitude order, then
+  one fused compiled pass (search/ties_kernel.py) writes straight into the model's tensor;
 - everything else (other methods, TIES tensors small enough that `mergelab merge`
   runs the readable reference, vocabulary resizing, statistics, GPU) runs through
   engine.execute_into, the engine's own path.
 
-The fast paths run exactly where `run_method` would pick the compiled kernel, and
-call that kernel's own code, so the model holds the numbers `mergelab merge`
-writes, bit for bit (tests/search/test_candidate.py).
+The fast paths run exactly where `run_method` would pick the compiled kernel (the
+kernel's own `supports`), linear through that kernel's code, TIES through a pass that
+does the reference's float32 operations in its order, so the model holds the numbers
+`mergelab merge` writes, bit for bit (tests/search/test_candidate.py, test_ties_kernel.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -40,6 +42,28 @@ from mergelab.errors import NonFiniteError
 from mergelab.plan import Job, Plan, TensorRef
 
 _FAST_METHODS = ("linear", "ties")
+# Entries per thread below which a compiled pass runs on fewer threads: starting and joining a
+# parallel region costs tens of microseconds on an idle machine, and a scheduling slice when the
+# cores are shared (on the loaded 2-core development machine a 600k-entry pass took 26 ms on two
+# threads and 2.6 ms on one). Most tensors of a small model are far below this.
+ENTRIES_PER_THREAD = 1 << 20
+
+
+@contextlib.contextmanager
+def _threads_for(numel: int):
+    """Run numba's parallel kernels inside the block on at most one thread per ENTRIES_PER_THREAD entries."""
+    import numba
+
+    before = numba.get_num_threads()  # this thread's setting (numba keeps it per thread)
+    want = max(1, min(before, numel // ENTRIES_PER_THREAD))
+    if want == before:
+        yield
+        return
+    numba.set_num_threads(want)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def default_cache_bytes() -> int:
@@ -90,7 +114,7 @@ class SearchCache:
                     self._checked.add(key)
 
     def index(self, plan: Plan, ref: TensorRef, base: TensorRef, x: torch.Tensor, b: torch.Tensor):
-        """The MagnitudeIndex of |x - b|, built on first use; None when the budget does not allow it."""
+        """The MagnitudeIndex (keeping order) of |x - b|, built on first use; None when the budget does not allow it."""
         from mergelab.search.magnitude import MagnitudeIndex
 
         key = (str(plan.checkpoints[ref.model].path), ref.name, str(plan.checkpoints[base.model].path), base.name)
@@ -193,9 +217,10 @@ class CandidateWriter:
         p = PerModel(job.model_params)
         if not spec.kernel.supports(xs, base, p, job.shared):
             return False  # merge runs the readable reference here: so must we
-        if spec.name == "linear":
-            return self._linear(xs, p, job, target)
-        return self._ties(plan, job, xs, base, p, target)
+        with _threads_for(target.numel()):
+            if spec.name == "linear":
+                return self._linear(xs, p, job, target)
+            return self._ties(plan, job, xs, base, p, target)
 
     @staticmethod
     def _linear(xs, p, job: Job, target: torch.Tensor) -> bool:
@@ -206,20 +231,20 @@ class CandidateWriter:
         return True
 
     def _ties(self, plan: Plan, job: Job, xs, base, p, target: torch.Tensor) -> bool:
-        from mergelab.methods.kernels.ties import ties_combine
         from mergelab.methods.sparsify import keep_count
+        from mergelab.search.ties_kernel import ties_into
 
         n = base.numel()
-        keeps = [None if q.density >= 1 else keep_count(q.density, n) for q in p]  # as the kernel's run()
-        thresholds = np.zeros(len(xs), dtype=np.float32)
+        thresholds = np.zeros(len(xs), dtype=np.float32)  # threshold 0, cut-off n: every entry kept
         cutoffs = np.full(len(xs), n, dtype=np.int64)
-        for i, (ref, k) in enumerate(zip(job.inputs, keeps)):
-            if k is None or k >= n:
+        for i, (ref, q) in enumerate(zip(job.inputs, p)):
+            k = n if q.density >= 1 else keep_count(q.density, n)  # as the kernel's run()
+            if k >= n:
                 continue
             idx = self.cache.index(plan, ref, job.base, xs[i], base)
             if idx is None:
-                return False  # over the memory budget: the kernel's own selection runs
+                return False  # over the memory budget: the engine's kernel selects
             thresholds[i], cutoffs[i] = idx.select(k, xs[i], base)
-        ties_combine(xs, base, keeps, [float(q.weight) for q in p], thresholds, cutoffs,
-                     normalize=job.shared.normalize, lam=job.shared.lambda_, out=target)
+        ties_into(xs, base, thresholds, cutoffs, [float(q.weight) for q in p], normalize=job.shared.normalize,
+                  lam=job.shared.lambda_, out=target)
         return True
