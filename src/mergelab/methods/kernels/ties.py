@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mergelab.methods.kernels.io import as_array, load, store, usable
 
-__all__ = ["available", "ties_combine", "ties_merge"]
+__all__ = ["available", "combine_ranges", "elect_many", "elect_pair", "ties_combine", "ties_merge"]
 
 _BUCKETS = 1 << 16
 
@@ -141,10 +141,11 @@ def elect_many(d, weights, normalize):
 # memory speed, and a parallel region on this 2-core machine waits for its slowest thread,
 # which the engine's prefetch and writer threads (and any other load) often hold up.
 @njit(cache=True)
-def _combine(x, base, lo, hi, floors, keep_all, weights, normalize, lam, out):
+def _combine(x, base, lo, hi, floors, ceilings, keep_all, weights, normalize, lam, out):
     """out[lo:hi] = base + lam * disjoint mean of the trimmed, weighted task vectors.
 
-    Entry j of task vector i is kept when |d| >= floors[i] (or always, keep_all[i]).
+    Entry j of task vector i is kept when floors[i] <= |d| (or always, keep_all[i]) and not
+    |d| >= ceilings[i] (NaN: no ceiling; breadcrumbs drops its largest entries so).
     """
     models = len(x)
     d = np.empty(models, dtype=np.float32)
@@ -152,14 +153,15 @@ def _combine(x, base, lo, hi, floors, keep_all, weights, normalize, lam, out):
         b = load(base, j)
         for i in range(models):
             v = load(x[i], j) - b
-            d[i] = (v if keep_all[i] or abs(v) >= floors[i] else _ZERO) * weights[i]
+            keep = (keep_all[i] or abs(v) >= floors[i]) and not abs(v) >= ceilings[i]
+            d[i] = (v if keep else _ZERO) * weights[i]
         store(out, j, b + lam * elect_many(d, weights, normalize))
 
 
 @njit(cache=True)
-def _combine_pair(x, base, lo, hi, floors, keep_all, weights, normalize, lam, out):
+def _combine_pair(x, base, lo, hi, floors, ceilings, keep_all, weights, normalize, lam, out):
     """_combine for exactly two models, over slices (the compiler vectorises loops over them)."""
-    f0, f1 = floors[0], floors[1]
+    f0, f1, c0, c1 = floors[0], floors[1], ceilings[0], ceilings[1]
     all0, all1 = keep_all[0], keep_all[1]
     w0, w1 = weights[0], weights[1]
     for j0 in range(lo, hi, _SCAN_TILE):
@@ -169,8 +171,8 @@ def _combine_pair(x, base, lo, hi, floors, keep_all, weights, normalize, lam, ou
             b = load(bs, t)
             v0 = load(x0, t) - b
             v1 = load(x1, t) - b
-            d0 = (v0 if all0 or abs(v0) >= f0 else _ZERO) * w0
-            d1 = (v1 if all1 or abs(v1) >= f1 else _ZERO) * w1
+            d0 = (v0 if (all0 or abs(v0) >= f0) and not abs(v0) >= c0 else _ZERO) * w0
+            d1 = (v1 if (all1 or abs(v1) >= f1) and not abs(v1) >= c1 else _ZERO) * w1
             store(o, t, b + lam * elect_pair(d0, d1, w0, w1, normalize))
 
 
@@ -450,18 +452,38 @@ def ties_combine(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | No
     values ties_merge's selection finds: a search keeps them across candidates (search/fastpath.py).
     """
     xs = tuple(as_array(row) for row in x)
-    b = as_array(base)
-    numel = b.shape[0]
+    numel = base.numel()
     keep_all = np.array([k is None or k >= numel for k in keep], dtype=np.bool_)
-    combine = _combine_pair if len(xs) == 2 else _combine
+    no_ceiling = np.full(len(xs), np.nan, dtype=np.float32)
+    combine_ranges(xs, as_array(base), (thresholds, cutoffs), (no_ceiling, np.full(len(xs), numel)), keep_all,
+                   weights, normalize=normalize, lam=lam, out=as_array(out))
+
+
+def combine_ranges(xs: tuple[np.ndarray, ...], base: np.ndarray, floor: tuple[np.ndarray, np.ndarray],
+                   ceiling: tuple[np.ndarray, np.ndarray], keep_all: np.ndarray, weights, *, normalize: bool,
+                   lam: float, out: np.ndarray) -> None:
+    """TIES's combining pass where model i keeps the entries whose |d| ranks inside a band.
+
+    floor = (T, cut-off) per model: |d| > T, or |d| == T at a flat index before the cut-off,
+    puts an entry in the kept top (see _thresholds); keep_all[i] keeps every entry instead.
+    ceiling = (T', cut-off') likewise marks a top that is dropped (T' NaN: none). Between
+    consecutive cut-offs each bound is one comparison, |d| >= f: f = T before the cut-off,
+    the next float32 above T after it (i.e. |d| > T).
+    """
+    numel = base.shape[0]
     w = np.asarray(weights, dtype=np.float32)
-    # Between consecutive cutoffs each model's rule is one comparison, |d| >= floor:
-    # floor T_i before its cutoff, the next float32 above T_i (i.e. |d| > T_i) after it.
-    bounds = sorted({0, numel, *cutoffs.tolist()})
-    above = np.nextafter(thresholds, np.float32(np.inf))
+    combine = _combine_pair if len(xs) == 2 else _combine
+    (t_low, c_low), (t_high, c_high) = floor, ceiling
+    t_low, t_high = np.asarray(t_low, dtype=np.float32), np.asarray(t_high, dtype=np.float32)
+    bounds = sorted({0, numel, *c_low.tolist(), *c_high.tolist()})
+    above_low = np.nextafter(t_low, np.float32(np.inf))
+    above_high = np.nextafter(t_high, np.float32(np.inf))
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        floors = np.where(lo < cutoffs, thresholds, above).astype(np.float32)
-        combine(xs, b, lo, hi, floors, keep_all, w, bool(normalize), np.float32(lam), as_array(out))
+        if lo >= hi:
+            continue
+        floors = np.where(lo < c_low, t_low, above_low).astype(np.float32)
+        ceilings = np.where(lo < c_high, t_high, above_high).astype(np.float32)
+        combine(xs, base, lo, hi, floors, ceilings, keep_all, w, bool(normalize), np.float32(lam), out)
 
 
 # Below this many entries the reference is faster: the kernel's two histogram passes have a
