@@ -1,101 +1,51 @@
-"""TIES on the CPU in a few streaming passes, compiled with numba.
+"""TIES on the CPU in a few streaming passes, compiled with numba, on one thread.
 
-The readable TIES (methods/sparsify.py) runs some thirty tensor
-operations per block and needs every input converted to float32 first. Here
-each pass reads the inputs once, in their storage dtype (bfloat16 bits or
-float32), and does all its arithmetic per element in float32 registers:
+The readable TIES (methods/sparsify.py) runs some thirty tensor operations per
+block and needs every input converted to float32 first. Here each pass reads
+the inputs in their storage dtype (bfloat16 bits or float32) and does its
+arithmetic per element in float32 registers, in loops the compiler vectorises:
 
     threshold, per model i: the exact k-th largest T_i of |theta_i - theta_base|
-        by radix selection in two histogram passes: the top 16 bits of the
-        float32 pattern (which orders like the value for non-negative floats)
-        pick a bucket, the low 16 bits inside that bucket pick T_i. No sort and
-        no sample, so masses of tied values (common: differences of bfloat16
-        numbers take few distinct values) cost nothing extra. The low pass
-        also counts ties per part of the tensor: when only some entries equal
-        to T_i fit in k, a scan of one part finds the index from which they
-        are dropped (lowest index first, as top_k_mask keeps them);
+        (_thresholds). A strided sample proposes a few candidate values; one
+        pass counts, for every model at once, the entries at or above each
+        candidate (and above it), which names the range holding T_i: usually a
+        single value, as differences of bfloat16 weights come in masses of tied
+        values; else a second counting pass, or a gather of the (few) entries
+        in the range, finds it. When only some entries equal to T_i fit in k, a
+        scan finds the index from which they are dropped (lowest index first, as
+        top_k_mask keeps them). No histogram: its increments on masses of tied
+        values wait for each other (an earlier radix selection in two 65536-bin
+        histogram passes took 5x longer);
     combine: trim, weight, elect the sign, disjoint mean and add to the base,
-        per element for two models (the common case), in tiles that stay in
-        L1 cache for more.
+        per element (elect_pair, elect_many: also the dare/breadcrumbs kernels'
+        election), rounded to the output dtype in the same pass.
 
-The numbers are those of sparsify.ties (same float32 operations in
-the same order per element: bit for bit on the tests). Inputs are never written.
+One thread: a parallel region on the 2-core machines this runs on waits for its
+slowest thread, which the engine's prefetch and writer threads (and any other
+load) hold up; measured in docs/results-kernels-ties.md.
+
+The numbers are those of sparsify.ties (same float32 operations in the same
+order per element: bit for bit on the tests). Inputs are never written.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-import math
-
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 from torch import Tensor
 
 from mergelab.methods.kernels.io import as_array, load, store, usable
 
 __all__ = ["available", "combine_ranges", "elect_many", "elect_pair", "ties_combine", "ties_merge"]
 
-_BUCKETS = 1 << 16
-
 
 @njit(inline="always")
 def _bits(value):
     return np.float32(value).view(np.uint32)
-
-
-@njit(parallel=True, cache=True)
-def _histograms(xs, base, highs, parts):
-    """Counts of 16 bits of the float32 pattern of |xs[i] - base|, per model i and per part of the tensor.
-
-    highs[i] == -1: the top 16 bits of every entry. highs[i] >= 0: the low 16
-    bits of the entries whose top 16 bits equal highs[i]; the others are
-    skipped by a branch that is rarely taken, as such a bucket holds a small
-    share of the entries (counting them in a spare bin would make every
-    increment wait for the last). highs[i] < -1: model i is skipped. One pass
-    serves every model, so the base is read once.
-    """
-    n = base.shape[0]
-    partial = np.zeros((len(xs), parts, _BUCKETS), dtype=np.int32)
-    step = (n + parts - 1) // parts
-    for t in prange(parts):
-        for j in range(t * step, min(n, (t + 1) * step)):
-            b = load(base, j)
-            for i in range(len(xs)):
-                high = highs[i]
-                if high < -1:
-                    continue
-                bits = np.int64(_bits(abs(load(xs[i], j) - b)))
-                if high < 0:
-                    partial[i, t, bits >> 16] += 1
-                elif (bits >> 16) == high:
-                    partial[i, t, bits & 0xFFFF] += 1
-    return partial
-
-
-@njit(cache=True)
-def _select(hist, k):
-    """(bucket, entries in higher buckets) of the k-th largest entry, counting from the top bucket."""
-    above = 0
-    for bucket in range(hist.shape[0] - 1, -1, -1):
-        if above + hist[bucket] >= k:
-            return bucket, above
-        above += hist[bucket]
-    return 0, above
-
-
-@njit(cache=True)
-def _tie_cutoff(x, base, threshold, start, stop, keep):
-    """Index of the (keep + 1)-th entry in start:stop with |x - base| == threshold (stop if none)."""
-    seen = 0
-    for j in range(start, stop):
-        if abs(load(x, j) - load(base, j)) == threshold:
-            if seen == keep:
-                return j
-            seen += 1
-    return stop
 
 
 _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
@@ -261,6 +211,7 @@ _SAMPLE = 1 << 15  # entries sampled per model to place the candidate thresholds
 _SCAN_TILE = 4096
 _GATHER_TILE = 512
 _NEAR = 4  # candidate values per model: those the sample makes likeliest to be the k-th largest
+_REFINE = 8  # candidate values of the second counting pass
 _TOP = (1 << 32) - 1
 
 
@@ -368,7 +319,7 @@ def _thresholds(xs: tuple[np.ndarray, ...], base: np.ndarray, keep: list[int | N
     for q, i in enumerate(requests):
         lo, hi, _, _ = _range(known[q], keep[i])
         if lo < hi:
-            c = _cut_points(estimates[q].likeliest(lo, hi, 2 * _NEAR, tied=True), [], known[q])
+            c = _cut_points(estimates[q].likeliest(lo, hi, _REFINE, tied=True), [], known[q])
             if c:
                 refine.append((q, c))
     if refine:
@@ -389,42 +340,6 @@ def _thresholds(xs: tuple[np.ndarray, ...], base: np.ndarray, keep: list[int | N
         fit = k - greater  # entries equal to T_i that are kept, 1 <= fit <= tied
         if fit < tied:
             cutoffs[i] = _tie_index(xs[i], base, np.uint32(value), fit)
-    return thresholds, cutoffs
-
-
-def _radix_thresholds(xs: tuple[np.ndarray, ...], base: np.ndarray, keep: list[int | None]
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """_thresholds by radix selection in two histogram passes: exact whatever the data, slower."""
-    n, models = base.shape[0], len(xs)
-    trim = [k is not None and k < n for k in keep]
-    thresholds = np.zeros(models, dtype=np.float32)
-    cutoffs = np.full(models, n, dtype=np.int64)
-    if not any(trim):
-        return thresholds, cutoffs
-    threads = numba.get_num_threads()
-    highs = np.array([-1 if t else -2 for t in trim], dtype=np.int64)
-    top = _histograms(xs, base, highs, threads).sum(axis=1, dtype=np.int64)  # (models, buckets)
-    above_high = np.zeros(models, dtype=np.int64)
-    for i in range(models):
-        if trim[i]:
-            highs[i], above_high[i] = _select(top[i], keep[i])
-    parts = 8 * threads  # the low pass also counts ties per part, to place the cut-offs
-    partial = _histograms(xs, base, highs, parts)  # (models, parts, buckets)
-    for i in range(models):
-        if not trim[i]:
-            continue
-        low_hist = partial[i].sum(axis=0, dtype=np.int64)
-        low, above_low = _select(low_hist, keep[i] - above_high[i])
-        bits = np.array([(int(highs[i]) << 16) | int(low)], dtype=np.uint32)
-        thresholds[i] = bits.view(np.float32)[0]
-        fit = keep[i] - (above_high[i] + above_low)  # entries equal to T_i that fit
-        if fit < low_hist[low]:
-            ties = np.cumsum(partial[i, :, low], dtype=np.int64)
-            part = int(np.searchsorted(ties, fit, side="right"))  # the part where the count passes fit
-            before = int(ties[part - 1]) if part > 0 else 0
-            step = (n + parts - 1) // parts
-            cutoffs[i] = _tie_cutoff(xs[i], base, thresholds[i], part * step, min(n, (part + 1) * step),
-                                     fit - before)
     return thresholds, cutoffs
 
 
@@ -486,8 +401,8 @@ def combine_ranges(xs: tuple[np.ndarray, ...], base: np.ndarray, floor: tuple[np
         combine(xs, base, lo, hi, floors, ceilings, keep_all, w, bool(normalize), np.float32(lam), out)
 
 
-# Below this many entries the reference is faster: the kernel's two histogram passes have a
-# fixed cost (65536-bin histograms per model and thread) of tens of milliseconds.
+# Below this many entries the reference is faster (measured with the earlier histogram selection,
+# whose fixed cost was tens of milliseconds; kept, as small tensors are a small share of a model).
 MIN_KERNEL_NUMEL = 1 << 17
 
 
