@@ -4,8 +4,9 @@
 
 Each run is its own subprocess (`python -m mergelab.cli merge RECIPE OUT --seed 0`) with PYTHONPATH
 set to one tree; one untimed warm-up run per tree and method first (numba compiles or loads its
-cache). Wall time around the subprocess and its peak RSS (ru_maxrss from wait4, which counts the
-pages of memory-mapped inputs too) are printed per run, with the load average at the start. Outputs
+cache). Wall time around the subprocess, its CPU time (user + system, all threads: on a loaded
+machine the steadier figure) and its peak RSS (ru_maxrss from wait4, which counts the pages of
+memory-mapped inputs too) are printed per run, with the load average at the start. Outputs
 go to a temporary folder under --out (default /tmp) and are deleted after each run; with --compare,
 the first new and old outputs of each method are compared byte for byte first.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 RECIPES = Path("/work/main/bench/_work/recipes")
 
 
-def run(tree: str, recipe: Path, out: Path) -> tuple[float, float]:
+def run(tree: str, recipe: Path, out: Path) -> tuple[float, float, float]:
     env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
     cmd = [sys.executable, "-m", "mergelab.cli", "merge", str(recipe), str(out), "--seed", "0"]
     start = time.perf_counter()
@@ -34,7 +35,7 @@ def run(tree: str, recipe: Path, out: Path) -> tuple[float, float]:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 2**20  # GiB
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20  # s, s, GiB
 
 
 def same_outputs(a: Path, b: Path) -> bool:
@@ -70,10 +71,10 @@ def main() -> None:
                 order = list(trees) if r % 2 else list(trees)[::-1]
                 for label in order:
                     load = os.getloadavg()[0]
-                    wall, rss = run(trees[label], recipe, work / label)
+                    wall, cpu, rss = run(trees[label], recipe, work / label)
                     shutil.rmtree(work / label)
-                    print(f"{method:18s} {label}  wall {wall:6.2f} s  peak RSS {rss:5.2f} GiB  load {load:.2f}",
-                          flush=True)
+                    print(f"{method:18s} {label}  wall {wall:6.2f} s  CPU {cpu:6.2f} s  peak RSS {rss:5.2f} GiB  "
+                          f"load {load:.2f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
