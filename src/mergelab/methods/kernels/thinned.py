@@ -39,10 +39,12 @@ from torch import Tensor
 from mergelab.methods.counter_rng import generator_key, stream_keys
 from mergelab.methods.kernels.io import as_array, load, store, usable
 from mergelab.methods.kernels.rng import uniform
+from mergelab.methods.kernels.ties import combine_ranges, elect_many, elect_pair
 
 __all__ = ["supports", "run"]
 
 _BLOCK = 1 << 16
+_TILE = 4096  # entries per slice of the one-thread passes
 _M32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 _ONE, _ZERO, _TWO = np.float32(1.0), np.float32(0.0), np.float32(2.0)
@@ -51,23 +53,27 @@ _ONE, _ZERO, _TWO = np.float32(1.0), np.float32(0.0), np.float32(2.0)
 # The mask passes sum |tau| in float64 with reassociation allowed (so the sums vectorise):
 # the order of float64 additions is not the reference's anyway. No other float operation
 # there is affected (a subtraction, an abs, an exact scaling, comparisons).
-@njit(parallel=True, cache=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath={"reassoc"})
 def _random_masks(xs, base, thinned, densities, k0s, k1s, masks):
-    """masks[i, j] = uniform(k_i, j) < densities[i]; returns (blocks, models, 2) L1 sums before/after."""
+    """masks[i, j] = uniform(k_i, j) < densities[i]; returns (blocks, models, 2) L1 sums before/after.
+
+    One thread, over slices (the loop vectorises; see kernels/ties.py on threads).
+    """
     n, models = base.shape[0], len(xs)
     blocks = (n + _BLOCK - 1) // _BLOCK
     norms = np.zeros((blocks, models, 2), dtype=np.float64)
-    for blk in prange(blocks):
+    for blk in range(blocks):
         lo, hi = blk * _BLOCK, min(n, (blk + 1) * _BLOCK)
+        bs = base[lo:hi]
         for i in range(models):
             if not thinned[i]:
                 continue
-            xi, mi, k0, k1, p = xs[i], masks[i], k0s[i], k1s[i], densities[i]
+            xi, mi, k0, k1, p = xs[i][lo:hi], masks[i, lo:hi], k0s[i], k1s[i], densities[i]
             before, after = 0.0, 0.0
-            for j in range(lo, hi):
-                keep = uniform(k0, k1, j) < p
-                mi[j] = keep
-                a = np.float64(abs(load(xi, j) - load(base, j)))
+            for t in range(hi - lo):
+                keep = uniform(k0, k1, lo + t) < p
+                mi[t] = keep
+                a = np.float64(abs(load(xi, t) - load(bs, t)))
                 before += a
                 after += a if keep else 0.0
             norms[blk, i, 0] = before
@@ -187,66 +193,51 @@ def _band_masks(xs, base, thinned, lows, low_cuts, highs, high_cuts, masks):
     return norms
 
 
-@njit(parallel=True, cache=True)
+# The combining passes run on one thread (see kernels/ties.py): they vectorise, and a parallel
+# region on this 2-core machine waits for whichever thread the engine's I/O threads hold up.
+@njit(cache=True)
 def _combine(xs, base, masks, factors, weights, ties, normalize, divisor, lam, out):
     """out = base + lambda * (weighted sum / divisor, or disjoint mean of the agreeing entries)."""
     n, models = base.shape[0], len(xs)
-    blocks = (n + _BLOCK - 1) // _BLOCK
-    for blk in prange(blocks):
-        t = np.empty(models, dtype=np.float32)
-        for j in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
-            b = load(base, j)
-            for i in range(models):
-                # x * 1.0 is exact, so models kept whole (mask all True, factor 1) need no branch
-                v = (load(xs[i], j) - b) * (_ONE if masks[i, j] else _ZERO)
-                t[i] = v * factors[i] * weights[i]
-            if ties:
-                total = t[0]
-                for i in range(1, models):
-                    total += t[i]
-                positive = total >= 0
-                merged, agreeing = _ZERO, _ZERO
-                for i in range(models):
-                    # zeros never agree: > 0 where the elected sign is +, < 0 where it is -
-                    if (t[i] > 0) if positive else (t[i] < 0):
-                        merged += t[i]
-                        agreeing += weights[i]
-                if normalize:
-                    merged = merged / (agreeing if agreeing != 0 else _ONE)
-            else:
-                merged = t[0]
-                for i in range(1, models):
-                    merged += t[i]
-                if normalize:
-                    merged = merged / divisor
-            store(out, j, b + lam * merged)
+    t = np.empty(models, dtype=np.float32)
+    for j in range(n):
+        b = load(base, j)
+        for i in range(models):
+            # x * 1.0 is exact, so models kept whole (mask all True, factor 1) need no branch
+            v = (load(xs[i], j) - b) * (_ONE if masks[i, j] else _ZERO)
+            t[i] = v * factors[i] * weights[i]
+        if ties:
+            merged = elect_many(t, weights, normalize)
+        else:
+            merged = t[0]
+            for i in range(1, models):
+                merged += t[i]
+            if normalize:
+                merged = merged / divisor
+        store(out, j, b + lam * merged)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _combine_pair(x0, x1, base, m0, m1, factors, weights, ties, normalize, divisor, lam, out):
-    """_combine for two models, one entry at a time without scratch arrays (the compiler vectorises it)."""
+    """_combine for two models, over slices of _BLOCK entries (the compiler vectorises loops over them)."""
     f0, f1, w0, w1 = factors[0], factors[1], weights[0], weights[1]
     n = base.shape[0]
-    for blk in prange((n + _BLOCK - 1) // _BLOCK):  # blocks: numba's parfor pass rejects the flat form here
-        for j in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
-            b = load(base, j)
-            v0 = (load(x0, j) - b) * (_ONE if m0[j] else _ZERO)
-            v1 = (load(x1, j) - b) * (_ONE if m1[j] else _ZERO)
+    for j0 in range(0, n, _TILE):
+        j1 = min(n, j0 + _TILE)
+        a0, a1, bs, k0, k1, o = x0[j0:j1], x1[j0:j1], base[j0:j1], m0[j0:j1], m1[j0:j1], out[j0:j1]
+        for t in range(j1 - j0):
+            b = load(bs, t)
+            v0 = (load(a0, t) - b) * (_ONE if k0[t] else _ZERO)
+            v1 = (load(a1, t) - b) * (_ONE if k1[t] else _ZERO)
             v0 = v0 * f0 * w0
             v1 = v1 * f1 * w1
             if ties:
-                positive = v0 + v1 >= 0
-                a0 = v0 > 0 if positive else v0 < 0
-                a1 = v1 > 0 if positive else v1 < 0
-                merged = (v0 if a0 else _ZERO) + (v1 if a1 else _ZERO)
-                if normalize:
-                    agreeing = (w0 if a0 else _ZERO) + (w1 if a1 else _ZERO)
-                    merged = merged / (agreeing if agreeing != 0 else _ONE)
+                merged = elect_pair(v0, v1, w0, w1, normalize)
             else:
                 merged = v0 + v1
                 if normalize:
                     merged = merged / divisor
-            store(out, j, b + lam * merged)
+            store(o, t, b + lam * merged)
 
 
 # ---------------------------------------------------------------------------- python side
@@ -293,6 +284,15 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype, *
         require_generator("this method", gen)
     rows = tuple(as_array(t) for t in xs)
     b = as_array(base)
+    if mask == "band" and ties and not s.rescale:
+        # no mask and no norms needed: the band's bounds go straight into TIES's combining pass
+        lows, low_cuts, highs, high_cuts = _band_thresholds(rows, b, p, numel)
+        keep_all = np.array([q.density >= 1 for q in p], dtype=np.bool_) | (lows < 0)
+        highs = np.where(high_cuts < 0, np.float32(np.nan), highs).astype(np.float32)
+        high_cuts = np.where(high_cuts < 0, numel, high_cuts).astype(np.int64)
+        combine_ranges(rows, b, (lows, low_cuts), (highs, high_cuts), keep_all, [float(q.weight) for q in p],
+                       normalize=bool(s.normalize), lam=float(s.lambda_), out=as_array(out))
+        return out.reshape(base.shape).to(out_dtype)
     thinned = np.array([q.density < 1 for q in p], dtype=np.bool_)
     masks = np.ones((models, numel), dtype=np.bool_)  # rows of models kept whole stay True
     if thinned.any():
