@@ -33,6 +33,9 @@ from mergelab.progress import ByteProgress
 CHUNK_ELEMENTS = 16 * 1024 * 1024
 # A job whose inputs exceed this is not read ahead while another such job computes.
 PREFETCH_LIMIT = 128 * 1024 * 1024
+# Merged outputs waiting for the writer thread, in bytes (one output always fits): the merge
+# computes ahead while the disk catches up, in bounded memory.
+WRITE_QUEUE_BYTES = 128 * 1024 * 1024
 
 
 def _item_bytes(plan: Plan, job: Job, rows: tuple[int, int] | None) -> int:
@@ -167,6 +170,49 @@ def nonfinite_inputs(plan: Plan, inputs: _Inputs) -> list[str]:
             if has_nonfinite(t)]
 
 
+def _stage(plan: Plan, reader: _Reader, job: Job, rows: tuple[int, int] | None) -> list[str]:
+    """On the prefetch thread: page a work item's inputs in, check the files, and look for NaN/Inf in them.
+
+    Returns nonfinite_inputs() of the item, so that the compute thread finds its inputs mapped and checked.
+    """
+    reader.prefetch(job, rows)
+    return nonfinite_inputs(plan, _Inputs(reader.pages.views(job.refs(), rows)))
+
+
+def _check_and_write(writer: CheckpointWriter, job: Job, rows: tuple[int, int] | None, out: torch.Tensor,
+                     check: bool) -> None:
+    """On the writer thread: refuse an output that came out NaN/Inf (when `check`), else write it."""
+    if check and has_nonfinite(out):
+        raise NonFiniteError(
+            f"the merge of {job.name} came out NaN or Inf from finite inputs (weights or other recipe "
+            "numbers too large for the output dtype?); nothing was written. Check the recipe's numbers")
+    if rows is None:
+        writer.write(job.name, out)
+    else:
+        writer.write_rows(job.name, rows[0], out)
+
+
+class _WriteQueue:
+    """Outputs handed to the writer thread, at most WRITE_QUEUE_BYTES of them waiting (one always fits).
+
+    The writer's errors (a full disk, a non-finite output) come back from put() or drain(), in order.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool = pool
+        self.flight: list[tuple[Future, int]] = []
+
+    def put(self, nbytes: int, fn, *args) -> None:
+        while self.flight and (self.flight[0][0].done()
+                               or sum(n for _, n in self.flight) + nbytes > WRITE_QUEUE_BYTES):
+            self.flight.pop(0)[0].result()
+        self.flight.append((self.pool.submit(fn, *args), nbytes))
+
+    def drain(self) -> None:
+        while self.flight:
+            self.flight.pop(0)[0].result()
+
+
 def compute(plan: Plan, job: Job, inputs: _Inputs, device: torch.device,
             seed: int | None, chunk: tuple[int, int] | None, notes: dict[str, list[str]] | None = None
             ) -> torch.Tensor:
@@ -232,23 +278,31 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-prefetch") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as write_pool, \
             ByteProgress(len(plan.jobs), plan.bytes_read, enabled=show_progress) as progress:
-        pending: Future | None = pool.submit(reader.prefetch, *items[0]) if items else None
-        written: Future | None = None
+        # Three threads, each mostly outside the GIL (the kernels are compiled nogil): the prefetch
+        # thread maps the next item's pages in and checks them for NaN/Inf, this one merges, the
+        # writer thread checks the output and writes it (starting its writeback at once).
+        pending: Future | None = pool.submit(_stage, plan, reader, *items[0]) if items else None
+        released: list[Future] = []  # page releases handed to the prefetch thread (FIFO, after its prefetch)
+        queue = _WriteQueue(write_pool)
         for i, (job, rows) in enumerate(items):
             if pending is not None:
-                pending.result()  # its own check ran after paging in
+                bad = pending.result()  # its own check ran after paging in
             else:
+                while released:
+                    released.pop(0).result()  # two big items are never resident at once
                 reader.check_unchanged(job)
+                bad = None
             inputs = reader.inputs(job, rows)
+            if bad is None:
+                bad = nonfinite_inputs(plan, inputs)
             nxt = items[i + 1] if i + 1 < len(items) else None
             # Prefetch overlaps paging in with computing, but two big jobs must not be resident at once.
             small = nxt is not None and (_item_bytes(plan, *nxt) <= PREFETCH_LIMIT
                                          or _item_bytes(plan, job, rows) <= PREFETCH_LIMIT)
-            pending = pool.submit(reader.prefetch, *nxt) if small else None
+            pending = pool.submit(_stage, plan, reader, *nxt) if small else None
             nread = inputs.nbytes
             if observe is not None:
                 observe(job, rows, inputs.tensors)
-            bad = nonfinite_inputs(plan, inputs)
             if bad and not allow_nonfinite:
                 raise NonFiniteError(
                     f"input {bad[0]} holds NaN or Inf values, so the merge of {job.name} would be NaN or silently "
@@ -257,22 +311,17 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
             nonfinite.extend(b for b in bad if b not in nonfinite)
             out = compute(plan, job, inputs, dev, seed, rows, notes)
             reader.check_unchanged(job)
-            if not bad and not allow_nonfinite and has_nonfinite(out):
-                raise NonFiniteError(
-                    f"the merge of {job.name} came out NaN or Inf from finite inputs (weights or other recipe "
-                    "numbers too large for the output dtype?); nothing was written. Check the recipe's numbers")
             del inputs
-            reader.release(job, rows)
-            if written is not None:
-                written.result()  # at most one output in flight: bounded memory, errors surface here
-            if rows is None:
-                written = write_pool.submit(writer.write, job.name, out)
-            else:
-                written = write_pool.submit(writer.write_rows, job.name, rows[0], out)
+            while released and released[0].done():
+                released.pop(0).result()  # errors surface here
+            released.append(pool.submit(reader.release, job, rows))
+            queue.put(out.numel() * out.element_size(), _check_and_write, writer, job, rows, out,
+                      not bad and not allow_nonfinite)
             del out
             progress.advance(nread, done=rows is None or rows[1] == job.shape[0])
-        if written is not None:
-            written.result()
+        queue.drain()
+        for future in released:
+            future.result()
         report = RunReport(
             out_dir=out_dir, tensors=len(plan.jobs),
             merged=sum(1 for j in plan.jobs if not j.copy),

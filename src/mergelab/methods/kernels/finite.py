@@ -25,7 +25,7 @@ _MASKS = {torch.bfloat16: (torch.int16, np.uint16, 0x7F80), torch.float16: (torc
 # earlier parallel version (prange over 64k blocks) was slower at every size measured, on 2 busy
 # cores: 4M bf16 entries 25.6 ms against 0.24 ms, 64M entries 52.9 ms against 7.8 ms; its thread
 # wake-ups dominated small merges (seconds of a MiniLM merge).
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _count(bits, mask):
     c = 0
     for j in range(bits.shape[0]):

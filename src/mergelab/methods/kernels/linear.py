@@ -22,7 +22,7 @@ __all__ = ["available", "weighted_sum", "supports", "run"]
 _BLOCK = 1 << 16
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _weighted_sum_pair(x, weights, out):
     x0, x1 = x[0], x[1]
     w0, w1 = weights[0], weights[1]
@@ -30,7 +30,7 @@ def _weighted_sum_pair(x, weights, out):
         store(out, j, load(x0, j) * w0 + load(x1, j) * w1)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _weighted_sum(x, weights, out):
     n = out.shape[0]
     for blk in prange((n + _BLOCK - 1) // _BLOCK):  # blocks: numba's parfor pass rejects the flat form
