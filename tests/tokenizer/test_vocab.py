@@ -36,3 +36,25 @@ def test_vocab_json_with_added_tokens_and_vocab_txt(tmp_path):
     (tmp_path / "bad" / "tokenizer.json").write_text(json.dumps({"model": {"type": "X"}}))
     with pytest.raises(CheckpointError, match="no vocabulary"):
         read_vocabulary(tmp_path / "bad")
+
+
+def test_vocabulary_is_read_once_per_file_version(tmp_path, monkeypatch):
+    """A search plans many candidates over one folder: the files are parsed once, and again when they change."""
+    import os
+
+    from mergelab.tokenizer import vocab as vocab_module
+
+    calls = []
+    real = vocab_module._read_vocabulary
+    monkeypatch.setattr(vocab_module, "_read_vocabulary", lambda folder: calls.append(folder) or real(folder))
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps({"a": 0, "b": 1}))
+    first = read_vocabulary(tmp_path)
+    first["mutated"] = 9  # the caller's copy, not the cache's
+    assert read_vocabulary(tmp_path) == {"a": 0, "b": 1} and len(calls) == 1
+    replacement = tmp_path / "new.json"
+    replacement.write_text(json.dumps({"a": 1, "b": 0}))
+    os.replace(replacement, path)  # a new file under the same name
+    assert read_vocabulary(tmp_path) == {"a": 1, "b": 0} and len(calls) == 2
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<x>": 2}))  # a file the vocabulary also reads
+    assert read_vocabulary(tmp_path) == {"a": 1, "b": 0, "<x>": 2} and len(calls) == 3

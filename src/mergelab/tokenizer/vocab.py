@@ -12,6 +12,7 @@ transformers adds them on load.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mergelab.checkpoint.reader import asset_file
@@ -73,8 +74,31 @@ def _from_sentencepiece(folder: Path) -> dict[str, int]:
                               f"{str(exc)[:200]}); fix the tokenizer files") from None
 
 
+# Files a vocabulary is read from; their identity (lstat and stat) keys the cache below.
+_VOCAB_FILES = (*TOKENIZER_MARKERS, "added_tokens.json", "tokenizer_config.json")
+_CACHE: dict[tuple, dict[str, int] | None] = {}
+_CACHE_SIZE = 16
+
+
+def _identity(folder: Path) -> tuple:
+    key: list = [str(folder.resolve())]
+    for name in _VOCAB_FILES:
+        path = folder / name
+        try:
+            link, target = os.lstat(path), os.stat(path)
+        except OSError:
+            key.append(None)
+            continue
+        key.append((link.st_ino, link.st_mode, link.st_mtime_ns, target.st_ino, target.st_size, target.st_mtime_ns))
+    return tuple(key)
+
+
 def read_vocabulary(folder: str | Path | None) -> dict[str, int] | None:
     """token -> id of the tokenizer in model folder `folder`; None when it has no tokenizer files.
+
+    A search plans one merge per candidate over the same folders, so the vocabulary is
+    cached per folder, keyed on the identity (inode, size, mtime) of every file it is
+    read from: a file that changes, or is replaced by a link, is read again.
 
     Raises:
         CheckpointError: tokenizer files that exist but cannot be read.
@@ -82,6 +106,16 @@ def read_vocabulary(folder: str | Path | None) -> dict[str, int] | None:
     if folder is None:
         return None
     folder = Path(folder)
+    key = _identity(folder)
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = _read_vocabulary(folder)
+    vocab = _CACHE[key]
+    return None if vocab is None else dict(vocab)
+
+
+def _read_vocabulary(folder: Path) -> dict[str, int] | None:
     try:
         if (path := asset_file(folder, "tokenizer.json")) is not None:
             vocab = _from_tokenizer_json(path)
