@@ -121,6 +121,12 @@ def _sample_index(numel: int, size: int) -> np.ndarray:
     return index
 
 
+@functools.lru_cache(maxsize=4096)
+def _keep(share: float, m: int) -> int:
+    # keep_count works on the decimal the user wrote (a Fraction per call): worth caching per tensor size
+    return keep_count(share, m)
+
+
 def profile_from_magnitudes(mags: np.ndarray, density: float) -> MagnitudeProfile:
     """The MagnitudeProfile of (N, m) float32 magnitudes |tau_i| (all entries, or a sample).
 
@@ -130,11 +136,11 @@ def profile_from_magnitudes(mags: np.ndarray, density: float) -> MagnitudeProfil
     n, m = mags.shape
     if m == 0:
         return MagnitudeProfile(torch.zeros(n), torch.zeros(n, len(MASS_DENSITIES), dtype=torch.float64))
-    ranks = sorted({m - keep_count(d, m) for d in (density, *MASS_DENSITIES)})
+    ranks = sorted({m - _keep(d, m) for d in (density, *MASS_DENSITIES)})
     part = np.partition(mags, ranks, axis=1)
     total = part.sum(axis=1, dtype=np.float64).clip(min=1e-300)
-    shares = np.stack([part[:, m - keep_count(d, m):].sum(axis=1, dtype=np.float64) for d in MASS_DENSITIES], 1)
-    return MagnitudeProfile(threshold=torch.from_numpy(part[:, m - keep_count(density, m)].copy()),
+    shares = np.stack([part[:, m - _keep(d, m):].sum(axis=1, dtype=np.float64) for d in MASS_DENSITIES], 1)
+    return MagnitudeProfile(threshold=torch.from_numpy(part[:, m - _keep(density, m)].copy()),
                             mass_share=torch.from_numpy(shares / total[:, None]))
 
 
