@@ -14,7 +14,7 @@ from mergelab.analysis.evaluators import (
     evaluate,
     load_evaluator,
 )
-from mergelab.analysis.inspect import GroupStats, InspectReport, inspect_models, recommend, render_inspect
+from mergelab.analysis.inspect import GroupStats, InspectReport, inspect_models, recommend
 from mergelab.analysis.noise_scale import (
     NoiseScale,
     effective_noise_scale,
@@ -32,7 +32,7 @@ from mergelab.analysis.paths import (
 
 __all__ = [
     "Evaluator", "causal_lm_evaluator", "classifier_evaluator", "evaluate", "load_evaluator",
-    "GroupStats", "InspectReport", "inspect_models", "recommend", "render_inspect",
+    "GroupStats", "InspectReport", "inspect_models", "recommend",
     "NoiseScale", "effective_noise_scale", "noise_scale_from_trainer",
     "PathResult", "PlaneResult", "ScalingResult", "barrier", "interpolation_path", "plane",
     "scaling_curve",

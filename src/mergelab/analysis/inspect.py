@@ -13,7 +13,7 @@ Checkpoints are read as the merge engine reads them: memory-map views whose page
 a background thread maps in one batch of names ahead (checkpoint.prefetch), checked
 unchanged after use and released, so memory holds about two batches' pages, never a
 whole model. `recommend` turns the report into merge-method suggestions with their
-reasons; `render_inspect` draws it as rich tables.
+reasons; `mergelab.cli.tables.render_inspect` draws it as rich tables.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.table import Table
 
 from mergelab.analysis.geometry import (
     EXACT_TOPK_MAX_NUMEL,
@@ -460,7 +459,7 @@ OVERLAP_LOW = 0.1
 vectors add with little interference and task_arithmetic is enough."""
 
 
-def _pct(x: float | None) -> str:
+def percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
@@ -505,7 +504,7 @@ def recommend(report: InspectReport) -> list[str]:
     ratio = mlp.trimmed_conflict_ratio
     if ratio is not None and ratio >= SIGN_CONFLICT_HIGH:
         where = "MLP layers" if "mlp" in report.kinds else "tensors"
-        out.append(f"ties or dare_ties: after trimming to density {report.density}, {_pct(mlp.sign_conflict_trimmed)}"
+        out.append(f"ties or dare_ties: after trimming to density {report.density}, {percent(mlp.sign_conflict_trimmed)}"
                    f" of contested coordinates in the {where} disagree in sign ({ratio:.2f} x chance, threshold "
                    f"{SIGN_CONFLICT_HIGH}); electing a sign keeps them from cancelling"
                    f"{_density_hint(o)}")
@@ -528,51 +527,14 @@ def _density_hint(o: GroupStats) -> str:
     for d, vals in o.mass_kept.items():
         vals = [v for v in vals if v is not None]
         if vals:
-            parts.append(f"{d} keeps {_pct(sum(vals) / len(vals))}")
+            parts.append(f"{d} keeps {percent(sum(vals) / len(vals))}")
     return "; trimming to density " + ", ".join(parts) + " of the task-vector L1 mass" if parts else ""
 
 
 # ----------------------------------------------------------------------------- rendering
 
 
-def _f(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def short_names(labels: Sequence[str]) -> list[str]:
     """Last path component of each label when those are unique, else the labels as given."""
     leaves = [Path(label).name or label for label in labels]
     return leaves if len(set(leaves)) == len(leaves) else list(labels)
-
-
-def render_inspect(report: InspectReport, recommendations: list[str] | None = None) -> list[Table]:
-    """rich Tables: per group, per model pair (overall), and the recommendation."""
-    n = len(report.models)
-    per_group = Table(title=f"Task-vector geometry per layer (task vectors from the {report.reference})")
-    for col in ("group", "params", "|tau|/|ref|", "cos(tau)", "sign conflict",
-                f"conflict @{report.density}", "spectral overlap", *(f"mass @{d}" for d in MASS_DENSITIES)):
-        per_group.add_column(col, justify="left" if col == "group" else "right")
-    summaries = [*report.kinds.values(), report.overall]  # drawn in bold below the layers
-    for g in [*report.groups, *summaries]:
-        mass = [[v for v in g.mass_kept[str(d)] if v is not None] for d in MASS_DENSITIES]
-        per_group.add_row(
-            f"[bold]{g.name}[/bold]" if any(g is x for x in summaries) else g.name, f"{g.n_params:,}",
-            _f(g.relative_task_norm), _f(g.mean_task_cosine), _pct(g.sign_conflict),
-            _pct(g.sign_conflict_trimmed), _f(g.mean_spectral_overlap, 2),
-            *(_pct(sum(m) / len(m)) if m else "-" for m in mass))
-    pairs = Table(title="Model pairs (whole model)")
-    for col in ("model i", "model j", "weight cosine", "task-vector cosine", "spectral overlap"):
-        pairs.add_column(col, justify="right" if "cos" in col or "overlap" in col else "left")
-    o = report.overall
-    names = short_names(report.models)
-    for i in range(n):
-        for j in range(i + 1, n):
-            overlap = None if o.spectral_overlap is None else o.spectral_overlap[i][j]
-            pairs.add_row(names[i], names[j], _f(o.weight_cosine[i][j]),
-                          _f(o.task_cosine[i][j]), _f(overlap, 2))
-    advice = Table(title="Recommendation", show_lines=True)
-    advice.add_column("#", justify="right")
-    advice.add_column("method and reason")
-    for k, line in enumerate(recommendations if recommendations is not None else recommend(report), 1):
-        advice.add_row(str(k), line)
-    return [per_group, pairs, advice]

@@ -228,7 +228,8 @@ def inspect(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Will these models merge, and with which method? Data-free, streamed tensor by tensor."""
-    from mergelab.analysis import inspect_models, recommend, render_inspect
+    from mergelab.analysis import inspect_models, recommend
+    from mergelab.cli.tables import render_inspect
 
     inputs = [*models, *([base] if base else [])]
     with user_errors():

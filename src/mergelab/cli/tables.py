@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from mergelab.analysis.inspect import InspectReport
     from mergelab.analysis.noise_scale import NoiseScale
     from mergelab.analysis.paths import PathResult, PlaneResult, ScalingResult
 
@@ -63,3 +64,42 @@ def render_noise_scale(result: NoiseScale) -> Table:
     for note in result.notes:
         table.add_row("note", note)
     return table
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def render_inspect(report: InspectReport, recommendations: list[str] | None = None) -> list[Table]:
+    """rich Tables: per group, per model pair (overall), and the recommendation."""
+    from mergelab.analysis.inspect import MASS_DENSITIES, percent, recommend, short_names
+
+    n = len(report.models)
+    per_group = Table(title=f"Task-vector geometry per layer (task vectors from the {report.reference})")
+    for col in ("group", "params", "|tau|/|ref|", "cos(tau)", "sign conflict",
+                f"conflict @{report.density}", "spectral overlap", *(f"mass @{d}" for d in MASS_DENSITIES)):
+        per_group.add_column(col, justify="left" if col == "group" else "right")
+    summaries = [*report.kinds.values(), report.overall]  # drawn in bold below the layers
+    for g in [*report.groups, *summaries]:
+        mass = [[v for v in g.mass_kept[str(d)] if v is not None] for d in MASS_DENSITIES]
+        per_group.add_row(
+            f"[bold]{g.name}[/bold]" if any(g is x for x in summaries) else g.name, f"{g.n_params:,}",
+            _f(g.relative_task_norm), _f(g.mean_task_cosine), percent(g.sign_conflict),
+            percent(g.sign_conflict_trimmed), _f(g.mean_spectral_overlap, 2),
+            *(percent(sum(m) / len(m)) if m else "-" for m in mass))
+    pairs = Table(title="Model pairs (whole model)")
+    for col in ("model i", "model j", "weight cosine", "task-vector cosine", "spectral overlap"):
+        pairs.add_column(col, justify="right" if "cos" in col or "overlap" in col else "left")
+    o = report.overall
+    names = short_names(report.models)
+    for i in range(n):
+        for j in range(i + 1, n):
+            overlap = None if o.spectral_overlap is None else o.spectral_overlap[i][j]
+            pairs.add_row(names[i], names[j], _f(o.weight_cosine[i][j]),
+                          _f(o.task_cosine[i][j]), _f(overlap, 2))
+    advice = Table(title="Recommendation", show_lines=True)
+    advice.add_column("#", justify="right")
+    advice.add_column("method and reason")
+    for k, line in enumerate(recommendations if recommendations is not None else recommend(report), 1):
+        advice.add_row(str(k), line)
+    return [per_group, pairs, advice]
