@@ -104,6 +104,29 @@ def warm(run: Path) -> None:
                 pass
 
 
+def plot(result: dict, path: Path) -> None:
+    """Bars: median seconds and MB read per command, old vs new."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s["command"] for s in result["summary"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "s", "seconds (median)"), (axes[1], "bytes", "MB read")):
+        for i, code in enumerate(("old", "new")):
+            values = [s[f"{code}_{key}"] / (1e6 if key == "bytes" else 1) for s in result["summary"]]
+            ax.barh([j + 0.4 * i for j in range(len(names))], values, height=0.4, label=code)
+        ax.set_yticks([j + 0.2 for j in range(len(names))], names)
+        ax.set_xlabel(label)
+    axes[0].legend()
+    fig.suptitle(f"mergelab average/recover over {result['checkpoints']} checkpoints of "
+                 f"{result['checkpoint_bytes'] / 1e6:.0f} MB, old loop vs engine pass")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--old", type=Path, required=True, help="src folder of the code before")
@@ -112,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoints", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--fast", action="store_true", help="a tiny model and one repeat")
+    p.add_argument("--plot", type=Path, help="write the bar chart here (PNG)")
     args = p.parse_args(argv)
     vocab, width, layers = (8000, 512, 6) if not args.fast else (100, 16, 1)
     repeats = 1 if args.fast else args.repeats
@@ -151,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{s['command']:28s} old {s['old_s']:6.2f} s {s['old_bytes'] / 1e6:8.1f} MB | "
               f"new {s['new_s']:6.2f} s {s['new_bytes'] / 1e6:8.1f} MB | {s['old_s'] / s['new_s']:.2f}x")
     print("load average:", os.getloadavg())
+    if args.plot:
+        plot(result, args.plot)
     return result
 
 

@@ -117,3 +117,12 @@ def test_cli_explicit_checkpoints(tmp_path):
     assert result.exit_code == 0, result.output
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     torch.testing.assert_close(got["layer.weight"], (states[0]["layer.weight"] + states[4]["layer.weight"]) / 2)
+
+
+def test_cli_recover(tmp_path):
+    run, states = _run(tmp_path, nan_at=4)
+    result = CliRunner().invoke(app, ["recover", str(run), str(tmp_path / "resume"), "--last", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    got = load_file(str(tmp_path / "resume" / "model.safetensors"))
+    torch.testing.assert_close(got["layer.weight"], (states[2]["layer.weight"] + states[3]["layer.weight"]) / 2)
+    assert "skipped" in result.output and "optimizer.pt" in result.output
