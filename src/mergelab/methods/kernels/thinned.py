@@ -15,11 +15,13 @@ float32 tensor, then weight, elect and combine. Here, from the inputs as stored
                           |tau|: ties rank by index, as in the reference's stable sort);
           band            (breadcrumbs) rank in the top k + n_top magnitudes but not
                           in the top n_top: thresholds and tie cut-offs from the
-                          TIES kernel's radix selection (kernels/ties.py);
+                          TIES kernel's selection (kernels/ties.py). breadcrumbs_ties
+                          without rescale needs neither masks nor norms: its band
+                          goes straight into TIES's combining pass (combine_ranges);
     combine: per entry, tau_i = (x_i - base) * mask * factor_i * w_i in the
         reference's float32 order, then the weighted sum (/ sum w, * lambda) or
-        sign election and disjoint mean, plus the base, rounded to the output
-        dtype in the same pass.
+        sign election and disjoint mean (the TIES kernel's elect_pair/elect_many),
+        plus the base, rounded to the output dtype in the same pass.
 
 Same numbers as the reference: the masks are identical, and every float32
 operation per entry is the reference's, in its order; only the float64 L1
@@ -219,7 +221,7 @@ def _combine(xs, base, masks, factors, weights, ties, normalize, divisor, lam, o
 
 @njit(cache=True)
 def _combine_pair(x0, x1, base, m0, m1, factors, weights, ties, normalize, divisor, lam, out):
-    """_combine for two models, over slices of _BLOCK entries (the compiler vectorises loops over them)."""
+    """_combine for two models, over slices of _TILE entries (the compiler vectorises loops over them)."""
     f0, f1, w0, w1 = factors[0], factors[1], weights[0], weights[1]
     n = base.shape[0]
     for j0 in range(0, n, _TILE):
