@@ -130,8 +130,12 @@ def _sort_row(keys, idx, spare_keys, spare_idx, hist):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _della_masks(xs, base, cols, thinned, densities, epsilons, k0s, k1s, masks):
-    """DELLA's masks row by row (rows of `cols` entries); returns (rows, models, 2) L1 sums before/after.
+def _della_masks(xs, base, cols, inner, thinned, densities, epsilons, k0s, k1s, masks):
+    """DELLA's masks row by row; returns (rows, models, 2) L1 sums before/after.
+
+    The tensor is read as (outer, cols, inner) and ranked along cols, as the
+    reference ranks along dim 1: a row is `cols` entries `inner` apart
+    (inner = 1 for a matrix, the product of the trailing sizes for 3-D and up).
 
     p = rank / (cols - 1) * 2 * epsilon + (density - epsilon) in float32, in the
     reference's order of operations (della_keep_probabilities); p = density for one-entry rows.
@@ -145,7 +149,7 @@ def _della_masks(xs, base, cols, thinned, densities, epsilons, k0s, k1s, masks):
         keys, spare_keys = np.empty(cols, dtype=np.uint32), np.empty(cols, dtype=np.uint32)
         idx, spare_idx = np.empty(cols, dtype=np.int64), np.empty(cols, dtype=np.int64)
         hist = np.empty(_DIGITS, dtype=np.int64)
-        lo = r * cols
+        lo = (r // inner) * cols * inner + r % inner  # entry c of the row is lo + c * inner
         for i in range(models):
             if not thinned[i]:
                 continue
@@ -155,7 +159,7 @@ def _della_masks(xs, base, cols, thinned, densities, epsilons, k0s, k1s, masks):
             eps = np.float32(epsilons[i])
             before, after = 0.0, 0.0
             for c in range(cols):
-                keys[c] = np.float32(abs(load(xi, lo + c) - load(base, lo + c))).view(np.uint32)
+                keys[c] = np.float32(abs(load(xi, lo + c * inner) - load(base, lo + c * inner))).view(np.uint32)
                 idx[c] = c
             sorted_keys, order = _sort_row(keys, idx, spare_keys, spare_idx, hist)
             for rank in range(cols):
@@ -164,7 +168,7 @@ def _della_masks(xs, base, cols, thinned, densities, epsilons, k0s, k1s, masks):
                     p = density
                 else:
                     p = np.float32(rank) / np.float32(cols - 1) * _TWO * eps + low
-                j = lo + c
+                j = lo + c * inner
                 keep = uniform(k0, k1, j) < p
                 mi[j] = keep
                 a64 = np.float64(np.uint32(sorted_keys[rank]).view(np.float32))
@@ -338,8 +342,9 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype, *
                 with one_thread():
                     totals = _dare_masks(rows, b, thinned, densities, keys, masks)
             else:
-                cols = base.shape[1] if base.dim() == 2 else numel
-                norms = _della_masks(rows, b, cols, thinned, np.array([q.density for q in p], dtype=np.float64),
+                cols = base.shape[1] if base.dim() >= 2 else numel
+                inner = numel // (base.shape[0] * cols) if base.dim() >= 2 else 1
+                norms = _della_masks(rows, b, cols, inner, thinned, np.array([q.density for q in p], dtype=np.float64),
                                      np.array([q.epsilon for q in p], dtype=np.float64),
                                      keys[:, 0].copy(), keys[:, 1].copy(), masks)
         if mask != "random":
@@ -365,7 +370,5 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype, *
 
 
 def supports(xs: Sequence[Tensor], base: Tensor | None, p, s, *, mask: str, ties: bool) -> bool:
-    """CPU inputs all bfloat16 or all float32, one parameter set per model; DELLA: 1-D or 2-D tensors."""
-    if base is None or len(xs) == 0 or len(p) != len(xs) or not usable([*xs, base]):
-        return False
-    return mask != "della" or base.dim() in (1, 2)
+    """CPU inputs all bfloat16 or all float32, one parameter set per model (DELLA: any number of dims)."""
+    return base is not None and len(xs) > 0 and len(p) == len(xs) and usable([*xs, base])
