@@ -274,15 +274,35 @@ def test_thinned_kernels_on_continuous_values_and_float16(name):
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
 
 
-def test_della_kernel_on_one_dimensional_tensors_and_refuses_three():
+def test_della_kernel_on_one_dimensional_tensors():
     g = torch.Generator().manual_seed(4)
     base = torch.randn(5000, generator=g)
     xs = [base + 0.1 * torch.randn(5000, generator=g) for _ in range(2)]
     params = _thinned_params("della", 2)
     fast, slow = both_seeded("della", xs, base, params, get_method("della").shared_params(), torch.float32)
     assert torch.equal(fast, slow)
-    cube = [torch.zeros(2, 3, 4)] * 2
-    assert not get_method("della").kernel.supports(cube, cube[0], PerModel(params), get_method("della").shared_params())
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+@pytest.mark.parametrize("n_models", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 41, 7), (2, 5, 3, 4), (4, 1, 6)])
+def test_della_kernel_ranks_along_dim_one_of_three_and_more_dims(name, n_models, dtype, shape):
+    # The reference ranks |tau| along dim 1 (entries inner-size apart), ties by index: quantised
+    # values give masses of ties; a size-1 dim 1 gives rows of one entry (p = density).
+    g = torch.Generator().manual_seed(len(shape) + n_models)
+    base = _quantised(shape, 3, g)
+    xs = [(base + _quantised(shape, 2, g)).to(dtype) for _ in range(n_models)]
+    base = base.to(dtype)
+    spec = get_method(name)
+    params = _thinned_params(name, n_models)
+    assert spec.kernel.supports(xs, base, PerModel(params), spec.shared_params())
+    for shared in (spec.shared_params(), spec.shared_params(rescale=True, normalize=True)):
+        fast, slow = both_seeded(name, xs, base, params, shared, dtype)
+        assert torch.equal(fast.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           slow.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    half = [x.half() for x in xs]  # float16: no kernel, the reference runs
+    assert not spec.kernel.supports(half, base.half(), PerModel(params), spec.shared_params())
 
 
 def test_thinned_kernel_does_not_depend_on_thread_count():

@@ -7,6 +7,15 @@ in the same pass, saving the float32 copies. `methods.run_method` chooses: the
 kernel when kernels are on and its `supports` predicate accepts the inputs,
 else the reference.
 
+Threads. Kernels are compiled `nogil`, so that while one merges a tensor the
+engine's prefetch and writer threads keep going (reading the next inputs,
+writing the last output). The streaming kernels (linear, slerp, sce, dare)
+run on one thread each (`one_thread`): they are vectorised and move about 1 GB/s per core,
+far above the disk's write speed, while numba's parallel loops cost a thread
+wake-up per call that on a busy machine was 20-40 ms (more than the work on
+most tensors of a 1B model; measured in docs/results-kernels-io.md). The
+engine's three threads are the parallelism.
+
 One switch turns every kernel off (`kernels_disabled()`, for tests that
 compare the two; or MERGELAB_NO_KERNELS=1 in the environment, read here once
 when mergelab is imported, nowhere else).
@@ -26,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "kernels_enabled", "kernels_disabled", "set_kernels_enabled", "lazy_kernel", "has_nonfinite"]
+__all__ = ["Kernel", "kernels_enabled", "kernels_disabled", "set_kernels_enabled", "lazy_kernel", "has_nonfinite",
+           "one_thread"]
 
 _ENABLED = not os.environ.get("MERGELAB_NO_KERNELS")
 
@@ -49,6 +59,26 @@ def kernels_disabled() -> Iterator[None]:
         yield
     finally:
         set_kernels_enabled(before)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run numba's parallel loops inside the block on the calling thread alone.
+
+    numba's thread count is kept per calling thread, so other threads are not
+    affected. A loop compiled `parallel=True` and run on one thread is still
+    the faster code: numba's parallel lowering vectorises loops that the plain
+    one does not (a bfloat16 weighted sum 0.05 s against 0.23-0.32 s for 65M
+    entries), and no worker thread has to wake up.
+    """
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The weighted sum of linear merging on the CPU in one compiled pass (numba).
+"""The weighted sum of linear merging on the CPU in one compiled pass (numba), one thread, outside the GIL.
 
 out[j] = sum_i w_i x_i[j], read in the storage dtype (bfloat16 bits or float32),
 summed in float32 registers in model order, and written in the output dtype
@@ -15,6 +15,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from mergelab.methods.kernels import one_thread
 from mergelab.methods.kernels.io import as_array, load, store, usable
 
 __all__ = ["available", "weighted_sum", "supports", "run"]
@@ -59,7 +60,8 @@ def weighted_sum(x: Sequence[Tensor], weights: Sequence[float], out_dtype: torch
     if out.numel():
         rows = tuple(as_array(t) for t in x)
         w = np.asarray(weights, dtype=np.float32)
-        (_weighted_sum_pair if len(rows) == 2 else _weighted_sum)(rows, w, as_array(out))
+        with one_thread():
+            (_weighted_sum_pair if len(rows) == 2 else _weighted_sum)(rows, w, as_array(out))
     return out if out_dtype is None or out_dtype == store_dtype else out.to(out_dtype)
 
 

@@ -1,5 +1,7 @@
 """SCE without variance selection (select_topk 1) on the CPU in two compiled passes (numba).
 
+One thread, outside the GIL (see kernels/__init__.py, "Threads").
+
     squares: sum_j tau_ij^2 per model, tau_i = x_i - base in float32, summed in float64;
     combine: per entry, elect the sign of sum_i tau_i, then the eta-weighted disjoint
              mean of the agreeing entries, plus the base, rounded to the output dtype,
@@ -18,6 +20,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from mergelab.methods.kernels import one_thread
 from mergelab.methods.kernels.io import as_array, load, store, usable
 
 __all__ = ["supports", "run"]
@@ -36,7 +39,6 @@ def _block_squares(x, base):
     return acc
 
 
-# nogil: the writer and prefetch threads keep the disk busy while a kernel runs.
 @njit(parallel=True, nogil=True, cache=True)
 def _squares(xs, base):
     """(blocks, models) float64 partial sums of (x_i - base)^2, one row per _BLOCK entries."""
@@ -54,7 +56,7 @@ def _squares(xs, base):
 @njit(parallel=True, nogil=True, cache=True)
 def _combine(xs, base, weights, out):
     n, models = base.shape[0], len(xs)
-    for blk in prange((n + _COMBINE_BLOCK - 1) // _COMBINE_BLOCK):
+    for blk in prange((n + _COMBINE_BLOCK - 1) // _COMBINE_BLOCK):  # blocks: a loop over xs in a flat prange fails
         tv = np.empty(models, dtype=np.float32)
         for j in range(blk * _COMBINE_BLOCK, min(n, (blk + 1) * _COMBINE_BLOCK)):
             b = load(base, j)
@@ -104,10 +106,11 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -
     out = torch.empty(base.numel(), dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
     if base.numel():
         rows, b = tuple(as_array(t) for t in xs), as_array(base)
-        squares = [float(v) for v in _squares(rows, b).sum(axis=0)]
-        weights = weights_from_squares(squares, base.numel()).numpy()
-        if len(rows) == 2:
-            _combine_pair(rows[0], rows[1], b, weights[0], weights[1], as_array(out))
-        else:
-            _combine(rows, b, weights, as_array(out))
+        with one_thread():
+            squares = [float(v) for v in _squares(rows, b).sum(axis=0)]
+            weights = weights_from_squares(squares, base.numel()).numpy()
+            if len(rows) == 2:
+                _combine_pair(rows[0], rows[1], b, weights[0], weights[1], as_array(out))
+            else:
+                _combine(rows, b, weights, as_array(out))
     return out.reshape(base.shape).to(out_dtype)

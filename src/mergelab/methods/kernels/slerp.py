@@ -1,4 +1,4 @@
-"""SLERP of two tensors on the CPU in two compiled passes (numba).
+"""SLERP of two tensors on the CPU in two compiled passes (numba), one thread, outside the GIL.
 
     sums:    |a|^2, |b|^2 and <a, b> over the flattened tensors, read as stored
              (bfloat16 bits or float32), accumulated in float64 per block;
@@ -19,6 +19,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from mergelab.methods.kernels import one_thread
 from mergelab.methods.kernels.io import as_array, load, store, usable
 
 __all__ = ["supports", "run"]
@@ -41,7 +42,6 @@ def _block_sums(a, b):
     return aa, bb, ab
 
 
-# nogil everywhere: while a kernel runs, the writer and prefetch threads keep the disk busy.
 @njit(parallel=True, nogil=True, cache=True)
 def _sums(a, b):
     """(blocks, 3) float64 partial sums of a*a, b*b, a*b, one row per _BLOCK entries."""
@@ -60,7 +60,7 @@ def _sums(a, b):
 
 @njit(parallel=True, nogil=True, cache=True)
 def _combine(a, b, c0, c1, out):
-    # A flat prange: the compiler vectorises it (7x faster than 64k-entry blocks with an inner loop).
+    # A flat loop: the compiler vectorises it (7x faster than 64k-entry blocks with an inner loop).
     for j in prange(out.shape[0]):
         store(out, j, load(a, j) * c0 + load(b, j) * c1)
 
@@ -77,7 +77,8 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -
     out = torch.empty(base.numel(), dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
     if base.numel():
         a, b = as_array(base), as_array(xs[0])
-        aa, bb, ab = (float(v) for v in _sums(a, b).sum(axis=0))
-        c0, c1 = flat_slerp_coefficients(s.t, aa, bb, ab)
-        _combine(a, b, np.float32(c0), np.float32(c1), as_array(out))
+        with one_thread():
+            aa, bb, ab = (float(v) for v in _sums(a, b).sum(axis=0))
+            c0, c1 = flat_slerp_coefficients(s.t, aa, bb, ab)
+            _combine(a, b, np.float32(c0), np.float32(c1), as_array(out))
     return out.reshape(base.shape).to(out_dtype)

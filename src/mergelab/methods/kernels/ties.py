@@ -51,7 +51,7 @@ def _bits(value):
 _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def elect_pair(d0, d1, w0, w1, normalize):
     """TIES's sign election and disjoint mean of one entry of two weighted task vectors d0, d1.
 
@@ -70,7 +70,7 @@ def elect_pair(d0, d1, w0, w1, normalize):
     return merged
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def elect_many(d, weights, normalize):
     """elect_pair for N >= 1 weighted entries d (float32 array, one per model), summed in model order."""
     total = d[0]
@@ -90,7 +90,7 @@ def elect_many(d, weights, normalize):
 # The combining passes run on one thread: they vectorise, so one core streams the inputs at
 # memory speed, and a parallel region on this 2-core machine waits for its slowest thread,
 # which the engine's prefetch and writer threads (and any other load) often hold up.
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _combine(x, base, lo, hi, floors, ceilings, keep_all, weights, normalize, lam, out):
     """out[lo:hi] = base + lam * disjoint mean of the trimmed, weighted task vectors.
 
@@ -108,7 +108,7 @@ def _combine(x, base, lo, hi, floors, ceilings, keep_all, weights, normalize, la
         store(out, j, b + lam * elect_many(d, weights, normalize))
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _combine_pair(x, base, lo, hi, floors, ceilings, keep_all, weights, normalize, lam, out):
     """_combine for exactly two models, over slices (the compiler vectorises loops over them)."""
     f0, f1, c0, c1 = floors[0], floors[1], ceilings[0], ceilings[1]
@@ -131,14 +131,14 @@ def available(x: Tensor | Sequence[Tensor], base: Tensor) -> bool:
     return usable([*x, base])
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _sample(x, base, step, out):
     """out[s] = float32 bits of |x - base| at entry s * step."""
     for s in range(out.shape[0]):
         out[s] = _bits(abs(load(x, s * step) - load(base, s * step)))
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _count_at_least(xs, base, rows, points, counts):
     """counts[q, l] += number of entries j with bits(|xs[rows[q]][j] - base[j]|) >= points[q, l].
 
@@ -162,7 +162,7 @@ def _count_at_least(xs, base, rows, points, counts):
                 counts[q, l] += c
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _gather_between(x, base, lo, hi, out):
     """Bits of the magnitudes with lo <= bits <= hi, in index order, into out (sized to their count).
 
@@ -184,7 +184,7 @@ def _gather_between(x, base, lo, hi, out):
                 c += 1
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _tie_index(x, base, value, skip):
     """Flat index of the (skip + 1)-th entry whose magnitude bits equal value (n if there are fewer).
 
