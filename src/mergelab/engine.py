@@ -170,13 +170,15 @@ def nonfinite_inputs(plan: Plan, inputs: _Inputs) -> list[str]:
             if has_nonfinite(t)]
 
 
-def _stage(plan: Plan, reader: _Reader, job: Job, rows: tuple[int, int] | None) -> list[str]:
+def _stage(plan: Plan, reader: _Reader, job: Job, rows: tuple[int, int] | None) -> tuple[_Inputs, list[str]]:
     """On the prefetch thread: page a work item's inputs in, check the files, and look for NaN/Inf in them.
 
-    Returns nonfinite_inputs() of the item, so that the compute thread finds its inputs mapped and checked.
+    Returns the item's inputs (views, mapped in) and their nonfinite_inputs(), so that the compute
+    thread uses the very views that were checked.
     """
     reader.prefetch(job, rows)
-    return nonfinite_inputs(plan, _Inputs(reader.pages.views(job.refs(), rows)))
+    inputs = reader.inputs(job, rows)
+    return inputs, nonfinite_inputs(plan, inputs)
 
 
 def _check_and_write(writer: CheckpointWriter, job: Job, rows: tuple[int, int] | None, out: torch.Tensor,
@@ -286,14 +288,12 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
         queue = _WriteQueue(write_pool)
         for i, (job, rows) in enumerate(items):
             if pending is not None:
-                bad = pending.result()  # its own check ran after paging in
+                inputs, bad = pending.result()  # its own check ran after paging in
             else:
                 while released:
                     released.pop(0).result()  # two big items are never resident at once
                 reader.check_unchanged(job)
-                bad = None
-            inputs = reader.inputs(job, rows)
-            if bad is None:
+                inputs = reader.inputs(job, rows)
                 bad = nonfinite_inputs(plan, inputs)
             nxt = items[i + 1] if i + 1 < len(items) else None
             # Prefetch overlaps paging in with computing, but two big jobs must not be resident at once.
