@@ -140,18 +140,23 @@ def _pair_block(x0, x1, ref, t0, t1, lo, hi, acc):
 
 
 @njit(cache=True, nogil=True)
+def _reference_at(xs, ref, j):
+    """Entry j of the reference: the base's, or the float32 mean of the models' when there is no base."""
+    if ref is None:
+        total = np.float32(0.0)
+        for i in range(len(xs)):
+            total += load(xs[i], j)
+        return total / np.float32(len(xs))
+    return load(ref, j)
+
+
+@njit(cache=True, nogil=True)
 def _sample_magnitudes(xs, ref, index, out):
     """out[i, s] = |w_i[index[s]] - r[index[s]]| in float32, r the base or the float32 mean."""
     n = len(xs)
     for s in range(index.shape[0]):
         j = index[s]
-        if ref is None:
-            total = np.float32(0.0)
-            for i in range(n):
-                total += load(xs[i], j)
-            r = total / np.float32(n)
-        else:
-            r = load(ref, j)
+        r = _reference_at(xs, ref, j)
         for i in range(n):
             out[i, s] = abs(load(xs[i], j) - r)
 
@@ -164,13 +169,7 @@ def _subgrid_deltas(xs, ref, width, rows, cols, out):
         base = rows[a] * width
         for b in range(cols.shape[0]):
             j = base + cols[b]
-            if ref is None:
-                total = np.float32(0.0)
-                for i in range(n):
-                    total += load(xs[i], j)
-                r = total / np.float32(n)
-            else:
-                r = load(ref, j)
+            r = _reference_at(xs, ref, j)
             for i in range(n):
                 out[i, a, b] = load(xs[i], j) - r
 

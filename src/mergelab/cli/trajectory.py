@@ -31,6 +31,11 @@ def show_report(report, title: str) -> None:
                   "output's JSON): " + ", ".join(list(report.partial)[:5]))
 
 
+ALLOW_MISSING = typer.Option(False, "--allow-missing-tensors", help="average a tensor that only some checkpoints "
+                             "hold over those (reported); refused otherwise")
+QUIET = typer.Option(False, "--quiet", help="no progress bar")
+
+
 def average(
     run_dir: Path = typer.Argument(..., help="folder of a training run's checkpoints"),
     out_dir: Path = typer.Argument(..., help="output folder (written atomically)"),
@@ -44,12 +49,10 @@ def average(
     checkpoint: Optional[list[Path]] = typer.Option(None, "--checkpoint", help="use these checkpoints "
                                                     "(repeatable) instead of discovering them in RUN_DIR"),
     out_shard_size: str = typer.Option("5GB", help="maximum size of an output shard"),
-    allow_missing_tensors: bool = typer.Option(False, "--allow-missing-tensors", help="average a tensor "
-                                               "that only some checkpoints hold over those (reported); "
-                                               "refused otherwise"),
+    allow_missing_tensors: bool = ALLOW_MISSING,
     overwrite: bool = OVERWRITE,
     clean_partials: bool = CLEAN_PARTIALS,
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    quiet: bool = QUIET,
 ) -> None:
     """Average the checkpoints of one training run (SMA, WMA, EMA, LAWA, WSM)."""
     from mergelab.trajectory.run import average_run
@@ -68,11 +71,10 @@ def recover(
     run_dir: Path = typer.Argument(..., help="folder of a crashed or diverged training run"),
     out_dir: Path = typer.Argument(..., help="folder training can resume from"),
     last: int = typer.Option(3, help="how many of the newest stable checkpoints to average (1 or more)"),
-    allow_missing_tensors: bool = typer.Option(False, "--allow-missing-tensors", help="average a tensor "
-                                               "that only some checkpoints hold over those (reported)"),
+    allow_missing_tensors: bool = ALLOW_MISSING,
     overwrite: bool = OVERWRITE,
     clean_partials: bool = CLEAN_PARTIALS,
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    quiet: bool = QUIET,
 ) -> None:
     """Average the last stable checkpoints of a run into a folder training can resume from."""
     from mergelab.trajectory.run import recover_run
