@@ -173,6 +173,8 @@ def plan_vocabulary(recipe, checkpoints: Mapping, reference: str, merged: list[s
     for p in missing:
         full[p] = full[reference]
         notes.append(f"'{p}' has no tokenizer files: its rows are taken as '{reference}''s tokens (same row count)")
+    if not explicit and all(rows[p] == rows[reference] and full[p] == full[reference] for p in rows):
+        return None  # the same tokens on the same rows everywhere: the common case, decided before stripping
     maps = {p: _stripped(full[p], rows[p]) for p in rows}
     if not explicit:
         if all(maps[p] == maps[reference] and rows[p] == rows[reference] for p in rows):
