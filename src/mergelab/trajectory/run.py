@@ -15,6 +15,18 @@ from mergelab.trajectory.recover import before_spike, resume_files
 from mergelab.trajectory.schedules import scheme_weights
 
 
+
+def _stable(run_dir, calm: list, spiked: list, unstable) -> tuple[list, list]:
+    """(the checkpoints before any loss spike that hold no NaN/Inf, every skipped one with why, by step)."""
+    bad = {c.path for c, _ in unstable}
+    stable = [c for c in calm if c.path not in bad]
+    skipped = sorted([*spiked, *unstable], key=lambda s: s[0].step)
+    if not stable:
+        raise CheckpointError(f"no stable checkpoint in {run_dir}: " + "; ".join(
+            f"{c.path.name}: {why}" for c, why in skipped))
+    return stable, skipped
+
+
 def plan_average(run_dir, *, scheme: str = "sma", last: int | None = None, every: int = 1,
                  decay: str = "linear", alpha: float = 0.9, skip_unstable: bool = False,
                  explicit=None, unstable: Sequence[tuple[RunCheckpoint, str]] = ()
@@ -28,13 +40,7 @@ def plan_average(run_dir, *, scheme: str = "sma", last: int | None = None, every
     found = discover(run_dir, explicit=explicit)
     skipped: list = []
     if skip_unstable:
-        found, skipped = before_spike(Path(run_dir), found)
-        bad = {c.path for c, _ in unstable}
-        found = [c for c in found if c.path not in bad]
-        skipped = sorted([*skipped, *unstable], key=lambda s: s[0].step)
-        if not found:
-            raise CheckpointError(f"every checkpoint in {run_dir} is unstable: " + "; ".join(
-                f"{c.path.name}: {why}" for c, why in skipped))
+        found, skipped = _stable(run_dir, *before_spike(Path(run_dir), found), unstable)
     chosen = select(found, last=last, every=every)
     weights = scheme_weights(scheme, len(chosen), alpha=alpha, decay=decay)
     return chosen, weights, skipped
@@ -123,12 +129,7 @@ def recover_run(run_dir, out_dir, *, last: int = 3, overwrite: bool = False, sho
     calm, spiked = before_spike(Path(run_dir), found)
 
     def pick(unstable):
-        bad = {c.path for c, _ in unstable}
-        stable = [c for c in calm if c.path not in bad]
-        skipped = sorted([*spiked, *unstable], key=lambda s: s[0].step)
-        if not stable:
-            raise CheckpointError(f"no stable checkpoint in {run_dir}: " + "; ".join(
-                f"{c.path.name}: {why}" for c, why in skipped))
+        stable, skipped = _stable(run_dir, calm, spiked, unstable)
         chosen = stable[-min(last, len(stable)):]
         return chosen, scheme_weights("sma", len(chosen)), skipped
 
