@@ -15,7 +15,6 @@ from mergelab.trajectory.recover import before_spike, resume_files
 from mergelab.trajectory.schedules import scheme_weights
 
 
-
 def _stable(run_dir, calm: list, spiked: list, unstable) -> tuple[list, list]:
     """(the checkpoints before any loss spike that hold no NaN/Inf, every skipped one with why, by step)."""
     bad = {c.path for c, _ in unstable}
