@@ -28,7 +28,6 @@ does the reference's float32 operations in its order, so the model holds the num
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
@@ -47,23 +46,6 @@ _FAST_METHODS = ("linear", "ties")
 # cores are shared (on the loaded 2-core development machine a 600k-entry pass took 26 ms on two
 # threads and 2.6 ms on one). Most tensors of a small model are far below this.
 ENTRIES_PER_THREAD = 1 << 20
-
-
-@contextlib.contextmanager
-def _threads_for(numel: int):
-    """Run numba's parallel kernels inside the block on at most one thread per ENTRIES_PER_THREAD entries."""
-    import numba
-
-    before = numba.get_num_threads()  # this thread's setting (numba keeps it per thread)
-    want = max(1, min(before, numel // ENTRIES_PER_THREAD))
-    if want == before:
-        yield
-        return
-    numba.set_num_threads(want)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
 
 
 def default_cache_bytes() -> int:
@@ -202,7 +184,7 @@ class CandidateWriter:
     def _fast(self, plan: Plan, job: Job, target: torch.Tensor) -> bool:
         """Run `job` into `target` by a fast path if one applies (exactly where run_method picks the kernel)."""
         from mergelab.methods import PerModel
-        from mergelab.methods.kernels import kernels_enabled
+        from mergelab.methods.kernels import at_most_threads, kernels_enabled
 
         spec = plan.recipe.method
         if (spec.name not in _FAST_METHODS or job.copy or job.vocab_rows is not None or job.stats
@@ -217,9 +199,9 @@ class CandidateWriter:
         p = PerModel(job.model_params)
         if not spec.kernel.supports(xs, base, p, job.shared):
             return False  # merge runs the readable reference here: so must we
-        with _threads_for(target.numel()):
-            if spec.name == "linear":
-                return self._linear(xs, p, job, target)
+        if spec.name == "linear":
+            return self._linear(xs, p, job, target)  # the linear kernel runs on one thread
+        with at_most_threads(target.numel() // ENTRIES_PER_THREAD):
             return self._ties(plan, job, xs, base, p, target)
 
     @staticmethod

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Kernel", "kernels_enabled", "kernels_disabled", "set_kernels_enabled", "lazy_kernel", "has_nonfinite",
-           "one_thread"]
+           "at_most_threads", "one_thread"]
 
 _ENABLED = not os.environ.get("MERGELAB_NO_KERNELS")
 
@@ -62,23 +62,35 @@ def kernels_disabled() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run numba's parallel loops inside the block on the calling thread alone.
+def at_most_threads(n: int) -> Iterator[None]:
+    """Run numba's parallel loops inside the block on at most `n` (>= 1) of the calling thread's threads.
 
     numba's thread count is kept per calling thread, so other threads are not
-    affected. A loop compiled `parallel=True` and run on one thread is still
-    the faster code: numba's parallel lowering vectorises loops that the plain
-    one does not (a bfloat16 weighted sum 0.05 s against 0.23-0.32 s for 65M
-    entries), and no worker thread has to wake up.
+    affected; the count is restored on the way out.
     """
     import numba
 
     before = numba.get_num_threads()
-    numba.set_num_threads(1)
+    want = max(1, min(before, n))
+    if want == before:
+        yield
+        return
+    numba.set_num_threads(want)
     try:
         yield
     finally:
         numba.set_num_threads(before)
+
+
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    """Run numba's parallel loops inside the block on the calling thread alone.
+
+    A loop compiled `parallel=True` and run on one thread is still the faster
+    code: numba's parallel lowering vectorises loops that the plain one does
+    not (a bfloat16 weighted sum 0.05 s against 0.23-0.32 s for 65M entries),
+    and no worker thread has to wake up.
+    """
+    return at_most_threads(1)
 
 
 @dataclasses.dataclass(frozen=True)
