@@ -12,13 +12,18 @@ if TYPE_CHECKING:
     from mergelab.analysis.paths import PathResult, PlaneResult, ScalingResult
 
 
+def _metric_table(title: str, first: str, metrics: list[str]) -> Table:
+    """A table whose first column is `first` (alpha, lambda) and then one right-aligned column per metric."""
+    table = Table(title=title)
+    for col in (first, *metrics):
+        table.add_column(col, justify="right")
+    return table
+
+
 def render_path(result: PathResult) -> Table:
     """rich Table of a path: one row per alpha, then barrier and merge gain per metric."""
-    table = Table(title=f"{result.method} interpolation path")
     names = list(result.metrics)
-    table.add_column("alpha", justify="right")
-    for m in names:
-        table.add_column(m, justify="right")
+    table = _metric_table(f"{result.method} interpolation path", "alpha", names)
     for i, alpha in enumerate(result.alphas):
         table.add_row(f"{alpha:.3g}", *(f"{result.metrics[m][i]:.4g}" for m in names))
     table.add_section()
@@ -29,11 +34,9 @@ def render_path(result: PathResult) -> Table:
 
 def render_scaling(result: ScalingResult) -> Table:
     """rich Table of a scaling curve, the best lambda marked."""
-    table = Table(title=f"task-arithmetic scaling curve (best lambda {result.best_lambda:g} by {result.select})")
     names = list(result.metrics)
-    table.add_column("lambda", justify="right")
-    for m in names:
-        table.add_column(m, justify="right")
+    table = _metric_table(f"task-arithmetic scaling curve (best lambda {result.best_lambda:g} by {result.select})",
+                          "lambda", names)
     for i, lam in enumerate(result.lambdas):
         mark = " *" if lam == result.best_lambda else ""
         table.add_row(f"{lam:g}{mark}", *(f"{result.metrics[m][i]:.4g}" for m in names))
