@@ -25,6 +25,19 @@ def _quantised(shape, levels, gen):
     return torch.randint(-levels, levels + 1, shape, generator=gen).float() / 8
 
 
+def _tied_models(shape, n_models, dtype, gen):
+    """(base, fine-tunes) in `dtype`, all on a coarse grid: masses of tied task-vector magnitudes."""
+    base = _quantised(shape, 3, gen)
+    xs = [(base + _quantised(shape, 2, gen)).to(dtype) for _ in range(n_models)]
+    return base.to(dtype), xs
+
+
+def _same_bits(a, b):
+    """Whether two float32 or bfloat16 tensors hold the same bits (NaN payloads and -0.0 included)."""
+    bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+    return a.dtype == b.dtype and torch.equal(a.view(bits), b.view(bits))
+
+
 def both(name, xs, base, params, shared, out_dtype):
     """(kernel result, reference result) of method `name` through run_method."""
     spec = get_method(name)
@@ -52,12 +65,11 @@ def test_ties_kernel_equals_reference(n_models, dtype, tied):
     g = torch.Generator().manual_seed(n_models + 10 * tied)
     shape = (131, 1031)  # several kernel blocks, so tie cut-offs fall inside a block
     if tied:
-        base = _quantised(shape, 3, g)
-        xs = [(base + _quantised(shape, 2, g)).to(dtype) for _ in range(n_models)]
+        base, xs = _tied_models(shape, n_models, dtype, g)
     else:
         base = torch.randn(shape, generator=g)
         xs = [(base + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n_models)]
-    base = base.to(dtype)
+        base = base.to(dtype)
     params = [TaskVectorParams(weight=0.3 + 0.2 * i, density=min(1.0, 0.2 + 0.2 * i)) for i in range(n_models)]
     for shared in (TiesShared(), TiesShared(normalize=False, **{"lambda": 0.7})):
         for out_dtype in (torch.float32, dtype):
@@ -243,10 +255,7 @@ def both_seeded(name, xs, base, params, shared, out_dtype, seed=3):
 def test_thinned_kernels_equal_reference(name, n_models, dtype):
     # Quantised task vectors: masses of tied magnitudes (ranks and thresholds among ties).
     g = torch.Generator().manual_seed(n_models)
-    shape = (37, 301)
-    base = _quantised(shape, 3, g)
-    xs = [(base + _quantised(shape, 2, g)).to(dtype) for _ in range(n_models)]
-    base = base.to(dtype)
+    base, xs = _tied_models((37, 301), n_models, dtype, g)
     spec = get_method(name)
     params = _thinned_params(name, n_models)
     assert spec.kernel.supports(xs, base, PerModel(params), spec.shared_params())
@@ -255,8 +264,7 @@ def test_thinned_kernels_equal_reference(name, n_models, dtype):
             fast, slow = both_seeded(name, xs, base, params, shared, out_dtype)
             assert fast.dtype == slow.dtype == out_dtype
             # same masks, same float32 operations in the same order: the same bits
-            assert torch.equal(fast.view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32),
-                               slow.view(torch.int16 if out_dtype == torch.bfloat16 else torch.int32))
+            assert _same_bits(fast, slow)
 
 
 @pytest.mark.parametrize("name", THINNED)
@@ -290,17 +298,13 @@ def test_della_kernel_on_one_dimensional_tensors():
 def test_della_kernel_ranks_along_dim_one_of_three_and_more_dims(name, n_models, dtype, shape):
     # The reference ranks |tau| along dim 1 (entries inner-size apart), ties by index: quantised
     # values give masses of ties; a size-1 dim 1 gives rows of one entry (p = density).
-    g = torch.Generator().manual_seed(len(shape) + n_models)
-    base = _quantised(shape, 3, g)
-    xs = [(base + _quantised(shape, 2, g)).to(dtype) for _ in range(n_models)]
-    base = base.to(dtype)
+    base, xs = _tied_models(shape, n_models, dtype, torch.Generator().manual_seed(len(shape) + n_models))
     spec = get_method(name)
     params = _thinned_params(name, n_models)
     assert spec.kernel.supports(xs, base, PerModel(params), spec.shared_params())
     for shared in (spec.shared_params(), spec.shared_params(rescale=True, normalize=True)):
         fast, slow = both_seeded(name, xs, base, params, shared, dtype)
-        assert torch.equal(fast.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                           slow.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+        assert fast.dtype == dtype and _same_bits(fast, slow)
     half = [x.half() for x in xs]  # float16: no kernel, the reference runs
     assert not spec.kernel.supports(half, base.half(), PerModel(params), spec.shared_params())
 
@@ -427,9 +431,7 @@ def test_sce_kernel_equals_reference(n_models, dtype):
 
     spec = get_method("sce")
     g = torch.Generator().manual_seed(n_models)
-    base = _quantised((97, 211), 3, g)
-    xs = [(base + _quantised((97, 211), 2, g)).to(dtype) for _ in range(n_models)]
-    base = base.to(dtype)
+    base, xs = _tied_models((97, 211), n_models, dtype, g)
     p = PerModel([NoParams()] * n_models)
     assert spec.kernel.supports(xs, base, p, spec.shared_params())
     assert not spec.kernel.supports(xs, base, p, spec.shared_params(select_topk=0.5))  # variance: reference
