@@ -164,13 +164,17 @@ def _method_inputs(job: Job, inputs: _Inputs, device: torch.device
     return [fit(tensors[r]) for r in job.inputs], fit(tensors[job.base]) if job.base is not None else None
 
 
-def nonfinite_inputs(plan: Plan, inputs: _Inputs) -> list[str]:
-    """The inputs of a work item that hold NaN or Inf, as "tensor (checkpoint path)" (see has_nonfinite)."""
-    return [f"{ref.name} ({plan.checkpoints[ref.model].path})" for ref, t in inputs.tensors.items()
-            if has_nonfinite(t)]
+def nonfinite_inputs(inputs: _Inputs) -> list[TensorRef]:
+    """The inputs of a work item that hold NaN or Inf (see has_nonfinite)."""
+    return [ref for ref, t in inputs.tensors.items() if has_nonfinite(t)]
 
 
-def _stage(plan: Plan, reader: _Reader, job: Job, rows: tuple[int, int] | None) -> tuple[_Inputs, list[str]]:
+def _described(plan: Plan, ref: TensorRef) -> str:
+    """An input as the report and messages name it: "tensor (checkpoint path)"."""
+    return f"{ref.name} ({plan.checkpoints[ref.model].path})"
+
+
+def _stage(reader: _Reader, job: Job, rows: tuple[int, int] | None) -> tuple[_Inputs, list[TensorRef]]:
     """On the prefetch thread: page a work item's inputs in, check the files, and look for NaN/Inf in them.
 
     Returns the item's inputs (views, mapped in) and their nonfinite_inputs(), so that the compute
@@ -178,7 +182,7 @@ def _stage(plan: Plan, reader: _Reader, job: Job, rows: tuple[int, int] | None) 
     """
     reader.prefetch(job, rows)
     inputs = reader.inputs(job, rows)
-    return inputs, nonfinite_inputs(plan, inputs)
+    return inputs, nonfinite_inputs(inputs)
 
 
 def _check_and_write(writer: CheckpointWriter, job: Job, rows: tuple[int, int] | None, out: torch.Tensor,
@@ -261,9 +265,10 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
     `allow_nonfinite`, in which case they are merged as they are and listed in
     the report. The output may not touch the plan's inputs nor `protected` (e.g.
     the originals of aligned copies); that is checked before anything is read.
-    `observe(job, rows, tensors)`, if given, sees each work item's input tensors
-    (ref -> view, as stored) before the method runs, so statistics come from the
-    same single read (trajectory averages); an exception it raises stops the run
+    `observe(job, rows, tensors, nonfinite)`, if given, sees each work item's input
+    tensors (ref -> view, as stored) and which of them hold NaN/Inf (a list of refs)
+    before the method runs, so statistics come from the same single read
+    (trajectory averages); an exception it raises stops the run
     with nothing written. `copy_files` (name -> path) are copied into the output.
     """
     dev = resolve_device(device)
@@ -283,7 +288,7 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
         # Three threads, each mostly outside the GIL (the kernels are compiled nogil): the prefetch
         # thread maps the next item's pages in and checks them for NaN/Inf, this one merges, the
         # writer thread checks the output and writes it (starting its writeback at once).
-        pending: Future | None = pool.submit(_stage, plan, reader, *items[0]) if items else None
+        pending: Future | None = pool.submit(_stage, reader, *items[0]) if items else None
         released: list[Future] = []  # page releases handed to the prefetch thread (FIFO, after its prefetch)
         queue = _WriteQueue(write_pool)
         for i, (job, rows) in enumerate(items):
@@ -294,21 +299,21 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
                     released.pop(0).result()  # two big items are never resident at once
                 reader.check_unchanged(job)
                 inputs = reader.inputs(job, rows)
-                bad = nonfinite_inputs(plan, inputs)
+                bad = nonfinite_inputs(inputs)
             nxt = items[i + 1] if i + 1 < len(items) else None
             # Prefetch overlaps paging in with computing, but two big jobs must not be resident at once.
             small = nxt is not None and (_item_bytes(plan, *nxt) <= PREFETCH_LIMIT
                                          or _item_bytes(plan, job, rows) <= PREFETCH_LIMIT)
-            pending = pool.submit(_stage, plan, reader, *nxt) if small else None
+            pending = pool.submit(_stage, reader, *nxt) if small else None
             nread = inputs.nbytes
             if observe is not None:
-                observe(job, rows, inputs.tensors)
+                observe(job, rows, inputs.tensors, bad)
             if bad and not allow_nonfinite:
                 raise NonFiniteError(
-                    f"input {bad[0]} holds NaN or Inf values, so the merge of {job.name} would be NaN or silently "
+                    f"input {_described(plan, bad[0])} holds NaN or Inf values, so the merge of {job.name} would be NaN or silently "
                     "wrong; nothing was written. Repair or leave out that checkpoint, or allow non-finite inputs "
                     "(allow_nonfinite=True; --allow-nonfinite), which writes the merge and lists every such tensor")
-            nonfinite.extend(b for b in bad if b not in nonfinite)
+            nonfinite.extend(d for d in (_described(plan, ref) for ref in bad) if d not in nonfinite)
             out = compute(plan, job, inputs, dev, seed, rows, notes)
             reader.check_unchanged(job)
             del inputs

@@ -23,7 +23,6 @@ import torch
 
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.errors import InvalidInput, NonFiniteError, ShapeMismatch
-from mergelab.methods.kernels import has_nonfinite
 from mergelab.methods.linear import LinearModel, LinearShared
 from mergelab.plan import Job, Plan, TensorRef
 from mergelab.recipe import Recipe
@@ -182,13 +181,13 @@ class PassObserver:
         self.gram = DeviationGram(len(labels))
         self.bytes_read = 0
 
-    def __call__(self, job: Job, rows: tuple[int, int] | None, tensors: dict) -> None:
+    def __call__(self, job: Job, rows: tuple[int, int] | None, tensors: dict, nonfinite: list) -> None:
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
         if job.copy:
             return
         xs = [tensors[r] for r in job.inputs]
-        for ref, t in zip(job.inputs, xs):
-            if has_nonfinite(t):
+        for ref in job.inputs:
+            if ref in nonfinite:  # the engine's own NaN/Inf check of these inputs
                 exc = UnstableCheckpoint(ref.model, self.labels[ref.model], job.name)
                 exc.bytes_read = self.bytes_read
                 raise exc
