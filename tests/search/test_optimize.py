@@ -135,7 +135,10 @@ def test_two_processes_share_one_study(unit_models, tmp_path):
 
 
 def test_a_failing_candidate_is_recorded_and_the_search_goes_on(unit_models, tmp_path):
-    recipe = linear_recipe(unit_models, RANGE, RANGE)
+    # With two workers, which random draw lands on which weight depends on thread timing. Drawing the
+    # first weight from [0.6, 1] makes each trial fail (x > 0.8) or succeed with probability 1/2, so
+    # every interleaving of the 16 trials has both (was [0, 1]: no failure in 2.8% of interleavings).
+    recipe = linear_recipe(unit_models, {"search": [0.6, 1.0]}, RANGE)
     r = run_search(recipe, find_search_params(recipe), _scorer(unit_models["e1"], "flaky", workers=2), LOSS,
                    _settings(tmp_path, 16, sampler="random", seed=3, workers=2))
     failed = [t for t in r.trials if t["state"] == "FAIL"]
