@@ -267,3 +267,25 @@ def test_floored_metrics_are_listed_in_the_report(llama_family, tmp_path):
     mergelab.merge(_fisher_recipe(llama_family, tmp_path, zeros, ones), tmp_path / "out")
     info = json.loads((tmp_path / "out" / "mergelab_report.json").read_text())
     assert any("fisher" in e["how"] for e in info["handled_specially"])
+
+
+def test_plan_validates_each_set_of_parameters_once_and_keeps_per_tensor_values(llama_family, tmp_path):
+    """Tensors whose settings resolve alike share one (frozen) parameter object; gradients and
+    filters still give each tensor its own values."""
+    recipe = {"merge_method": "ties", "base_model": str(llama_family["base"]),
+              "models": [{"model": str(llama_family["a"]),
+                          "parameters": {"weight": [0.0, 1.0], "density": [{"filter": "mlp", "value": 0.3},
+                                                                            {"value": 1}]}},
+                         {"model": str(llama_family["b"]), "parameters": {"weight": 1, "density": 1.0}}]}
+    plan = mergelab.merge(recipe, tmp_path / "out", dry_run=True)
+    jobs = [j for j in plan.jobs if not j.copy]
+    a_params = {j.name: j.model_params[0] for j in jobs}
+    b_params = {j.model_params[1] for j in jobs}
+    assert len({id(p) for p in b_params}) == 1  # weight 1 everywhere: one object
+    for name, p in a_params.items():
+        layer = name.split(".")[2] if ".layers." in name else None
+        assert p.density == (0.3 if "mlp" in name else 1.0), name
+        if layer is None:
+            assert p.weight == 0.0, name
+    weights = {round(p.weight, 6) for p in a_params.values()}
+    assert len(weights) > 2  # the gradient gives layers their own weights

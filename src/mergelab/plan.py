@@ -121,6 +121,7 @@ class _Planner:
         self.out_dtype = recipe.out_dtype
         self.tokenizer_ref = self._tokenizer_source()
         self.vocab: VocabularyPlan | None = None
+        self.built: dict[tuple, MethodParams] = {}  # (parameter model, settings) -> validated parameters
 
     # -- helpers -------------------------------------------------------------
     def _tokenizer_source(self) -> str:
@@ -144,12 +145,22 @@ class _Planner:
 
     def _build(self, cls: type[MethodParams], values: dict, where: str) -> MethodParams | None:
         try:
-            return cls(**values)
+            key = (cls, tuple((k, type(v), v) for k, v in values.items()))
+            hash(key)
+        except TypeError:  # a list-valued setting: built each time
+            key = None
+        if key is not None and key in self.built:
+            return self.built[key]  # parameter models are frozen: one object serves every tensor with these values
+        try:
+            params = cls(**values)
         except ValidationError as exc:
             for err in exc.errors():
                 loc = ".".join(str(x) for x in err["loc"])
                 self.problems.append(f"{where}: parameter {loc}: {err['msg']}")
             return None
+        if key is not None:
+            self.built[key] = params
+        return params
 
     def _is_vocab(self, name: str) -> bool:
         return any(m in name for m in _VOCAB_MARKERS)

@@ -86,3 +86,30 @@ def test_order_of_a_bucket_bigger_than_the_counting_sort_bound():
     assert torch.equal(torch.from_numpy(idx.order).long(), want)
     for k in (1, 5000, 123_457, n - 1):
         assert (float(idx.select(k, x, base)[0]), idx.select(k, x, base)[1]) == _reference(x, base, k)
+
+
+def test_lanes_run_every_task_once_and_raise_a_lanes_error_after_all_finish():
+    import threading
+    import time
+
+    from mergelab.search.fastpath import _run_lanes, _Task
+
+    done, threads = [], set()
+
+    def task(i, fail=False):
+        def run():
+            time.sleep(0.05 if i == 0 else 0)
+            threads.add(threading.get_ident())
+            done.append(i)
+            if fail:
+                raise RuntimeError(f"task {i} failed")
+        return _Task(100 - i, run)
+
+    _run_lanes([task(i) for i in range(9)], 2)
+    assert sorted(done) == list(range(9)) and len(threads) == 2  # both lanes worked
+    done.clear()
+    # The biggest task (0, slow) goes to the calling thread's lane, task 1 (failing) to the other:
+    # the error comes out only once the slow lane is through, so nothing is left writing.
+    with pytest.raises(RuntimeError, match="task 1 failed"):
+        _run_lanes([task(0), task(1, fail=True)], 2)
+    assert done == [1, 0]

@@ -58,3 +58,22 @@ def test_vocabulary_is_read_once_per_file_version(tmp_path, monkeypatch):
     assert read_vocabulary(tmp_path) == {"a": 1, "b": 0} and len(calls) == 2
     (tmp_path / "added_tokens.json").write_text(json.dumps({"<x>": 2}))  # a file the vocabulary also reads
     assert read_vocabulary(tmp_path) == {"a": 1, "b": 0, "<x>": 2} and len(calls) == 3
+
+
+def test_vocabulary_id_is_equal_exactly_for_equal_vocabularies(tmp_path):
+    """Planning compares ids, not dicts: equal contents in other folders share one id, any change gives another."""
+    import os
+
+    from mergelab.tokenizer.vocab import vocabulary_id
+
+    for name, vocab in {"a": {"x": 0, "y": 1}, "b": {"x": 0, "y": 1}, "c": {"x": 1, "y": 0}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "none").mkdir()
+    ids = {name: vocabulary_id(tmp_path / name) for name in "abc"}
+    assert ids["a"] == ids["b"] != ids["c"] and vocabulary_id(tmp_path / "none") is None
+    assert vocabulary_id(tmp_path / "a") == ids["a"]  # stable while the files are
+    replacement = tmp_path / "new.json"
+    replacement.write_text(json.dumps({"x": 1, "y": 0}))
+    os.replace(replacement, tmp_path / "b" / "vocab.json")
+    assert vocabulary_id(tmp_path / "b") == ids["c"] != ids["a"]

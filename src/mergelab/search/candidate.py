@@ -92,11 +92,11 @@ class InMemoryModel:
     tensors allocated once, at the first candidate, with the output's names, shapes and dtypes.
     """
 
-    def __init__(self, template: nn.Module, cache: SearchCache | None = None):
+    def __init__(self, template: nn.Module, cache: SearchCache | None = None, *, threads: int | None = None):
         self.module = template
         self._sink: dict[str, torch.Tensor] | None = None
         self.left_out: list[str] = []
-        self.writer = CandidateWriter(cache)
+        self.writer = CandidateWriter(cache, threads=threads)
 
     def sink_for(self, plan: Plan) -> dict[str, torch.Tensor]:
         if isinstance(self.module, StateDictTemplate):
@@ -136,8 +136,10 @@ class CandidateEvaluator:
         import queue
 
         self._free: queue.Queue[InMemoryModel] = queue.Queue()
+        # One model: its writer merges two tensors at once. Several: the candidates already run at once.
+        threads = None if len(self.templates) == 1 else 1
         for t in self.templates:
-            self._free.put(InMemoryModel(t, self.search_cache))
+            self._free.put(InMemoryModel(t, self.search_cache, threads=threads))
         self.left_out: list[str] = []
 
     @classmethod

@@ -4,7 +4,9 @@ A search merges the same inputs hundreds of times with other weights and densiti
 Per search (SearchCache, shared by every preallocated model and worker thread):
 
 - input checks: each input tensor is checked for NaN/Inf once (as `mergelab merge`
-  refuses such inputs), not at every candidate;
+  refuses such inputs), not at every candidate; each input file is checked unchanged
+  (one stat) at every candidate;
+- input views: each input tensor is viewed (memory-mapped) once;
 - TIES magnitude orders (search/magnitude.py): built once per task vector, they turn the
   exact top-k selection of any density into two reads, within a memory budget.
 
@@ -16,23 +18,30 @@ Per preallocated model (CandidateWriter):
   temporary output, no copy);
 - ties: each model's threshold and tie cut-off are two reads of its magnitude order, then
   one fused compiled pass (search/ties_kernel.py) writes straight into the model's tensor;
-- everything else (other methods, TIES tensors small enough that `mergelab merge`
-  runs the readable reference, vocabulary resizing, statistics, GPU) runs through
+- these passes run on two threads at once (`threads`), each tensor on one thread, the
+  biggest tensors first, each to the less loaded thread: most tensors of a model are too
+  small for a parallel loop to pay for waking its threads;
+- everything else (other methods, vocabulary resizing, statistics, GPU) runs through
   engine.execute_into, the engine's own path.
 
-The fast paths run exactly where `run_method` would pick the compiled kernel (the
-kernel's own `supports`), linear through that kernel's code, TIES through a pass that
-does the reference's float32 operations in its order, so the model holds the numbers
-`mergelab merge` writes, bit for bit (tests/search/test_candidate.py, test_ties_kernel.py).
+Linear runs exactly where `run_method` would pick the compiled kernel (the kernel's own
+`supports`), through that kernel's code. TIES runs the fused pass at every size: it does
+the reference's float32 operations in the reference's order (where `mergelab merge`
+runs the readable reference, on tensors below the engine kernel's minimum size, the
+numbers are the same). So the model holds the numbers `mergelab merge` writes, bit for
+bit (tests/search/test_candidate.py, test_ties_kernel.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import threading
 import time
 from collections import Counter
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -41,11 +50,6 @@ from mergelab.errors import NonFiniteError
 from mergelab.plan import Job, Plan, TensorRef
 
 _FAST_METHODS = ("linear", "ties")
-# Entries per thread below which a compiled pass runs on fewer threads: starting and joining a
-# parallel region costs tens of microseconds on an idle machine, and a scheduling slice when the
-# cores are shared (on the loaded 2-core development machine a 600k-entry pass took 26 ms on two
-# threads and 2.6 ms on one). Most tensors of a small model are far below this.
-ENTRIES_PER_THREAD = 1 << 20
 
 
 def default_cache_bytes() -> int:
@@ -76,12 +80,16 @@ class SearchCache:
         self.stats = CacheStats()
         self._checked: set[tuple[str, str]] = set()
         self._indexes: dict[tuple, object] = {}
+        self._views: dict[tuple[int, str], tuple[object, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def check_inputs(self, plan: Plan) -> None:
-        """NonFiniteError for the first input holding NaN/Inf (each input checked once per search)."""
+        """Every input file unchanged since it was opened (one stat each), and NonFiniteError for the
+        first input holding NaN/Inf (each input scanned once per search)."""
         from mergelab.methods.kernels import has_nonfinite
 
+        for ck in {id(ck): ck for ck in plan.checkpoints}.values():
+            ck.check_unchanged()  # the views kept below are read again at every candidate
         for job in plan.jobs:
             for ref in job.refs():
                 ck = plan.checkpoints[ref.model]
@@ -94,6 +102,17 @@ class SearchCache:
                                          "out that checkpoint")
                 with self._lock:
                     self._checked.add(key)
+
+    def view(self, plan: Plan, ref: TensorRef) -> torch.Tensor:
+        """The input tensor `ref` as a view of its file, made once per opened checkpoint."""
+        ck = plan.checkpoints[ref.model]
+        key = (id(ck), ref.name)
+        held = self._views.get(key)
+        if held is None or held[0] is not ck:
+            held = (ck, ck.view(ref.name))  # the checkpoint is kept with it, so its id is not reused
+            with self._lock:
+                self._views[key] = held
+        return held[1]
 
     def index(self, plan: Plan, ref: TensorRef, base: TensorRef, x: torch.Tensor, b: torch.Tensor):
         """The MagnitudeIndex (keeping order) of |x - b|, built on first use; None when the budget does not allow it."""
@@ -120,6 +139,7 @@ class SearchCache:
         with self._lock:
             self._indexes.clear()
             self._checked.clear()
+            self._views.clear()
             self.stats = CacheStats()
 
 
@@ -129,8 +149,8 @@ def job_signature(plan: Plan, job: Job, seed: int | None) -> tuple:
     def where(ref: TensorRef | None):
         return None if ref is None else (str(plan.checkpoints[ref.model].path), ref.name)
 
-    def params(p) -> tuple | None:
-        return None if p is None else tuple(sorted(p.model_dump().items()))
+    def params(p) -> object:
+        return p  # parameter models are frozen and compare by type and values
 
     spec = plan.recipe.method
     return (spec.name, str(plan.recipe.compute_dtype), str(job.dtype), tuple(job.shape), job.copy,
@@ -140,10 +160,15 @@ def job_signature(plan: Plan, job: Job, seed: int | None) -> tuple:
 
 
 class CandidateWriter:
-    """Merges plans into one set of preallocated tensors (a model's state dict), reusing the SearchCache."""
+    """Merges plans into one set of preallocated tensors (a model's state dict), reusing the SearchCache.
 
-    def __init__(self, cache: SearchCache | None = None):
+    threads: how many tensors are merged at once (each on one thread; None: up to two, the
+    cores there are). Give 1 when several writers run at once (a search with several workers).
+    """
+
+    def __init__(self, cache: SearchCache | None = None, *, threads: int | None = None):
         self.cache = cache or SearchCache()
+        self.threads = max(1, threads if threads is not None else min(2, os.cpu_count() or 1))
         self._held: dict[str, tuple] = {}  # tensor name -> signature of the result it holds
         self.counts = {"skipped": 0, "fast": 0, "engine": 0}
 
@@ -167,13 +192,18 @@ class CandidateWriter:
         on_cpu = torch.device(device).type == "cpu"
         ptrs = [sink[j.name].data_ptr() for j in todo]
         shared = {p for p, c in Counter(ptrs).items() if c > 1}  # written in plan order by the engine, last one wins
-        rest = []
+        fast, rest = [], []
         for job, ptr in zip(todo, ptrs):
-            if on_cpu and ptr not in shared and self._fast(plan, job, sink[job.name]):
-                self.counts["fast"] += 1
-                self._held[job.name] = sigs[job.name]
-            else:
+            task = self._fast(plan, job, sink[job.name]) if on_cpu and ptr not in shared else None
+            if task is None:
                 rest.append(job)
+            else:
+                fast.append((job, task))
+        if fast:
+            _run_lanes([task for _, task in fast], self.threads)
+            self.counts["fast"] += len(fast)
+            for job, _ in fast:
+                self._held[job.name] = sigs[job.name]
         if rest:
             # The engine's path; inputs stay mapped between candidates.
             execute_into(dataclasses.replace(plan, jobs=rest), sink, device=device, seed=seed, keep_inputs=True)
@@ -181,52 +211,117 @@ class CandidateWriter:
             for job in rest:
                 self._held[job.name] = sigs[job.name]
 
-    def _fast(self, plan: Plan, job: Job, target: torch.Tensor) -> bool:
-        """Run `job` into `target` by a fast path if one applies (exactly where run_method picks the kernel)."""
+    def _fast(self, plan: Plan, job: Job, target: torch.Tensor) -> _Task | None:
+        """`job` as a task that writes `target` by a fast path, or None where none applies."""
         from mergelab.methods import PerModel
-        from mergelab.methods.kernels import at_most_threads, kernels_enabled
+        from mergelab.methods.kernels import kernels_enabled
+        from mergelab.methods.kernels.io import usable
 
         spec = plan.recipe.method
-        if (spec.name not in _FAST_METHODS or job.copy or job.vocab_rows is not None or job.stats
-                or job.base_stats is not None or spec.needs_stats or not kernels_enabled()
+        if (spec.name not in _FAST_METHODS or job.copy or job.vocab_rows is not None or job.vocab is not None
+                or job.stats or job.base_stats is not None or spec.needs_stats or not kernels_enabled()
                 or plan.recipe.compute_dtype != torch.float32 or spec.kernel is None):
-            return False
+            return None
         if target.dtype != job.dtype or job.dtype not in (torch.float32, torch.bfloat16) \
                 or not target.is_contiguous() or target.device.type != "cpu":
-            return False
-        xs = [plan.checkpoints[r.model].view(r.name) for r in job.inputs]
-        base = plan.checkpoints[job.base.model].view(job.base.name) if job.base is not None else None
+            return None
+        xs = [self.cache.view(plan, r) for r in job.inputs]
+        base = self.cache.view(plan, job.base) if job.base is not None else None
         p = PerModel(job.model_params)
-        if not spec.kernel.supports(xs, base, p, job.shared):
-            return False  # merge runs the readable reference here: so must we
         if spec.name == "linear":
-            return self._linear(xs, p, job, target)  # the linear kernel runs on one thread
-        with at_most_threads(target.numel() // ENTRIES_PER_THREAD):
-            return self._ties(plan, job, xs, base, p, target)
+            if not spec.kernel.supports(xs, base, p, job.shared):
+                return None  # merge runs the readable reference here: so must we
+            return _Task(target.numel() * (len(xs) + 1), functools.partial(_linear, xs, p, job, target))
+        # TIES: the fused pass does the reference's float32 operations in its order, so it serves
+        # every size (merge itself runs the reference below the engine kernel's minimum size).
+        if base is None or getattr(job.shared, "rescale", False) or not usable([*xs, base]):
+            return None
+        try:
+            import mergelab.search.ties_kernel  # noqa: F401  (numba, an optional dependency)
+        except ImportError:
+            return None
+        return self._ties(plan, job, xs, base, p, target)
 
-    @staticmethod
-    def _linear(xs, p, job: Job, target: torch.Tensor) -> bool:
-        from mergelab.methods.kernels.linear import weighted_sum
-        from mergelab.methods.linear import linear_weights
-
-        weighted_sum(xs, linear_weights(p, job.shared), out=target)
-        return True
-
-    def _ties(self, plan: Plan, job: Job, xs, base, p, target: torch.Tensor) -> bool:
+    def _ties(self, plan: Plan, job: Job, xs, base, p, target: torch.Tensor) -> _Task | None:
         from mergelab.methods.sparsify import keep_count
         from mergelab.search.ties_kernel import ties_into
 
         n = base.numel()
         thresholds = np.zeros(len(xs), dtype=np.float32)  # threshold 0, cut-off n: every entry kept
         cutoffs = np.full(len(xs), n, dtype=np.int64)
+        picks = []
         for i, (ref, q) in enumerate(zip(job.inputs, p)):
             k = n if q.density >= 1 else keep_count(q.density, n)  # as the kernel's run()
             if k >= n:
                 continue
             idx = self.cache.index(plan, ref, job.base, xs[i], base)
             if idx is None:
-                return False  # over the memory budget: the engine's kernel selects
-            thresholds[i], cutoffs[i] = idx.select(k, xs[i], base)
-        ties_into(xs, base, thresholds, cutoffs, [float(q.weight) for q in p], normalize=job.shared.normalize,
-                  lam=job.shared.lambda_, out=target)
-        return True
+                return None  # over the memory budget: the engine's kernel selects
+            picks.append((i, idx, k))
+
+        def run() -> None:
+            for i, idx, k in picks:
+                thresholds[i], cutoffs[i] = idx.select(k, xs[i], base)
+            ties_into(xs, base, thresholds, cutoffs, [float(q.weight) for q in p], normalize=job.shared.normalize,
+                      lam=job.shared.lambda_, out=target)
+
+        return _Task(n * (len(xs) + 2), run)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    cost: int  # entries read and written: what the lanes are balanced on
+    run: Callable[[], None]
+
+
+def _linear(xs, p, job: Job, target: torch.Tensor) -> None:
+    from mergelab.methods.kernels.linear import weighted_sum
+    from mergelab.methods.linear import linear_weights
+
+    weighted_sum(xs, linear_weights(p, job.shared), out=target)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _lane_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's lane threads (created once, as many as the cores less one)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                       thread_name_prefix="mergelab-lane")
+        return _POOL
+
+
+def _run_lanes(tasks: list[_Task], lanes: int) -> None:
+    """Run `tasks`, `lanes` at a time, each on one thread (compiled passes release the GIL).
+
+    Tasks go to lanes largest first, each to the least loaded lane; the calling thread runs
+    the first lane. Every lane is waited for before an error is raised, so no thread still
+    writes into the model when this returns.
+    """
+    from mergelab.methods.kernels import one_thread
+
+    def lane(mine: list[_Task]) -> None:
+        with one_thread():
+            for task in mine:
+                task.run()
+
+    lanes = max(1, min(lanes, len(tasks)))
+    if lanes == 1:
+        lane(tasks)
+        return
+    loads, split = [0] * lanes, [[] for _ in range(lanes)]
+    for task in sorted(tasks, key=lambda t: -t.cost):
+        i = loads.index(min(loads))
+        loads[i] += task.cost
+        split[i].append(task)
+    futures = [_lane_pool(lanes - 1).submit(lane, mine) for mine in split[1:]]
+    try:
+        lane(split[0])
+    finally:
+        wait(futures)
+    for f in futures:
+        f.result()  # a lane's error, raised here

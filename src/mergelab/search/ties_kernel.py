@@ -36,7 +36,7 @@ _BLOCK = 1 << 15  # elements per parallel block of the many-model pass
 _TILE = 256  # elements per tile: every model's slice of a tile stays in L1
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _pair(x0, x1, base, t0, u0, c0, t1, u1, c1, w0, w1, normalize, lam, out):
     """out = TIES of two task vectors; t_i the threshold, u_i the next float32 above it, c_i the cut-off."""
     zero, one = np.float32(0.0), np.float32(1.0)
@@ -56,7 +56,7 @@ def _pair(x0, x1, base, t0, u0, c0, t1, u1, c1, w0, w1, normalize, lam, out):
         store(out, j, b + lam * merged)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _many(xs, base, t, u, c, w, normalize, lam, out):
     """out = TIES of len(xs) task vectors, tile by tile (arguments as _pair's, one array entry per model)."""
     models, n = len(xs), base.shape[0]

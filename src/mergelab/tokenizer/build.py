@@ -27,7 +27,7 @@ from mergelab.checkpoint.reader import EMBEDDING_NAMES
 from mergelab.errors import RecipeError, ShapeMismatch
 from mergelab.tokenizer.config import ModelTokenSource, TokenEntry, ZeroSource
 from mergelab.tokenizer.embed import ZERO, VocabJob
-from mergelab.tokenizer.vocab import read_vocabulary
+from mergelab.tokenizer.vocab import read_vocabulary, vocabulary_id
 
 
 def embedding_rows(ck) -> int | None:
@@ -151,6 +151,10 @@ def plan_vocabulary(recipe, checkpoints: Mapping, reference: str, merged: list[s
         return None  # no vocabulary tensors at all
     rows = {p: r for p, r in rows.items() if r is not None}
     folders = {p: getattr(checkpoints[p], "folder", None) for p in rows}
+    if not explicit and len(set(rows.values())) == 1:
+        ids = {vocabulary_id(folders[p]) for p in rows}
+        if len(ids) == 1 and None not in ids:
+            return None  # one vocabulary on the same rows: the check below, without copying and comparing dicts
     full = {p: read_vocabulary(folders[p]) for p in rows}
     missing = [p for p, v in full.items() if v is None]
     needs_tokens = source == "union" or bool(tokens) or bool(pad)

@@ -76,8 +76,11 @@ def _from_sentencepiece(folder: Path) -> dict[str, int]:
 
 # Files a vocabulary is read from; their identity (lstat and stat) keys the cache below.
 _VOCAB_FILES = (*TOKENIZER_MARKERS, "added_tokens.json", "tokenizer_config.json")
-_CACHE: dict[tuple, dict[str, int] | None] = {}
+_CACHE: dict[tuple, tuple[dict[str, int] | None, int | None]] = {}  # identity -> (vocabulary, content id)
 _CACHE_SIZE = 16
+# Content ids: equal vocabularies (read from any folder) get the same id, so a planner can tell
+# that several models share one vocabulary without comparing their dicts at every plan.
+_CONTENT_IDS: list[tuple[dict[str, int], int]] = []
 
 
 def _identity(folder: Path) -> tuple:
@@ -103,16 +106,38 @@ def read_vocabulary(folder: str | Path | None) -> dict[str, int] | None:
     Raises:
         CheckpointError: tokenizer files that exist but cannot be read.
     """
+    vocab, _ = _cached(folder)
+    return None if vocab is None else dict(vocab)
+
+
+def vocabulary_id(folder: str | Path | None) -> int | None:
+    """An id of the vocabulary's content: equal for two folders exactly when read_vocabulary
+    gives them equal vocabularies (None: no tokenizer files). Cached as read_vocabulary is."""
+    return _cached(folder)[1]
+
+
+def _cached(folder: str | Path | None) -> tuple[dict[str, int] | None, int | None]:
     if folder is None:
-        return None
+        return None, None
     folder = Path(folder)
     key = _identity(folder)
     if key not in _CACHE:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = _read_vocabulary(folder)
-    vocab = _CACHE[key]
-    return None if vocab is None else dict(vocab)
+        vocab = _read_vocabulary(folder)
+        _CACHE[key] = (vocab, None if vocab is None else _content_id(vocab))
+    return _CACHE[key]
+
+
+def _content_id(vocab: dict[str, int]) -> int:
+    live = {cid for _, cid in _CACHE.values() if cid is not None}
+    _CONTENT_IDS[:] = [(v, cid) for v, cid in _CONTENT_IDS if cid in live]  # forget evicted contents
+    for other, cid in _CONTENT_IDS:
+        if other == vocab:
+            return cid
+    cid = max((c for _, c in _CONTENT_IDS), default=0) + 1
+    _CONTENT_IDS.append((vocab, cid))
+    return cid
 
 
 def _read_vocabulary(folder: Path) -> dict[str, int] | None:
