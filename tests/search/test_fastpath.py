@@ -113,3 +113,38 @@ def test_lanes_run_every_task_once_and_raise_a_lanes_error_after_all_finish():
     with pytest.raises(RuntimeError, match="task 1 failed"):
         _run_lanes([task(0), task(1, fail=True)], 2)
     assert done == [1, 0]
+
+
+def test_a_forked_child_gets_its_own_lane_threads():
+    """After fork the parent's pool threads do not exist in the child: tasks must still run there."""
+    import os
+    import sys
+
+    from mergelab.search.fastpath import _run_lanes, _Task
+
+    if not hasattr(os, "fork") or sys.platform == "darwin":
+        pytest.skip("fork")
+    ran = []
+    _run_lanes([_Task(2, lambda: ran.append(1)), _Task(1, lambda: ran.append(2))], 2)  # the parent's pool exists
+    assert sorted(ran) == [1, 2]
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if both lanes ran
+        code = 1
+        try:
+            done = []
+            _run_lanes([_Task(2, lambda: done.append(1)), _Task(1, lambda: done.append(2))], 2)
+            code = 0 if sorted(done) == [1, 2] else 1
+        finally:
+            os._exit(code)
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done_pid, status = os.waitpid(pid, os.WNOHANG)
+        if done_pid:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's lanes hung")

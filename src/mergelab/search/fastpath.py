@@ -281,18 +281,18 @@ def _linear(xs, p, job: Job, target: torch.Tensor) -> None:
     weighted_sum(xs, linear_weights(p, job.shared), out=target)
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool): a forked child makes its own
 _POOL_LOCK = threading.Lock()
 
 
 def _lane_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's lane threads (created once, as many as the cores less one)."""
+    """The process's lane threads (created once per process, at least `workers`)."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                                       thread_name_prefix="mergelab-lane")
-        return _POOL
+        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+            size = max(workers, (os.cpu_count() or 2) - 1)
+            _POOL = (os.getpid(), size, ThreadPoolExecutor(max_workers=size, thread_name_prefix="mergelab-lane"))
+        return _POOL[2]
 
 
 def _run_lanes(tasks: list[_Task], lanes: int) -> None:
