@@ -77,3 +77,17 @@ def test_vocabulary_id_is_equal_exactly_for_equal_vocabularies(tmp_path):
     replacement.write_text(json.dumps({"x": 1, "y": 0}))
     os.replace(replacement, tmp_path / "b" / "vocab.json")
     assert vocabulary_id(tmp_path / "b") == ids["c"] != ids["a"]
+
+
+def test_vocabulary_ids_are_not_reused_after_the_cache_evicts(tmp_path, monkeypatch):
+    """Ids taken in one plan stay distinct for distinct contents even when reading evicts earlier folders."""
+    from mergelab.tokenizer import vocab as vocab_module
+
+    monkeypatch.setattr(vocab_module, "_CACHE", {})
+    monkeypatch.setattr(vocab_module, "_CACHE_SIZE", 1)  # every read evicts the one before
+    ids = []
+    for i in range(4):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "vocab.json").write_text(json.dumps({"x": 0, f"tok{i}": 1}))
+        ids.append(vocab_module.vocabulary_id(tmp_path / str(i)))
+    assert len(set(ids)) == 4

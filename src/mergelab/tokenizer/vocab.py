@@ -12,6 +12,7 @@ transformers adds them on load.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -81,6 +82,7 @@ _CACHE_SIZE = 16
 # Content ids: equal vocabularies (read from any folder) get the same id, so a planner can tell
 # that several models share one vocabulary without comparing their dicts at every plan.
 _CONTENT_IDS: list[tuple[dict[str, int], int]] = []
+_NEXT_ID = itertools.count(1)
 
 
 def _identity(folder: Path) -> tuple:
@@ -135,7 +137,7 @@ def _content_id(vocab: dict[str, int]) -> int:
     for other, cid in _CONTENT_IDS:
         if other == vocab:
             return cid
-    cid = max((c for _, c in _CONTENT_IDS), default=0) + 1
+    cid = next(_NEXT_ID)  # never reused: an id handed out before an eviction keeps meaning its content
     _CONTENT_IDS.append((vocab, cid))
     return cid
 
