@@ -148,3 +148,19 @@ def test_a_forked_child_gets_its_own_lane_threads():
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's lanes hung")
+
+
+def test_memory_groups_join_tensors_whose_memory_overlaps():
+    from mergelab.search.fastpath import memory_groups
+
+    buf = torch.zeros(100)
+    other = torch.zeros(10)
+    tensors = {"whole": buf, "head": buf[:10], "tail": buf[90:], "apart": other, "tied": other,
+               "strided": torch.zeros(4, 6)[:, :3], "empty": torch.zeros(0), "fresh": torch.zeros(5)}
+    g = memory_groups(tensors)
+    assert g["whole"] == g["head"] == g["tail"]  # views inside one buffer
+    assert g["apart"] == g["tied"] != g["whole"]  # the same storage twice (a tied lm_head)
+    others = [g[n] for n in ("strided", "empty", "fresh")]
+    assert len(set(others)) == 3 and not set(others) & {g["whole"], g["apart"]}
+    halves = torch.zeros(20)
+    assert len(set(memory_groups({"a": halves[:10], "b": halves[10:]}).values())) == 2  # adjacent, apart

@@ -40,7 +40,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -183,18 +183,20 @@ class CandidateWriter:
 
         self.cache.check_inputs(plan)
         sigs = {job.name: job_signature(plan, job, seed) for job in plan.jobs}
-        # Tensors sharing storage (a tied lm_head) hold the last job's result: skip none of them unless all agree.
-        changed_storage = {sink[j.name].data_ptr() for j in plan.jobs if self._held.get(j.name) != sigs[j.name]}
-        todo = [j for j in plan.jobs if sink[j.name].data_ptr() in changed_storage]
+        # Tensors whose memory overlaps (a tied lm_head, views of one buffer) hold what the last job
+        # wrote: skip none of them unless all agree, and write them in plan order through the engine.
+        group = memory_groups({j.name: sink[j.name] for j in plan.jobs})
+        changed = {group[j.name] for j in plan.jobs if self._held.get(j.name) != sigs[j.name]}
+        todo = [j for j in plan.jobs if group[j.name] in changed]
         self.counts["skipped"] += len(plan.jobs) - len(todo)
         for name in [j.name for j in todo]:
             self._held.pop(name, None)  # unknown until written
         on_cpu = torch.device(device).type == "cpu"
-        ptrs = [sink[j.name].data_ptr() for j in todo]
-        shared = {p for p, c in Counter(ptrs).items() if c > 1}  # written in plan order by the engine, last one wins
+        sizes = Counter(group.values())
         fast, rest = [], []
-        for job, ptr in zip(todo, ptrs):
-            task = self._fast(plan, job, sink[job.name]) if on_cpu and ptr not in shared else None
+        for job in todo:
+            alone = sizes[group[job.name]] == 1
+            task = self._fast(plan, job, sink[job.name]) if on_cpu and alone else None
             if task is None:
                 rest.append(job)
             else:
@@ -266,6 +268,32 @@ class CandidateWriter:
                       lam=job.shared.lambda_, out=target)
 
         return _Task(n * (len(xs) + 2), run)
+
+
+def memory_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """name -> group: tensors whose memory overlaps (shared storage, overlapping views) share a group.
+
+    A contiguous tensor spans its own bytes; any other is taken to span its whole storage.
+    Tensors on different devices never share a group (their address spaces are apart).
+    """
+    spans = []
+    for name, t in tensors.items():
+        if t.is_contiguous():
+            start = t.data_ptr()
+            stop = start + t.numel() * t.element_size()
+        else:
+            start = t.untyped_storage().data_ptr()
+            stop = start + t.untyped_storage().nbytes()
+        spans.append((str(t.device), start, max(stop, start + 1), name))  # empty: one byte, its own
+    spans.sort()
+    out, gid, reach, where = {}, -1, -1, None
+    for device, start, stop, name in spans:
+        if device != where or start >= reach:
+            gid, reach, where = gid + 1, stop, device
+        else:
+            reach = max(reach, stop)
+        out[name] = gid
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
