@@ -454,3 +454,41 @@ def test_hand_worked_sce_three_models():
     got = spec.kernel.run(xs, base, PerModel([NoParams()] * 3), spec.shared_params(), None, torch.float32)
     torch.testing.assert_close(got[:2], torch.tensor([17.5 / 7.5, -2.0]), rtol=1e-6, atol=1e-6)
     assert torch.equal(got.view(-1, 2), got[:2].expand(70_000, 2))
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_task_arithmetic_kernel_equals_reference_bit_for_bit_and_float64(n_models, dtype):
+    """Same float32 operations in the reference's order: the same bits, in float32 and after rounding
+    to bfloat16; and within float32 rounding of the formula in float64."""
+    from mergelab.methods.task_arithmetic import TaskArithmeticParams, TaskArithmeticShared
+
+    g = torch.Generator().manual_seed(10 + n_models)
+    base = torch.randn(301, 67, generator=g).to(dtype)
+    xs = [(base.float() + 0.05 * torch.randn(301, 67, generator=g)).to(dtype) for _ in range(n_models)]
+    weights = [0.3, 0.55, -0.2, 0.9, 1.1][:n_models]
+    params = [TaskArithmeticParams(weight=w) for w in weights]
+    for shared in (TaskArithmeticShared(), TaskArithmeticShared(normalize=True),
+                   TaskArithmeticShared(**{"lambda": 0.7}), TaskArithmeticShared(normalize=True, **{"lambda": 1.3})):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            fast, slow = both("task_arithmetic", xs, base, params, shared, out_dtype)
+            assert _same_bits(fast, slow), (shared, out_dtype)
+        fast, _ = both("task_arithmetic", xs, base, params, shared, torch.float32)
+        b = base.double()
+        total = sum(weights) if shared.normalize else 1.0
+        want = b + shared.lambda_ * sum(w * (x.double() - b) for w, x in zip(weights, xs)) / total
+        torch.testing.assert_close(fast.double(), want, rtol=1e-5, atol=1e-5)
+    # float16 out: rounded from float32 like the reference's result
+    fast, slow = both("task_arithmetic", xs, base, params, TaskArithmeticShared(), torch.float16)
+    assert fast.dtype == torch.float16 and torch.equal(fast.view(torch.int16), slow.view(torch.int16))
+
+
+def test_task_arithmetic_kernel_refuses_weights_summing_to_zero_with_normalize():
+    from mergelab.errors import MergeError
+    from mergelab.methods.task_arithmetic import TaskArithmeticParams, TaskArithmeticShared
+
+    base, xs = torch.zeros(8), [torch.ones(8), torch.ones(8)]
+    params = PerModel([TaskArithmeticParams(weight=0.5), TaskArithmeticParams(weight=-0.5)])
+    with pytest.raises(MergeError, match="sum to zero"):
+        get_method("task_arithmetic").kernel.run(xs, base, params, TaskArithmeticShared(normalize=True), None,
+                                                 torch.float32)

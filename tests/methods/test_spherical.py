@@ -292,7 +292,11 @@ def test_permuting_models_with_their_weights_changes_nothing(case, n, seed, rnd)
     order = list(range(n))
     rnd.shuffle(order)
     got = _call(case, [models[i] for i in order], base, [ws[i] for i in order])
-    torch.testing.assert_close(got, _call(case, models, base, ws), atol=1e-5, rtol=1e-5)
+    # karcher iterates until its step is below tol = 1e-5 (radians on the unit sphere): another order
+    # of the float sums can stop it one step earlier or later, a difference of up to ~tol times the
+    # norm scale (|theta| ~ 3 here). Hypothesis found 1.1e-5 at seed 125 with four models.
+    tol = 1e-4 if case == "karcher" else 1e-5
+    torch.testing.assert_close(got, _call(case, models, base, ws), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("case", FAMILY)

@@ -63,6 +63,9 @@ def test_in_memory_equals_written_merge_bit_for_bit(family, tmp_path, monkeypatc
 _SEQUENCES = {
     "linear": [({"weight": 0.3}, {"weight": 0.5}, {}), ({"weight": 1.0}, {"weight": 1.0}, {}),
                ({"weight": 1.0}, {"weight": 1.0}, {}), ({"weight": 0.2}, {"weight": -0.1}, {"normalize": False})],
+    "task_arithmetic": [({"weight": 0.3}, {"weight": 0.5}, {}), ({"weight": [0.1, 0.9]}, {"weight": 0.5}, {"lambda": 0.6}),
+                        ({"weight": [0.1, 0.9]}, {"weight": 0.5}, {"lambda": 0.6}),
+                        ({"weight": 0.7}, {"weight": -0.2}, {"normalize": True})],
     "ties": [({"weight": 0.8, "density": [0.2, 0.9]}, {"weight": 0.5, "density": 0.4}, {}),
              ({"weight": 0.8, "density": 0.5}, {"weight": 0.5, "density": 0.4}, {}),  # only a's density moves
              ({"weight": 1.0, "density": 0.05}, {"weight": 1.0, "density": 1.0}, {"normalize": False, "lambda": 0.7}),
@@ -70,7 +73,7 @@ _SEQUENCES = {
 }
 
 
-@pytest.mark.parametrize("method,budget", [("linear", None), ("ties", None), ("ties", 0)])
+@pytest.mark.parametrize("method,budget", [("linear", None), ("task_arithmetic", None), ("ties", None), ("ties", 0)])
 def test_cached_candidates_equal_written_merges_as_parameters_change(family, tmp_path, monkeypatch, method, budget):
     tk = pytest.importorskip("mergelab.methods.kernels.ties")
     # `mergelab merge` runs TIES tensors of 2048 entries or more through the compiled kernel (the
@@ -84,7 +87,7 @@ def test_cached_candidates_equal_written_merges_as_parameters_change(family, tmp
         recipe = {"merge_method": method, "parameters": shared,
                   "models": [{"model": str(family["a"]), "parameters": pa},
                              {"model": str(family["b"]), "parameters": pb}]}
-        if method == "ties":
+        if method != "linear":
             recipe["base_model"] = str(family["base"])
         mergelab.merge(recipe, tmp_path / f"out{i}", seed=7)
         written = _written(tmp_path / f"out{i}")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mergelab.errors import MergeError
 from mergelab.methods import MethodParams, PerModel, merge_method
+from mergelab.methods.kernels import lazy_kernel
 
 # MergeKit's threshold below which a weight sum counts as zero.
 _ZERO_WEIGHT_SUM = 1e-8
@@ -122,6 +123,7 @@ def check_inputs(name: str, x: Tensor, base: Tensor | None, p: PerModel) -> None
     base="required",
     elementwise=True,
     divides_by_weight_sum=True,
+    kernel=lazy_kernel("task_arithmetic"),
 )
 def task_arithmetic(
     x: Tensor, base: Tensor, p: PerModel[TaskArithmeticParams], s: TaskArithmeticShared, gen=None

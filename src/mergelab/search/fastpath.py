@@ -14,8 +14,8 @@ Per preallocated model (CandidateWriter):
 
 - a tensor whose job (method, inputs, parameters, dtype, and seed for randomised
   methods) equals the one whose result the model already holds is skipped;
-- linear: the compiled weighted sum writes straight into the model's tensor (no
-  temporary output, no copy);
+- linear and task arithmetic: the compiled pass writes straight into the model's tensor
+  (no temporary output, no copy);
 - ties: each model's threshold and tie cut-off are two reads of its magnitude order, then
   one fused compiled pass (search/ties_kernel.py) writes straight into the model's tensor;
 - these passes run on two threads at once (`threads`), each tensor on one thread, the
@@ -24,8 +24,8 @@ Per preallocated model (CandidateWriter):
 - everything else (other methods, vocabulary resizing, statistics, GPU) runs through
   engine.execute_into, the engine's own path.
 
-Linear runs exactly where `run_method` would pick the compiled kernel (the kernel's own
-`supports`), through that kernel's code. TIES runs the fused pass at every size: it does
+Linear and task arithmetic run exactly where `run_method` would pick the compiled kernel
+(the kernel's own `supports`), through that kernel's code. TIES runs the fused pass at every size: it does
 the reference's float32 operations in the reference's order (where `mergelab merge`
 runs the readable reference, on tensors below the engine kernel's minimum size, the
 numbers are the same). So the model holds the numbers `mergelab merge` writes, bit for
@@ -49,7 +49,7 @@ import torch
 from mergelab.errors import NonFiniteError
 from mergelab.plan import Job, Plan, TensorRef
 
-_FAST_METHODS = ("linear", "ties")
+_FAST_METHODS = ("linear", "task_arithmetic", "ties")
 
 
 def default_cache_bytes() -> int:
@@ -230,10 +230,13 @@ class CandidateWriter:
         xs = [self.cache.view(plan, r) for r in job.inputs]
         base = self.cache.view(plan, job.base) if job.base is not None else None
         p = PerModel(job.model_params)
-        if spec.name == "linear":
+        if spec.name in ("linear", "task_arithmetic"):
             if not spec.kernel.supports(xs, base, p, job.shared):
                 return None  # merge runs the readable reference here: so must we
-            return _Task(target.numel() * (len(xs) + 1), functools.partial(_linear, xs, p, job, target))
+            if spec.name == "linear":
+                return _Task(target.numel() * (len(xs) + 1), functools.partial(_linear, xs, p, job, target))
+            return _Task(target.numel() * (len(xs) + 2),
+                         functools.partial(_task_arithmetic, xs, base, p, job, target))
         # TIES: the fused pass does the reference's float32 operations in its order, so it serves
         # every size (merge itself runs the reference below the engine kernel's minimum size).
         if base is None or getattr(job.shared, "rescale", False) or not usable([*xs, base]):
@@ -300,6 +303,13 @@ def memory_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
 class _Task:
     cost: int  # entries read and written: what the lanes are balanced on
     run: Callable[[], None]
+
+
+def _task_arithmetic(xs, base, p, job: Job, target: torch.Tensor) -> None:
+    from mergelab.methods.kernels.task_arithmetic import task_arithmetic_into
+
+    task_arithmetic_into(xs, base, [float(q.weight) for q in p], normalize=bool(job.shared.normalize),
+                         lam=float(job.shared.lambda_), out=target)
 
 
 def _linear(xs, p, job: Job, target: torch.Tensor) -> None:
