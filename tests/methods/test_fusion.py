@@ -116,3 +116,17 @@ def test_whole_model_same_as_mergekit(llama_family, tmp_path):
         torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
         kept += int((ours[k] == a[k]).sum())
     assert kept > 0
+
+
+def test_quantiles_by_selection_equal_the_sorted_entries():
+    """lower_quantiles selects; the entries at floor(q (n - 1)) of a full sort are the definition."""
+    from mergelab.methods.fusion import lower_quantiles
+
+    g = torch.Generator().manual_seed(4)
+    for n, dtype in [(1, torch.float32), (2, torch.float64), (3, torch.float32), (7, torch.bfloat16),
+                     (1000, torch.float32), (4097, torch.float64), (4097, torch.bfloat16)]:
+        values = (torch.randint(0, 5, (n,), generator=g).float() / 3).to(dtype)  # many ties
+        ordered = torch.sort(values).values
+        qs = (0.0, 0.25, 0.5, 0.75, 1.0)
+        got = lower_quantiles(values, qs, None)
+        assert [float(v) for v in got] == [float(ordered[int(q * (n - 1))]) for q in qs], n
