@@ -492,3 +492,25 @@ def test_task_arithmetic_kernel_refuses_weights_summing_to_zero_with_normalize()
     with pytest.raises(MergeError, match="sum to zero"):
         get_method("task_arithmetic").kernel.run(xs, base, params, TaskArithmeticShared(normalize=True), None,
                                                  torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nearswap_kernel_equals_reference_bit_for_bit(dtype):
+    """Distances below, at and above t and below the 1e-6 floor: the reference's bits in every case."""
+    from mergelab.methods.linear import NearswapShared
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(203, 31, generator=g).to(dtype)
+    step = torch.randn(203, 31, generator=g) * torch.logspace(-8, 0, 31)  # columns from 1e-8 to 1 apart
+    v = (base.float() + step).to(dtype)
+    v[0, :5] = base[0, :5]  # equal entries: the distance floor
+    for t in (0.0, 1e-4, 0.01, 0.3, 5.0):
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            fast, slow = both("nearswap", [v], base, [None], NearswapShared(t=t), out_dtype)
+            assert fast.dtype == slow.dtype == out_dtype
+            bits = torch.int16 if out_dtype != torch.float32 else torch.int32
+            assert torch.equal(fast.view(bits), slow.view(bits)), (t, out_dtype)
+    fast, _ = both("nearswap", [v], base, [None], NearswapShared(t=0.01), torch.float32)
+    d = (base.double() - v.double()).abs().clamp_min(1e-6)
+    w = (0.01 / d).clamp(0, 1)
+    torch.testing.assert_close(fast.double(), w * v.double() + (1 - w) * base.double(), rtol=1e-6, atol=1e-6)

@@ -86,7 +86,7 @@ class NearswapShared(MethodParams):
 
 
 @merge_method("nearswap", shared_params=NearswapShared, base="required", min_models=1, max_models=1,
-              elementwise=True)
+              elementwise=True, kernel=lazy_kernel("nearswap"))
 def nearswap(x: Tensor, base: Tensor, p, s: NearswapShared, gen=None) -> Tensor:
     """Take the secondary model's value where it is close to the base's, interpolate elsewhere.
 
