@@ -13,6 +13,7 @@ plus the time to write an output of the same size with fsync.
     python bench/run.py --size tiny                    # quick check, seconds
     python bench/run.py --repeats 3                    # TinyLlama-1.1B shapes
     python bench/run.py --methods linear,ties --skip-mergekit
+    python bench/run.py --layers 4 --methods task_arithmetic,nuslerp,karcher   # methods outside the default set
 """
 
 from __future__ import annotations
@@ -48,7 +49,18 @@ METHODS = {
     "breadcrumbs_ties": ("base", "ft_a", "ft_b"),
     "della": ("base", "ft_a", "ft_b"),
     "sce": ("base", "ft_a", "ft_b"),
+    # not run by default (the set above is the one docs/results.md §1 reports at 1.1B): --methods NAME
+    "task_arithmetic": ("base", "ft_a", "ft_b"),
+    "breadcrumbs": ("base", "ft_a", "ft_b"),
+    "della_linear": ("base", "ft_a", "ft_b"),
+    "model_stock": ("base", "ft_a", "ft_b"),
+    "nuslerp": ("ft_a", "ft_b"),
+    "multislerp": ("ft_a", "ft_b"),
+    "karcher": ("ft_a", "ft_b"),
+    "nearswap": ("ft_a", "ft_b"),
+    "arcee_fusion": ("ft_a", "ft_b"),
 }
+DEFAULT_METHODS = ("linear", "slerp", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della", "sce")
 
 # per-model parameters of the task-vector methods (every other parameter at both tools' defaults)
 TASK_VECTOR_PARAMS = {
@@ -57,6 +69,9 @@ TASK_VECTOR_PARAMS = {
     "dare_linear": {"weight": 0.5, "density": 0.5},
     "breadcrumbs_ties": {"weight": 0.5, "density": 0.5, "gamma": 0.01},
     "della": {"weight": 0.5, "density": 0.5, "epsilon": 0.1},
+    "task_arithmetic": {"weight": 0.5},
+    "breadcrumbs": {"weight": 0.5, "density": 0.5, "gamma": 0.01},
+    "della_linear": {"weight": 0.5, "density": 0.5, "epsilon": 0.1},
 }
 
 
@@ -78,8 +93,18 @@ def recipe_for(method: str, paths: dict[str, Path]) -> dict:
         models = [{"model": m, "parameters": dict(TASK_VECTOR_PARAMS[method])} for m in (a, b)]
         return {"merge_method": method, "base_model": str(paths["base"]), "models": models,
                 "dtype": "bfloat16"}
-    if method == "sce":
-        return {"merge_method": "sce", "base_model": str(paths["base"]), "models": [{"model": a}, {"model": b}],
+    if method in ("sce", "model_stock"):
+        return {"merge_method": method, "base_model": str(paths["base"]), "models": [{"model": a}, {"model": b}],
+                "dtype": "bfloat16"}
+    if method in ("nuslerp", "multislerp"):
+        models = [{"model": m, "parameters": {"weight": 0.5}} for m in (a, b)]
+        return {"merge_method": method, "models": models, "dtype": "bfloat16"}
+    if method == "karcher":
+        return {"merge_method": "karcher", "models": [{"model": a}, {"model": b}], "dtype": "bfloat16"}
+    if method in ("nearswap", "arcee_fusion"):
+        # a base and one other model; nearswap's t as in MergeKit's example (QuartetAnemoi)
+        extra = {"parameters": {"t": 0.0001}} if method == "nearswap" else {}
+        return {"merge_method": method, "base_model": a, "models": [{"model": a}, {"model": b}], **extra,
                 "dtype": "bfloat16"}
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
@@ -354,7 +379,7 @@ def _meta(args: argparse.Namespace, spec: mc.LlamaSpec, floor: dict, records: li
         mk_version = version("mergekit")
     except PackageNotFoundError:
         mk_version = "(not installed)"
-    return {"when": datetime.datetime.now().isoformat(timespec="seconds"), "size": args.size,
+    return {"when": datetime.datetime.now().isoformat(timespec="seconds"), "size": _family_name(args),
             "spec": dataclasses.asdict(spec), "repeats": args.repeats, "floor": floor,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
@@ -374,7 +399,7 @@ def write_results(rows: list[dict], records: list[dict], floor: dict, args: argp
     from rich.table import Table
 
     meta = _meta(args, spec, floor, records)
-    table = Table(title=f"mergelab vs MergeKit ({args.size}, median of {args.repeats})")
+    table = Table(title=f"mergelab vs MergeKit ({_family_name(args)}, median of {args.repeats})")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("method", "tool") else "right")
     for row in rows:
@@ -391,8 +416,8 @@ def write_results(rows: list[dict], records: list[dict], floor: dict, args: argp
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="mergelab vs MergeKit: wall time and peak memory")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of "
-                   + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated subset of "
+                   + ", ".join(METHODS) + f" (default: {', '.join(DEFAULT_METHODS)})")
     p.add_argument("--repeats", type=int, default=1, help="runs per (method, tool); the median is reported")
     p.add_argument("--work-dir", type=Path, default=REPO / "bench" / "_work",
                    help="inputs, recipes, logs and (transient) outputs")
@@ -400,6 +425,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where latest.md, latest.json and latest.png go")
     p.add_argument("--size", choices=sorted(mc.SIZES), default="tinyllama",
                    help="tinyllama (1.1B, ~2.2 GB per checkpoint) or tiny (seconds)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="override the preset's layer count (e.g. 4: TinyLlama's width, 307M parameters)")
     p.add_argument("--skip-mergekit", action="store_true", help="run mergelab only")
     p.add_argument("--skip-mergelab", action="store_true", help="run mergekit only")
     p.add_argument("--mergekit-args", default="", help="extra flags for mergekit-yaml, e.g. '--lazy-unpickle'")
@@ -416,10 +443,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _spec(args: argparse.Namespace):
+    import dataclasses
+
+    spec, layers = mc.SIZES[args.size], getattr(args, "layers", None)
+    return spec if layers is None else dataclasses.replace(spec, layers=layers)
+
+
+def _family_name(args: argparse.Namespace) -> str:
+    layers = getattr(args, "layers", None)
+    return args.size if layers is None else f"{args.size}-{layers}layers"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     work = args.work_dir.resolve()
-    paths = mc.make_family(work / "inputs" / args.size, mc.SIZES[args.size],
+    paths = mc.make_family(work / "inputs" / _family_name(args), _spec(args),
                            shard_bytes=mc.parse_size(mc.DEFAULT_SHARD[args.size]))
     (work / "outputs").mkdir(parents=True, exist_ok=True)
     print("warming the page cache")
@@ -432,12 +471,12 @@ def main(argv: list[str] | None = None) -> dict:
         # a long run keeps what it measured so far, if it is stopped before the end
         rows = summarize(records, floor, {m: METHODS[m] for m in args.methods})
         args.results_dir.mkdir(parents=True, exist_ok=True)
-        (args.results_dir / "partial.md").write_text(render_markdown(rows, _meta(args, mc.SIZES[args.size], floor,
+        (args.results_dir / "partial.md").write_text(render_markdown(rows, _meta(args, _spec(args), floor,
                                                                                  records)))
 
     records = run_all(args, paths, work, on_record=save_partial)
     rows = summarize(records, floor, {m: METHODS[m] for m in args.methods})
-    return write_results(rows, records, floor, args, mc.SIZES[args.size])
+    return write_results(rows, records, floor, args, _spec(args))
 
 
 if __name__ == "__main__":

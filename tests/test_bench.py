@@ -124,11 +124,15 @@ def test_recipes_are_valid_mergekit_configs(method, family):
     assert models == {str(family["ft_a"]), str(family["ft_b"])}
     if method == "slerp":
         assert cfg.parameters["t"] == 0.5
-    elif method != "sce":  # sce has no per-model parameters
+    elif method == "nearswap":
+        assert cfg.parameters["t"] == 0.0001
+    elif method not in ("sce", "model_stock", "karcher", "arcee_fusion"):  # these have no per-model weights
         assert all(m.parameters["weight"] == 0.5 for m in cfg.models)
     if bench_run.METHODS[method][0] == "base":
         assert str(cfg.base_model.model.path) == str(family["base"])
-    if method in bench_run.TASK_VECTOR_PARAMS:
+    elif method in ("nearswap", "arcee_fusion"):  # a base and one other model: the base is ft_a
+        assert str(cfg.base_model.model.path) == str(family["ft_a"])
+    if "density" in bench_run.TASK_VECTOR_PARAMS.get(method, {}):
         assert all(m.parameters["density"] == 0.5 for m in cfg.models)
 
 
@@ -193,6 +197,8 @@ def test_parse_args_rejects_bad_options():
         with pytest.raises(SystemExit):
             bench_run.parse_args(argv)
     assert bench_run.parse_args(["--methods", "ties, slerp"]).methods == ["ties", "slerp"]
+    assert bench_run.parse_args([]).methods == list(bench_run.DEFAULT_METHODS)
+    assert set(bench_run.DEFAULT_METHODS) < set(bench_run.METHODS)
 
 
 @pytest.mark.mergekit
