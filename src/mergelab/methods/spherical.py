@@ -163,6 +163,9 @@ def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, *, row_wise: bool, flatten: 
 
 def nuslerp_t(p: PerModel[NuslerpModel]) -> float:
     """t = w_2 / (w_1 + w_2), or 0.5 when the weights sum to ~0 (MergeKit's rule)."""
+    if len(p) != 2:
+        raise MergeError(f"nuslerp merges exactly 2 models (besides the base), got {len(p)}; "
+                         "use multislerp for more")
     w1, w2 = p.values("weight")
     total = w1 + w2
     return 0.5 if abs(total) < 1e-6 else w2 / total
@@ -185,7 +188,7 @@ def nuslerp(x: Tensor, base: Tensor | None, p: PerModel[NuslerpModel], s: Nusler
 
     Numbers: MergeKit divides (sin((1-t) omega) v_1 + sin(t omega) v_2) by sin(omega)
     after combining; here the two coefficients are divided first (a few float32 ulps
-    apart, tests/methods/test_nuslerp_stock_speed.py keeps the old formula). On the CPU a
+    apart, tests/methods/test_nuslerp_stock_kernels.py keeps the old formula). On the CPU a
     compiled kernel (methods/kernels/nuslerp.py) computes the same from bfloat16 or
     float32 inputs as stored, its norms summed in float64.
 
