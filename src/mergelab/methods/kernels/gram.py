@@ -3,17 +3,23 @@
 nuslerp and model_stock first need, for each vector they interpolate (the whole
 tensor, or each row or column), the norms and mutual dot products of the
 vectors v_i = x_i - base (or x_i without a base), and then one combination
-pass. This module gives both passes their shared first half:
+pass. This module gives both their shared first pass:
 
-    gram:    G[r, i, k] = sum_j v_i[r, j] v_k[r, j] for i <= k, over the rows r of a
-             (rows, cols) view of the inputs, or over its columns (G[c, i, k], summed
-             down the rows); v_i in float32 from the inputs as stored (bfloat16 bits or
-             float32), exactly as the reference's float32 subtraction, the sums in float64.
+    G[r, i, k] = sum_j v_i[r, j] v_k[r, j]   (i <= k; the lower triangle is left 0)
+
+over the rows r of a row-major (rows, cols) view of the inputs (gram_rows), or
+over its columns, summed down the rows (gram_cols); v_i in float32 from the
+inputs as stored (bfloat16 bits or float32), exactly as the reference's float32
+subtraction, the products and sums in float64.
 
 The float64 sums are rounded once to float32 before the methods' coefficient
 formulas, which the reference and the kernel share, so a kernel differs from the
 reference only by the order and precision of these sums (the reference sums in
 float32): within float32 rounding of a reduction.
+
+Loops run over array slices (contiguous, so LLVM vectorises them); a row longer
+than _BLOCK is summed a block at a time, the blocks in order, so the sums depend
+neither on the thread count nor on where a row starts.
 """
 
 from __future__ import annotations
@@ -25,51 +31,87 @@ from mergelab.methods.kernels.io import load
 
 __all__ = ["gram_rows", "gram_cols"]
 
-# Entries per block: the float32 differences of one block stay in cache for the dot products.
-_BLOCK = 4096
+_BLOCK = 1 << 16  # entries per float64 partial sum along a row
+_SCRATCH = 4096  # entries per block of float32 differences (N > 2 models)
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _block_dot(a, b, n):
-    """sum_{j < n} a_j b_j in float64; reassociation only touches this sum, so it runs in SIMD lanes."""
+def _pair_block(x0, x1, base, has_base):
+    """(<v0, v0>, <v1, v1>, <v0, v1>) of one block in float64; reassociation only touches these
+    sums, so the loop runs in SIMD lanes."""
+    aa, bb, ab = 0.0, 0.0, 0.0
+    if has_base:
+        for j in range(x0.shape[0]):
+            z = load(base, j)
+            p, q = np.float64(load(x0, j) - z), np.float64(load(x1, j) - z)
+            aa += p * p
+            bb += q * q
+            ab += p * q
+    else:
+        for j in range(x0.shape[0]):
+            p, q = np.float64(load(x0, j)), np.float64(load(x1, j))
+            aa += p * p
+            bb += q * q
+            ab += p * q
+    return aa, bb, ab
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _block_dot(a, b):
+    """sum_j a_j b_j of two float32 arrays in float64 (SIMD lanes)."""
     acc = 0.0
-    for j in range(n):
+    for j in range(a.shape[0]):
         acc += np.float64(a[j]) * np.float64(b[j])
     return acc
 
 
 @njit(nogil=True, cache=True)
-def _differences(xs, base, has_base, lo, n, tau):
-    """tau[i, :n] = x_i[lo:lo+n] - base[lo:lo+n] in float32 (or x_i alone without a base)."""
-    for i in range(len(xs)):
-        x = xs[i]
-        if has_base:
-            for j in range(n):
-                tau[i, j] = load(x, lo + j) - load(base, lo + j)
-        else:
-            for j in range(n):
-                tau[i, j] = load(x, lo + j)
+def _differences(x, base, has_base, out):
+    """out = x - base in float32 (x alone without a base); x, base, out of one length."""
+    if has_base:
+        for j in range(out.shape[0]):
+            out[j] = load(x, j) - load(base, j)
+    else:
+        for j in range(out.shape[0]):
+            out[j] = load(x, j)
 
 
 @njit(nogil=True, cache=True)
 def gram_rows(xs, base, has_base, rows, cols):
-    """(rows, N, N) float64: G[r, i, k] = <v_i[r], v_k[r]> (i <= k; the lower triangle is left 0).
+    """(rows, N, N) float64 Gram matrix of each row's vectors v_i = x_i - base (or x_i).
 
-    xs: tuple of N flat arrays (rows * cols entries, row-major); base: a flat array of the same
-    kind (ignored unless has_base). Each row is summed a block at a time, the blocks in order
-    (within a block in SIMD lanes), on the calling thread: the sums do not depend on threads.
+    xs: a tuple of N flat arrays of rows * cols entries (row-major); base: a flat array of the
+    same kind (not read unless has_base).
     """
     models = len(xs)
     out = np.zeros((rows, models, models), dtype=np.float64)
-    tau = np.empty((models, _BLOCK), dtype=np.float32)
+    if models == 2:
+        x0, x1 = xs[0], xs[1]
+        for r in range(rows):
+            for lo in range(r * cols, (r + 1) * cols, _BLOCK):
+                hi = min((r + 1) * cols, lo + _BLOCK)
+                aa, bb, ab = _pair_block(x0[lo:hi], x1[lo:hi], base[lo:hi] if has_base else x0[lo:hi], has_base)
+                out[r, 0, 0] += aa
+                out[r, 1, 1] += bb
+                out[r, 0, 1] += ab
+        return out
+    tau = np.empty((models, _SCRATCH), dtype=np.float32)
     for r in range(rows):
-        for lo in range(0, cols, _BLOCK):
-            n = min(_BLOCK, cols - lo)
-            _differences(xs, base, has_base, r * cols + lo, n, tau)
+        for lo in range(r * cols, (r + 1) * cols, _SCRATCH):
+            hi = min((r + 1) * cols, lo + _SCRATCH)
+            for i in range(models):
+                _differences(xs[i][lo:hi], base[lo:hi] if has_base else xs[i][lo:hi], has_base, tau[i, :hi - lo])
             for i in range(models):
                 for k in range(i, models):
-                    out[r, i, k] += _block_dot(tau[i], tau[k], n)
+                    out[r, i, k] += _block_dot(tau[i, :hi - lo], tau[k, :hi - lo])
     return out
+
+
+@njit(nogil=True, cache=True)
+def _accumulate_cols(a, b, acc):
+    """acc[c] += a[c] * b[c] in float64: independent columns, vectorised without reassociation."""
+    for c in range(acc.shape[0]):
+        acc[c] += np.float64(a[c]) * np.float64(b[c])
 
 
 @njit(nogil=True, cache=True)
@@ -79,14 +121,14 @@ def gram_cols(xs, base, has_base, rows, cols):
     acc = np.zeros((models, models, cols), dtype=np.float64)
     tau = np.empty((models, cols), dtype=np.float32)
     for r in range(rows):
-        _differences(xs, base, has_base, r * cols, cols, tau)
+        lo, hi = r * cols, (r + 1) * cols
+        for i in range(models):
+            _differences(xs[i][lo:hi], base[lo:hi] if has_base else xs[i][lo:hi], has_base, tau[i])
         for i in range(models):
             for k in range(i, models):
-                for c in range(cols):  # independent columns: vectorised without reassociation
-                    acc[i, k, c] += np.float64(tau[i, c]) * np.float64(tau[k, c])
+                _accumulate_cols(tau[i], tau[k], acc[i, k])
     out = np.zeros((cols, models, models), dtype=np.float64)
-    for c in range(cols):
-        for i in range(models):
-            for k in range(i, models):
-                out[c, i, k] = acc[i, k, c]
+    for i in range(models):
+        for k in range(i, models):
+            out[:, i, k] = acc[i, k]
     return out

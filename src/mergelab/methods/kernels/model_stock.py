@@ -17,38 +17,44 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 from torch import Tensor
 
-from mergelab.methods.kernels import one_thread
 from mergelab.methods.kernels.gram import gram_rows
 from mergelab.methods.kernels.io import as_array, load, store, usable
 
 __all__ = ["supports", "run"]
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def _combine(xs, base, t, one_minus_t, cols, out):
-    """out[r, j] = t[r] * (sum_i x_i[r, j]) / N + (1 - t[r]) * base[r, j] for a (rows, cols) layout."""
-    models = len(xs)
-    count = np.float32(models)
-    for r in range(t.shape[0]):
-        a, b, lo = t[r], one_minus_t[r], r * cols
-        for j in prange(lo, lo + cols):
-            acc = load(xs[0], j)
-            for i in range(1, models):
-                acc += load(xs[i], j)
-            store(out, j, a * (acc / count) + b * load(base, j))
+@njit(nogil=True, cache=True)
+def _segment(xs, lo, base, a, b, out):
+    """out = a * (sum_i x_i) / N + b * base over one segment (xs read from lo on; a = t, b = 1 - t),
+    the models summed in order."""
+    count = np.float32(len(xs))
+    for j in range(out.shape[0]):
+        acc = load(xs[0], lo + j)
+        for i in range(1, len(xs)):
+            acc += load(xs[i], lo + j)
+        store(out, j, a * (acc / count) + b * load(base, j))
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def _combine_pair(x0, x1, base, t, one_minus_t, cols, out):
+@njit(nogil=True, cache=True)
+def _segment_pair(x0, x1, base, a, b, out):
     """The same for two models (the usual case), written out so that the loop vectorises."""
     two = np.float32(2.0)
+    for j in range(out.shape[0]):
+        store(out, j, a * ((load(x0, j) + load(x1, j)) / two) + b * load(base, j))
+
+
+@njit(nogil=True, cache=True)
+def _combine(xs, base, t, one_minus_t, cols, out):
+    """theta = t * mean_i x_i + (1 - t) * base, one t per row of a (rows, cols) layout."""
     for r in range(t.shape[0]):
-        a, b, lo = t[r], one_minus_t[r], r * cols
-        for j in prange(lo, lo + cols):
-            store(out, j, a * ((load(x0, j) + load(x1, j)) / two) + b * load(base, j))
+        lo, hi = r * cols, (r + 1) * cols
+        if len(xs) == 2:
+            _segment_pair(xs[0][lo:hi], xs[1][lo:hi], base[lo:hi], t[r], one_minus_t[r], out[lo:hi])
+        else:
+            _segment(xs, lo, base[lo:hi], t[r], one_minus_t[r], out[lo:hi])
 
 
 def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
@@ -67,14 +73,9 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -
     rows_x = tuple(as_array(x) for x in xs)
     b = as_array(base)
     out = torch.empty(shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
-    with one_thread():
-        g = gram_rows(rows_x, b, True, rows, cols)  # (rows, N, N)
-        norms = torch.from_numpy(np.sqrt(np.stack([g[:, i, i] for i in range(n)]))).to(torch.float32)
-        dots = torch.from_numpy(np.stack([g[:, i, j] for i in range(n) for j in range(i + 1, n)])).to(torch.float32)
-        t = model_stock_ratio(norms, dots)  # (rows,)
-        one_minus_t = (1 - t).numpy()
-        if n == 2:
-            _combine_pair(rows_x[0], rows_x[1], b, t.numpy(), one_minus_t, cols, as_array(out))
-        else:
-            _combine(rows_x, b, t.numpy(), one_minus_t, cols, as_array(out))
+    g = gram_rows(rows_x, b, True, rows, cols)  # (rows, N, N)
+    norms = torch.from_numpy(np.sqrt(np.stack([g[:, i, i] for i in range(n)]))).to(torch.float32)
+    dots = torch.from_numpy(np.stack([g[:, i, j] for i in range(n) for j in range(i + 1, n)])).to(torch.float32)
+    t = model_stock_ratio(norms, dots)  # (rows,)
+    _combine(rows_x, b, t.numpy(), (1 - t).numpy(), cols, as_array(out))
     return out.to(out_dtype)

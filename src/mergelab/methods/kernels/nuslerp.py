@@ -18,45 +18,55 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 from torch import Tensor
 
-from mergelab.methods.kernels import one_thread
 from mergelab.methods.kernels.gram import gram_cols, gram_rows
 from mergelab.methods.kernels.io import as_array, load, store, usable
 
 __all__ = ["supports", "run", "layout"]
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
+def _segment(x0, x1, base, has_base, a, b, out):
+    """out = base + (a v0 + b v1) over one contiguous segment, a and b one vector's coefficients.
+    Plain loops over slices: LLVM vectorises them."""
+    if has_base:
+        for j in range(out.shape[0]):
+            z = load(base, j)
+            store(out, j, z + (a * (load(x0, j) - z) + b * (load(x1, j) - z)))
+    else:
+        for j in range(out.shape[0]):
+            store(out, j, a * load(x0, j) + b * load(x1, j))
+
+
+@njit(nogil=True, cache=True)
+def _segment_per_entry(x0, x1, base, has_base, a, b, out):
+    """The same with a[j], b[j] per entry (one row of a layout whose vectors are its columns)."""
+    if has_base:
+        for j in range(out.shape[0]):
+            z = load(base, j)
+            store(out, j, z + (a[j] * (load(x0, j) - z) + b[j] * (load(x1, j) - z)))
+    else:
+        for j in range(out.shape[0]):
+            store(out, j, a[j] * load(x0, j) + b[j] * load(x1, j))
+
+
+@njit(nogil=True, cache=True)
 def _combine_rows(x0, x1, base, has_base, c0, c1, cols, out):
-    """out[r, j] = base + (c0[r] v0 + c1[r] v1) for a (rows, cols) layout, one coefficient pair per row."""
+    """One coefficient pair per row of a (rows, cols) layout."""
     for r in range(c0.shape[0]):
-        a, b, lo = c0[r], c1[r], r * cols
-        if has_base:
-            for j in prange(lo, lo + cols):
-                z = load(base, j)
-                store(out, j, z + (a * (load(x0, j) - z) + b * (load(x1, j) - z)))
-        else:
-            for j in prange(lo, lo + cols):
-                store(out, j, a * load(x0, j) + b * load(x1, j))
+        lo, hi = r * cols, (r + 1) * cols
+        _segment(x0[lo:hi], x1[lo:hi], base[lo:hi], has_base, c0[r], c1[r], out[lo:hi])
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def _combine_cols(x0, x1, base, has_base, c0, c1, rows, out):
-    """The same with one coefficient pair per column (vectors along dim 0)."""
+    """One coefficient pair per column (vectors along dim 0)."""
     cols = c0.shape[0]
     for r in range(rows):
-        lo = r * cols
-        if has_base:
-            for c in prange(cols):
-                j = lo + c
-                z = load(base, j)
-                store(out, j, z + (c0[c] * (load(x0, j) - z) + c1[c] * (load(x1, j) - z)))
-        else:
-            for c in prange(cols):
-                j = lo + c
-                store(out, j, c0[c] * load(x0, j) + c1[c] * load(x1, j))
+        lo, hi = r * cols, (r + 1) * cols
+        _segment_per_entry(x0[lo:hi], x1[lo:hi], base[lo:hi], has_base, c0, c1, out[lo:hi])
 
 
 def layout(shape: torch.Size, *, flatten: bool, row_wise: bool) -> tuple[int, int, bool]:
@@ -86,14 +96,13 @@ def run(xs: Sequence[Tensor], base: Tensor | None, p, s, gen, out_dtype: torch.d
     has_base = base is not None
     b = as_array(base) if has_base else x0  # not read without a base
     out = torch.empty(shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
-    with one_thread():
-        g = (gram_cols if per_col else gram_rows)((x0, x1), b, has_base, rows, cols)
-        n0, n1, dot = (torch.from_numpy(v).to(torch.float32)
-                       for v in (np.sqrt(g[:, 0, 0]), np.sqrt(g[:, 1, 1]), g[:, 0, 1]))
-        c0, c1 = nuslerp_coefficients(nuslerp_t(p), n0, n1, dot)
-        c0, c1 = c0.numpy(), c1.numpy()
-        if per_col:
-            _combine_cols(x0, x1, b, has_base, c0, c1, rows, as_array(out))
-        else:
-            _combine_rows(x0, x1, b, has_base, c0, c1, cols, as_array(out))
+    g = (gram_cols if per_col else gram_rows)((x0, x1), b, has_base, rows, cols)
+    n0, n1, dot = (torch.from_numpy(v).to(torch.float32)
+                   for v in (np.sqrt(g[:, 0, 0]), np.sqrt(g[:, 1, 1]), g[:, 0, 1]))
+    c0, c1 = nuslerp_coefficients(nuslerp_t(p), n0, n1, dot)
+    c0, c1 = c0.numpy(), c1.numpy()
+    if per_col:
+        _combine_cols(x0, x1, b, has_base, c0, c1, rows, as_array(out))
+    else:
+        _combine_rows(x0, x1, b, has_base, c0, c1, cols, as_array(out))
     return out.to(out_dtype)
