@@ -138,8 +138,9 @@ def model_stock(x: Tensor, base: Tensor, p, s: ModelStockShared, gen=None) -> Te
     Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned
     models", arXiv:2403.19522.
 
-    Norms and dots are float32 sums of products; on the CPU a compiled kernel (methods/kernels/model_stock.py) computes the same from
-    bfloat16 or float32 inputs as stored, the sums in float64.
+    Norms and dots are float32 sums of products; on the CPU a compiled kernel
+    (methods/kernels/model_stock.py) computes the same from bfloat16 or float32
+    inputs as stored, the sums in float64.
 
     Args:
         filter_wise (shared): one ratio per row (reducing the last dimension)
