@@ -121,50 +121,90 @@ class NuslerpShared(MethodParams):
         False, description="when not flattened: slerp each column (vectors along dim 0) instead of each row")
 
 
+def nuslerp_coefficients(t: float, n0: Tensor, n1: Tensor, dot: Tensor, *,
+                         eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """(c0, c1) with nuslerp(t) = c0 v0 + c1 v1, from |v0|, |v1| and <v0, v1> (float32, one per vector).
+
+    cos omega = <v0, v1> / (max(|v0|, 1e-7) max(|v1|, 1e-7)), clamped to [-1, 1];
+    c0 = sin((1 - t) omega) / sin omega, c1 = sin(t omega) / sin omega, and
+    c0 = 1 - t, c1 = t where 1 - cos^2 <= eps^2 (colinear or antipodal), as MergeKit 0.1.5.
+    Shared by the reference and its kernel (methods/kernels/nuslerp.py).
+    """
+    cos = (dot / (n0.clamp_min(1e-7) * n1.clamp_min(1e-7))).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps ** 2
+    omega = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    sin_omega = torch.where(colinear, torch.ones_like(cos), torch.sin(omega))
+    c0 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * omega) / sin_omega)
+    c1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * omega) / sin_omega)
+    return c0, c1
+
+
 def _nuslerp_pair(t: float, v0: Tensor, v1: Tensor, *, row_wise: bool, flatten: bool) -> Tensor:
+    """c0 v0 + c1 v1 (nuslerp_coefficients) per vector: the flattened tensor, each row, or each column.
+
+    Norms and dot products are sums of products (torch's cascade sum: on the CPU,
+    torch.linalg.vector_norm and vecdot of float32 drift by up to 6e-3 relative on a
+    65M-entry tensor, .sum() by 2e-8); no unit vectors are materialised. The result is a
+    new tensor, v0 and v1 are not modified.
+    """
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(1, -1), v1.reshape(1, -1)
     elif row_wise:
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    eps = 1e-8
-    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= eps ** 2
-    omega = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
-    sin_omega = torch.where(colinear, torch.ones_like(cos), torch.sin(omega))
-    out = (torch.sin((1 - t) * omega) * v0 + torch.sin(t * omega) * v1) / sin_omega
-    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    n0 = (v0 * v0).sum(-1, keepdim=True).sqrt()  # (..., 1)
+    n1 = (v1 * v1).sum(-1, keepdim=True).sqrt()
+    dot = (v0 * v1).sum(-1, keepdim=True)
+    c0, c1 = nuslerp_coefficients(t, n0, n1, dot)
+    out = v0 * c0
+    out += v1 * c1
     if not flatten and row_wise:
         out = out.transpose(0, -1)
     return out.reshape(shape)
 
 
+def nuslerp_t(p: PerModel[NuslerpModel]) -> float:
+    """t = w_2 / (w_1 + w_2), or 0.5 when the weights sum to ~0 (MergeKit's rule)."""
+    if len(p) != 2:
+        raise MergeError(f"nuslerp merges exactly 2 models (besides the base), got {len(p)}; "
+                         "use multislerp for more")
+    w1, w2 = p.values("weight")
+    total = w1 + w2
+    return 0.5 if abs(total) < 1e-6 else w2 / total
+
+
 @merge_method("nuslerp", model_params=NuslerpModel, shared_params=NuslerpShared, base="optional",
-              min_models=2, max_models=2)
+              min_models=2, max_models=2, kernel=lazy_kernel("nuslerp"))
 def nuslerp(x: Tensor, base: Tensor | None, p: PerModel[NuslerpModel], s: NuslerpShared, gen=None) -> Tensor:
     """SLERP between exactly two models with relative weights, optionally of task vectors.
 
     t = w_2 / (w_1 + w_2)   (0.5 when the weights sum to ~0)
     theta = slerp(t, v_1, v_2)                          without a base
     theta = base + slerp(t, v_1 - base, v_2 - base)     with a base (task-vector SLERP)
+    slerp(t, v_1, v_2) = sin((1-t) omega)/sin(omega) v_1 + sin(t omega)/sin(omega) v_2,
+    cos omega = <v_1, v_2> / (|v_1| |v_2|); lerp where the two are (anti)parallel.
 
     MergeKit's "NuSLERP" (Goddard et al. 2024, arXiv:2403.13257): slerp over the
-    flattened tensor by default, or over each row (or column) separately.
+    flattened tensor by default, or over each row (or column) separately. Slerp
+    itself: Shoemake 1985, "Animating rotation with quaternion curves".
+
+    Numbers: MergeKit divides (sin((1-t) omega) v_1 + sin(t omega) v_2) by sin(omega)
+    after combining; here the two coefficients are divided first (a few float32 ulps
+    apart, tests/methods/test_nuslerp_stock_kernels.py keeps the old formula). On the CPU a
+    compiled kernel (methods/kernels/nuslerp.py) computes the same from bfloat16 or
+    float32 inputs as stored, its norms summed in float64.
 
     Args:
         weight (per model, required): relative weights w_1, w_2.
         nuslerp_flatten (shared): one vector per tensor (default true).
         nuslerp_row_wise (shared): with flatten off, slerp columns instead of rows.
     """
-    w1, w2 = p.values("weight")
-    total = w1 + w2
-    t = 0.5 if abs(total) < 1e-6 else w2 / total
+    t = nuslerp_t(p)
+    flags = dict(row_wise=s.nuslerp_row_wise, flatten=s.nuslerp_flatten)
     if base is None:
-        return _nuslerp_pair(t, x[0], x[1], row_wise=s.nuslerp_row_wise, flatten=s.nuslerp_flatten)
-    return base + _nuslerp_pair(t, x[0] - base, x[1] - base, row_wise=s.nuslerp_row_wise,
-                                flatten=s.nuslerp_flatten)
+        return _nuslerp_pair(t, x[0], x[1], **flags)
+    out = _nuslerp_pair(t, x[0] - base, x[1] - base, **flags)
+    return out.add_(base)  # = base + slerp(...): the same float32 sum
 
 
 class MultislerpModel(MethodParams):
