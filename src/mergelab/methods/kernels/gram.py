@@ -1,8 +1,8 @@
 """multislerp and karcher on the CPU in two compiled passes (numba), one thread, outside the GIL.
 
     gram:    G_ij = <v_i, v_j> of the vectors v_i = x_i - base (or x_i), read as stored
-             (bfloat16 bits or float32); v_i formed in float32 as the reference forms it,
-             products and sums in float64, one partial sum per block;
+             (bfloat16 bits or float32), a pair of models at a time; v_i formed in float32
+             as the reference forms it, products and sums in float64, one partial sum per block;
     combine: theta_j = sum_i k_i v_i[j] (+ base[j]) in float32, in model order, rounded
              to the output dtype in the same pass,
 
@@ -26,45 +26,44 @@ from mergelab.methods.kernels.linear import weighted_sum
 
 __all__ = ["supports", "run", "gram"]
 
-# Entries per float64 partial sum: fixed, so the sums do not depend on the number of threads;
-# small enough that the n rows of a block stay in cache while each pair of rows is summed.
+# Entries per float64 partial sum: fixed, so the sums do not depend on the number of threads.
 _BLOCK = 1 << 16
 
 
 @njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _pair_sum(a, b, lo, hi):
-    """sum_j a[j] b[j] over [lo, hi) in float64 (reassociation only touches this sum: SIMD lanes)."""
-    acc = 0.0
-    for j in range(lo, hi):
-        acc += np.float64(load(a, j)) * np.float64(load(b, j))
-    return acc
-
-
-@njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _pair_sum_base(a, b, base, lo, hi):
-    """sum_j (a[j] - base[j]) (b[j] - base[j]) over [lo, hi), the differences rounded to float32."""
-    acc = 0.0
-    for j in range(lo, hi):
-        c = load(base, j)
-        acc += np.float64(load(a, j) - c) * np.float64(load(b, j) - c)
-    return acc
+def _block_sums(a, b, base, has_base, lo, hi):
+    """(|a|^2, |b|^2, <a, b>) over [lo, hi) in float64, of a - base and b - base (rounded to float32)
+    when has_base. Reassociation only touches these sums, so the loop runs in SIMD lanes."""
+    aa, bb, ab = 0.0, 0.0, 0.0
+    if has_base:
+        for j in range(lo, hi):
+            c = load(base, j)
+            x, y = np.float64(load(a, j) - c), np.float64(load(b, j) - c)
+            aa += x * x
+            bb += y * y
+            ab += x * y
+    else:
+        for j in range(lo, hi):
+            x, y = np.float64(load(a, j)), np.float64(load(b, j))
+            aa += x * x
+            bb += y * y
+            ab += x * y
+    return aa, bb, ab
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _gram(rows, base, has_base):
-    """(blocks, n, n) float64 partial Gram matrices, one per _BLOCK entries."""
-    n, size = len(rows), rows[0].shape[0]
+def _pair_sums(a, b, base, has_base):
+    """(blocks, 3) float64 partial sums (|a|^2, |b|^2, <a, b>), one row per _BLOCK entries."""
+    size = a.shape[0]
     blocks = (size + _BLOCK - 1) // _BLOCK
-    part = np.zeros((blocks, n, n), dtype=np.float64)
+    out = np.zeros((blocks, 3), dtype=np.float64)
     for blk in prange(blocks):
         lo = blk * _BLOCK
-        hi = min(size, lo + _BLOCK)
-        for i in range(n):
-            for k in range(i, n):
-                s = _pair_sum_base(rows[i], rows[k], base, lo, hi) if has_base else _pair_sum(rows[i], rows[k], lo, hi)
-                part[blk, i, k] = s
-                part[blk, k, i] = s
-    return part
+        aa, bb, ab = _block_sums(a, b, base, has_base, lo, min(size, lo + _BLOCK))
+        out[blk, 0] = aa
+        out[blk, 1] = bb
+        out[blk, 2] = ab
+    return out
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -81,12 +80,22 @@ def _combine_base(rows, coef, base, out):
 
 
 def gram(xs: Sequence[Tensor], base: Tensor | None = None) -> Tensor:
-    """G_ij = <v_i, v_j> (float64 (n, n) tensor) of v_i = xs[i] - base (or xs[i]), as stored."""
-    rows = tuple(as_array(t) for t in xs)
+    """G_ij = <v_i, v_j> (float64 (n, n) tensor) of v_i = xs[i] - base (or xs[i]), as stored.
+
+    One pass over each pair of models (for two models, the common case: one pass in all); a kernel
+    of two arrays compiles once per dtype, whatever the number of models.
+    """
+    rows = [as_array(t) for t in xs]
     b = as_array(base) if base is not None else rows[0][:0]
+    n = len(rows)
+    g = np.zeros((n, n), dtype=np.float64)
+    pairs = [(i, k) for i in range(n) for k in range(i + 1, n)] or [(0, 0)]
     with one_thread():
-        part = _gram(rows, b, base is not None)
-    return torch.from_numpy(part.sum(axis=0))
+        for i, k in pairs:
+            aa, bb, ab = _pair_sums(rows[i], rows[k], b, base is not None).sum(axis=0)
+            g[i, k] = g[k, i] = ab
+            g[i, i], g[k, k] = aa, bb  # the same sums, in the same order, from any pair
+    return torch.from_numpy(g)
 
 
 def supports(xs: Sequence[Tensor], base: Tensor | None, p, s, *, method: str) -> bool:
