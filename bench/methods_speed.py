@@ -1,7 +1,12 @@
-"""Side-by-side wall time, mergekit-yaml vs mergelab merge, methods outside bench/run.py's set."""
+"""Side-by-side wall time and peak RSS, mergekit-yaml vs mergelab merge, methods outside bench/run.py's set.
+
+Usage: PYTHONPATH=src python bench/methods_speed.py [method ...]   (default: all below)
+Needs the TinyLlama-shaped set /tmp/tinyllama/{base,ft_a,ft_b} (bench/make_checkpoints.py) and
+mergekit 0.1.5 (mergelab[bench]); GNU time at /usr/bin/time for the peak RSS (MB).
+"""
 import json, subprocess, sys, time, shutil, yaml
 from pathlib import Path
-T = Path("/tmp/tinyllama"); W = Path("/tmp/p2/ms"); W.mkdir(exist_ok=True)
+T = Path("/tmp/tinyllama"); W = Path("/tmp/p2/ms"); W.mkdir(parents=True, exist_ok=True)
 base, a, b = str(T / "base"), str(T / "ft_a"), str(T / "ft_b")
 tv = lambda **p: [{"model": m, "parameters": dict(p)} for m in (a, b)]
 R = {
@@ -14,6 +19,8 @@ R = {
   "model_stock": {"merge_method": "model_stock", "base_model": base, "models": [{"model": a}, {"model": b}]},
   "karcher": {"merge_method": "karcher", "models": [{"model": a}, {"model": b}]},
   "multislerp": {"merge_method": "multislerp", "models": [{"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.5}}]},
+  "multislerp_base": {"merge_method": "multislerp", "base_model": base, "models": [{"model": a, "parameters": {"weight": 0.4}}, {"model": b, "parameters": {"weight": 0.6}}]},
+  "karcher_3": {"merge_method": "karcher", "models": [{"model": base}, {"model": a}, {"model": b}]},
   "della_linear": {"merge_method": "della_linear", "base_model": base, "models": tv(weight=0.5, density=0.5, epsilon=0.1)},
   "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base, "models": tv(weight=0.5, density=0.5, gamma=0.01)},
   "nearswap": {"merge_method": "nearswap", "base_model": a, "models": [{"model": a}, {"model": b}], "parameters": {"t": 0.001}},

@@ -162,11 +162,12 @@ def test_karcher_equals_the_previous_formula(case, xs, max_iter, path):
     got = _run(path, "karcher", xs, max_iter=max_iter)
     if case == "antipodal" and max_iter > 0:
         # No mean direction: both start from the first model's. The new code sees cos = 1 and -1
-        # exactly and stops. The old one rounds them to 1 - 2^-24 and -(1 - 2^-24), so the far point
-        # lies at omega = pi - 3.4e-4 with omega / sin(omega) ~ 9e3: that factor times the float32
-        # rounding of u_1 - <u_1, m> m (a vector of norm ~1e-7 in no particular direction) is a
-        # step of ~3e-4 in a random direction, which MergeKit's float32 code takes too. We keep
-        # the exact answer (the first model) and bound the old one's noise.
+        # exactly and stops, as MergeKit does on these inputs (checked against it below). The old
+        # code's matrix product rounded them to 1 - 2^-24 and -(1 - 2^-24), so the far point lay
+        # at omega = pi - 3.4e-4 with omega / sin(omega) ~ 9e3: that factor times the float32
+        # rounding of u_1 - <u_1, m> m (a vector of norm ~1e-7 in no particular direction) made
+        # a step of ~3e-4 in a random direction. We check the exact answer (the first model) and
+        # bound the old code's noise.
         _close(got, xs[0])
         assert float((want - xs[0]).abs().max()) < 2e-3 * float(xs[0].abs().max())
         return
@@ -209,6 +210,15 @@ def test_multislerp_unnormalised_weights_and_one_model(path):
     want = old_multislerp(torch.stack(xs), None, ws, normalize_weights=False)
     _close(_run(path, "multislerp", xs, None, weights(*ws), normalize_weights=False), want)
     torch.testing.assert_close(_run(path, "multislerp", xs[:1], None, weights(2.0)), xs[0], rtol=0, atol=0)
+
+
+@pytest.mark.mergekit
+def test_karcher_of_antipodal_models_is_mergekits():
+    a = randn(*SHAPE, seed=7)
+    from method_helpers import mergekit
+    for max_iter in (1, 10):
+        want = mergekit("karcher", [a, -a], None, max_iter=max_iter, tol=1e-5)
+        _close(merge("karcher", [a, -a], max_iter=max_iter), want)
 
 
 def test_antipodal_pair_with_balancing_weights_is_their_weighted_sum():
