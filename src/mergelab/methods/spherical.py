@@ -284,7 +284,9 @@ def multislerp(x: Tensor, base: Tensor | None, p: PerModel[MultislerpModel], s: 
     Every vector above is a combination sum_i k_i v_i, so the steps run on the
     Gram matrix G_ij = <v_i, v_j> (float64 sums; multislerp_coefficients) and
     theta = sum_i k_i v_i (+ base) is written in one pass: two passes over the
-    inputs in all.
+    inputs in all. The float64 sums also keep the result exact on big tensors,
+    where MergeKit's float32 norms drift (0.6% on a 65M-entry lm_head, giving a
+    result 1.1% too small; docs/results-spherical-speed.md).
 
     Args:
         weight (per model, required): w_i.
@@ -364,7 +366,10 @@ def karcher(x: Tensor, base, p, s: KarcherShared, gen=None) -> Tensor:
     m and every step are combinations sum_i k_i theta_i, so the iteration runs on
     the Gram matrix G_ij = <theta_i, theta_j> (float64 sums; karcher_coefficients)
     and theta = sum_i k_i theta_i is written in one pass: two passes over the
-    inputs, whatever the number of iterations.
+    inputs, whatever the number of iterations. The cosines are exact before being
+    rounded to float32 for the angles (as MergeKit's are), so two fine-tunes at
+    equal angles from the mean are treated alike; MergeKit's float32 sums can skip
+    one of them (omega < tol) and step towards the other.
 
     Args:
         max_iter (shared): iteration cap (default 10).
