@@ -216,7 +216,99 @@ class MultislerpShared(MethodParams):
     eps: float = Field(1e-8, ge=0, description="numerical floor")
 
 
-@merge_method("multislerp", model_params=MultislerpModel, shared_params=MultislerpShared, base="optional")
+# multislerp and karcher only ever combine the vectors they are given: every mean, tangent and
+# step is sum_i k_i v_i for some coefficients k. So both run on the (n, n) Gram matrix of the
+# vectors (one pass over the inputs) and write sum_i k_i v_i at the end (a second pass), instead
+# of holding unit vectors and (n, numel) temporaries and passing over them at every step.
+
+_GRAM_BLOCK = 1 << 20
+
+
+def gram_matrix(x: Tensor, base: Tensor | None = None) -> Tensor:
+    """G_ij = <v_i, v_j> (float64, (n, n)) of the rows v_i = x_i - base (or x_i) of x (n, *shape).
+
+    v_i is formed in x's dtype, as the methods form task vectors; products and sums are in
+    float64, a block of columns at a time (no float64 copy of x is made).
+    """
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    b = base.reshape(-1) if base is not None else None
+    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    for start in range(0, flat.shape[1], _GRAM_BLOCK):
+        v = flat[:, start:start + _GRAM_BLOCK]
+        if b is not None:
+            v = v - b[start:start + _GRAM_BLOCK]
+        v = v.double()
+        gram += v @ v.T
+    return gram
+
+
+def combine_rows(x: Tensor, base: Tensor | None, coef: Tensor) -> Tensor:
+    """sum_i coef_i v_i (+ base) in x's dtype, shape x.shape[1:], with v_i = x_i - base (or x_i)."""
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    c = coef.to(dtype=x.dtype, device=x.device)
+    if base is None:
+        return (c @ flat).reshape(x.shape[1:])
+    b = base.reshape(-1)
+    out = torch.empty_like(b)
+    for start in range(0, b.numel(), _GRAM_BLOCK):  # no (n, numel) task vectors at once
+        part = slice(start, start + _GRAM_BLOCK)
+        torch.mm(c.view(1, -1), flat[:, part] - b[part], out=out[part].view(1, -1))
+        out[part] += b[part]
+    return out.reshape(x.shape[1:])
+
+
+def _length(unit_gram: Tensor, k: Tensor) -> Tensor:
+    """|sum_i k_i u_i| from the Gram matrix <u_i, u_j> (rounding cannot make it negative)."""
+    return (k @ unit_gram @ k).clamp_min(0).sqrt()
+
+
+def multislerp_coefficients(gram: Tensor, w: Tensor, eps: float) -> Tensor | None:
+    """k (float64) with multislerp = sum_i k_i v_i (+ base), from G_ij = <v_i, v_j> and the weights w.
+
+    With u_i = r_i v_i, r_i = 1 / (|v_i| + eps), and m = sum_j b_j u_j:
+    b = w / |sum_i w_i u_i|; the tangent g = sum_i w_i (u_i - <u_i, m> m) has coefficients
+    w - (sum_i w_i <u_i, m>) b; the result (cos|g| m + sin|g| g/|g|) sum_i w_i |v_i| is
+    k_i = (cos|g| b_i + sin|g|/|g| g_i) * sum_j w_j |v_j| * r_i, where every <., .> and |.|
+    comes from G. None when the weighted directions cancel (|sum_i w_i u_i| < eps).
+    """
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    r = 1 / (norms + eps)
+    unit_gram = gram * r[:, None] * r[None, :]
+    mean_norm = _length(unit_gram, w)
+    if mean_norm < eps:
+        return None
+    b = w / mean_norm
+    dots = unit_gram @ b
+    g = w - (w @ dots) * b
+    g_norm = _length(unit_gram, g) + eps
+    return (torch.cos(g_norm) * b + (torch.sin(g_norm) / g_norm) * g) * (norms @ w) * r
+
+
+def multislerp_weights(gram: Tensor, w: Tensor, s: MultislerpShared) -> Tensor:
+    """multislerp's coefficients k (float64) from the Gram matrix and the float32 weights, with its fallbacks."""
+    if s.normalize_weights:
+        total = float(w.sum())
+        if abs(total) < 1e-8:
+            raise MergeError("multislerp: the weights sum to zero, so they cannot be normalised; "
+                             "change the weights or set `normalize_weights: false`")
+        w = w / total
+    w = w.double()
+    coef = multislerp_coefficients(gram, w, s.eps)
+    if coef is not None:
+        return coef
+    # Two antipodal models: MergeKit's linear fallback. Every vector zero (all models equal the
+    # base, or a tensor that is zero everywhere): the merge is that zero vector, where MergeKit
+    # raises for three or more models.
+    if len(w) == 2 or bool((gram.diagonal().clamp_min(0).sqrt() <= s.eps).all()):
+        return w
+    raise MergeError("multislerp: the weighted directions cancel out (antipodal models with balancing "
+                     "weights); change the weights")
+
+
+@merge_method("multislerp", model_params=MultislerpModel, shared_params=MultislerpShared, base="optional",
+              kernel=lazy_kernel("spherical_mean", method="multislerp"))
 def multislerp(x: Tensor, base: Tensor | None, p: PerModel[MultislerpModel], s: MultislerpShared,
                gen=None) -> Tensor:
     """Barycentric interpolation of N models on the hypersphere (one tangent-space step).
@@ -225,10 +317,16 @@ def multislerp(x: Tensor, base: Tensor | None, p: PerModel[MultislerpModel], s: 
     m = normalise(sum_i w_i u_i), tangent g = sum_i w_i (u_i - <u_i, m> m),
     theta = (cos|g| m + sin|g| g/|g|) * sum_i w_i |v_i|  (+ base).
     In exact arithmetic g = M - <M, m> m = 0 (M = sum_i w_i u_i), so this is
-    normalise(sum_i w_i u_i) * sum_i w_i |v_i|; the step is kept so the rounding
-    matches MergeKit's.
+    normalise(sum_i w_i u_i) * sum_i w_i |v_i|; the step is kept, as in MergeKit.
 
     MergeKit's Multi-SLERP (Goddard, "multislerp", 2025).
+
+    Every vector above is a combination sum_i k_i v_i, so the steps run on the
+    Gram matrix G_ij = <v_i, v_j> (float64 sums; multislerp_coefficients) and
+    theta = sum_i k_i v_i (+ base) is written in one pass: two passes over the
+    inputs in all. The float64 sums also keep the result exact on big tensors,
+    where MergeKit's float32 norms drift (0.6% on a 65M-entry lm_head, giving a
+    result 1.1% too small; docs/results-spherical-speed.md).
 
     Args:
         weight (per model, required): w_i.
@@ -239,37 +337,10 @@ def multislerp(x: Tensor, base: Tensor | None, p: PerModel[MultislerpModel], s: 
     Directions that cancel out fall back to sum_i w_i v_i (+ base) for two models
     (as MergeKit) or when every v_i is zero (MergeKit raises); otherwise an error.
     """
-    n = x.shape[0]
-    if n == 1:
+    if x.shape[0] == 1:
         return x[0].clone()
-    v = (x - base if base is not None else x).reshape(n, -1)
-    w = p.tensor("weight", x)
-    if s.normalize_weights:
-        total = float(w.sum())
-        if abs(total) < 1e-8:
-            raise MergeError("multislerp: the weights sum to zero, so they cannot be normalised; "
-                             "change the weights or set `normalize_weights: false`")
-        w = w / total
-    norms = v.norm(dim=-1, keepdim=True)
-    units = v / (norms + s.eps)
-    mean = (units * w.view(-1, 1)).sum(0)
-    mean_norm = mean.norm()
-    if mean_norm < s.eps:
-        # Two antipodal models: MergeKit's linear fallback. Every vector zero (all models equal
-        # the base, or a tensor that is zero everywhere): the merge is that zero vector, where
-        # MergeKit raises for three or more models.
-        if n == 2 or bool((norms <= s.eps).all()):
-            out = (v * w.view(-1, 1)).sum(0).reshape(x.shape[1:])
-            return out + base if base is not None else out
-        raise MergeError("multislerp: the weighted directions cancel out (antipodal models with balancing "
-                         "weights); change the weights")
-    mean = mean / mean_norm
-    tangent = units - (units * mean).sum(-1, keepdim=True) * mean
-    g = (tangent * w.view(-1, 1)).sum(0)
-    g_norm = g.norm() + s.eps
-    out = mean * torch.cos(g_norm) + g * (torch.sin(g_norm) / g_norm)
-    out = (out * (norms.squeeze(-1) * w).sum()).reshape(x.shape[1:])
-    return out + base if base is not None else out
+    coef = multislerp_weights(gram_matrix(x, base), p.tensor("weight", x), s)
+    return combine_rows(x, base, coef)
 
 
 class KarcherShared(MethodParams):
@@ -277,7 +348,50 @@ class KarcherShared(MethodParams):
     tol: float = Field(1e-5, gt=0, description="stop when the tangent step is shorter than this")
 
 
-@merge_method("karcher", shared_params=KarcherShared)
+def karcher_coefficients(gram: Tensor, max_iter: int, tol: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """k (float64) with karcher = sum_i k_i v_i, from G_ij = <v_i, v_j>: the iteration on coefficients.
+
+    With u_i = v_i / |v_i| over the models with |v_i| > tol and m = sum_j b_j u_j:
+    <u_i, m> = (U b)_i with U_ij = <u_i, u_j>; the tangent sum_i a_i f_i (u_i - <u_i, m> m)
+    has coefficients c - (c . <u, m>) b with c_i = a_i f_i; each length |sum_j k_j u_j| is
+    sqrt(k' U k). The angles omega_i = arccos<u_i, m> are taken from cosines rounded to
+    `dtype` (the inputs' compute dtype), as MergeKit computes them, so that the same points
+    count as already at the mean (omega_i < tol); everything else is float64.
+    """
+    n = gram.shape[0]
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    coef = torch.zeros(n, dtype=torch.float64, device=gram.device)
+    valid = (norms.to(dtype) > tol).nonzero().flatten()
+    if len(valid) == 0:
+        return coef
+    nv = norms[valid]
+    unit_gram = gram[valid][:, valid] / (nv[:, None] * nv[None, :])
+    a = torch.full((len(valid),), 1 / len(valid), dtype=torch.float64, device=gram.device)
+    b = a
+    m_norm = _length(unit_gram, b)
+    b = torch.eye(len(valid), dtype=torch.float64, device=gram.device)[0] if m_norm < tol else b / m_norm
+    for _ in range(max_iter):
+        dots = (unit_gram @ b).clamp(-1, 1)
+        omega = torch.arccos(dots.to(dtype))
+        # An (almost) antipodal point has no defined direction from m: at omega = pi, sin(omega) is
+        # rounding noise whose sign is arbitrary, so such a point adds nothing to a step.
+        sin = torch.sin(omega)
+        usable = (omega >= tol) & (sin > 1e-6)
+        factor = torch.where(usable, omega / torch.where(usable, sin, torch.ones_like(sin)), torch.zeros_like(sin))
+        c = a * factor.double()
+        tangent = c - (c @ dots) * b
+        t_norm = _length(unit_gram, tangent)
+        if t_norm < tol:
+            break
+        b = torch.cos(t_norm) * b + (torch.sin(t_norm) / t_norm) * tangent
+        m_norm = _length(unit_gram, b)
+        if m_norm > tol:
+            b = b / m_norm
+    coef[valid] = norms.sum() / n * b / nv  # scale = sum_i |v_i| / n, over every model
+    return coef
+
+
+@merge_method("karcher", shared_params=KarcherShared, kernel=lazy_kernel("spherical_mean", method="karcher"))
 def karcher(x: Tensor, base, p, s: KarcherShared, gen=None) -> Tensor:
     """Karcher (Riemannian) mean of the models' directions on the sphere, times their mean norm.
 
@@ -289,44 +403,21 @@ def karcher(x: Tensor, base, p, s: KarcherShared, gen=None) -> Tensor:
     Karcher 1977, "Riemannian center of mass and mollifier smoothing"; for
     merging as MergeKit's `karcher` method (its reference: arXiv:2603.04972).
 
+    m and every step are combinations sum_i k_i theta_i, so the iteration runs on
+    the Gram matrix G_ij = <theta_i, theta_j> (float64 sums; karcher_coefficients)
+    and theta = sum_i k_i theta_i is written in one pass: two passes over the
+    inputs, whatever the number of iterations. The cosines are exact before being
+    rounded to float32 for the angles (as MergeKit's are), so two fine-tunes at
+    equal angles from the mean are treated alike; MergeKit's float32 sums can skip
+    one of them (omega < tol) and step towards the other.
+
     Args:
         max_iter (shared): iteration cap (default 10).
         tol (shared): convergence tolerance (default 1e-5).
     """
-    n = x.shape[0]
-    if n == 1:
+    if x.shape[0] == 1:
         return x[0].clone()
-    v = x.reshape(n, -1)
-    norms = v.norm(dim=-1)
-    alphas = [1.0 / n] * n
-    valid = [i for i in range(n) if float(norms[i]) > s.tol]
-    if not valid:
-        return torch.zeros_like(x[0])
-    a_valid = torch.tensor([alphas[i] for i in valid], dtype=v.dtype, device=v.device)
-    a_valid = a_valid / a_valid.sum()
-    units = v[valid] / norms[valid].unsqueeze(-1)
-    mean = (units * a_valid.view(-1, 1)).sum(0)
-    mean = units[0].clone() if float(mean.norm()) < s.tol else mean / mean.norm()
-    for _ in range(s.max_iter):
-        dots = (units @ mean).clamp(-1, 1)
-        omega = torch.arccos(dots)
-        moving = omega >= s.tol
-        # An (almost) antipodal point has no defined direction from m: at omega = pi, sin(omega) is
-        # rounding noise whose sign is arbitrary, so such a point adds nothing to the step.
-        sin = torch.sin(omega)
-        usable = moving & (sin > 1e-6)
-        safe_sin = torch.where(usable, sin, torch.ones_like(sin))
-        factor = torch.where(usable, omega / safe_sin, torch.zeros_like(omega))
-        tangent = ((a_valid * factor).unsqueeze(-1) * (units - dots.unsqueeze(-1) * mean)).sum(0)
-        t_norm = tangent.norm()
-        if float(t_norm) < s.tol:
-            break
-        mean = torch.cos(t_norm) * mean + torch.sin(t_norm) * (tangent / t_norm)
-        m_norm = mean.norm()
-        if float(m_norm) > s.tol:
-            mean = mean / m_norm
-    scale = sum(a * float(nrm) for a, nrm in zip(alphas, norms))
-    return (scale * mean).reshape(x.shape[1:])
+    return combine_rows(x, None, karcher_coefficients(gram_matrix(x), s.max_iter, s.tol, x.dtype))
 
 
 __all__ = ["slerp", "nuslerp", "multislerp", "karcher", "slerp_vectors"]

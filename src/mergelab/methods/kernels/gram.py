@@ -8,7 +8,8 @@ pass. This module gives both their shared first pass:
     G[r, i, k] = sum_j v_i[r, j] v_k[r, j]   (i <= k; the lower triangle is left 0)
 
 over the rows r of a row-major (rows, cols) view of the inputs (gram_rows), or
-over its columns, summed down the rows (gram_cols); v_i in float32 from the
+over its columns, summed down the rows (gram_cols), or over the whole tensors (gram,
+for multislerp and karcher: kernels/spherical_mean.py); v_i in float32 from the
 inputs as stored (bfloat16 bits or float32), exactly as the reference's float32
 subtraction, the products and sums in float64.
 
@@ -24,12 +25,15 @@ neither on the thread count nor on where a row starts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import torch
 from numba import njit
 
-from mergelab.methods.kernels.io import load
+from mergelab.methods.kernels.io import as_array, load
 
-__all__ = ["gram_rows", "gram_cols"]
+__all__ = ["gram", "gram_rows", "gram_cols"]
 
 _BLOCK = 1 << 16  # entries per float64 partial sum along a row
 _SCRATCH = 4096  # entries per block of float32 differences (N > 2 models)
@@ -132,3 +136,12 @@ def gram_cols(xs, base, has_base, rows, cols):
         for k in range(i, models):
             out[:, i, k] = acc[i, k]
     return out
+
+
+def gram(xs: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+    """G_ik = <v_i, v_k>, an (n, n) symmetric float64 tensor, of v_i = xs[i] - base (or xs[i]) over
+    whole tensors (contiguous CPU, all bfloat16 or all float32, as stored)."""
+    rows = tuple(as_array(t) for t in xs)
+    b = as_array(base) if base is not None else rows[0]  # not read without a base
+    upper = gram_rows(rows, b, base is not None, 1, rows[0].shape[0])[0]
+    return torch.from_numpy(upper + np.triu(upper, 1).T)
