@@ -3,7 +3,7 @@
 The previous implementations (mergelab up to commit 956ceea) are kept below as slow, readable
 references: they hold unit vectors and (n, numel) temporaries and pass over them at every step,
 in float32, exactly as MergeKit 0.1.5 orders the operations. The current code (methods/spherical.py,
-and its numba kernel methods/kernels/gram.py that reads bfloat16/float32 as stored) computes every
+and its numba kernels methods/kernels/gram.py and spherical_mean.py that read bfloat16/float32 as stored) computes every
 inner product once, in float64, iterates on n coefficients and writes sum_i k_i v_i in one pass.
 
 Tolerances. Both compute in float32 (eps = 2^-23 = 1.2e-7); the old code rounds every entry of the

@@ -20,6 +20,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from mergelab.methods.kernels import one_thread
+from mergelab.methods.kernels.gram import _pair_block
 from mergelab.methods.kernels.io import as_array, load, store, usable
 
 __all__ = ["supports", "run"]
@@ -27,19 +28,6 @@ __all__ = ["supports", "run"]
 # Entries per float64 partial sum. Fixed (not one block per thread), so the sums, and the
 # coefficients, do not depend on how many threads run.
 _BLOCK = 1 << 20
-
-
-@njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _block_sums(a, b):
-    """(|a|^2, |b|^2, <a, b>) of one block in float64 (reassociation only touches these sums, so
-    the loop runs in SIMD lanes)."""
-    aa, bb, ab = 0.0, 0.0, 0.0
-    for j in range(a.shape[0]):
-        x, y = np.float64(load(a, j)), np.float64(load(b, j))
-        aa += x * x
-        bb += y * y
-        ab += x * y
-    return aa, bb, ab
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -51,7 +39,7 @@ def _sums(a, b):
     for blk in prange(blocks):
         lo = blk * _BLOCK
         hi = min(n, lo + _BLOCK)
-        aa, bb, ab = _block_sums(a[lo:hi], b[lo:hi])
+        aa, bb, ab = _pair_block(a[lo:hi], b[lo:hi], a[lo:hi], False)  # (|a|^2, |b|^2, <a, b>), float64
         out[blk, 0] = aa
         out[blk, 1] = bb
         out[blk, 2] = ab
