@@ -63,6 +63,12 @@ def as_array(t: Tensor) -> np.ndarray:
     return flat.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else flat.numpy()
 
 
+def store_dtype(out_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a kernel's pass writes for output dtype `out_dtype`: bfloat16 for bfloat16 (rounded
+    in the pass), float32 for anything else (converted afterwards, as the reference's result is)."""
+    return torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+
+
 def usable(tensors: Sequence[Tensor]) -> bool:
     """Whether kernels can take these tensors: on the CPU, contiguous, all bfloat16 or all float32."""
     dtype = tensors[0].dtype

@@ -16,7 +16,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from mergelab.methods.kernels import one_thread
-from mergelab.methods.kernels.io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 
 __all__ = ["available", "weighted_sum", "supports", "run"]
 
@@ -55,14 +55,14 @@ def weighted_sum(x: Sequence[Tensor], weights: Sequence[float], out_dtype: torch
     (a search writes each candidate straight into the evaluated model's parameters).
     """
     shape = x[0].shape
-    store_dtype = out.dtype if out is not None else torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
-    out = torch.empty(shape, dtype=store_dtype) if out is None else out
+    written = out.dtype if out is not None else store_dtype(out_dtype)
+    out = torch.empty(shape, dtype=written) if out is None else out
     if out.numel():
         rows = tuple(as_array(t) for t in x)
         w = np.asarray(weights, dtype=np.float32)
         with one_thread():
             (_weighted_sum_pair if len(rows) == 2 else _weighted_sum)(rows, w, as_array(out))
-    return out if out_dtype is None or out_dtype == store_dtype else out.to(out_dtype)
+    return out if out_dtype is None or out_dtype == written else out.to(out_dtype)
 
 
 def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:

@@ -21,7 +21,7 @@ from numba import njit
 from torch import Tensor
 
 from mergelab.methods.kernels.gram import gram_rows
-from mergelab.methods.kernels.io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 
 __all__ = ["supports", "run"]
 
@@ -73,7 +73,7 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -
     rows = base.numel() // cols
     rows_x = tuple(as_array(x) for x in xs)
     b = as_array(base)
-    out = torch.empty(shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    out = torch.empty(shape, dtype=store_dtype(out_dtype))
     g = gram_rows(rows_x, b, True, rows, cols)  # (rows, N, N)
     norms = torch.from_numpy(np.sqrt(np.stack([g[:, i, i] for i in range(n)]))).to(torch.float32)
     dots = torch.from_numpy(np.stack([g[:, i, j] for i in range(n) for j in range(i + 1, n)])).to(torch.float32)

@@ -21,7 +21,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from mergelab.methods.kernels import one_thread
-from mergelab.methods.kernels.io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 
 __all__ = ["supports", "run"]
 
@@ -48,9 +48,9 @@ def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
 
 def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -> Tensor:
     """nearswap (methods/linear.py) on the inputs as stored, rounded to out_dtype in the same pass."""
-    store_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
-    out = torch.empty(base.shape, dtype=store_dtype)
+    written = store_dtype(out_dtype)
+    out = torch.empty(base.shape, dtype=written)
     if out.numel():
         with one_thread():  # a streaming pass, one thread (kernels/__init__.py)
             _nearswap(as_array(xs[0]), as_array(base), np.float32(s.t), as_array(out))
-    return out if out_dtype == store_dtype else out.to(out_dtype)
+    return out if out_dtype == written else out.to(out_dtype)

@@ -22,7 +22,7 @@ from numba import njit
 from torch import Tensor
 
 from mergelab.methods.kernels.gram import gram_cols, gram_rows
-from mergelab.methods.kernels.io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 
 __all__ = ["supports", "run", "layout"]
 
@@ -95,7 +95,7 @@ def run(xs: Sequence[Tensor], base: Tensor | None, p, s, gen, out_dtype: torch.d
     x0, x1 = as_array(xs[0]), as_array(xs[1])
     has_base = base is not None
     b = as_array(base) if has_base else x0  # not read without a base
-    out = torch.empty(shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    out = torch.empty(shape, dtype=store_dtype(out_dtype))
     g = (gram_cols if per_col else gram_rows)((x0, x1), b, has_base, rows, cols)
     n0, n1, dot = (torch.from_numpy(v).to(torch.float32)
                    for v in (np.sqrt(g[:, 0, 0]), np.sqrt(g[:, 1, 1]), g[:, 0, 1]))

@@ -21,7 +21,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from mergelab.methods.kernels import one_thread
-from mergelab.methods.kernels.io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 
 __all__ = ["supports", "run"]
 
@@ -103,7 +103,7 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -
     """sce (methods/sce.py) on the inputs as stored, rounded to out_dtype in the combining pass."""
     from mergelab.methods.sce import weights_from_squares
 
-    out = torch.empty(base.numel(), dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    out = torch.empty(base.numel(), dtype=store_dtype(out_dtype))
     if base.numel():
         rows, b = tuple(as_array(t) for t in xs), as_array(base)
         with one_thread():

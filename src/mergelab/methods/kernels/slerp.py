@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mergelab.methods.kernels import one_thread
 from mergelab.methods.kernels.gram import _pair_block
-from mergelab.methods.kernels.io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 
 __all__ = ["supports", "run"]
 
@@ -62,7 +62,7 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -
     """slerp (methods/spherical.py) of base and xs[0] as stored, rounded to out_dtype in the same pass."""
     from mergelab.methods.spherical import flat_slerp_coefficients
 
-    out = torch.empty(base.numel(), dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    out = torch.empty(base.numel(), dtype=store_dtype(out_dtype))
     if base.numel():
         a, b = as_array(base), as_array(xs[0])
         with one_thread():

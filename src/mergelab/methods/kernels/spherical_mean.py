@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mergelab.methods.kernels.gram import gram
-from mergelab.methods.kernels.io import usable
+from mergelab.methods.kernels.io import store_dtype, usable
 from mergelab.methods.kernels.linear import weighted_sum
 from mergelab.methods.kernels.task_arithmetic import task_arithmetic_into
 
@@ -48,6 +48,6 @@ def run(xs: Sequence[Tensor], base: Tensor | None, p, s, gen, out_dtype: torch.d
         return weighted_sum(list(xs), k, out_dtype).reshape(xs[0].shape)
     # sum_i k_i (x_i - base) + base: task arithmetic's pass with weights k, no normalisation, lambda 1
     # (b + 1 * (m / 1) is b + m exactly), in model order, rounded to the output dtype.
-    out = torch.empty(base.shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    out = torch.empty(base.shape, dtype=store_dtype(out_dtype))
     task_arithmetic_into(xs, base, k.tolist(), normalize=False, lam=1.0, out=out)
     return out.to(out_dtype)

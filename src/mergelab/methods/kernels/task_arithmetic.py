@@ -24,7 +24,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from mergelab.methods.kernels import one_thread
-from mergelab.methods.kernels.io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 
 __all__ = ["supports", "run", "task_arithmetic_into"]
 
@@ -80,8 +80,8 @@ def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
 
 def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -> Tensor:
     """task_arithmetic (methods/task_arithmetic.py) on the inputs as stored, rounded to out_dtype in the pass."""
-    store_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
-    out = torch.empty(base.shape, dtype=store_dtype)
+    written = store_dtype(out_dtype)
+    out = torch.empty(base.shape, dtype=written)
     task_arithmetic_into(xs, base, [float(q.weight) for q in p], normalize=bool(s.normalize),
                          lam=float(s.lambda_), out=out)
-    return out if out_dtype == store_dtype else out.to(out_dtype)
+    return out if out_dtype == written else out.to(out_dtype)

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from mergelab.methods.counter_rng import generator_key, stream_keys
 from mergelab.methods.kernels import one_thread
-from mergelab.methods.kernels.io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 from mergelab.methods.kernels.rng import uniform
 from mergelab.methods.kernels.ties import combine_ranges, elect_many, elect_pair
 
@@ -311,7 +311,7 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype, *
     from mergelab.methods.task_arithmetic import weight_divisor
 
     models, numel = len(xs), base.numel()
-    out = torch.empty(numel, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    out = torch.empty(numel, dtype=store_dtype(out_dtype))
     if numel == 0:
         return out.reshape(base.shape).to(out_dtype)
     if mask != "band":

@@ -38,7 +38,7 @@ import torch
 from numba import njit
 from torch import Tensor
 
-from mergelab.methods.kernels.io import as_array, load, store, usable
+from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 
 __all__ = ["available", "combine_ranges", "elect_many", "elect_pair", "ties_combine", "ties_merge"]
 
@@ -354,7 +354,7 @@ def ties_merge(x: Tensor | Sequence[Tensor], base: Tensor, keep: list[int | None
     if base.numel() == 0:
         return torch.empty(base.shape, dtype=out_dtype)
     thresholds, cutoffs = _thresholds(tuple(as_array(row) for row in x), as_array(base), keep)
-    out = torch.empty(base.shape, dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    out = torch.empty(base.shape, dtype=store_dtype(out_dtype))
     ties_combine(x, base, keep, weights, thresholds, cutoffs, normalize=normalize, lam=lam, out=out)
     return out.to(out_dtype)
 
