@@ -149,13 +149,11 @@ def job_signature(plan: Plan, job: Job, seed: int | None) -> tuple:
     def where(ref: TensorRef | None):
         return None if ref is None else (str(plan.checkpoints[ref.model].path), ref.name)
 
-    def params(p) -> object:
-        return p  # parameter models are frozen and compare by type and values
-
     spec = plan.recipe.method
+    # Parameter models are frozen and compare by type and values: they go in as they are.
     return (spec.name, str(plan.recipe.compute_dtype), str(job.dtype), tuple(job.shape), job.copy,
-            tuple(where(r) for r in job.inputs), where(job.base), tuple(params(p) for p in job.model_params),
-            params(job.shared), job.vocab_rows, where(job.vocab_fill),
+            tuple(where(r) for r in job.inputs), where(job.base), job.model_params,
+            job.shared, job.vocab_rows, where(job.vocab_fill),
             tuple(where(r) for r in job.stats or ()), where(job.base_stats), seed if spec.randomized else None)
 
 
