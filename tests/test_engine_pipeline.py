@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import mergelab
 from mergelab import engine
+from mergelab.engine import items as engine_items
 from mergelab.checkpoint.writer import CheckpointWriter
 from mergelab.errors import CheckpointError
 
@@ -42,7 +43,7 @@ def _linear(paths):
 def test_write_queue_holds_at_most_its_budget_and_writes_every_tensor(tmp_path, monkeypatch):
     paths = _two_models(tmp_path)
     one = 64 * 256 * 4  # bytes of one output tensor
-    monkeypatch.setattr(engine, "WRITE_QUEUE_BYTES", 2 * one)
+    monkeypatch.setattr(engine_items, "WRITE_QUEUE_BYTES", 2 * one)
     slow_write = CheckpointWriter.write
 
     def write(self, name, tensor):  # a slow disk: outputs pile up in the queue
@@ -51,13 +52,13 @@ def test_write_queue_holds_at_most_its_budget_and_writes_every_tensor(tmp_path, 
 
     monkeypatch.setattr(CheckpointWriter, "write", write)
     peak = [0]
-    put = engine._WriteQueue.put
+    put = engine.WriteQueue.put
 
     def watched_put(self, nbytes, fn, *args):
         put(self, nbytes, fn, *args)
         peak[0] = max(peak[0], sum(n for f, n in self.flight if not f.done()))
 
-    monkeypatch.setattr(engine._WriteQueue, "put", watched_put)
+    monkeypatch.setattr(engine.WriteQueue, "put", watched_put)
     mergelab.merge(_linear(paths), tmp_path / "out")
     assert one <= peak[0] <= 2 * one
     got = load_file(tmp_path / "out" / "model.safetensors")

@@ -242,7 +242,7 @@ def _merge_recipe(rec, out_dir, *, device, seed, shard_size, overwrite, dry_run,
     return execute(plan, out_dir, device=device, seed=seed, shard_size=shard_size,
                    overwrite=overwrite, show_progress=show_progress, allow_nonfinite=allow_nonfinite,
                    copy_tokenizer=copy_tokenizer, protected=protected,
-                   extra_files_fn=lambda report: output_files(plan, report, seed, model_card_file=write_model_card))
+                   extra_files_fn=lambda report: output_files(rec, plan, report, seed, model_card_file=write_model_card))
 
 
 __all__ = ["merge", "merge_state_dicts", "merge_tensors", "methods", "MergeError", "RecipeError"]

@@ -10,14 +10,15 @@ import mergelab
 if TYPE_CHECKING:
     from mergelab.engine import RunReport
     from mergelab.plan import Plan
+    from mergelab.recipe import Recipe
 
 
-def report_dict(plan: "Plan", report: "RunReport", seed: int | None) -> dict:
+def report_dict(recipe: "Recipe", plan: "Plan", report: "RunReport", seed: int | None) -> dict:
     return {
         "mergelab_version": getattr(mergelab, "__version__", "0"),
-        "method": plan.recipe.method.name,
+        "method": recipe.method.name,
         "inputs": [str(ck.path) for ck in plan.checkpoints],
-        "base_model": plan.recipe.base,
+        "base_model": recipe.base,
         "seed": seed,
         "device": report.device,
         "tensors": report.tensors,
@@ -25,15 +26,14 @@ def report_dict(plan: "Plan", report: "RunReport", seed: int | None) -> dict:
         "handled_specially": [{"tensor": n, "how": why} for n, why in report.copied],
         "left_out": [{"model": m, "tensor": t, "why": why} for m, t, why in report.left_out],
         "nonfinite_inputs": list(report.nonfinite),
-        "ignored_parameters": plan.recipe.ignored_parameters(),
+        "ignored_parameters": list(plan.ignored),
         "bytes_read": report.bytes_read,
         "bytes_written": report.bytes_written,
         "seconds": round(report.seconds, 3),
     }
 
 
-def model_card(plan: "Plan", report: "RunReport", seed: int | None) -> str:
-    rec = plan.recipe
+def model_card(rec: "Recipe", plan: "Plan", report: "RunReport", seed: int | None) -> str:
     lines = [
         "---",
         "library_name: transformers",
@@ -68,12 +68,13 @@ def model_card(plan: "Plan", report: "RunReport", seed: int | None) -> str:
     return "\n".join(lines)
 
 
-def output_files(plan: "Plan", report: "RunReport", seed: int | None, *, model_card_file: bool = True
+def output_files(recipe: "Recipe", plan: "Plan", report: "RunReport", seed: int | None, *,
+                 model_card_file: bool = True
                  ) -> dict[str, str]:
     files = {
-        "mergelab_recipe.yml": plan.recipe.to_yaml(),
-        "mergelab_report.json": json.dumps(report_dict(plan, report, seed), indent=2),
+        "mergelab_recipe.yml": recipe.to_yaml(),
+        "mergelab_report.json": json.dumps(report_dict(recipe, plan, report, seed), indent=2),
     }
     if model_card_file:
-        files["README.md"] = model_card(plan, report, seed)
+        files["README.md"] = model_card(recipe, plan, report, seed)
     return files

@@ -10,12 +10,14 @@ fails halfway for a reason that was knowable at the start.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
 
 from mergelab.checkpoint.reader import Checkpoint, layer_index, with_layer_index
+from mergelab.checkpoint.writer import TensorInfo
 from mergelab.errors import RecipeError, ShapeMismatch
 from mergelab.methods import MethodParams, MethodSpec, spellings
 from mergelab.recipe import OutputSlice, Recipe, Source
@@ -36,9 +38,20 @@ class TensorRef:
     name: str
 
 
+# What a job does with its input tensors (engine/compute.py runs each):
+#   merge      the plan's method over inputs (and base, stats)     -> one output tensor, maybe in row chunks
+#   copy       inputs[0] as it is (converted to the output dtype)  -> one output tensor
+#   factorize  fn(inputs) -> {name: tensor}, e.g. a task matrix's low-rank factors (extract-lora)
+#   permute    fn(inputs) -> tensor, an input with permuted rows/columns (align)
+#   expert     fn(inputs) -> {name: tensor}, expert and gate tensors of a mixture of experts (moe)
+#   observe    nothing written: the run's `observe` callback sees the inputs (inspect, statistics)
+Op = Literal["merge", "copy", "factorize", "permute", "expert", "observe"]
+FN_OPS = ("factorize", "permute", "expert")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Job:
-    """How to compute one output tensor: a sealed record, built once with keywords by the planner.
+    """How to compute one output tensor (or several, or none): a sealed record, built once with keywords.
 
     The engine reads it and never changes it; what a method warns about while
     merging goes into the run's report (RunReport.copied), not into the job.
@@ -51,13 +64,33 @@ class Job:
     base: TensorRef | None = None
     model_params: tuple[MethodParams, ...] = ()  # one per input
     shared: MethodParams | None = None
-    copy: bool = False  # copied from inputs[0] without a method
+    op: Op = "merge"
+    # factorize/permute/expert: fn(tensors, device) with the inputs' tensors as stored (refs() order, on
+    # device) returns the output tensor (permute) or {output name: tensor} (factorize, expert).
+    fn: Callable[[list[torch.Tensor], torch.device], Any] | None = dataclasses.field(default=None, compare=False)
+    outputs: tuple[TensorInfo, ...] | None = None  # what fn writes when it is not (name, shape, dtype)
     vocab_rows: int | None = None  # resize every input's first dim to this (vocab_mismatch: resize)
     vocab_fill: TensorRef | None = None  # where padding rows come from
     stats: tuple[TensorRef, ...] | None = None  # per-input statistics (methods with needs_stats)
     base_stats: TensorRef | None = None  # the base model's statistics (methods with uses_base_stats)
     vocab: VocabJob | None = None  # rows moved into the output vocabulary by token (mergelab.tokenizer)
     note: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.op in FN_OPS) != (self.fn is not None):
+            raise ValueError(f"job {self.name}: op {self.op} {'needs' if self.op in FN_OPS else 'takes no'} fn")
+
+    @property
+    def copy(self) -> bool:
+        """Copied from inputs[0] without a method."""
+        return self.op == "copy"
+
+    @property
+    def layout(self) -> tuple[TensorInfo, ...]:
+        """The output tensors this job writes (none for observe)."""
+        if self.op == "observe":
+            return ()
+        return self.outputs if self.outputs is not None else (TensorInfo(self.name, tuple(self.shape), self.dtype),)
 
     def refs(self) -> list[TensorRef]:
         out = list(self.inputs)
@@ -69,21 +102,37 @@ class Job:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+        return sum(info.nbytes for info in self.layout)
+
+
+@dataclasses.dataclass
+class OutputSpec:
+    """What a checkpoint folder gets besides the tensors: config and tokenizer files."""
+
+    config_updates: dict = dataclasses.field(default_factory=dict)
+    assets_from: Checkpoint | None = None  # config.json, tokenizer ... copied from this input's folder
+    tokenizer_files: dict[str, bytes] | None = None  # the output tokenizer, when it is not assets_from's
 
 
 @dataclasses.dataclass
 class Plan:
-    recipe: Recipe
+    """Everything the engine needs: the method, dtypes, jobs, inputs, what was left out, the output.
+
+    The recipe stays with its caller (the API and the model card); a plan does not carry it.
+    `method` is None for plans without merge jobs (inspect, extract-lora).
+    """
+
+    method: MethodSpec | None
     checkpoints: list[Checkpoint]
     jobs: list[Job]
-    left_out: list[tuple[str, str, str]]  # (model path, tensor, reason)
-    config_updates: dict
-    assets_from: Checkpoint
-    tokenizer_files: dict[str, bytes] | None = None  # the output tokenizer, when it is not assets_from's
+    left_out: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (model path, tensor, reason)
+    output: OutputSpec = dataclasses.field(default_factory=OutputSpec)
+    compute_dtype: torch.dtype = torch.float32  # what reference methods compute in
+    ignored: tuple[str, ...] = ()  # recipe parameters that no tensor used, as the report words them
+
+    @property
+    def layout(self) -> list[TensorInfo]:
+        return [info for job in self.jobs for info in job.layout]
 
     @property
     def bytes_read(self) -> int:
@@ -99,6 +148,19 @@ class Plan:
     @property
     def bytes_written(self) -> int:
         return sum(job.nbytes for job in self.jobs)
+
+    # The output spec's fields, as the plan named them before it had one.
+    @property
+    def config_updates(self) -> dict:
+        return self.output.config_updates
+
+    @property
+    def assets_from(self) -> Checkpoint | None:
+        return self.output.assets_from
+
+    @property
+    def tokenizer_files(self) -> dict[str, bytes] | None:
+        return self.output.tokenizer_files
 
 
 def _gradient_t(index: int, count: int) -> float:
@@ -183,7 +245,7 @@ class _Planner:
         ref = TensorRef(self.index[ref_path], ref_name)
 
         if not in_dtype.is_floating_point:
-            self.jobs.append(Job(name=out_name, shape=shape, dtype=in_dtype, inputs=(ref,), copy=True,
+            self.jobs.append(Job(name=out_name, shape=shape, dtype=in_dtype, inputs=(ref,), op="copy",
                                  note=f"non-float tensor ({in_dtype}) copied from {ref_path}"))
             return
 
@@ -217,7 +279,7 @@ class _Planner:
             row_sources.append((src, in_name))
 
         if len(inputs) < self.spec.min_models:
-            self.jobs.append(self._by_token(Job(name=out_name, shape=shape, dtype=out_dtype, inputs=(ref,), copy=True,
+            self.jobs.append(self._by_token(Job(name=out_name, shape=shape, dtype=out_dtype, inputs=(ref,), op="copy",
                                                 note=f"only in {ref_path}: copied"), base_path))
             return
 
@@ -331,8 +393,10 @@ def make_plan(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> Plan:
     if recipe.out_dtype is not None:
         config_updates["torch_dtype"] = str(recipe.out_dtype).removeprefix("torch.")
     tok = planner.tokenizer_ref
-    return Plan(recipe, planner.ckpts, planner.jobs, planner.left_out, config_updates,
-                planner.ckpts[planner.index[tok]], tokenizer_files(recipe, checkpoints, tok, planner.vocab))
+    output = OutputSpec(config_updates, planner.ckpts[planner.index[tok]],
+                        tokenizer_files(recipe, checkpoints, tok, planner.vocab))
+    return Plan(recipe.method, planner.ckpts, planner.jobs, planner.left_out, output,
+                compute_dtype=recipe.compute_dtype, ignored=tuple(recipe.ignored_parameters()))
 
 
 def _plan_models(planner: _Planner, out_slice: OutputSlice) -> None:

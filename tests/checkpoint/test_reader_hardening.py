@@ -515,11 +515,11 @@ def test_remaining_race_a_view_touched_after_truncation_is_sigbus(tmp_path):
 MERGE_CHILD = textwrap.dedent("""
     import sys
     import mergelab
-    from mergelab import engine
+    from mergelab.engine import inputs as engine_inputs
     from mergelab.errors import MergeError
 
     a, b, out = sys.argv[1:4]
-    original, calls = engine._Reader.inputs, []
+    original, calls = engine_inputs.Reader.inputs, []
 
     def paused_inputs(self, job, rows):  # wait for the test to truncate b before the second job
         calls.append(job.name)
@@ -528,7 +528,7 @@ MERGE_CHILD = textwrap.dedent("""
             sys.stdin.readline()
         return original(self, job, rows)
 
-    engine._Reader.inputs = paused_inputs
+    engine_inputs.Reader.inputs = paused_inputs
     recipe = {"merge_method": "linear", "dtype": "float32",
               "models": [{"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.5}}]}
     try:

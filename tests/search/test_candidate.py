@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import mergelab
-from mergelab import engine
+from mergelab.engine import items as engine_items
 from mergelab.errors import MergeError
 from mergelab.search.candidate import CheckpointCache, merge_in_memory
 from mergelab.search.fastpath import CandidateWriter, SearchCache
@@ -44,7 +44,7 @@ def _recipe(method: str, p: dict[str, Path]) -> dict:
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties"])
 def test_in_memory_equals_written_merge_bit_for_bit(family, tmp_path, monkeypatch, method):
     # Small chunks: big tensors are merged in row chunks, each with its own generator key.
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(engine_items, "CHUNK_ELEMENTS", 1024)
     recipe = _recipe(method, family)
     mergelab.merge(recipe, tmp_path / "out", seed=7)
     written = _written(tmp_path / "out")

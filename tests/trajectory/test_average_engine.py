@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelab
-from mergelab import engine
+from mergelab.engine import items as engine_items
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.errors import NonFiniteError
 from mergelab.trajectory.average import DeviationGram
@@ -123,7 +123,7 @@ def test_each_chosen_checkpoint_is_read_once_and_no_other(tmp_path, monkeypatch)
     run, states = _random_run(tmp_path, n=6)
     history = [{"step": s, "loss": 2.0} for s in range(10, 510, 10)] + [{"step": 510, "loss": 50.0}]
     (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))  # spike: 600 is left out
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 8)  # a.weight (16 x 4) streams in row chunks
+    monkeypatch.setattr(engine_items, "CHUNK_ELEMENTS", 8)  # a.weight (16 x 4) streams in row chunks
     spy = ViewSpy(monkeypatch)
     report = average_run(run, tmp_path / "out", scheme="sma", last=3, skip_unstable=True, show_progress=False)
     assert [u[0] for u in report.used] == [300, 400, 500]
@@ -140,7 +140,7 @@ def test_each_chosen_checkpoint_is_read_once_and_no_other(tmp_path, monkeypatch)
 
 def test_deviation_cosines_from_the_same_pass_match_numpy(tmp_path, monkeypatch):
     run, states = _random_run(tmp_path, n=4)
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(engine_items, "CHUNK_ELEMENTS", 8)
     report = average_run(run, tmp_path / "out", show_progress=False)
     # Independent reference: every float tensor (small: no sampling), deviations from the mean, cosines.
     x = np.stack([np.concatenate([s[k].numpy().astype(np.float64).ravel() for k in SHAPES]) for s in states])

@@ -139,17 +139,15 @@ def _run_summary(r) -> dict:
 def _plan_summary(plan) -> dict:
     if not hasattr(plan, "jobs"):  # adapter merges describe their plan in words
         return {"dry_run": True, "plan": str(plan)}
-    rec = plan.recipe
     jobs = [{"tensor": j.name, "shape": list(j.shape), "dtype": str(j.dtype).removeprefix("torch."),
              "inputs": len(j.inputs) + (j.base is not None), "copied": j.copy, "note": j.note} for j in plan.jobs]
-    return {"dry_run": True, "method": rec.method.name, "tensors": jobs, "bytes_read": plan.bytes_read,
-            "bytes_written": plan.bytes_written, "ignored_parameters": rec.ignored_parameters(),
+    return {"dry_run": True, "method": plan.method.name, "tensors": jobs, "bytes_read": plan.bytes_read,
+            "bytes_written": plan.bytes_written, "ignored_parameters": list(plan.ignored),
             "left_out": [{"model": m, "tensor": t, "why": why} for m, t, why in plan.left_out]}
 
 
 def _print_plan(plan) -> None:
-    rec = plan.recipe
-    table = Table(title=f"plan: {rec.method.name}, {len(plan.jobs)} output tensors")
+    table = Table(title=f"plan: {plan.method.name}, {len(plan.jobs)} output tensors")
     for col in ("tensor", "shape", "dtype", "inputs"):
         table.add_column(col)
     table.add_column("how / parameters", overflow="fold")
@@ -168,7 +166,7 @@ def _print_plan(plan) -> None:
               f"{len(plan.left_out)} input tensors left out")
     for m, t, why in plan.left_out[:20]:
         out.print(f"  left out: {t} of {m}: {why}")
-    for note in rec.ignored_parameters():
+    for note in plan.ignored:
         out.print(f"ignored: {note}", highlight=False, soft_wrap=True)
 
 

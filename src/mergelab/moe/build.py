@@ -24,7 +24,8 @@ from torch import Tensor
 
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
-from mergelab.engine import make_generator, resolve_device
+from mergelab.device import resolve_device
+from mergelab.methods.seeding import make_generator
 from mergelab.errors import MergeError, NonFiniteError
 from mergelab.methods.kernels import has_nonfinite
 from mergelab.moe import gates as G

@@ -58,9 +58,13 @@ class CheckpointCache:
         self._open.clear()
 
 
+def as_recipe(recipe: Recipe | Mapping | str) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
 def plan_recipe(recipe: Recipe | Mapping | str, cache: CheckpointCache) -> Plan:
     """The plan `mergelab.merge` would make for `recipe`, over the cached checkpoints."""
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    rec = as_recipe(recipe)
     stats = [s.stats for sl in rec.output_slices() for s in sl.sources if getattr(s, "stats", None)]
     paths = list(dict.fromkeys([*rec.input_paths(), *stats]))
     return make_plan(rec, cache.get(paths))
@@ -152,10 +156,11 @@ class CandidateEvaluator:
         return cls(setup.evaluator, templates, device=device, seed=seed, refresh_bn=setup.refresh_bn)
 
     def __call__(self, recipe: Mapping | Recipe | str, label: str = "candidate") -> dict[str, float]:
-        plan = plan_recipe(recipe, self.cache)
+        rec = as_recipe(recipe)
+        plan = plan_recipe(rec, self.cache)
         model = self._free.get()
         try:
-            model.load(plan, device=self.device, seed=self.seed if self.seed is not None else plan.recipe.seed)
+            model.load(plan, device=self.device, seed=self.seed if self.seed is not None else rec.seed)
             if model.left_out and not self.left_out:
                 self.left_out = list(model.left_out)
             if self.refresh_bn is not None:
@@ -186,8 +191,9 @@ def merge_in_memory(recipe: Mapping | Recipe | str, into: nn.Module | Mapping[st
     own = cache is None
     cache = cache or CheckpointCache()
     try:
-        plan = plan_recipe(recipe, cache)
-        seed = seed if seed is not None else plan.recipe.seed
+        rec = as_recipe(recipe)
+        plan = plan_recipe(rec, cache)
+        seed = seed if seed is not None else rec.seed
         if into is None:
             sink = {j.name: torch.empty(j.shape, dtype=j.dtype) for j in plan.jobs}
         else:

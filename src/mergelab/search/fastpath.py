@@ -149,9 +149,9 @@ def job_signature(plan: Plan, job: Job, seed: int | None) -> tuple:
     def where(ref: TensorRef | None):
         return None if ref is None else (str(plan.checkpoints[ref.model].path), ref.name)
 
-    spec = plan.recipe.method
+    spec = plan.method
     # Parameter models are frozen and compare by type and values: they go in as they are.
-    return (spec.name, str(plan.recipe.compute_dtype), str(job.dtype), tuple(job.shape), job.copy,
+    return (spec.name, str(plan.compute_dtype), str(job.dtype), tuple(job.shape), job.copy,
             tuple(where(r) for r in job.inputs), where(job.base), job.model_params,
             job.shared, job.vocab_rows, where(job.vocab_fill),
             tuple(where(r) for r in job.stats or ()), where(job.base_stats), seed if spec.randomized else None)
@@ -217,10 +217,10 @@ class CandidateWriter:
         from mergelab.methods.kernels import kernels_enabled
         from mergelab.methods.kernels.io import usable
 
-        spec = plan.recipe.method
+        spec = plan.method
         if (spec.name not in _FAST_METHODS or job.copy or job.vocab_rows is not None or job.vocab is not None
                 or job.stats or job.base_stats is not None or spec.needs_stats or not kernels_enabled()
-                or plan.recipe.compute_dtype != torch.float32 or spec.kernel is None):
+                or plan.compute_dtype != torch.float32 or spec.kernel is None):
             return None
         if target.dtype != job.dtype or job.dtype not in (torch.float32, torch.bfloat16) \
                 or not target.is_contiguous() or target.device.type != "cpu":

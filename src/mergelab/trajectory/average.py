@@ -23,9 +23,9 @@ import torch
 
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.errors import InvalidInput, NonFiniteError, ShapeMismatch
+from mergelab.methods import get_method
 from mergelab.methods.linear import LinearModel, LinearShared
-from mergelab.plan import Job, Plan, TensorRef
-from mergelab.recipe import Recipe
+from mergelab.plan import Job, OutputSpec, Plan, TensorRef
 from mergelab.trajectory.discovery import RunCheckpoint
 
 
@@ -109,7 +109,7 @@ def average_plan(ckpts: Sequence[Checkpoint], weights: Sequence[float], labels: 
         holder = ckpts[ks[-1]]
         shape, dtype = tuple(holder.shape(name)), holder.dtype(name)
         if not dtype.is_floating_point:
-            jobs.append(Job(name=name, shape=shape, dtype=dtype, inputs=(TensorRef(ks[-1], name),), copy=True))
+            jobs.append(Job(name=name, shape=shape, dtype=dtype, inputs=(TensorRef(ks[-1], name),), op="copy"))
             continue
         if sum(weights[k] for k in ks) <= 0:
             raise InvalidInput(f"tensor {name} is held only by checkpoints of weight 0 ({labels[ks[0]]} ...), so "
@@ -117,9 +117,7 @@ def average_plan(ckpts: Sequence[Checkpoint], weights: Sequence[float], labels: 
         jobs.append(Job(name=name, shape=shape, dtype=out_dtype or dtype,
                         inputs=tuple(TensorRef(k, name) for k in ks),
                         model_params=tuple(LinearModel(weight=weights[k]) for k in ks), shared=shared))
-    recipe = Recipe.model_validate({"merge_method": "linear", "models": [
-        {"model": label, "parameters": {"weight": float(w)}} for label, w in zip(labels, weights)]})
-    return Plan(recipe, list(ckpts), jobs, [], {}, ckpts[-1])
+    return Plan(get_method("linear"), list(ckpts), jobs, output=OutputSpec(assets_from=ckpts[-1]))
 
 
 class DeviationGram:

@@ -1,0 +1,115 @@
+"""Where a run's outputs go: a checkpoint folder, tensors in memory, or nowhere (observe-only plans).
+
+A sink is told the plan before anything is read (`open`: check the destination, so a bad output
+path fails before the first tensor), picks the jobs it needs (`select`: a memory sink skips jobs
+whose result it already holds), receives every output tensor or row range on the writer thread
+(`write`), and is finished with the run's report or aborted (nothing half-written is left).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from pathlib import Path
+
+import torch
+
+from mergelab.checkpoint.writer import CheckpointWriter
+from mergelab.errors import MergeError, ShapeMismatch
+from mergelab.plan import Job, Plan
+
+
+class Sink:
+    """Base sink: takes every job, writes nothing (an observe-only run)."""
+
+    out_dir: Path | None = None
+    keep_inputs = False  # leave the inputs' pages mapped after each item (searches merge them again and again)
+
+    def open(self, plan: Plan) -> None:
+        """Check the destination against the plan, before any tensor is read."""
+
+    def select(self, plan: Plan, seed: int | None) -> list[Job]:
+        """The jobs whose results this sink needs."""
+        return list(plan.jobs)
+
+    def target(self, job: Job) -> torch.Tensor | None:
+        """A tensor of the sink's own that `job`'s whole result may be computed straight into, or None."""
+        return None
+
+    def write(self, name: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
+        raise MergeError(f"this run writes no tensors, but a job produced {name}")
+
+    def finish(self, plan: Plan, report) -> None:
+        """Everything was written: make the result final."""
+
+    def abort(self) -> None:
+        """The run failed: leave nothing half-written."""
+
+
+class FolderSink(Sink):
+    """A sharded safetensors checkpoint folder, written into a temporary folder and renamed into place.
+
+    protected: folders or files the output may not equal, be inside or contain (besides the plan's
+    inputs, always protected). extra_files_fn(report) -> {relative path: text or bytes} written last.
+    """
+
+    def __init__(self, out_dir: str | Path, *, shard_size: int = 5 * 10**9, overwrite: bool = False,
+                 protected: Sequence[Path] = (), extra_files_fn: Callable | None = None,
+                 copy_tokenizer: bool = True, copy_files: Mapping[str, Path] | None = None):
+        self.out_dir = Path(out_dir)
+        self.shard_size, self.overwrite, self.protected = shard_size, overwrite, list(protected)
+        self.extra_files_fn, self.copy_tokenizer, self.copy_files = extra_files_fn, copy_tokenizer, copy_files
+        self.writer: CheckpointWriter | None = None
+
+    def open(self, plan: Plan) -> None:
+        protected = [*(Path(ck.folder or ck.path) for ck in plan.checkpoints), *self.protected]
+        self.writer = CheckpointWriter(self.out_dir, plan.layout, shard_size=self.shard_size,
+                                       overwrite=self.overwrite, protected=protected)
+
+    def write(self, name: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
+        if rows is None:
+            self.writer.write(name, tensor)
+        else:
+            self.writer.write_rows(name, rows[0], tensor)
+
+    def finish(self, plan: Plan, report) -> None:
+        extra = self.extra_files_fn(report) if self.extra_files_fn else None
+        out = plan.output
+        if out.tokenizer_files is not None:  # a rebuilt tokenizer replaces the copied one (MergeKit writes it too)
+            extra = {**out.tokenizer_files, **(extra or {})}
+        self.writer.finish(assets_from=out.assets_from.folder if out.assets_from is not None else None,
+                           config_updates=out.config_updates, extra_files=extra,
+                           copy_tokenizer=self.copy_tokenizer and out.tokenizer_files is None,
+                           copy_files=self.copy_files)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+class MemorySink(Sink):
+    """Preallocated tensors (e.g. a module's state dict, sharing the parameters' storage).
+
+    Every output's result is copied into `tensors[name]` (converted by copy_ where the dtype differs),
+    chunk by chunk, with the same jobs, chunks and generators as a folder run, so the numbers are
+    those `mergelab merge` writes. keep_inputs: leave the inputs' pages mapped between runs.
+    """
+
+    def __init__(self, tensors: MutableMapping[str, torch.Tensor], *, keep_inputs: bool = False):
+        self.tensors = tensors
+        self.keep_inputs = keep_inputs
+
+    def open(self, plan: Plan) -> None:
+        infos = plan.layout
+        missing = [i.name for i in infos if i.name not in self.tensors]
+        if missing:
+            raise MergeError(f"the in-memory model has no tensor {missing[0]!r} (and {len(missing) - 1} more) that "
+                             "the merge produces; build the template model with the checkpoints' architecture")
+        for i in infos:
+            if tuple(self.tensors[i.name].shape) != tuple(i.shape):
+                raise ShapeMismatch(f"tensor {i.name} of the merge has shape {tuple(i.shape)}, the in-memory model "
+                                    f"has {tuple(self.tensors[i.name].shape)}; build it with the checkpoints' config")
+
+    def write(self, name: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
+        target = self.tensors[name]
+        with torch.no_grad():
+            (target if rows is None else target[rows[0]:rows[1]]).copy_(tensor)
