@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-import mergelab
+from mergelab import __version__
 
 if TYPE_CHECKING:
     from mergelab.engine import RunReport
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 def report_dict(recipe: "Recipe", plan: "Plan", report: "RunReport", seed: int | None) -> dict:
     return {
-        "mergelab_version": getattr(mergelab, "__version__", "0"),
+        "mergelab_version": __version__,
         "method": recipe.method.name,
         "inputs": [str(ck.path) for ck in plan.checkpoints],
         "base_model": recipe.base,

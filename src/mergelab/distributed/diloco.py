@@ -309,9 +309,9 @@ class DiLoCo:
                     b.copy_(p.detach(), non_blocking=True)
 
     def _needs_stats(self) -> bool:
-        from mergelab.api import methods
+        from mergelab.methods import REGISTRY
 
-        return bool(methods()[self.merge.method]["needs_stats"])
+        return bool(REGISTRY[self.merge.method].needs_stats)
 
     def _stats(self, k: int) -> list[Tensor]:
         if self.stats_fn is not None:

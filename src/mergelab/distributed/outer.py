@@ -64,27 +64,27 @@ class OuterMerge:
             if self.params:
                 raise ValueError(f"outer_merge 'mean' takes no parameters, got {dict(self.params)}")
             return
-        from mergelab.api import methods
+        from mergelab.methods import REGISTRY
 
-        spec = methods().get(self.method)
+        spec = REGISTRY.get(self.method)
         if spec is None:
             from mergelab.errors import MergeError
 
             raise MergeError(f"outer_merge {self.method!r} is not a mergelab method; "
-                             f"choose 'mean' or one of: {', '.join(methods())}")
+                             f"choose 'mean' or one of: {', '.join(sorted(REGISTRY))}")
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(world_size, 4, generator=gen)
-        self.merge(x, torch.ones_like(x) if spec["needs_stats"] else None, name="check", step=0)
+        self.merge(x, torch.ones_like(x) if spec.needs_stats else None, name="check", step=0)
 
     def merge(self, tau: Tensor, stats: Tensor | None, *, name: str, step: int) -> Tensor:
         """tau (W, *shape) task vectors of the workers taking part -> merged (*shape)."""
-        from mergelab import merge_tensors
-        from mergelab.api import methods
+        from mergelab.methods import REGISTRY
+        from mergelab.methods.calls import merge_tensors
 
-        spec = methods()[self.method]
-        base = torch.zeros_like(tau[0]) if spec["base"] != "ignored" else None
+        spec = REGISTRY[self.method]  # one lookup, not a description of every method
+        base = torch.zeros_like(tau[0]) if spec.base != "ignored" else None
         params = dict(self.params)
-        if "weight" in spec["parameters"] and "weight" not in params:
+        if "weight" in spec.parameter_names() and "weight" not in params:
             params["weight"] = 1.0 / tau.shape[0]  # equal weights summing to 1: linear is then the mean
         return merge_tensors(self.method, list(tau), base=base,
                              stats=list(stats) if stats is not None else None,

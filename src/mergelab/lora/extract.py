@@ -179,7 +179,7 @@ def extract(finetuned: str | Path, base: str | Path, out: str | Path, *, rank: i
         raise MergeError(f"rank must be at least 1, got {rank}")
     if svd not in ("auto", "full", "randomized"):
         raise MergeError(f"svd must be auto, full or randomized, got {svd!r}")
-    from mergelab.engine import resolve_device
+    from mergelab.device import resolve_device
 
     resolve_device(device)  # no GPU: one clear error now, not after the validation
     start = time.perf_counter()

@@ -61,7 +61,7 @@ def linear_coefficients(method: str, n: int, params: Mapping[str, Any]) -> list[
     density = params.get("density", 1.0)
     if any(d < 1 for d in (density if isinstance(density, (list, tuple)) else [density])):
         return None
-    from mergelab.api import merge_tensors
+    from mergelab.methods.calls import merge_tensors
 
     probes = list(torch.eye(n, dtype=torch.float64))  # n tensors of shape (n,)
     base = torch.zeros(n, dtype=torch.float64) if _base_policy(method) != "ignored" else None
@@ -76,7 +76,7 @@ def _to2d(layer: LoraLayer, delta: torch.Tensor) -> torch.Tensor:
 def merge_dense(method: str, layers: Sequence[LoraLayer], params: Mapping[str, Any], *,
                 seed: int | None = None) -> torch.Tensor:
     """The merged update of one module, dense in the stored weight's shape (float32)."""
-    from mergelab.api import merge_tensors
+    from mergelab.methods.calls import merge_tensors
 
     deltas = [layer.delta() for layer in layers]
     base = torch.zeros_like(deltas[0]) if _base_policy(method) != "ignored" else None
@@ -95,7 +95,7 @@ def merge_knots(method: str, layers: Sequence[LoraLayer], params: Mapping[str, A
     Returns:
         (B (m, k), A (k, n)) with B @ A the merged update as an (m, n) matrix.
     """
-    from mergelab.api import merge_tensors
+    from mergelab.methods.calls import merge_tensors
 
     us, vts = knots_basis([x.B for x in layers], [x.A for x in layers])
     base = torch.zeros_like(vts[0]) if _base_policy(method) != "ignored" else None
