@@ -15,17 +15,15 @@ from pathlib import Path
 
 import torch
 
-from mergelab.device import resolve_device
 from mergelab.engine.compute import compute
 from mergelab.engine.items import CHUNK_ELEMENTS, PREFETCH_LIMIT, WRITE_QUEUE_BYTES, work_items
 from mergelab.engine.loop import WriteQueue, run
 from mergelab.engine.report import RunReport
 from mergelab.engine.sinks import FolderSink, MemorySink, Sink
-from mergelab.methods.seeding import make_generator, tensor_seed
 from mergelab.plan import Plan
 
 __all__ = ["run", "execute", "execute_into", "RunReport", "Sink", "FolderSink", "MemorySink", "compute",
-           "work_items", "resolve_device", "make_generator", "tensor_seed", "WriteQueue",
+           "work_items", "WriteQueue",
            "CHUNK_ELEMENTS", "PREFETCH_LIMIT", "WRITE_QUEUE_BYTES"]
 
 
@@ -39,7 +37,6 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
     copies); that is checked before anything is read. `copy_files` (name -> path) are copied into
     the output; `extra_files_fn(report)` gives files written beside the weights.
     """
-    resolve_device(device)
     sink = FolderSink(out_dir, shard_size=shard_size, overwrite=overwrite, protected=protected,
                       extra_files_fn=extra_files_fn, copy_tokenizer=copy_tokenizer, copy_files=copy_files)
     return run(plan, sink, observe, device=device, seed=seed, allow_nonfinite=allow_nonfinite,
@@ -47,6 +44,7 @@ def execute(plan: Plan, out_dir: str | Path, *, device: str = "cpu", seed: int |
 
 
 def execute_into(plan: Plan, outputs: MutableMapping[str, torch.Tensor], *, device: str = "cpu",
-                 seed: int | None = None, keep_inputs: bool = False) -> RunReport:
+                 seed: int | None = None, keep_inputs: bool = False, known_finite=None) -> RunReport:
     """Run `plan` into preallocated tensors (MemorySink): the numbers execute() writes."""
-    return run(plan, MemorySink(outputs, keep_inputs=keep_inputs), device=device, seed=seed)
+    return run(plan, MemorySink(outputs, keep_inputs=keep_inputs, known_finite=known_finite), device=device,
+               seed=seed)

@@ -54,11 +54,11 @@ def _run_fn(job: Job, inputs: Inputs, device: torch.device) -> dict[str, torch.T
 
 
 def compute(plan: Plan, job: Job, inputs: Inputs, device: torch.device, seed: int | None, chunk: Rows,
-            notes: dict[str, list[str]] | None = None, out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            notes: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
     """The outputs of one work item: {output name: tensor on CPU in its dtype} ({} for observe jobs).
 
     Warnings the method raises are added to `notes[job.name]` (for the run's report); the job is not
-    changed. `out`: a tensor the method's kernel may write the result into (a memory sink's own).
+    changed.
     """
     if job.op == "observe":
         return {}

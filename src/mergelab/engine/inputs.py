@@ -7,6 +7,7 @@ cache directly (the float32 conversion of the reference methods reads from it to
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Set as AbstractSet
 
 import torch
 
@@ -30,10 +31,14 @@ class Inputs:
 
 class Reader:
     """A job's (or a row range's) input tensors as memory-map views, prefetched and released by
-    checkpoint.prefetch.Prefetcher, which keeps the madvise bookkeeping."""
+    checkpoint.prefetch.Prefetcher, which keeps the madvise bookkeeping.
 
-    def __init__(self, checkpoints: list[Checkpoint]):
+    known_finite: (checkpoint path, tensor name) of inputs already scanned finite, not scanned again.
+    """
+
+    def __init__(self, checkpoints: list[Checkpoint], known_finite: AbstractSet[tuple[str, str]] | None = None):
         self.pages = Prefetcher(checkpoints)
+        self.known_finite = known_finite or frozenset()
 
     def inputs(self, job: Job, rows: Rows) -> Inputs:
         return Inputs(self.pages.views(job.refs(), rows))
@@ -47,21 +52,22 @@ class Reader:
     def release(self, job: Job, rows: Rows) -> None:
         self.pages.release(job.refs(), rows)
 
-
-def nonfinite_inputs(inputs: Inputs) -> list[TensorRef]:
-    """The inputs of a work item that hold NaN or Inf (see has_nonfinite)."""
-    return [ref for ref, t in inputs.tensors.items() if has_nonfinite(t)]
+    def nonfinite(self, inputs: Inputs) -> list[TensorRef]:
+        """The inputs of a work item that hold NaN or Inf (see has_nonfinite), known-finite ones skipped."""
+        ckpts = self.pages.ckpts
+        return [ref for ref, t in inputs.tensors.items()
+                if (str(ckpts[ref.model].path), ref.name) not in self.known_finite and has_nonfinite(t)]
 
 
 def stage(reader: Reader, job: Job, rows: Rows) -> tuple[Inputs, list[TensorRef]]:
     """On the prefetch thread: page a work item's inputs in, check the files, and look for NaN/Inf in them.
 
-    Returns the item's inputs (views, mapped in) and their nonfinite_inputs(), so that the compute
-    thread uses the very views that were checked.
+    Returns the item's inputs (views, mapped in) and those of them holding NaN/Inf, so that the
+    compute thread uses the very views that were checked.
     """
     reader.prefetch(job, rows)
     inputs = reader.inputs(job, rows)
-    return inputs, nonfinite_inputs(inputs)
+    return inputs, reader.nonfinite(inputs)
 
 
 def described(plan: Plan, ref: TensorRef) -> str:

@@ -18,7 +18,7 @@ import torch
 from mergelab.device import resolve_device
 from mergelab.engine import items as limits
 from mergelab.engine.compute import compute
-from mergelab.engine.inputs import Reader, described, nonfinite_inputs, stage
+from mergelab.engine.inputs import Reader, described, stage
 from mergelab.engine.items import Rows, item_bytes, work_items
 from mergelab.engine.report import RunReport
 from mergelab.engine.sinks import Sink
@@ -67,7 +67,7 @@ class _Run:
                  allow_nonfinite: bool):
         self.plan, self.sink, self.observe, self.device, self.seed = plan, sink, observe, device, seed
         self.allow_nonfinite = allow_nonfinite
-        self.reader = Reader(plan.checkpoints)
+        self.reader = Reader(plan.checkpoints, sink.known_finite)
         self.notes: dict[str, list[str]] = {}  # job name -> warnings its method raised (into the report)
         self.nonfinite: list[str] = []
 
@@ -91,7 +91,7 @@ class _Run:
                     released.pop(0).result()  # two big items are never resident at once
                 reader.check_unchanged(job)
                 inputs = reader.inputs(job, rows)
-                bad = nonfinite_inputs(inputs)
+                bad = reader.nonfinite(inputs)
             nxt = items[i + 1] if i + 1 < len(items) else None
             # Prefetch overlaps paging in with computing, but two big items must not be resident at once.
             small = nxt is not None and (item_bytes(plan, *nxt) <= limits.PREFETCH_LIMIT
@@ -117,7 +117,7 @@ class _Run:
         for future in released:
             future.result()
 
-    def report(self, jobs: list[Job], seconds: float) -> RunReport:
+    def report(self, seconds: float) -> RunReport:
         plan, notes = self.plan, self.notes
         return RunReport(
             out_dir=self.sink.out_dir, tensors=len(plan.jobs),
@@ -125,12 +125,12 @@ class _Run:
             copied=[(j.name, "; ".join(filter(None, [j.note, *notes.get(j.name, [])]))) for j in plan.jobs
                     if j.copy or j.note or notes.get(j.name)],
             left_out=plan.left_out, bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
-            seconds=seconds, device=str(self.device), nonfinite=self.nonfinite, skipped=len(plan.jobs) - len(jobs))
+            seconds=seconds, device=str(self.device), nonfinite=self.nonfinite)
 
 
 def run(plan: Plan, sink: Sink | None = None, observe=None, *, device: str = "cpu", seed: int | None = None,
         allow_nonfinite: bool = False, show_progress: bool = False) -> RunReport:
-    """Run every job of `plan` the sink needs, into the sink; returns the run's report.
+    """Run every job of `plan` into the sink; returns the run's report.
 
     Inputs holding NaN/Inf stop the run (NonFiniteError, nothing written) unless `allow_nonfinite`,
     in which case they are merged as they are and listed in the report. Input files are checked
@@ -142,16 +142,15 @@ def run(plan: Plan, sink: Sink | None = None, observe=None, *, device: str = "cp
     dev = resolve_device(device)
     sink = sink if sink is not None else Sink()
     state = _Run(plan, sink, observe, dev, seed, allow_nonfinite)
-    jobs = sink.select(plan, seed)
-    items = list(work_items(plan, jobs))
+    items = list(work_items(plan))
     start = time.perf_counter()
     sink.open(plan)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-prefetch") as pool, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as write_pool, \
-                ByteProgress(len(jobs), plan.bytes_read, enabled=show_progress) as progress, torch.no_grad():
+                ByteProgress(len(plan.jobs), plan.bytes_read, enabled=show_progress) as progress, torch.no_grad():
             state.loop(items, pool, WriteQueue(write_pool), progress)
-        report = state.report(jobs, time.perf_counter() - start)
+        report = state.report(time.perf_counter() - start)
         sink.finish(plan, report)
     except BaseException:
         sink.abort()

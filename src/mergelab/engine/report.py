@@ -18,4 +18,3 @@ class RunReport:
     seconds: float
     device: str
     nonfinite: list[str] = dataclasses.field(default_factory=list)  # "tensor (model path)" with NaN/Inf inputs
-    skipped: int = 0  # jobs whose result the sink already held (a memory sink's filter)

@@ -1,21 +1,21 @@
 """Where a run's outputs go: a checkpoint folder, tensors in memory, or nowhere (observe-only plans).
 
 A sink is told the plan before anything is read (`open`: check the destination, so a bad output
-path fails before the first tensor), picks the jobs it needs (`select`: a memory sink skips jobs
-whose result it already holds), receives every output tensor or row range on the writer thread
-(`write`), and is finished with the run's report or aborted (nothing half-written is left).
+path fails before the first tensor), receives every output tensor or row range on the writer
+thread (`write`), and is finished with the run's report or aborted (nothing half-written is left).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import torch
 
 from mergelab.checkpoint.writer import CheckpointWriter
 from mergelab.errors import MergeError, ShapeMismatch
-from mergelab.plan import Job, Plan
+from mergelab.plan import Plan
 
 
 class Sink:
@@ -23,17 +23,11 @@ class Sink:
 
     out_dir: Path | None = None
     keep_inputs = False  # leave the inputs' pages mapped after each item (searches merge them again and again)
+    # (checkpoint path, tensor name) of inputs already scanned finite (a search scans each once), or None
+    known_finite: AbstractSet[tuple[str, str]] | None = None
 
     def open(self, plan: Plan) -> None:
         """Check the destination against the plan, before any tensor is read."""
-
-    def select(self, plan: Plan, seed: int | None) -> list[Job]:
-        """The jobs whose results this sink needs."""
-        return list(plan.jobs)
-
-    def target(self, job: Job) -> torch.Tensor | None:
-        """A tensor of the sink's own that `job`'s whole result may be computed straight into, or None."""
-        return None
 
     def write(self, name: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
         raise MergeError(f"this run writes no tensors, but a job produced {name}")
@@ -92,11 +86,14 @@ class MemorySink(Sink):
     Every output's result is copied into `tensors[name]` (converted by copy_ where the dtype differs),
     chunk by chunk, with the same jobs, chunks and generators as a folder run, so the numbers are
     those `mergelab merge` writes. keep_inputs: leave the inputs' pages mapped between runs.
+    known_finite: inputs the caller has already scanned for NaN/Inf (they are not scanned again).
     """
 
-    def __init__(self, tensors: MutableMapping[str, torch.Tensor], *, keep_inputs: bool = False):
+    def __init__(self, tensors: MutableMapping[str, torch.Tensor], *, keep_inputs: bool = False,
+                 known_finite: AbstractSet[tuple[str, str]] | None = None):
         self.tensors = tensors
         self.keep_inputs = keep_inputs
+        self.known_finite = known_finite
 
     def open(self, plan: Plan) -> None:
         infos = plan.layout

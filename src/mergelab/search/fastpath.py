@@ -103,6 +103,12 @@ class SearchCache:
                 with self._lock:
                     self._checked.add(key)
 
+    @property
+    def checked(self) -> frozenset[tuple[str, str]]:
+        """(checkpoint path, tensor name) of every input scanned finite so far."""
+        with self._lock:
+            return frozenset(self._checked)
+
     def view(self, plan: Plan, ref: TensorRef) -> torch.Tensor:
         """The input tensor `ref` as a view of its file, made once per opened checkpoint."""
         ck = plan.checkpoints[ref.model]
@@ -206,7 +212,9 @@ class CandidateWriter:
                 self._held[job.name] = sigs[job.name]
         if rest:
             # The engine's path; inputs stay mapped between candidates.
-            execute_into(dataclasses.replace(plan, jobs=rest), sink, device=device, seed=seed, keep_inputs=True)
+            # check_inputs above scanned every input for NaN/Inf: the engine need not scan them again.
+            execute_into(dataclasses.replace(plan, jobs=rest), sink, device=device, seed=seed, keep_inputs=True,
+                         known_finite=self.cache.checked)
             self.counts["engine"] += len(rest)
             for job in rest:
                 self._held[job.name] = sigs[job.name]
