@@ -120,9 +120,9 @@ def test_a_local_folder_wins_over_a_hub_id_of_the_same_name(cache, tmp_path):
 
 def test_offline_miss_names_the_model_and_how_to_get_it(cache):
     with pytest.raises(RecipeError) as err:
-        mergelab.recipe.load_recipe("merge_method: ties\nbase_model: org/absent@v2\nmodels:\n"
-                                    "  - model: org/absent@v2\n  - model: org/other\n"
-                                    "    parameters: {weight: 1, density: 0.5}\n")
+        mergelab.recipe.resolve(mergelab.recipe.load_recipe(
+            "merge_method: ties\nbase_model: org/absent@v2\nmodels:\n  - model: org/absent@v2\n"
+            "  - model: org/other\n    parameters: {weight: 1, density: 0.5}\n"))
     problems = err.value.problems
     assert len(problems) == 2, problems  # one line per missing model, not one per mention
     assert problems[0].startswith("base_model: 'org/absent@v2' is no local path, and as a Hub model it is not "

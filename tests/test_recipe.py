@@ -21,8 +21,8 @@ from pydantic import Field, TypeAdapter
 
 from mergelab.errors import RecipeError
 from mergelab.methods import REGISTRY, MethodParams, MethodSpec, NoParams
-from mergelab.recipe import OutputSlice, Source, load_recipe
-from mergelab.recipe_params import evaluate_setting
+from mergelab.recipe import OutputSlice, Source, load_recipe, resolve
+from mergelab.recipe.params import evaluate_setting
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -423,7 +423,9 @@ def test_model_references(toy, dirs, tmp_path, monkeypatch):
     d = _ties(dirs)
     d["models"][0]["model"] = "meta-llama/Llama-3-8B"
     d["base_model"] = "org/model@main"
-    problems = _problems(d)
+    with pytest.raises(RecipeError) as err:  # Hub ids are found by resolve, the stage before planning
+        resolve(load_recipe(d))
+    problems = err.value.problems
     assert any(p.startswith("models[0].model: 'meta-llama/Llama-3-8B' is no local path, and as a Hub model it is "
                             "not in the local cache") and
                "offline" in p for p in problems)

@@ -30,11 +30,12 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
     from mergelab.checkpoint.output import check_output
     from mergelab.checkpoint.writer import parse_size
     from mergelab.device import resolve_device
-    from mergelab.recipe import load_recipe
+    from mergelab.recipe import load_recipe, resolve
 
     shard_size = parse_size(out_shard_size)
     resolve_device(device)
-    rec = load_recipe(recipe, offline=offline)
+    resolved = resolve(load_recipe(recipe), offline=offline)
+    rec = resolved.recipe
     if rec.adapter is not None:  # inputs are LoRA adapters, the output is one too (mergelab.lora)
         from mergelab.lora.api import merge_adapter_recipe
 
@@ -44,11 +45,11 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
 
         originals = [Path(p) for p in rec.input_paths()]
         check_output(out_dir, kind="folder", inputs=originals, overwrite=overwrite, what="output folder")
-        with aligned_recipe_inputs(rec, out_dir):
-            return _merge_recipe(rec, out_dir, device=device, seed=seed, shard_size=shard_size,
+        with aligned_recipe_inputs(rec, out_dir) as aligned:
+            return _merge_recipe(resolve(aligned), out_dir, device=device, seed=seed, shard_size=shard_size,
                                  overwrite=overwrite, dry_run=False, show_progress=show_progress,
                                  allow_nonfinite=allow_nonfinite, protected=originals, **options)
-    return _merge_recipe(rec, out_dir, device=device, seed=seed, shard_size=shard_size, overwrite=overwrite,
+    return _merge_recipe(resolved, out_dir, device=device, seed=seed, shard_size=shard_size, overwrite=overwrite,
                          dry_run=dry_run, show_progress=show_progress, allow_nonfinite=allow_nonfinite, **options)
 
 
@@ -67,25 +68,22 @@ def check_architectures(rec, checkpoints) -> None:
                          "Check the model paths, or merge anyway with allow_crimes=True (--allow-crimes)")
 
 
-def _merge_recipe(rec, out_dir, *, device, seed, shard_size, overwrite, dry_run, show_progress, allow_nonfinite,
-                  protected=(), allow_crimes=False, copy_tokenizer=True, write_model_card=True):
-    """Open the inputs of a validated recipe, plan, and run (or return the plan for a dry run)."""
+def _merge_recipe(resolved, out_dir, *, device, seed, shard_size, overwrite, dry_run, show_progress,
+                  allow_nonfinite, protected=(), allow_crimes=False, copy_tokenizer=True, write_model_card=True):
+    """Open the resolved inputs of a validated recipe (mergelab.recipe.resolve), plan, and run (or return
+    the plan for a dry run)."""
     from mergelab.card import output_files
     from mergelab.checkpoint.reader import Checkpoint
     from mergelab.engine import execute
     from mergelab.lora.applied import open_input
     from mergelab.plan import make_plan
 
+    rec = resolved.recipe
     checkpoints: dict[str, Checkpoint] = {}
     problems = []
-    stats_paths = [src.stats for sl in rec.output_slices() for src in sl.sources if getattr(src, "stats", None)]
-    if rec.base_stats:
-        stats_paths.append(rec.resolve(rec.base_stats))
-    for path in [*rec.input_paths(), *stats_paths]:
-        if path in checkpoints:
-            continue
+    for path, inp in resolved.inputs.items():
         try:
-            checkpoints[path] = open_input(path, rec.base)  # model+lora and adapters over base_model
+            checkpoints[path] = open_input(inp)  # model+lora and adapters over base_model
         except CheckpointError as exc:
             problems.append(str(exc))
     if problems:

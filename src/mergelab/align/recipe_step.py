@@ -17,23 +17,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mergelab.checkpoint.output import partial_path
+from mergelab.recipe import Recipe
 
 __all__ = ["aligned_recipe_inputs"]
 
 
 @contextlib.contextmanager
-def aligned_recipe_inputs(rec, out_dir: str | Path) -> Iterator[dict[str, str]]:
-    """Align the recipe's models to its reference; yields {resolved model path: aligned copy} and cleans up.
-
-    The recipe's resolved paths are pointed at the aligned copies for the
-    duration of the block (and restored after).
-    """
+def aligned_recipe_inputs(rec: Recipe, out_dir: str | Path) -> Iterator[Recipe]:
+    """Align the recipe's models to its reference; yields the recipe with its model paths pointed at
+    the aligned copies, and removes the copies after the block."""
     from mergelab.align.files import align_checkpoints
 
     reference = rec.base or rec.output_slices()[0].sources[0].model
     models = [m for m in rec.input_paths() if m != reference and m != rec.tokenizer_source_path()]
     workdir = partial_path(Path(out_dir).expanduser().resolve().with_name(Path(out_dir).name + "-aligned"))
-    saved = dict(rec._paths)
     aligned: dict[str, str] = {}
     try:
         workdir.mkdir(parents=True)
@@ -41,11 +38,6 @@ def aligned_recipe_inputs(rec, out_dir: str | Path) -> Iterator[dict[str, str]]:
             target = workdir / f"model-{i}"
             align_checkpoints(reference, model, target, method="weight_matching")
             aligned[model] = str(target)
-        for ref, path in list(rec._paths.items()):
-            if path in aligned:
-                rec._paths[ref] = aligned[path]
-        yield aligned
+        yield rec.located({ref: aligned[path] for ref, path in rec.paths.items() if path in aligned})
     finally:
-        rec._paths.clear()
-        rec._paths.update(saved)
         shutil.rmtree(workdir, ignore_errors=True)

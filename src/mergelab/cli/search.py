@@ -127,7 +127,7 @@ def sweep(
     """Grid sweep of recipe fields; every metric at every point, the Pareto front marked (table, PNG, JSON)."""
     import copy
 
-    from mergelab.recipe import load_recipe
+    from mergelab.recipe import load_recipe, resolve
     from mergelab.search import report as rp
     from mergelab.search.space import read_recipe_dict, set_field
     from mergelab.search.sweep import grid_points, parse_vary, run_sweep
@@ -141,7 +141,7 @@ def sweep(
         first = copy.deepcopy(data_)
         for path, value in points[0].items():
             set_field(first, path, value)
-        rec = load_recipe(first)  # every problem of the recipe before any evaluation
+        rec = resolve(load_recipe(first)).recipe  # every problem of the recipe before any evaluation
         scorer, _ = _scorer(o, Path(rec.input_paths()[0]), workers, seed)
         objs = _objectives(objective, o.spec) or None
         with rp.CountProgress(len(points), "sweep", enabled=not quiet) as bar:
@@ -176,7 +176,7 @@ def search(
     """Search recipe parameters (CMA-ES, TPE, NSGA-II); writes the best as a plain recipe `mergelab merge` runs."""
     import yaml
 
-    from mergelab.recipe import load_recipe
+    from mergelab.recipe import load_recipe, resolve
     from mergelab.search import report as rp
     from mergelab.search.optimize import SearchSettings, check_settings, run_search
     from mergelab.search.space import find_search_params, instantiate, read_recipe_dict
@@ -190,7 +190,7 @@ def search(
                                   study_name=study_name, sampler=sampler, workers=workers, seed=search_seed)
         check_settings(settings, params, objs)
         mid = {n: (p.low + p.high) / 2 for p in params for n in p.names()}
-        rec = load_recipe(instantiate(data_, params, mid))  # every problem of the recipe before the search
+        rec = resolve(load_recipe(instantiate(data_, params, mid))).recipe  # every problem before the search
         out_dir.mkdir(parents=True, exist_ok=True)
         scorer, _ = _scorer(o, Path(rec.input_paths()[0]), workers, seed)
         with rp.CountProgress(budget, f"search ({settings.sampler})", enabled=not quiet) as bar:

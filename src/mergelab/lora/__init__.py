@@ -8,16 +8,16 @@ Importing this package is cheap; the functions load their modules on first use.
 
 from __future__ import annotations
 
-from mergelab.lora.peft_format import is_peft_adapter, split_lora_reference
+from mergelab.lora.peft_format import is_peft_adapter
 
 _LAZY = {
     "merge_adapters": "mergelab.lora.api", "extract": "mergelab.lora.extract",
     "merge_lora_layers": "mergelab.lora.merge", "read_adapter": "mergelab.lora.peft_format",
     "write_adapter": "mergelab.lora.peft_format", "extract_layers": "mergelab.lora.extract",
-    "AppliedLoraCheckpoint": "mergelab.lora.applied",
+    "AppliedLoraCheckpoint": "mergelab.lora.applied", "split_lora_reference": "mergelab.recipe.references",
 }
 
-__all__ = ["is_peft_adapter", "split_lora_reference", *_LAZY]
+__all__ = ["is_peft_adapter", *_LAZY]
 
 
 def __getattr__(name: str):

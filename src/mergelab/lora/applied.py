@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.errors import CheckpointError
-from mergelab.lora.peft_format import LoraLayer, is_peft_adapter, read_adapter, split_lora_reference
+from mergelab.lora.peft_format import LoraLayer, is_peft_adapter, read_adapter
+
+if TYPE_CHECKING:
+    from mergelab.recipe.resolve import ModelInput
 
 __all__ = ["AppliedLoraCheckpoint", "open_input"]
 
@@ -58,17 +62,13 @@ class AppliedLoraCheckpoint(Checkpoint):
         return super().view(name, rows)
 
 
-
-def open_input(path: str, base_model: str | None = None) -> Checkpoint:
-    """Open one input of a recipe: a plain checkpoint, `model+adapter`, or (with `base_model`)
-    an adapter folder applied to the base."""
-    lora = split_lora_reference(path)
-    if lora is not None:
-        return AppliedLoraCheckpoint(*lora)
-    if is_peft_adapter(path):
-        if base_model is None:
-            raise CheckpointError(f"{path} is a LoRA adapter; merging adapters into a model needs `base_model:` "
-                                  "(the model they were trained on), or add `adapter: {rank: R}` to write "
-                                  "a merged adapter instead")
-        return AppliedLoraCheckpoint(base_model, path)
-    return Checkpoint(path)
+def open_input(inp: ModelInput) -> Checkpoint:
+    """Open one input of a recipe as `mergelab.recipe.resolve` describes it: a plain checkpoint,
+    `model+adapter`, or an adapter folder applied to the base model."""
+    if inp.adapter is None:
+        return Checkpoint(inp.model)
+    if inp.model is None:
+        raise CheckpointError(f"{inp.path} is a LoRA adapter; merging adapters into a model needs `base_model:` "
+                              "(the model they were trained on), or add `adapter: {rank: R}` to write "
+                              "a merged adapter instead")
+    return AppliedLoraCheckpoint(inp.model, inp.adapter)

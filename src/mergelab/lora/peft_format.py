@@ -330,14 +330,3 @@ def _write_folder(out: Path, config: dict, tensors: dict[str, torch.Tensor], ove
                               "nothing was written there") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def split_lora_reference(ref: str) -> tuple[str, str] | None:
-    """MergeKit's `model+lora` reference -> (model, adapter), or None when `ref` is not one.
-
-    A path that exists as written (even with a '+' in its name) is a plain path.
-    """
-    if "+" not in ref or Path(ref).expanduser().exists():
-        return None
-    model, _, adapter = ref.rpartition("+")
-    return (model, adapter) if model and adapter else None

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mergelab.checkpoint.reader import Checkpoint, parse_dtype
 from mergelab.errors import MergeError, RecipeError
-from mergelab.recipe_params import suggest
+from mergelab.recipe.params import suggest
 
 __all__ = ["ExpertEntry", "MoEConfig", "MoEPlan", "load_moe_config", "GATE_MODES"]
 

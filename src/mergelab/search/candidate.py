@@ -28,7 +28,7 @@ from mergelab.checkpoint.reader import Checkpoint
 from mergelab.errors import CheckpointError, MergeError
 from mergelab.plan import Plan, make_plan
 from mergelab.search.fastpath import CandidateWriter, SearchCache
-from mergelab.recipe import Recipe, load_recipe
+from mergelab.recipe import Recipe, load_recipe, resolve
 
 
 class CheckpointCache:
@@ -64,10 +64,8 @@ def as_recipe(recipe: Recipe | Mapping | str) -> Recipe:
 
 def plan_recipe(recipe: Recipe | Mapping | str, cache: CheckpointCache) -> Plan:
     """The plan `mergelab.merge` would make for `recipe`, over the cached checkpoints."""
-    rec = as_recipe(recipe)
-    stats = [s.stats for sl in rec.output_slices() for s in sl.sources if getattr(s, "stats", None)]
-    paths = list(dict.fromkeys([*rec.input_paths(), *stats]))
-    return make_plan(rec, cache.get(paths))
+    resolved = resolve(as_recipe(recipe))
+    return make_plan(resolved.recipe, cache.get(list(resolved.inputs)))
 
 
 def fit_plan(plan: Plan, sink: Mapping[str, torch.Tensor]) -> tuple[Plan, list[str]]:

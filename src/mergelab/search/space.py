@@ -121,7 +121,7 @@ def find_search_params(data: Mapping, source: str = "<recipe>") -> list[SearchPa
             parameter's domain (e.g. a density range reaching 0).
     """
     from mergelab.methods import REGISTRY
-    from mergelab.recipe_params import method_fields
+    from mergelab.recipe.params import method_fields
 
     spec = REGISTRY.get(str(data.get("merge_method")))
     fields = method_fields(spec) if spec is not None else {}
