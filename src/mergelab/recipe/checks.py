@@ -145,13 +145,14 @@ def _path_problems(r: Recipe, check_paths: bool) -> list[str]:
         lora = split_lora_reference(path)
         if lora is not None:
             missing = [f"{what} '{part}'" for what, part in zip(("the model", "the adapter"), lora)
-                       if not Path(part).exists() and parse_hub_reference(part) is None]  # Hub ids: see above
+                       if not Path(part).exists() and parse_hub_reference(part) is None]  # Hub ids: resolve
             if missing:
                 out.append(f"{where}: '{ref}' (model+lora): {' and '.join(missing)} not found")
-            if Path(lora[1]).exists() and not (Path(lora[1]).expanduser().is_dir() and is_peft_adapter(lora[1])):
+            adapter = Path(lora[1])
+            if adapter.exists() and not (adapter.expanduser().is_dir() and is_peft_adapter(adapter)):
                 out.append(f"{where}: '{lora[1]}' after '+' is not a PEFT adapter folder (no adapter_config.json)")
         elif not check_paths or parse_hub_reference(ref) is not None:
-            continue  # a Hub id is resolved, and its problem reported, once everything else is right
+            continue  # a Hub id is found, or its problem reported, by resolve (mergelab.recipe.resolve)
         else:
             out.append(f"{where}: '{ref}' does not exist; relative paths resolve against the current "
                        "folder, then the recipe's folder")
