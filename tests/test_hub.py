@@ -8,6 +8,7 @@ records what was asked for, so nothing here touches the network.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import shutil
 from pathlib import Path
 
@@ -258,3 +259,19 @@ def test_cli_offline_flag_gives_one_line_and_exit_2(cache, tmp_path, monkeypatch
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "org/nowhere" in lines[0] and "hf download org/nowhere" in lines[0], result.output
     assert asked == []
+
+
+def test_load_recipe_leaves_hub_ids_to_resolve(cache, monkeypatch):
+    snap = add_snapshot(cache, "org/one", COMMIT_MAIN, tiny_model(1.0))
+    looked_up = []
+    real = hub.resolve_hub_model
+    stage = importlib.import_module("mergelab.recipe.resolve")  # the module; mergelab.recipe.resolve is the function
+    monkeypatch.setattr(stage, "resolve_hub_model", lambda ref, **kw: looked_up.append(ref) or real(ref, **kw))
+    rec = mergelab.recipe.load_recipe("merge_method: linear\nmodels:\n  - model: org/one\n"
+                                      "    parameters: {weight: 1}\n")
+    assert looked_up == [] and rec.resolve("org/one") == "org/one"  # parsing and validation only
+    resolved = mergelab.recipe.resolve(rec)
+    assert looked_up == ["org/one"]
+    assert Path(resolved.recipe.resolve("org/one")) == snap and rec.resolve("org/one") == "org/one"
+    assert list(resolved.inputs) == [resolved.recipe.resolve("org/one")]
+    assert resolved.recipe.to_yaml() == rec.to_yaml()  # the references as written
