@@ -74,7 +74,7 @@ def _merge_recipe(rec, out_dir, *, device, seed, shard_size, overwrite, dry_run,
     from mergelab.checkpoint.reader import Checkpoint
     from mergelab.engine import execute
     from mergelab.lora.applied import open_input
-    from mergelab.plan import make_plan
+    from mergelab.planner import make_plan
 
     checkpoints: dict[str, Checkpoint] = {}
     problems = []
