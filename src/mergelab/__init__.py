@@ -17,7 +17,7 @@ from mergelab.errors import (
     StatsError,
 )
 
-__version__ = "0.1.0"
+from mergelab.version import __version__  # noqa: E402  (re-exported)
 
 _API = ("merge", "merge_state_dicts", "merge_tensors", "methods")
 

@@ -76,7 +76,7 @@ def _merge_recipe(resolved, out_dir, *, device, seed, shard_size, overwrite, dry
     from mergelab.checkpoint.reader import Checkpoint
     from mergelab.engine import execute
     from mergelab.lora.applied import open_input
-    from mergelab.plan import make_plan
+    from mergelab.planner import make_plan
 
     rec = resolved.recipe
     checkpoints: dict[str, Checkpoint] = {}

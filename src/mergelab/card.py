@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from mergelab import __version__
+from mergelab.version import __version__
 
 if TYPE_CHECKING:
     from mergelab.engine import RunReport

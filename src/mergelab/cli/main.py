@@ -108,7 +108,11 @@ def merge(
     if dry_run:
         _print_plan(result) if hasattr(result, "jobs") else out.print(str(result))
         return
-    r = result
+    _print_result(result, recipe, verbose)
+
+
+def _print_result(r, recipe: Path, verbose: bool) -> None:
+    """The one-line summary of a finished merge, its warnings, and with --verbose every special tensor."""
     out.print(f"[green]merged[/] {r.tensors} tensors ({r.merged} by {recipe.name}'s method, "
               f"{len(r.copied)} handled specially, {len(r.left_out)} input tensors left out) "
               f"into {r.out_dir} in {r.seconds:.1f} s; read {_gb(r.bytes_read)}, wrote {_gb(r.bytes_written)}"

@@ -174,8 +174,6 @@ def search(
     quiet: bool = QUIET, *, o: EvalOptions,
 ) -> None:
     """Search recipe parameters (CMA-ES, TPE, NSGA-II); writes the best as a plain recipe `mergelab merge` runs."""
-    import yaml
-
     from mergelab.recipe import load_recipe, resolve
     from mergelab.search import report as rp
     from mergelab.search.optimize import SearchSettings, check_settings, run_search
@@ -207,20 +205,30 @@ def search(
             result = run_search(data_, params, scorer, objs, settings, on_trial=on_trial)
         scorer.close()
         _report_left_out(scorer)
-        out.print(rp.search_table(result))
-        written = []
-        for n in result.best:
-            name = "best.yml" if len(objs) == 1 else f"pareto/trial-{n}.yml"
-            text_ = yaml.safe_dump(result.recipe_of(n, data_, params), sort_keys=False)
-            written.append(rp.write_text(out_dir / name, text_))
-        rp.write_json(out_dir / "search.json", {**result.to_dict(), "recipe": str(recipe), "evaluator": o.spec,
-                                                "storage": settings.storage})
-        rp.plot_search(result, out_dir / "search.png")
-        out.print(f"[green]search[/]: {len(result.trials)} trials; best recipe{'s' * (len(written) > 1)} "
-                  f"{', '.join(map(str, written[:3]))}{' ...' if len(written) > 3 else ''}; run `mergelab merge` on "
-                  f"it; details in {out_dir / 'search.json'}", soft_wrap=True, highlight=False)
+        _write_search(result, recipe, data_, params, objs, out_dir, o.spec, settings.storage)
     except MergeError as exc:
         fail(exc)
+
+
+def _write_search(result, recipe: Path, data_: dict, params, objs, out_dir: Path, evaluator: str,
+                  storage: str) -> None:
+    """A finished search's table, best recipe(s), search.json and search.png."""
+    import yaml
+
+    from mergelab.search import report as rp
+
+    out.print(rp.search_table(result))
+    written = []
+    for n in result.best:
+        name = "best.yml" if len(objs) == 1 else f"pareto/trial-{n}.yml"
+        text_ = yaml.safe_dump(result.recipe_of(n, data_, params), sort_keys=False)
+        written.append(rp.write_text(out_dir / name, text_))
+    rp.write_json(out_dir / "search.json", {**result.to_dict(), "recipe": str(recipe), "evaluator": evaluator,
+                                            "storage": storage})
+    rp.plot_search(result, out_dir / "search.png")
+    out.print(f"[green]search[/]: {len(result.trials)} trials; best recipe{'s' * (len(written) > 1)} "
+              f"{', '.join(map(str, written[:3]))}{' ...' if len(written) > 3 else ''}; run `mergelab merge` on "
+              f"it; details in {out_dir / 'search.json'}", soft_wrap=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

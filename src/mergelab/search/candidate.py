@@ -1,7 +1,7 @@
 """In-memory candidates: a recipe merged straight into a preallocated model, nothing written to disk.
 
 The input checkpoints are opened once (memory-mapped) and shared by every
-candidate; each candidate is planned with `mergelab.plan.make_plan` (the recipe
+candidate; each candidate is planned with `mergelab.planner.make_plan` (the recipe
 validated as `mergelab merge` does) and written by a search/fastpath.py
 CandidateWriter into the tensors of one template module (its state dict shares
 the parameters' storage), which the evaluator then uses as it is. The writer
@@ -26,7 +26,8 @@ from mergelab.analysis import evaluators as ev
 from mergelab.analysis.eval_setup import StateDictTemplate
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.errors import CheckpointError, MergeError
-from mergelab.plan import Plan, make_plan
+from mergelab.plan import Plan
+from mergelab.planner import make_plan
 from mergelab.search.fastpath import CandidateWriter, SearchCache
 from mergelab.recipe import Recipe, load_recipe, resolve
 

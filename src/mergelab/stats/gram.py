@@ -83,6 +83,30 @@ def _linear_layers(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, b
     return out
 
 
+def _run_batches(model: torch.nn.Module, dataloader: Iterable[Batch], forward, mask: list) -> int:
+    """Run every batch through `model` in eval mode under no_grad (mode restored), each batch's attention
+    mask in mask[0] while it runs; returns the number of examples seen."""
+    was_training, seen = model.training, 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in dataloader:
+                try:
+                    args, kwargs, labels = split_batch(batch)
+                    n = batch_size(args, kwargs, labels)
+                except StatsError:
+                    if forward is _default_forward:
+                        raise
+                    kwargs, n = {}, 1  # a batch only `forward` understands: count it as one example
+                am = kwargs.get("attention_mask")
+                mask[0] = am if isinstance(am, torch.Tensor) else None
+                forward(model, batch)
+                seen += n
+    finally:
+        model.train(was_training)
+    return seen
+
+
 def gram_matrices(model: torch.nn.Module, dataloader: Iterable[Batch], *,
                   forward: Callable[[torch.nn.Module, Batch], Any] | None = None) -> StatsDict:
     """Mean Gram matrix X^T X / rows of the inputs of every linear layer, keyed by its weight name.
@@ -127,26 +151,11 @@ def gram_matrices(model: torch.nn.Module, dataloader: Iterable[Batch], *,
         return hook
 
     handles = [mod.register_forward_hook(hook_for(key)) for key, (mod, _) in layers.items()]
-    was_training, seen = model.training, 0
-    model.eval()
     try:
-        with torch.no_grad():
-            for batch in dataloader:
-                try:
-                    args, kwargs, labels = split_batch(batch)
-                    n = batch_size(args, kwargs, labels)
-                except StatsError:
-                    if forward is _default_forward:
-                        raise
-                    kwargs, n = {}, 1  # a batch only `forward` understands: count it as one example
-                am = kwargs.get("attention_mask")
-                mask[0] = am if isinstance(am, torch.Tensor) else None
-                forward(model, batch)
-                seen += n
+        seen = _run_batches(model, dataloader, forward, mask)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return StatsDict({k: (s / rows[k]).cpu() for k, s in sums.items() if rows[k]}, kind="gram", count=seen,
                     extra={"rows": {k: r for k, r in rows.items() if r},
                            "transposed": sorted(k for k, (_, t) in layers.items() if t and rows.get(k)),

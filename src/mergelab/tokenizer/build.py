@@ -129,6 +129,26 @@ def _stripped(vocab: Mapping[str, int], rows: int) -> dict[str, int]:
     return {t: i for t, i in vocab.items() if 0 <= i < rows}
 
 
+def _fill_missing(recipe, reference: str, rows: dict, full: dict, missing: list[str], explicit: bool
+                  ) -> list[str] | None:
+    """Models without tokenizer files take the reference's tokens when their row counts agree (notes say
+    so); None: rows are cut or padded by index instead (vocab_mismatch: resize); else a ShapeMismatch."""
+    bad = [p for p in missing if rows[p] != rows[reference]]
+    if bad and not explicit and recipe.vocab_mismatch == "resize":
+        return None  # the recipe asked for rows cut or padded by index
+    if bad:
+        raise ShapeMismatch("\n".join(
+            f"model '{p}' has no tokenizer files and {rows[p]} embedding rows where '{reference}' has "
+            f"{rows[reference]}: mergelab cannot tell which row is which token; add the model's tokenizer "
+            "files (or, if its first rows are the same tokens, `vocab_mismatch: resize` without "
+            "tokenizer_source cuts or pads them by index)" for p in bad))
+    notes = []
+    for p in missing:
+        full[p] = full[reference]
+        notes.append(f"'{p}' has no tokenizer files: its rows are taken as '{reference}''s tokens (same row count)")
+    return notes
+
+
 def plan_vocabulary(recipe, checkpoints: Mapping, reference: str, merged: list[str]) -> VocabularyPlan | None:
     """The vocabulary plan of a merge, or None when rows line up by index (nothing to do).
 
@@ -164,19 +184,9 @@ def plan_vocabulary(recipe, checkpoints: Mapping, reference: str, merged: list[s
         raise RecipeError(f"the output's tokenizer comes from '{reference}', which has no tokenizer files "
                           "(tokenizer.json, vocab.json, vocab.txt or tokenizer.model); add them, or name "
                           "a model that has them in tokenizer_source")
-    notes = []
-    bad = [p for p in missing if rows[p] != rows[reference]]
-    if bad and not explicit and recipe.vocab_mismatch == "resize":
-        return None  # the recipe asked for rows cut or padded by index
-    if bad:
-        raise ShapeMismatch("\n".join(
-            f"model '{p}' has no tokenizer files and {rows[p]} embedding rows where '{reference}' has "
-            f"{rows[reference]}: mergelab cannot tell which row is which token; add the model's tokenizer "
-            "files (or, if its first rows are the same tokens, `vocab_mismatch: resize` without "
-            "tokenizer_source cuts or pads them by index)" for p in bad))
-    for p in missing:
-        full[p] = full[reference]
-        notes.append(f"'{p}' has no tokenizer files: its rows are taken as '{reference}''s tokens (same row count)")
+    notes = _fill_missing(recipe, reference, rows, full, missing, explicit)
+    if notes is None:
+        return None
     if not explicit and all(rows[p] == rows[reference] and full[p] == full[reference] for p in rows):
         return None  # the same tokens on the same rows everywhere: the common case, decided before stripping
     maps = {p: _stripped(full[p], rows[p]) for p in rows}
