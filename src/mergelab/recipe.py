@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from mergelab.checkpoint.hub import parse_hub_reference, resolve_hub_model
 from mergelab.checkpoint.reader import parse_dtype
 from mergelab.errors import CheckpointError, RecipeError
-from mergelab.lora.peft_format import is_peft_adapter, split_lora_reference
+from mergelab.checkpoint.peft import is_adapter_folder as is_peft_adapter
+from mergelab.lora.peft_format import split_lora_reference
 from mergelab.methods import REGISTRY, MethodSpec
 from mergelab.mergekit_names import not_implemented_hint
 from mergelab.recipe_params import (Setting, evaluate_setting, ignored_parameters, method_fields,

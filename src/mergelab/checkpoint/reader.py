@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import torch
 
+from mergelab.checkpoint.peft import LORA_TENSOR, adapter_error, is_peft_adapter
+from mergelab.checkpoint.state_file import load_state
 from mergelab.checkpoint.safetensors_format import (
     DTYPE_CODES,
     DTYPES,
@@ -38,7 +40,7 @@ from mergelab.checkpoint.safetensors_format import (
     SafetensorsFile,
     check_path_unchanged,
 )
-from mergelab.errors import CheckpointError, MergeError
+from mergelab.errors import CheckpointError
 from mergelab.jsonfile import has_control_characters, no_duplicate_keys, read_json_file, shown
 
 __all__ = ["Checkpoint", "DTYPES", "DTYPE_CODES", "asset_file", "is_peft_adapter", "layer_index", "module_files",
@@ -124,7 +126,7 @@ def _fresh_copy(t: torch.Tensor) -> torch.Tensor:
 def _torch_load(path: Path, mmap: bool) -> Any:
     """torch.load with weights_only=True; None when this old-format file cannot be memory-mapped."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return load_state(path, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" in str(exc).lower():
             raise CheckpointError(
@@ -357,42 +359,6 @@ def module_files(src: str | Path) -> list[str]:
     return out
 
 
-# Tensor names of LoRA factors as PEFT saves them (also DoRA magnitudes).
-_LORA_TENSOR = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
-_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def is_peft_adapter(path: str | Path) -> bool:
-    """Whether `path` is a LoRA/PEFT adapter rather than a model: a folder holding adapter_config.json
-    (transformers loads such a folder as an adapter too), or an adapter_model.safetensors/.bin file.
-
-    Looks at file names only; Checkpoint also refuses files whose tensors are
-    LoRA factors (names with lora_A / lora_B).
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return (path / "adapter_config.json").is_file()
-    return path.name in _ADAPTER_WEIGHTS
-
-
-def _adapter_error(path: Path, evidence: str) -> CheckpointError:
-    base = None
-    config = path / "adapter_config.json" if path.is_dir() else path.parent / "adapter_config.json"
-    if config.is_file():
-        try:
-            data = read_json_file(config, "adapter config", max_bytes=10**6)
-            base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
-        except MergeError:
-            pass
-    base_text = f" (its base model: {shown(base)})" if isinstance(base, str) and base else ""
-    return CheckpointError(
-        f"{path}: is a LoRA/PEFT adapter ({evidence}), not a full model{base_text}; merging adapters as if "
-        "they were models would average their A and B factors separately, which is not the average of "
-        "their updates B@A (a wrong model). Apply it to its base model first (PEFT: "
-        "PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(DIR)) and merge DIR, "
-        "or use a model+lora / adapter merge where mergelab supports one")
-
-
 def _human_bytes(n: int) -> str:
     for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= size:
@@ -451,15 +417,15 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             raise CheckpointError(f"{self.path} does not exist; expected {ACCEPTED}")
         if is_peft_adapter(real):
             evidence = "it holds adapter_config.json" if real.is_dir() else f"its name is {real.name}"
-            raise _adapter_error(real, evidence)
+            raise adapter_error(real, evidence)
         if real.is_dir():
             self._open_folder(real)
         else:
             self._add(_open_file(real))
-        lora = next((n for n in self._where if _LORA_TENSOR.search(n)), None)
+        lora = next((n for n in self._where if LORA_TENSOR.search(n)), None)
         if lora is not None:
             self.close()
-            raise _adapter_error(real, f"it stores LoRA factors, e.g. tensor {shown(lora)}")
+            raise adapter_error(real, f"it stores LoRA factors, e.g. tensor {shown(lora)}")
 
     def _open_folder(self, folder: Path) -> None:
         self.folder = folder
