@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergelab.checkpoint.reader import Checkpoint, asset_file, is_peft_adapter, module_files, module_folders
-from mergelab.checkpoint.safetensors_format import SafetensorsFile
+from mergelab.checkpoint.safetensors_file import SafetensorsFile
 from mergelab.errors import CheckpointError
 from mergelab.jsonfile import parse_json, read_json_file
 

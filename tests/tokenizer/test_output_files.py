@@ -78,7 +78,7 @@ def test_gpt2_layer_stacking_updates_n_layer(tmp_path):
 
 
 def test_config_key_spellings():
-    from mergelab.checkpoint.writer import _updated_config
+    from mergelab.checkpoint.assets import updated_config as _updated_config
 
     assert _updated_config({"n_layer": 2}, {"num_hidden_layers": 4}) == {"n_layer": 4}
     assert _updated_config({"num_hidden_layers": 2}, {"num_hidden_layers": 4}) == {"num_hidden_layers": 4}

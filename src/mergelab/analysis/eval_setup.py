@@ -24,6 +24,7 @@ from torch import nn
 
 from mergelab.analysis import evaluators as ev
 from mergelab.checkpoint.reader import Checkpoint
+from mergelab.checkpoint.state_file import read_data_file
 from mergelab.errors import MergeError
 
 BUILT_IN = ("causal-lm", "classifier")
@@ -37,11 +38,7 @@ def _load_torch_file(path: Path, what: str) -> Any:
     if not path.is_file():
         raise MergeError(f"{what} {path} does not exist")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_data_file(path)
     except Exception as exc:
         raise MergeError(f"{what} {path}: cannot read it as a torch or safetensors file "
                          f"({type(exc).__name__}: {exc})") from exc

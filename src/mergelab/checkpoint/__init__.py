@@ -2,17 +2,15 @@
 
 `Checkpoint` gives lazy, per-tensor access to a model on disk; `CheckpointWriter`
 streams tensors into a sharded safetensors folder that appears atomically.
+Whole small files (statistics, adapters, training state) go through
+tensor_file, state_file and peft.
 """
 
-from mergelab.checkpoint.reader import (
-    DTYPE_CODES,
-    DTYPES,
-    Checkpoint,
-    layer_index,
-    parse_dtype,
-    with_layer_index,
-)
-from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo, parse_size
+from mergelab.checkpoint.layers import layer_index, with_layer_index
+from mergelab.checkpoint.reader import Checkpoint
+from mergelab.checkpoint.safetensors_format import DTYPE_CODES, DTYPES
+from mergelab.checkpoint.units import parse_dtype, parse_size
+from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
 
 __all__ = [
     "Checkpoint",

@@ -21,24 +21,22 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
-import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from mergelab.checkpoint.safetensors_format import (
-    DTYPE_CODES,
-    DTYPES,
-    FileState,
-    SafetensorsFile,
-    check_path_unchanged,
-)
-from mergelab.errors import CheckpointError, MergeError
+from mergelab.checkpoint.assets import asset_file, inside, module_files, module_folders, name_problem
+from mergelab.checkpoint.layers import layer_index, with_layer_index
+from mergelab.checkpoint.peft import LORA_TENSOR, adapter_error, is_peft_adapter
+from mergelab.checkpoint.safetensors_file import SafetensorsFile
+from mergelab.checkpoint.safetensors_format import DTYPE_CODES, DTYPES
+from mergelab.checkpoint.torch_file import TorchFile
+from mergelab.checkpoint.units import parse_dtype
+from mergelab.errors import CheckpointError
 from mergelab.jsonfile import has_control_characters, no_duplicate_keys, read_json_file, shown
 
 __all__ = ["Checkpoint", "DTYPES", "DTYPE_CODES", "asset_file", "is_peft_adapter", "layer_index", "module_files",
@@ -54,57 +52,7 @@ EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "embed
                    "model.language_model.embed_tokens.weight", "model.decoder.embed_tokens.weight",
                    "transformer.word_embeddings.weight", "word_embeddings.weight", "wte.weight")
 
-_LAYER_WORDS = frozenset({"layers", "h", "blocks", "block", "layer"})
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DTYPE_NAMES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-}
-
-
-def parse_dtype(text: str | torch.dtype) -> torch.dtype:
-    """The torch dtype named by `text` ("bfloat16", "bf16", "float16", "fp16", "half", "float32", ...).
-
-    Raises ValueError (so pydantic validators report it as a field error).
-    """
-    if isinstance(text, torch.dtype):
-        return text
-    key = str(text).strip().lower().removeprefix("torch.")
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {text!r}; use one of bfloat16 (bf16), float16 (fp16, half), "
-                         "float32 (fp32, float), float64")
-    return _DTYPE_NAMES[key]
-
-
-def _layer_position(parts: list[str]) -> int | None:
-    for i in range(len(parts) - 1):
-        if parts[i] in _LAYER_WORDS and parts[i + 1].isascii() and parts[i + 1].isdigit():
-            return i + 1
-    return None
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block index in a tensor name, or None.
-
-    It is the integer component right after a component named layers, h,
-    blocks, block or layer; whole dotted components only, so "layers.1" never
-    matches "layers.10". model.layers.12.mlp.up_proj.weight -> 12.
-    """
-    parts = name.split(".")
-    pos = _layer_position(parts)
-    return None if pos is None else int(parts[pos])
-
-
-def with_layer_index(name: str, new_index: int) -> str:
-    """`name` with its block index (see layer_index) replaced by `new_index`."""
-    parts = name.split(".")
-    pos = _layer_position(parts)
-    if pos is None:
-        raise ValueError(f"tensor {name} has no layer index to replace")
-    parts[pos] = str(new_index)
-    return ".".join(parts)
 
 
 class _Source(Protocol):
@@ -115,117 +63,19 @@ class _Source(Protocol):
     def close(self) -> None: ...
 
 
-def _fresh_copy(t: torch.Tensor) -> torch.Tensor:
-    # A new contiguous tensor: callers may modify it, and it must not keep a
-    # view of the loaded (possibly memory-mapped, possibly shared) storage.
-    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
-
-
-def _torch_load(path: Path, mmap: bool) -> Any:
-    """torch.load with weights_only=True; None when this old-format file cannot be memory-mapped."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        if "weights only load failed" in str(exc).lower():
-            raise CheckpointError(
-                f"{path}: loading it needs unsafe unpickling (it stores Python objects other than "
-                "tensors), which mergelab refuses; convert it to safetensors with a script you trust") from None
-        raise CheckpointError(f"{path}: not a readable torch file ({shown(exc)}); it looks truncated or corrupt") from exc
-    except RuntimeError as exc:
-        if mmap and "mmap" in str(exc):
-            return None
-        raise CheckpointError(f"{path}: not a readable torch file ({shown(exc)}); "
-                              "it looks truncated or corrupt") from exc
-    except Exception as exc:  # EOFError, zipfile and struct errors: all mean a damaged file
-        raise CheckpointError(f"{path}: not a readable torch file ({type(exc).__name__}: {shown(exc)}); "
-                              "it looks truncated or corrupt") from exc
-
-
-class _TorchFile:
-    """A pickled state dict, memory-mapped where the file format allows it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.state = _regular_file_state(path)
-        obj = _torch_load(path, mmap=True)
-        if obj is None:  # pre-1.6 torch.save format: no zip container to map
-            obj = _torch_load(path, mmap=False)
-        self.check_unchanged()  # changed while torch read it
-        if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict (name -> tensor)")
-        self.skipped: list[str] = []
-        for wrapper in ("state_dict", "model"):
-            if isinstance(obj.get(wrapper), Mapping):
-                self.skipped += [str(k) for k in obj if k != wrapper]
-                obj = obj[wrapper]
-                break
-        self.tensors: dict[str, torch.Tensor] = {}
-        for key, value in obj.items():
-            if has_control_characters(str(key)):
-                raise CheckpointError(f"{path}: key '{shown(key)}' holds control characters (a newline, NUL, ...); "
-                                      "the file is corrupt or crafted, re-save it")
-            if isinstance(value, torch.Tensor):
-                self.tensors[str(key)] = value
-            else:
-                self.skipped.append(str(key))
-
-    def check_unchanged(self) -> None:
-        """Raise CheckpointError if the file at `path` is not the one loaded (tensors may be mapped from it)."""
-        check_path_unchanged(self.path, self.state)
-
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        self.check_unchanged()
-        return _fresh_copy(self.tensors[name]) if out is None else out.copy_(self.tensors[name])
-
-    def view(self, name: str) -> torch.Tensor:
-        self.check_unchanged()
-        return self.tensors[name]  # memory-mapped (privately) where the file format allows it
-
-    def advise(self, name: str, advice: int, rows: tuple[int, int] | None = None) -> bool:
-        return True  # loaded by torch: nothing to advise
-
-    def close(self) -> None:
-        self.tensors = {}
-
-
-def _regular_file_state(path: Path) -> FileState:
-    """The FileState of `path`, which must be a regular file (a FIFO would block the reader forever)."""
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"{path}: is not a regular file (a folder, pipe or device); give the "
-                              "weight file itself")
-    return FileState.of(info)
-
-
-def _open_file(path: Path) -> SafetensorsFile | _TorchFile:
+def _open_file(path: Path) -> SafetensorsFile | TorchFile:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return SafetensorsFile(path)
     if suffix in (".bin", ".pt", ".pth"):
-        return _TorchFile(path)
+        return TorchFile(path)
     raise CheckpointError(f"{path}: unsupported file type {suffix or '(none)'}; mergelab reads {ACCEPTED}")
 
 
-def _names_in(source: SafetensorsFile | _TorchFile) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _names_in(source: SafetensorsFile | TorchFile) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     if isinstance(source, SafetensorsFile):
         return {n: (e.shape, e.dtype) for n, e in source.entries.items()}
     return {n: (tuple(t.shape), t.dtype) for n, t in source.tensors.items()}
-
-
-def _shard_name_problem(name: str) -> str | None:
-    """Why `name`, a shard file named by an index, cannot be a file inside the model folder; None if it can."""
-    if not name.strip():
-        return "is empty"
-    if "\0" in name:
-        return "contains a NUL character"
-    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
-        return "is an absolute path"
-    if ".." in PurePosixPath(name).parts or ".." in PureWindowsPath(name).parts:
-        return "climbs out of the folder with '..'"
-    return None
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:
@@ -244,153 +94,12 @@ def _read_weight_map(index: Path) -> dict[str, str]:
                                   "NUL, ...); the index is corrupt, re-download or re-save the model")
         first_of.setdefault(shard, name)
     for shard, name in first_of.items():
-        problem = _shard_name_problem(shard)
+        problem = name_problem(shard)
         if problem:
             raise CheckpointError(f"{index}: shard file name '{shown(shard)}' of tensor {shown(name)} {problem}; an "
                                   "index may only name files inside its own folder - the index is corrupt or "
                                   "was crafted, do not use this model")
     return weight_map
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    """Whether `path`, symbolic links resolved, lies inside `folder` (resolved).
-
-    A Hugging Face cache snapshot (HUB/models--org--name/snapshots/REV) holds
-    links into the cache's blobs folder (HUB/models--org--name/blobs); those
-    count as inside.
-    """
-    real, root = path.resolve(), folder.resolve()
-    if real.is_relative_to(root):
-        return True
-    return root.parent.name == "snapshots" and real.is_relative_to(root.parent.parent / "blobs")
-
-
-def asset_file(src: str | Path, rel: str) -> Path | None:
-    """The file `rel` (e.g. "tokenizer.json") of model folder `src`, checked before it is copied; None if absent.
-
-    Files next to the weights are copied into merged models, so one that is a
-    symbolic link leading outside `src` (say tokenizer.json -> ~/.ssh/id_rsa in
-    a cloned repository) would leak into an upload: refused with CheckpointError,
-    as is anything that is not a regular file (a pipe would block the copy).
-    Links into a Hugging Face cache's blobs folder count as inside (see _inside).
-    """
-    path = Path(src) / rel
-    if not path.exists() and not path.is_symlink():
-        return None
-    if path.is_symlink() and not _inside(path, Path(src)):
-        raise CheckpointError(f"{path}: a symbolic link leading outside the model folder (to {path.resolve()}); "
-                              "its content would be copied into the merged model - replace the link by a copy "
-                              "of the file if it belongs to the model")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file (a folder, pipe, device or broken link); mergelab "
-                              "copies this file into merged models - remove it or replace it by a file")
-    return path
-
-
-# sentence-transformers module folders: 1_Pooling, 2_Normalize, ...
-_MODULE_FOLDER = re.compile(r"^\d+_\w+$")
-
-
-def module_folders(src: str | Path) -> list[str]:
-    """The sentence-transformers module folders of model folder `src`, checked, as relative paths.
-
-    They are the non-empty "path"s of modules.json plus every folder named like
-    1_Pooling. Folders that do not exist are left out. Raises CheckpointError
-    for a modules.json that is not a list of objects with string paths, a path
-    that is absolute or climbs out with '..', and a module folder that is a
-    symbolic link: its files are copied into merged models, so it must be part
-    of the model folder itself.
-    """
-    src = Path(src)
-    names = {p.name for p in src.iterdir() if _MODULE_FOLDER.match(p.name) and p.is_dir()}
-    modules_json = src / "modules.json"
-    if modules_json.is_file() or modules_json.is_symlink():
-        modules = read_json_file(modules_json, "modules.json", expect=list, advice="fix it or remove it")
-        for i, module in enumerate(modules):
-            path = module.get("path", "") if isinstance(module, dict) else None
-            if not isinstance(path, str):
-                raise CheckpointError(f"{modules_json}: entry {i} is not an object with a string \"path\"; "
-                                      "fix it or remove it")
-            path = path.strip().rstrip("/")
-            if not path or path == ".":
-                continue  # the model folder itself (the Transformer module)
-            problem = _shard_name_problem(path)
-            if problem:
-                raise CheckpointError(f"{modules_json}: module path '{shown(path)}' {problem}; module folders "
-                                      "must lie inside the model folder - fix modules.json")
-            names.add(path)
-    found = []
-    for name in sorted(names):
-        folder = src / name
-        if any((src / PurePosixPath(*PurePosixPath(name).parts[:i + 1])).is_symlink()
-               for i in range(len(PurePosixPath(name).parts))):
-            raise CheckpointError(f"{folder}: this sentence-transformers module folder is a symbolic link "
-                                  f"(to {folder.resolve()}); its files would be copied into the merged model, "
-                                  "so mergelab only takes real folders - replace the link by a copy")
-        if folder.is_dir():
-            found.append(name)
-    return found
-
-
-def module_files(src: str | Path) -> list[str]:
-    """Every file in the module folders (see module_folders) of `src`, as paths relative to `src`, checked.
-
-    A file that is a symbolic link must resolve inside `src` (or, for a Hugging
-    Face cache snapshot, into its blobs folder); links to folders, and entries
-    that are not regular files (pipes, devices), are refused with CheckpointError.
-    Links are not followed into folders.
-    """
-    src = Path(src)
-    out = []
-    for name in module_folders(src):
-        for root, dirs, files in os.walk(src / name, followlinks=False):
-            for entry in sorted(dirs):
-                if (Path(root) / entry).is_symlink():
-                    raise CheckpointError(f"{Path(root) / entry}: a symbolic link to a folder inside a "
-                                          "sentence-transformers module folder; mergelab does not copy linked "
-                                          "folders - replace it by a copy")
-            dirs.sort()
-            for entry in sorted(files):
-                rel = (Path(root) / entry).relative_to(src).as_posix()
-                asset_file(src, rel)
-                out.append(rel)
-    return out
-
-
-# Tensor names of LoRA factors as PEFT saves them (also DoRA magnitudes).
-_LORA_TENSOR = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
-_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def is_peft_adapter(path: str | Path) -> bool:
-    """Whether `path` is a LoRA/PEFT adapter rather than a model: a folder holding adapter_config.json
-    (transformers loads such a folder as an adapter too), or an adapter_model.safetensors/.bin file.
-
-    Looks at file names only; Checkpoint also refuses files whose tensors are
-    LoRA factors (names with lora_A / lora_B).
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return (path / "adapter_config.json").is_file()
-    return path.name in _ADAPTER_WEIGHTS
-
-
-def _adapter_error(path: Path, evidence: str) -> CheckpointError:
-    base = None
-    config = path / "adapter_config.json" if path.is_dir() else path.parent / "adapter_config.json"
-    if config.is_file():
-        try:
-            data = read_json_file(config, "adapter config", max_bytes=10**6)
-            base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
-        except MergeError:
-            pass
-    base_text = f" (its base model: {shown(base)})" if isinstance(base, str) and base else ""
-    return CheckpointError(
-        f"{path}: is a LoRA/PEFT adapter ({evidence}), not a full model{base_text}; merging adapters as if "
-        "they were models would average their A and B factors separately, which is not the average of "
-        "their updates B@A (a wrong model). Apply it to its base model first (PEFT: "
-        "PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(DIR)) and merge DIR, "
-        "or use a model+lora / adapter merge where mergelab supports one")
 
 
 def _human_bytes(n: int) -> str:
@@ -451,15 +160,15 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             raise CheckpointError(f"{self.path} does not exist; expected {ACCEPTED}")
         if is_peft_adapter(real):
             evidence = "it holds adapter_config.json" if real.is_dir() else f"its name is {real.name}"
-            raise _adapter_error(real, evidence)
+            raise adapter_error(real, evidence)
         if real.is_dir():
             self._open_folder(real)
         else:
             self._add(_open_file(real))
-        lora = next((n for n in self._where if _LORA_TENSOR.search(n)), None)
+        lora = next((n for n in self._where if LORA_TENSOR.search(n)), None)
         if lora is not None:
             self.close()
-            raise _adapter_error(real, f"it stores LoRA factors, e.g. tensor {shown(lora)}")
+            raise adapter_error(real, f"it stores LoRA factors, e.g. tensor {shown(lora)}")
 
     def _open_folder(self, folder: Path) -> None:
         self.folder = folder
@@ -482,7 +191,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                  else "found no weight file")
         raise CheckpointError(f"{folder}: {found}; mergelab reads {ACCEPTED}")
 
-    def _add(self, source: SafetensorsFile | _TorchFile) -> None:
+    def _add(self, source: SafetensorsFile | TorchFile) -> None:
         self._sources.append(source)
         self.skipped += getattr(source, "skipped", [])
         for name, (shape, dtype) in _names_in(source).items():
@@ -496,12 +205,12 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             raise CheckpointError(f"{index}: names shard file(s) missing from {index.parent}: "
                                   f"{', '.join(shown(m) for m in missing[:5])}{' ...' if len(missing) > 5 else ''}; "
                                   "the download is incomplete, fetch them again")
-        outside = next((s for s in shard_names if not _inside(index.parent / s, index.parent)), None)
+        outside = next((s for s in shard_names if not inside(index.parent / s, index.parent)), None)
         if outside is not None:
             raise CheckpointError(f"{index}: shard {shown(outside)} leads outside the model folder (to "
                                   f"{(index.parent / outside).resolve()}); an index may only name files inside "
                                   "its own folder - copy the shard into the folder if it belongs to this model")
-        shards: dict[str, SafetensorsFile | _TorchFile] = {}
+        shards: dict[str, SafetensorsFile | TorchFile] = {}
         try:
             for s in shard_names:
                 shards[s] = _open_file(index.parent / s)

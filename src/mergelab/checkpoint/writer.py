@@ -16,75 +16,22 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from mergelab.checkpoint.safetensors_format import DTYPE_CODES, build_header, pwrite_all, tensor_bytes
-from mergelab.checkpoint.reader import asset_file, module_files
+from mergelab.checkpoint.assets import copy_assets
+from mergelab.checkpoint.assets import copy_file as _copy_file  # module globals: tests fill the disk through them
+from mergelab.checkpoint.assets import write_file as _write_file
 from mergelab.checkpoint.output import MARKER, check_output, partial_path, replace_folder
+from mergelab.checkpoint.safetensors_format import DTYPE_CODES, build_header, pwrite_all, tensor_bytes
+from mergelab.checkpoint.units import parse_size
 from mergelab.errors import CheckpointError, InvalidInput, ShapeMismatch
-from mergelab.jsonfile import read_json_file
 
-__all__ = ["CheckpointWriter", "TensorInfo", "parse_size"]
-
-# Files copied from the model folder given as assets_from (weights never are).
-ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-               "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-               "chat_template.json", "modules.json", "sentence_bert_config.json",
-               "config_sentence_transformers.json")
-# The tokenizer's files among ASSET_FILES (left out with copy_tokenizer=False, MergeKit's --no-copy-tokenizer).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
-
-# Byte units, unambiguous: decimal (KB, MB, GB, TB, as transformers counts) and binary (KiB ...).
-_BYTE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-# MergeKit's spelling (its parse_kmb): K, M, B = thousand, million, billion, case-insensitive.
-# MergeKit documents the number as "parameters per shard" but its writer compares it with
-# each tensor's numel x element_size, i.e. bytes; we do the same so shards match MergeKit's.
-_KMB = {"k": 10**3, "m": 10**6, "b": 10**9}
-_MAX_SIZE = 2**62
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes per output shard from "5GB", "500MB", "2GiB", MergeKit's "5B"/"500M"/"100K", or a plain integer.
-
-    "5B" is MergeKit's spelling of 5 billion (not 5 bytes) and means what it
-    means to MergeKit (5e9, compared with tensor bytes). Anything else (a bare
-    "G", a fraction of a byte, a non-finite number) is refused.
-    """
-    from mergelab.errors import InvalidInput
-
-    hint = ("write a shard size like 5GB, 500MB or 2GiB (bytes), MergeKit's 5B / 500M "
-            "(billions / millions, as mergekit-yaml reads them), or a whole number of bytes")
-    if isinstance(value, bool):
-        raise InvalidInput(f"cannot read shard size {value!r}; {hint}")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-        unit = match.group(2).lower() if match else None
-        if unit is None or (unit and unit not in _BYTE_UNITS and unit not in _KMB):
-            raise InvalidInput(f"cannot read shard size {value!r}; {hint}")
-        number = float(match.group(1))
-        scaled = number * (_BYTE_UNITS.get(unit) or _KMB.get(unit) or 1)
-        if not math.isfinite(scaled) or scaled >= _MAX_SIZE:
-            raise InvalidInput(f"shard size {value!r} is too large; {hint}")
-        if not unit and not number.is_integer():
-            raise InvalidInput(f"shard size {value!r} is not a whole number of bytes; {hint}")
-        size = int(scaled)
-    if size <= 0 or size >= _MAX_SIZE:
-        raise InvalidInput(f"shard size {value!r} must be a positive size below 4 EB; {hint}")
-    return size
+__all__ = ["CheckpointWriter", "TensorInfo", "copy_assets", "parse_size", "plan_shards"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,44 +126,6 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 _WRITEBACK_MIN = 1 << 20  # smaller writes are left to the kernel's own writeback
-
-
-def _write_file(path: Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
-        fh.write(content)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-# Architectures that spell a standard config key their own way (transformers' attribute_map):
-# GPT-2, GPT-J, Bloom, MPT, ... keep their layer count in n_layer etc., and a config holding both
-# spellings is ambiguous, so the architecture's own key is the one updated.
-CONFIG_SYNONYMS = {"num_hidden_layers": ("n_layer", "num_layers", "n_layers"),
-                   "vocab_size": ("n_vocab", "padded_vocab_size")}
-
-
-def _spellings(config: Mapping[str, Any], key: str) -> list[str]:
-    """The keys of `config` that stand for `key`: itself and its synonyms, those present."""
-    return [k for k in (key, *CONFIG_SYNONYMS.get(key, ())) if k in config]
-
-
-def _updated_config(config: dict[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
-    config = dict(config)
-    for key, value in updates.items():
-        text = config.get("text_config")
-        if not _spellings(config, key) and isinstance(text, dict) and _spellings(text, key):
-            # a multimodal config whose language model keeps the key in text_config
-            config["text_config"] = {**text, **{k: value for k in _spellings(text, key)}}
-            continue
-        for k in _spellings(config, key) or [key]:
-            config[k] = value
-        # transformers 5 writes "dtype" where older versions wrote "torch_dtype":
-        # when the file has the other spelling too, update it so the two agree.
-        alias = {"torch_dtype": "dtype", "dtype": "torch_dtype"}.get(key)
-        if alias in config:
-            config[alias] = value
-    return config
 
 
 class CheckpointWriter:
@@ -442,38 +351,3 @@ class CheckpointWriter:
                 os.close(fd)
             except OSError:
                 pass
-
-
-def _copy_file(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    with open(dst, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def copy_assets(src: Path, dst: Path, config_updates: Mapping[str, Any], *, tokenizer: bool = True) -> list[str]:
-    """Copy config, tokenizer and sentence-transformers files from `src` to `dst`.
-
-    Weight files are never copied; the ones found in module folders are returned.
-    """
-    if not src.is_dir():
-        raise CheckpointError(f"assets folder {src} is not a folder; give the model folder to copy "
-                              "config and tokenizer files from")
-    for fname in ASSET_FILES:
-        if not tokenizer and fname in TOKENIZER_FILES:
-            continue
-        if asset_file(src, fname) is None:  # checked: no link out of src, no pipe
-            continue
-        if fname == "config.json":
-            config = read_json_file(src / fname, "config", expect=dict, advice="fix it")
-            text = json.dumps(_updated_config(config, config_updates), indent=2) + "\n"
-            _write_file(dst / fname, text.encode("utf-8"))
-        else:
-            _copy_file(src / fname, dst / fname)
-    skipped = []
-    for rel in module_files(src):  # checked: no links out of src, no pipes
-        if rel.lower().endswith(WEIGHT_SUFFIXES):
-            skipped.append(rel)
-        else:
-            _copy_file(src / rel, dst / rel)
-    return skipped

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mergelab.checkpoint.reader import Checkpoint, layer_index
+from mergelab.checkpoint.tensor_file import save_tensors
 
 RECIPES = {
     "linear": "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
@@ -68,8 +69,6 @@ def sentences(n: int = 48) -> list[str]:
 def make_finetune(base: Path, out: Path, seed: int, focus: range, scale: float) -> None:
     """Copy `base` to `out` with rank-4 updates on the attention and MLP weights of every layer,
     stronger on the layers in `focus`."""
-    from safetensors.torch import save_file
-
     shutil.copytree(base, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx", "onnx"))
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -83,7 +82,7 @@ def make_finetune(base: Path, out: Path, seed: int, focus: range, scale: float) 
                 v = torch.randn(4, t.shape[1], generator=g) / t.shape[1] ** 0.5
                 t = t + strength * t.abs().mean() * (u @ v) * t.shape[0] ** 0.5
             tensors[name] = t.contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
 
 
 def embed(model_dir: Path, texts: list[str]) -> torch.Tensor:

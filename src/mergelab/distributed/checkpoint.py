@@ -11,14 +11,14 @@ a crash mid-save leaves no half checkpoint.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from mergelab.checkpoint.state_file import load_state, state_bytes
+from mergelab.checkpoint.tensor_file import load_tensors
 from mergelab.errors import CheckpointError
 
 STATE_FILE = "mergelab_diloco.json"
@@ -31,14 +31,13 @@ def save_global(run_dir: str | Path, step: int, state_dict: dict[str, Tensor], o
 
     sd = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     layout = [TensorInfo(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
-    buf = io.BytesIO()
-    torch.save(outer_state, buf)
+    optimizer_bytes = state_bytes(outer_state)
     out = Path(run_dir) / f"checkpoint-{step}"
     writer = CheckpointWriter(out, layout, shard_size=2**62, overwrite=True)
     try:
         for k, v in sd.items():
             writer.write(k, v)
-        return writer.finish(extra_files={"optimizer.pt": buf.getvalue(),
+        return writer.finish(extra_files={"optimizer.pt": optimizer_bytes,
                                           STATE_FILE: json.dumps({"step": step, **meta}, indent=2)})
     except BaseException:
         writer.abort()
@@ -47,21 +46,19 @@ def save_global(run_dir: str | Path, step: int, state_dict: dict[str, Tensor], o
 
 def load_global(path: str | Path, model: nn.Module) -> tuple[dict[str, Tensor], dict, dict[str, Any]]:
     """(state dict, outer optimizer state, meta) of a checkpoint-<step>/ folder, checked against `model`."""
-    from safetensors.torch import load_file
-
     folder = Path(path)
     files = [folder / "model.safetensors", folder / "optimizer.pt", folder / STATE_FILE]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{folder} is not a DiLoCo checkpoint: it lacks {', '.join(missing)}")
-    sd = load_file(str(files[0]))
+    sd = load_tensors(files[0])
     for name, p in model.named_parameters():
         if name not in sd:
             raise CheckpointError(f"{files[0]} has no tensor {name}; it was saved from another model")
         if tuple(sd[name].shape) != tuple(p.shape):
             raise CheckpointError(f"{files[0]} tensor {name} has shape {tuple(sd[name].shape)}, "
                                   f"the model's is {tuple(p.shape)}")
-    outer_state = torch.load(files[1], map_location="cpu", weights_only=True)
+    outer_state = load_state(files[1])
     return sd, outer_state, json.loads(files[2].read_text())
 
 

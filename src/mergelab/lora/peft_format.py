@@ -1,4 +1,4 @@
-"""PEFT LoRA adapter folders: recognise, read and write them.
+"""PEFT LoRA adapters: their factors as mergelab's LoraLayers, read from and written to adapter folders.
 
 A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors``
 (or ``adapter_model.bin``). Each adapted module ``M`` stores two factors,
@@ -15,44 +15,33 @@ of two plain matrices, ``delta2d = B2 @ A2`` with B2 (m, r) and A2 (r, n) in
 float32 and the scale folded into B2, plus the map from that (m, n) matrix to the
 stored weight's shape: the identity (Linear), a reshape (Conv1d/2d/3d) or a
 transpose (GPT-2 Conv1D with fan_in_fan_out, embeddings).
+
+The folder's files themselves are found, read and written by mergelab.checkpoint.peft.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from mergelab.checkpoint.peft import is_adapter_folder as is_peft_adapter
+from mergelab.checkpoint.peft import load_adapter_tensors, read_adapter_config, write_adapter_folder
 from mergelab.errors import CheckpointError
 
 __all__ = ["AdapterInfo", "LoraLayer", "is_peft_adapter", "read_adapter", "write_adapter", "PREFIX"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$|"
                      r"^(?P<emodule>.+)\.(?P<ewhich>lora_embedding_A|lora_embedding_B)$")
 
 Layout = Literal["matrix", "transposed", "conv"]
-
-
-def is_peft_adapter(path: str | os.PathLike) -> bool:
-    """True for a folder holding adapter_config.json (a PEFT adapter), whatever else is in it.
-
-    The reader's rule (checkpoint.reader.is_peft_adapter), for folders only: an adapter
-    file given alone is not something the adapter merge reads.
-    """
-    from mergelab.checkpoint.reader import is_peft_adapter as reader_rule
-
-    return Path(path).expanduser().is_dir() and reader_rule(path)
 
 
 @dataclasses.dataclass
@@ -141,25 +130,6 @@ def _refusals(config: Mapping[str, Any], path: Path) -> list[str]:
     return [f"{path}: {o}" for o in out]
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    for name in WEIGHT_NAMES:
-        f = path / name
-        if f.is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                try:
-                    return load_file(str(f))
-                except Exception as exc:  # safetensors raises its own error types
-                    raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
-            try:
-                return torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise CheckpointError(f"{f}: not a readable weights_only torch file ({exc})") from None
-    raise CheckpointError(f"{path}: has {CONFIG_NAME} but no adapter_model.safetensors or adapter_model.bin; "
-                          "the adapter is incomplete")
-
-
 def read_adapter(path: str | os.PathLike, weight_shapes: Mapping[str, tuple[int, ...]] | None = None) -> AdapterInfo:
     """Read a PEFT LoRA adapter folder into float32 factors with the scale folded into B.
 
@@ -174,17 +144,11 @@ def read_adapter(path: str | os.PathLike, weight_shapes: Mapping[str, tuple[int,
         CheckpointError: naming the folder and what cannot be merged exactly.
     """
     path = Path(path).expanduser()
-    if not (path / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{path}: no {CONFIG_NAME}; a PEFT adapter folder holds {CONFIG_NAME} "
-                              "and adapter_model.safetensors")
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / CONFIG_NAME}: cannot read it ({exc})") from None
+    config = read_adapter_config(path)
     problems = _refusals(config, path)
     if problems:
         raise CheckpointError("\n".join(problems))
-    tensors = _load_tensors(path)
+    tensors = load_adapter_tensors(path)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     others, embeddings = [], set()
     for key, t in tensors.items():
@@ -303,30 +267,7 @@ def write_adapter(out: str | os.PathLike, layers: Mapping[str, LoraLayer], *, ba
         "inference_mode": True,
     }
     config.update(extra_config or {})
-    _write_folder(out, config, tensors, overwrite, extra_files or {}, protected)
+    write_adapter_folder(out, config, tensors, overwrite, extra_files or {}, protected)
     return out
 
 
-def _write_folder(out: Path, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool,
-                  extra_files: Mapping[str, str], protected: Sequence[str | os.PathLike] = ()) -> None:
-    """Write the adapter folder through mergelab's output rules (checkpoint/output.py): never over an input or
-    a folder mergelab did not write, built under a temporary name and renamed into place only when complete."""
-    from safetensors.torch import save_file
-
-    from mergelab.checkpoint.output import MARKER, check_output, partial_path, replace_folder
-
-    out = check_output(out, kind="folder", inputs=protected, overwrite=overwrite, what="adapter folder")
-    tmp = partial_path(out)
-    try:
-        tmp.mkdir()
-        (tmp / MARKER).write_text("written by mergelab; `--overwrite` may replace this folder\n")
-        save_file(tensors, str(tmp / WEIGHT_NAMES[0]), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for name, text in extra_files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        replace_folder(tmp, out, overwrite=overwrite)
-    except OSError as exc:
-        raise CheckpointError(f"writing the adapter {out} failed ({exc.strerror or exc}); is the disk full? "
-                              "nothing was written there") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -71,8 +71,6 @@ def save_stats(path: str | Path, tensors: Mapping[str, torch.Tensor], *, kind: s
         StatsError: unknown kind, no tensors, or a non-finite tensor (a NaN metric would
             poison every merge that reads it, so it is refused here already).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     kind = kind if kind is not None else getattr(tensors, "kind", None)
     if kind is None:
@@ -92,10 +90,9 @@ def save_stats(path: str | Path, tensors: Mapping[str, torch.Tensor], *, kind: s
         out[name] = t
     meta = {"format": FORMAT, "version": VERSION, "kind": kind, "count": str(int(count)),
             "extra": json.dumps(details, sort_keys=True)}
-    from mergelab.checkpoint.output import atomic_file
+    from mergelab.checkpoint.tensor_file import save_tensors_atomic
 
-    with atomic_file(path, inputs=inputs, overwrite=overwrite, what="stats file") as tmp:
-        save_file(out, str(tmp), metadata=meta)
+    save_tensors_atomic(path, out, meta, inputs=inputs, overwrite=overwrite, what="stats file")
     return path
 
 
@@ -135,10 +132,10 @@ def load_stats(path: str | Path) -> tuple[StatsDict, dict[str, Any]]:
         (tensors, meta): a StatsDict name -> float32 tensor, and {"kind", "count", "extra"}.
         For streaming use `mergelab.checkpoint.Checkpoint(path)` and `read_stats_meta(path)`.
     """
-    from safetensors.torch import load_file
+    from mergelab.checkpoint.tensor_file import load_tensors
 
     meta = read_stats_meta(path)
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     return StatsDict(tensors, kind=meta["kind"], count=meta["count"], extra=meta["extra"]), meta
 
 

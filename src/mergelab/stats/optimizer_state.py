@@ -313,6 +313,7 @@ def load_trainer_checkpoint(folder: str | Path) -> TrainerCheckpoint:
         StatsError: no optimizer.pt, or it cannot be read safely.
     """
     from mergelab.checkpoint.reader import Checkpoint
+    from mergelab.checkpoint.state_file import load_state
 
     folder = Path(folder)
     opt = folder / "optimizer.pt"
@@ -320,7 +321,7 @@ def load_trainer_checkpoint(folder: str | Path) -> TrainerCheckpoint:
         raise StatsError(f"{folder} has no optimizer.pt; the Trainer saves it unless save_only_model=True, "
                          "so the optimizer state of this run is lost")
     try:
-        state = torch.load(opt, map_location="cpu", weights_only=True)
+        state = load_state(opt)
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
         raise StatsError(f"{opt} cannot be loaded with weights_only=True ({exc}); "
                          "it is damaged or holds more than an optimizer state") from None

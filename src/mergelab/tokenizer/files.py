@@ -23,7 +23,7 @@ from mergelab.jsonfile import read_json_file
 from mergelab.tokenizer.templates import TEMPLATES, is_template_name
 from mergelab.tokenizer.vocab import added_tokens
 
-# The files of a tokenizer (as checkpoint/writer.py's TOKENIZER_FILES); copied as a set or not at all.
+# The files of a tokenizer (as checkpoint/assets.py's TOKENIZER_FILES); copied as a set or not at all.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json", "merges.txt",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")

@@ -22,17 +22,16 @@ Which average when:
 
 from __future__ import annotations
 
-from mergelab.errors import InvalidInput
-
 from pathlib import Path
-
-import torch
 
 try:  # transformers is an optional dependency
     from transformers import TrainerCallback
 except ImportError:  # pragma: no cover
     TrainerCallback = object  # type: ignore[misc,assignment]
 
+from mergelab.checkpoint.state_file import load_state, save_state
+from mergelab.checkpoint.tensor_file import save_tensors
+from mergelab.errors import InvalidInput
 from mergelab.trajectory.averager import WeightAverager
 
 
@@ -55,7 +54,7 @@ class AveragingCallback(TrainerCallback):
             resume = getattr(args, "resume_from_checkpoint", None)
             saved = Path(resume) / "averaged" / "averager.pt" if resume else None
             if saved is not None and saved.is_file():
-                self.averager.load_state_dict(torch.load(saved, weights_only=True))
+                self.averager.load_state_dict(load_state(saved, map_location=None))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
@@ -68,15 +67,13 @@ class AveragingCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "averaged"
         folder.mkdir(parents=True, exist_ok=True)
         self._save_average(model, folder)
-        torch.save(self.averager.state_dict(), folder / "averager.pt")
+        save_state(self.averager.state_dict(), folder / "averager.pt")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.copy_to_model and self.averager is not None and self.averager.num_updates:
             self.averager.copy_to(model)
 
     def _save_average(self, model, folder: Path) -> None:
-        from safetensors.torch import save_file
-
         averaged = dict(zip(self.averager.names, self.averager.averaged()))
         state = {}
         seen: dict[int, str] = {}
@@ -87,7 +84,7 @@ class AveragingCallback(TrainerCallback):
                 continue
             seen[ptr] = name
             state[name] = value.detach().to("cpu", t.dtype).contiguous()
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(folder / "model.safetensors", state, metadata={"format": "pt"})
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(folder)

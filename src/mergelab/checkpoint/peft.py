@@ -1,0 +1,123 @@
+"""PEFT adapter folders on disk: recognising them, reading their files and writing new ones.
+
+A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors``
+(or ``adapter_model.bin``). What the factors inside mean (scales, layouts, ranks)
+is mergelab.lora.peft_format's business; this module only moves the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.checkpoint.output import MARKER, check_output, partial_path, replace_folder
+from mergelab.checkpoint.state_file import load_state
+from mergelab.checkpoint.tensor_file import load_tensors, save_tensors
+from mergelab.errors import CheckpointError, MergeError
+from mergelab.jsonfile import read_json_file, shown
+
+__all__ = ["CONFIG_NAME", "WEIGHT_NAMES", "adapter_error", "is_adapter_folder", "is_peft_adapter",
+           "load_adapter_tensors", "read_adapter_config", "write_adapter_folder"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+# Tensor names of LoRA factors as PEFT saves them (also DoRA magnitudes).
+LORA_TENSOR = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+
+
+def is_peft_adapter(path: str | os.PathLike) -> bool:
+    """Whether `path` is a LoRA/PEFT adapter rather than a model: a folder holding adapter_config.json
+    (transformers loads such a folder as an adapter too), or an adapter_model.safetensors/.bin file.
+
+    Looks at file names only; Checkpoint also refuses files whose tensors are
+    LoRA factors (names with lora_A / lora_B).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return (path / CONFIG_NAME).is_file()
+    return path.name in WEIGHT_NAMES
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """True for a folder holding adapter_config.json (a PEFT adapter), whatever else is in it.
+
+    The rule of is_peft_adapter, for folders only: an adapter file given alone
+    is not something the adapter merge reads.
+    """
+    return Path(path).expanduser().is_dir() and is_peft_adapter(path)
+
+
+def adapter_error(path: Path, evidence: str) -> CheckpointError:
+    """The refusal of an adapter given where a full model is expected; `evidence` says how it was recognised."""
+    base = None
+    config = path / CONFIG_NAME if path.is_dir() else path.parent / CONFIG_NAME
+    if config.is_file():
+        try:
+            data = read_json_file(config, "adapter config", max_bytes=10**6)
+            base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+        except MergeError:
+            pass
+    base_text = f" (its base model: {shown(base)})" if isinstance(base, str) and base else ""
+    return CheckpointError(
+        f"{path}: is a LoRA/PEFT adapter ({evidence}), not a full model{base_text}; merging adapters as if "
+        "they were models would average their A and B factors separately, which is not the average of "
+        "their updates B@A (a wrong model). Apply it to its base model first (PEFT: "
+        "PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(DIR)) and merge DIR, "
+        "or use a model+lora / adapter merge where mergelab supports one")
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    """The parsed adapter_config.json of adapter folder `path`; CheckpointError when it is absent or unreadable."""
+    if not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_NAME}; a PEFT adapter folder holds {CONFIG_NAME} "
+                              "and adapter_model.safetensors")
+    try:
+        return json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / CONFIG_NAME}: cannot read it ({exc})") from None
+
+
+def load_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of adapter folder `path`: adapter_model.safetensors, else adapter_model.bin (weights_only)."""
+    for name in WEIGHT_NAMES:
+        f = path / name
+        if f.is_file():
+            if name.endswith(".safetensors"):
+                try:
+                    return load_tensors(f)
+                except Exception as exc:  # safetensors raises its own error types
+                    raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
+            try:
+                return load_state(f)
+            except Exception as exc:
+                raise CheckpointError(f"{f}: not a readable weights_only torch file ({exc})") from None
+    raise CheckpointError(f"{path}: has {CONFIG_NAME} but no adapter_model.safetensors or adapter_model.bin; "
+                          "the adapter is incomplete")
+
+
+def write_adapter_folder(out: Path, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool,
+                         extra_files: Mapping[str, str], protected: Sequence[str | os.PathLike] = ()) -> None:
+    """Write the adapter folder through mergelab's output rules (checkpoint/output.py): never over an input or
+    a folder mergelab did not write, built under a temporary name and renamed into place only when complete."""
+    out = check_output(out, kind="folder", inputs=protected, overwrite=overwrite, what="adapter folder")
+    tmp = partial_path(out)
+    try:
+        tmp.mkdir()
+        (tmp / MARKER).write_text("written by mergelab; `--overwrite` may replace this folder\n")
+        save_tensors(tmp / WEIGHT_NAMES[0], tensors, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        replace_folder(tmp, out, overwrite=overwrite)
+    except OSError as exc:
+        raise CheckpointError(f"writing the adapter {out} failed ({exc.strerror or exc}); is the disk full? "
+                              "nothing was written there") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
