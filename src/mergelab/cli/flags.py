@@ -1,0 +1,34 @@
+"""Which command-line flag sets which library option.
+
+Library errors name the Python keyword or recipe field that fixes a problem and carry
+it as `MergeError.option` (see mergelab.errors); `hint` turns it into the flag a user
+of the `mergelab` command types, and `cli.common.fail` adds it to the message.
+"""
+
+from __future__ import annotations
+
+# library keyword / recipe field -> the flag (with its value, where one helps)
+OPTION_FLAGS: dict[str, str] = {
+    "allow_crimes": "--allow-crimes",
+    "allow_missing_tensors": "--allow-missing-tensors",
+    "allow_nonfinite": "--allow-nonfinite",
+    "skip_unstable": "--skip-unstable",
+    "overwrite": "--overwrite",
+    "offline": "--offline",
+    "every": "--every",
+    "last": "--last",
+    "device": "--device",
+    "seed": "--seed",
+    "budget": "--budget",
+    "workers": "--workers",
+    "objectives": "--objective METRIC[:max|:min]",
+    "sampler": "--sampler",
+    "study_name": "--study-name",
+    "vary": "--vary FIELD=GRID",
+    "i_understand_this_is_not_useful_without_training": "--i-understand-this-is-not-useful-without-training",
+}
+
+
+def hint(option: str | None) -> str | None:
+    """The flag of `option`, or None when the command line has none."""
+    return OPTION_FLAGS.get(option) if option else None
