@@ -7,6 +7,8 @@ of the `mergelab` command types, and `cli.common.fail` adds it to the message.
 
 from __future__ import annotations
 
+import re
+
 # library keyword / recipe field -> the flag (with its value, where one helps)
 OPTION_FLAGS: dict[str, str] = {
     "allow_crimes": "--allow-crimes",
@@ -32,3 +34,15 @@ OPTION_FLAGS: dict[str, str] = {
 def hint(option: str | None) -> str | None:
     """The flag of `option`, or None when the command line has none."""
     return OPTION_FLAGS.get(option) if option else None
+
+
+def with_flags(text: str, *options: str | None) -> str:
+    """`text` with the flags of `options` appended, those it does not name yet.
+
+    With no options given, the options `text` spells as `keyword=` are used (advice a
+    library report holds, e.g. "skip_unstable=True").
+    """
+    if not options:
+        options = tuple(k for k in OPTION_FLAGS if re.search(rf"(?<![\w.]){k}=", text))
+    flags = [f for f in (hint(o) for o in options) if f and f.split()[0] not in text]
+    return text + f" (on the command line: {', '.join(flags)})" if flags else text
