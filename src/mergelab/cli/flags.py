@@ -23,10 +23,12 @@ OPTION_FLAGS: dict[str, str] = {
     "seed": "--seed",
     "budget": "--budget",
     "workers": "--workers",
+    "objective": "--objective METRIC[:max|:min]",
     "objectives": "--objective METRIC[:max|:min]",
     "sampler": "--sampler",
     "study_name": "--study-name",
     "vary": "--vary FIELD=GRID",
+    "zipped": "--zip",
     "i_understand_this_is_not_useful_without_training": "--i-understand-this-is-not-useful-without-training",
 }
 
