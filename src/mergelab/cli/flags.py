@@ -29,7 +29,7 @@ OPTION_FLAGS: dict[str, str] = {
     "study_name": "--study-name",
     "vary": "--vary FIELD=GRID",
     "zipped": "--zip",
-    "i_understand_this_is_not_useful_without_training": "--i-understand-this-is-not-useful-without-training",
+    "allow_all_same": "--i-understand-this-is-not-useful-without-training",
 }
 
 
@@ -38,13 +38,12 @@ def hint(option: str | None) -> str | None:
     return OPTION_FLAGS.get(option) if option else None
 
 
-def with_flags(text: str, *options: str | None) -> str:
-    """`text` with the flags of `options` appended, those it does not name yet.
+def with_flags(text: str, option: str | None = None) -> str:
+    """`text` with the flag of `option` appended, unless it names it already.
 
-    With no options given, the options `text` spells as `keyword=` are used (advice a
-    library report holds, e.g. "skip_unstable=True").
+    Without an option, the flags of the options `text` spells as `keyword=` (e.g.
+    "skip_unstable=True" in a report's advice, or in one of a recipe's problems).
     """
-    if not options:
-        options = tuple(k for k in OPTION_FLAGS if re.search(rf"(?<![\w.]){k}=", text))
+    options = [option] if option else [k for k in OPTION_FLAGS if re.search(rf"(?<![\w.]){k}=", text)]
     flags = [f for f in (hint(o) for o in options) if f and f.split()[0] not in text]
     return text + f" (on the command line: {', '.join(flags)})" if flags else text

@@ -319,7 +319,7 @@ def _write_folder(out: Path, config: dict, tensors: dict[str, torch.Tensor], ove
     tmp = partial_path(out)
     try:
         tmp.mkdir()
-        (tmp / MARKER).write_text("written by mergelab; `--overwrite` may replace this folder\n")
+        (tmp / MARKER).write_text("written by mergelab; mergelab may replace it when told to overwrite\n")
         save_file(tensors, str(tmp / WEIGHT_NAMES[0]), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, text in extra_files.items():
