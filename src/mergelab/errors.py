@@ -9,6 +9,9 @@ command line shows.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class MergeError(Exception):
     """Base class of every error mergelab raises on purpose.
@@ -25,6 +28,17 @@ class MergeError(Exception):
 
     def __reduce__(self):  # keeps `option` across pickling (worker processes)
         return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+@contextlib.contextmanager
+def fixed_by(option: str) -> Iterator[None]:
+    """A MergeError raised inside (e.g. reading the file given as `option`) carries `option`, unless it has one."""
+    try:
+        yield
+    except MergeError as exc:
+        if exc.option is None:
+            exc.option = option
+        raise
 
 
 def _rebuild(cls: type, args: tuple, state: dict) -> MergeError:

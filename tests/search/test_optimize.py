@@ -13,7 +13,7 @@ pytest.importorskip("optuna")
 pytest.importorskip("cmaes")
 
 import mergelab  # noqa: E402
-from mergelab.analysis.eval_setup import EvalOptions, make_setup  # noqa: E402
+from mergelab.analysis.eval_setup import function_setup  # noqa: E402
 from mergelab.errors import MergeError, RecipeError  # noqa: E402
 from mergelab.search.candidate import CandidateEvaluator  # noqa: E402
 from mergelab.search.optimize import SearchSettings, run_search  # noqa: E402
@@ -27,7 +27,7 @@ LOSS = [Objective("loss", False)]
 
 
 def _scorer(first, fn: str, workers: int = 1) -> CandidateEvaluator:
-    return CandidateEvaluator.from_setup(make_setup(EvalOptions(toy_spec(fn)), first), workers=workers)
+    return CandidateEvaluator.from_setup(function_setup(toy_spec(fn), first), workers=workers)
 
 
 def _settings(tmp_path, budget: int, memory: bool = True, **kw) -> SearchSettings:

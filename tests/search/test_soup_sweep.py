@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mergelab.analysis.eval_setup import EvalOptions, make_setup
+from mergelab.analysis.eval_setup import function_setup
 from mergelab.errors import MergeError
 from mergelab.search.candidate import CandidateEvaluator
 from mergelab.search.pareto import Objective, pareto_front, parse_objective
@@ -30,7 +30,7 @@ def soup_models(tmp_path):
 
 
 def _scorer(first, fn: str, workers: int = 1) -> CandidateEvaluator:
-    return CandidateEvaluator.from_setup(make_setup(EvalOptions(toy_spec(fn)), first), workers=workers)
+    return CandidateEvaluator.from_setup(function_setup(toy_spec(fn), first), workers=workers)
 
 
 def test_greedy_soup_picks_the_hand_worked_set(soup_models):
