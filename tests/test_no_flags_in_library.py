@@ -40,13 +40,27 @@ def _strings(path: Path):
             yield node.lineno, node.value
 
 
+def _named_options(tree: ast.AST):
+    """Flags typer derives from a parameter's name: `last: int = typer.Option(3)` is --last."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args.args + node.args.kwonlyargs
+            defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults
+            for arg, default in zip(args, defaults + node.args.kw_defaults):
+                if (isinstance(default, ast.Call) and getattr(default.func, "attr", None) == "Option"
+                        and not any(isinstance(a, ast.Constant) and str(a.value).startswith("-")
+                                    for a in default.args)):
+                    yield "--" + arg.arg.replace("_", "-")
+
+
 def cli_flags() -> set[str]:
-    """Every flag the command line defines (the `--name` constants of cli/)."""
+    """Every flag the command line defines (the `--name` constants of cli/, and those typer names itself)."""
     flags = set()
     for path in CLI.rglob("*.py"):
         for _, text in _strings(path):
             if re.fullmatch(r"--[a-z][a-z0-9-]*", text):
                 flags.add(text)
+        flags.update(_named_options(ast.parse(path.read_text())))
     return flags
 
 
@@ -57,7 +71,7 @@ def library_files():
 
 
 def test_the_scan_knows_the_flags():
-    assert {"--allow-nonfinite", "--objective", "--overwrite", "--eval"} <= cli_flags()
+    assert {"--allow-nonfinite", "--objective", "--overwrite", "--eval", "--base", "--last", "--every"} <= cli_flags()
 
 
 def test_library_strings_name_no_flags():

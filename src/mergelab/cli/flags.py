@@ -21,6 +21,7 @@ OPTION_FLAGS: dict[str, str] = {
     "last": "--last",
     "device": "--device",
     "seed": "--seed",
+    "base": "--base",
     "model": "--model module:factory",
     "model_factory": "--model module:factory",
     "data": "--data",
