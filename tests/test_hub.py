@@ -144,8 +144,9 @@ def test_offline_flag_overrides_an_online_environment(cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     called = []
     monkeypatch.setattr(hf, "list_repo_files", lambda *a, **k: called.append(a) or [])
-    with pytest.raises(Exception, match="offline"):
+    with pytest.raises(Exception, match=r"offline.*offline=False") as exc:
         hub.resolve_hub_model("org/absent", offline=True)
+    assert exc.value.option == "offline"
     assert not called
 
 

@@ -65,7 +65,7 @@ def check_architectures(rec, checkpoints) -> None:
     if len(seen) > 1:
         listed = "; ".join(f"{arch}: {', '.join(paths)}" for arch, paths in seen.items())
         raise MergeError(f"the models are of different architectures ({listed}); merging them is rarely meaningful. "
-                         "Check the model paths, or merge anyway with allow_crimes=True (--allow-crimes)")
+                         "Check the model paths, or merge anyway with allow_crimes=True", option="allow_crimes")
 
 
 def _merge_recipe(resolved, out_dir, *, device, seed, shard_size, overwrite, dry_run, show_progress,

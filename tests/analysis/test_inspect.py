@@ -131,7 +131,10 @@ def test_without_base_task_vectors_are_deviations_from_the_mean(tmp_path):
     assert report.reference == "mean"
     assert report.overall.task_cosine[0][1] == pytest.approx(-1.0, abs=1e-6)  # two deviations are opposite
     rec = recommend(report)
-    assert rec[0].startswith("linear (or slerp") and "--base" in rec[1]
+    assert rec[0].startswith("linear (or slerp") and "give base= (the model they were fine-tuned from)" in rec[1]
+    from mergelab.cli.flags import with_flags
+
+    assert with_flags(rec[1]).endswith("(on the command line: --base)")  # as the inspect command shows it
 
 
 def test_different_shapes_are_a_clear_error(tmp_path):

@@ -172,8 +172,9 @@ def test_existing_output_needs_overwrite_and_is_replaced_atomically(tmp_path):
     with pytest.raises(OutputError, match="did not write"):  # not mergelab's folder: never replaced
         CheckpointWriter(out, layout, shard_size=10, overwrite=True)
     (out / ".mergelab-output").write_text("")
-    with pytest.raises(OutputError, match="already exists.*overwrite=True"):
+    with pytest.raises(OutputError, match=r"already exists.*\(overwrite=True\)") as exc:
         CheckpointWriter(out, layout, shard_size=10)
+    assert exc.value.option == "overwrite"
     with pytest.raises(RuntimeError):  # a failed overwrite keeps the old folder as it was
         with CheckpointWriter(out, layout, shard_size=10, overwrite=True):
             raise RuntimeError("fail before finish")

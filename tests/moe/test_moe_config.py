@@ -67,6 +67,8 @@ def test_random_gates_need_no_prompts_and_same_model_passes_with_mergekits_flag(
     same = [{"source_model": good["experts"][0]["source_model"]}] * 2
     result, out = _run(tmp_path, {**good, "gate_mode": "random", "experts": same})
     assert result.exit_code == 2 and "every expert is" in result.output
+    assert "allow_all_same=True" in result.output
+    assert "(on the command line: --i-understand-this-is-not-useful-without-training)" in result.output
     result, out = _run(tmp_path, {**good, "gate_mode": "random", "experts": same},
                        "--i-understand-this-is-not-useful-without-training")
     assert result.exit_code == 0, result.output

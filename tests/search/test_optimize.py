@@ -13,7 +13,7 @@ pytest.importorskip("optuna")
 pytest.importorskip("cmaes")
 
 import mergelab  # noqa: E402
-from mergelab.analysis.eval_setup import EvalOptions, make_setup  # noqa: E402
+from mergelab.analysis.eval_setup import function_setup  # noqa: E402
 from mergelab.errors import MergeError, RecipeError  # noqa: E402
 from mergelab.search.candidate import CandidateEvaluator  # noqa: E402
 from mergelab.search.optimize import SearchSettings, run_search  # noqa: E402
@@ -27,7 +27,7 @@ LOSS = [Objective("loss", False)]
 
 
 def _scorer(first, fn: str, workers: int = 1) -> CandidateEvaluator:
-    return CandidateEvaluator.from_setup(make_setup(EvalOptions(toy_spec(fn)), first), workers=workers)
+    return CandidateEvaluator.from_setup(function_setup(toy_spec(fn), first), workers=workers)
 
 
 def _settings(tmp_path, budget: int, memory: bool = True, **kw) -> SearchSettings:
@@ -70,8 +70,9 @@ def test_a_search_resumes_from_its_study(unit_models, tmp_path):
     assert len(run_search(recipe, params, score, LOSS, _settings(tmp_path, 8, False, sampler="random")).trials) == 10
     # Another recipe cannot continue this study.
     other = linear_recipe(unit_models, {"search": [0.0, 0.5]}, RANGE)
-    with pytest.raises(MergeError, match="another recipe"):
+    with pytest.raises(MergeError, match=r"another recipe.*study_name=") as exc:
         run_search(other, find_search_params(other), score, LOSS, _settings(tmp_path, 12, False, sampler="random"))
+    assert exc.value.option == "study_name"
 
 
 def test_the_candidate_of_a_dead_worker_is_retried(unit_models, tmp_path):
@@ -184,14 +185,17 @@ def test_budget_zero_and_other_bad_settings(unit_models, tmp_path):
     recipe = linear_recipe(unit_models, RANGE, RANGE)
     params = find_search_params(recipe)
     score = _scorer(unit_models["e1"], "quadratic")
-    with pytest.raises(MergeError, match="budget of at least 1"):
+    with pytest.raises(MergeError, match=r"budget=0: .*budget of at least 1") as exc:
         run_search(recipe, params, score, LOSS, _settings(tmp_path, 0))
-    with pytest.raises(MergeError, match="one objective"):
+    assert exc.value.option == "budget"
+    with pytest.raises(MergeError, match=r"one objective; use sampler='nsga2'") as exc:
         run_search(recipe, params, score, [*LOSS, Objective("x", True)], _settings(tmp_path, 5, sampler="cmaes"))
+    assert exc.value.option == "sampler"
     with pytest.raises(MergeError, match="no search ranges"):
         run_search(recipe, [], score, LOSS, _settings(tmp_path, 5))
-    with pytest.raises(MergeError, match="'acc' is not among"):
+    with pytest.raises(MergeError, match=r"'acc' is not among.*in objectives") as exc:
         run_search(recipe, params, score, [Objective("acc", True)], _settings(tmp_path, 2, sampler="random"))
+    assert exc.value.option == "objectives"
 
 
 def _cli(*args, cwd):

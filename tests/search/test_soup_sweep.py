@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mergelab.analysis.eval_setup import EvalOptions, make_setup
+from mergelab.analysis.eval_setup import function_setup
 from mergelab.errors import MergeError
 from mergelab.search.candidate import CandidateEvaluator
 from mergelab.search.pareto import Objective, pareto_front, parse_objective
@@ -30,7 +30,7 @@ def soup_models(tmp_path):
 
 
 def _scorer(first, fn: str, workers: int = 1) -> CandidateEvaluator:
-    return CandidateEvaluator.from_setup(make_setup(EvalOptions(toy_spec(fn)), first), workers=workers)
+    return CandidateEvaluator.from_setup(function_setup(toy_spec(fn), first), workers=workers)
 
 
 def test_greedy_soup_picks_the_hand_worked_set(soup_models):
@@ -63,8 +63,9 @@ def test_the_objective_defaults_to_the_evaluators_only_metric(soup_models):
     r = greedy_soup(paths, _scorer(paths[0], "neg_dist"), None)  # "score": maximised by its name
     assert r.objective == Objective("score", True)
     assert r.members == [str(soup_models["D"]), str(soup_models["B"])]
-    with pytest.raises(MergeError, match=r"several metrics \(x_score, y_score\); choose"):
+    with pytest.raises(MergeError, match=r"several metrics \(x_score, y_score\); choose.*objective=") as exc:
         greedy_soup(paths, _scorer(paths[0], "coords"), None)
+    assert exc.value.option == "objective"
     with pytest.raises(MergeError, match="'acc' is not among"):
         uniform_soup(paths, _scorer(paths[0], "neg_dist"), Objective("acc", True))
 
@@ -111,11 +112,13 @@ def test_objectives_and_grids_parse():
     assert parse_grid("0:1:5") == pytest.approx([0, 0.25, 0.5, 0.75, 1])
     assert parse_grid("0.1, 0.5") == [0.1, 0.5]
     assert parse_vary("models[0].parameters.weight=0:1:3") == ("models[0].parameters.weight", [0, 0.5, 1])
-    with pytest.raises(MergeError, match="FIELD="):
+    with pytest.raises(MergeError, match="FIELD=") as exc:
         parse_vary("models[0].parameters.weight")
+    assert exc.value.option == "vary"
     assert len(grid_points([("a", [1, 2]), ("b", [3, 4, 5])])) == 6
-    with pytest.raises(MergeError, match="one length"):
+    with pytest.raises(MergeError, match="zipped=True needs grids of one length") as exc:
         grid_points([("a", [1, 2]), ("b", [3, 4, 5])], zipped=True)
+    assert exc.value.option == "zipped"
 
 
 def test_sweep_marks_the_front_of_two_metrics(unit_models):

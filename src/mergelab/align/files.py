@@ -26,7 +26,7 @@ from mergelab.align.trace import spec_from_module
 from mergelab.analysis.eval_setup import _factory_module, _inputs_and_labels, _load_torch_file, _token_ids, read_state
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo, parse_size
-from mergelab.errors import MergeError
+from mergelab.errors import MergeError, fixed_by
 
 
 def _config(path: Path) -> dict[str, Any] | None:
@@ -57,24 +57,26 @@ def _hf_module(folder: Path, config: dict[str, Any], state: dict[str, torch.Tens
 def _text_batches(data: Path, tokenizer_from: Path, seq_len: int = 128, batch_size: int = 4,
                   max_batches: int = 16) -> list[dict[str, torch.Tensor]]:
     if data.suffix in (".pt", ".safetensors"):
-        ids = _token_ids(data)
+        with fixed_by("data"):
+            ids = _token_ids(data, "data")
     else:
         try:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(tokenizer_from), local_files_only=True)
         except Exception as exc:
-            raise MergeError(f"--data {data}: cannot load the tokenizer of {tokenizer_from} to tokenize it "
-                             f"({type(exc).__name__}); give token ids as a .pt file instead") from exc
+            raise MergeError(f"data {data}: cannot load the tokenizer of {tokenizer_from} to tokenize it "
+                             f"({type(exc).__name__}); give token ids as a .pt file instead", option="data") from exc
         ids = torch.tensor(tok(data.read_text(encoding="utf-8"))["input_ids"])
     windows = ids[: (ids.numel() // seq_len) * seq_len].reshape(-1, seq_len)[: batch_size * max_batches]
     if not len(windows):
-        raise MergeError(f"--data {data} holds fewer than {seq_len} tokens")
+        raise MergeError(f"data {data} holds fewer than {seq_len} tokens", option="data")
     return [{"input_ids": w} for w in windows.split(batch_size)]
 
 
 def _classifier_batches(data: Path) -> list[torch.Tensor]:
-    x, _ = _inputs_and_labels(_load_torch_file(data, "--data"), data, "--data")
+    with fixed_by("data"):
+        x, _ = _inputs_and_labels(_load_torch_file(data, "data"), data, "data")
     return list(x.split(256))
 
 
@@ -98,16 +100,17 @@ def align_checkpoints(model_a: str | Path, model_b: str | Path, out_dir: str | P
     elif config is not None:
         spec = spec_for_hf(config, {k: tuple(v.shape) for k, v in state_a.items()})
     else:
-        raise MergeError(f"{a_path} has no config.json of a Hugging Face model; pass --model module:factory "
-                         "building the network so its permutation spec can be traced")
+        raise MergeError(f"{a_path} has no config.json of a Hugging Face model; give model_factory= "
+                         "(module:factory) building the network so its permutation spec can be traced",
+                         option="model_factory")
     check_pair(spec, state_a, state_b)
     start = time.perf_counter()
     if method == "weight_matching":
         result = weight_matching(spec, state_a, state_b, seed=seed)
     else:
         if data is None:
-            raise MergeError("--method activation needs --data (a text file or token ids for a Hugging Face "
-                             "model, a torch file of inputs for --model)")
+            raise MergeError("method='activation' needs data= (a text file or token ids for a Hugging Face "
+                             "model, a torch file of inputs for model_factory=)", option="data")
         data = Path(data)
         if module_a is not None:
             module_b = _factory_module(model_factory, None)

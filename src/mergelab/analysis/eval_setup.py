@@ -1,23 +1,25 @@
-"""Evaluator setup for `mergelab analyze`: command-line options -> template model and evaluator.
+"""Evaluator setups: a template model and an evaluator, built from typed arguments.
 
-Evaluator SPEC (`--eval`):
-    causal-lm          mean next-token loss of a Hugging Face causal LM, built from the
-                       first model's config.json, on --text FILE (tokenized with
-                       --tokenizer, default the first model's folder) or --tokens F.pt;
-    classifier         cross-entropy and accuracy on --data F.pt ({"X": ..., "y": ...} or
-                       (X, y)) of the nn.Module that --model module:factory builds;
-    module:function    a user function (also path/to/file.py:function) returning a dict of
-                       metrics. With --model it is called with the module, weights loaded;
-                       without, with the state dict itself (name -> tensor).
+    causal_lm_setup    mean next-token loss of a Hugging Face causal LM, built from the
+                       first model's config.json, on `text` (tokenized with `tokenizer`,
+                       default the first model's folder) or `tokens` (a torch file of ids);
+    classifier_setup   cross-entropy and accuracy on `data` ({"X": ..., "y": ...} or
+                       (X, y)) of the nn.Module that `model` (module:factory) builds;
+    function_setup     a user function (module:function or path/to/file.py:function)
+                       returning a dict of metrics. With `model` it is called with the
+                       module, weights loaded; without, with the state dict (name -> tensor).
+
+Errors name these keywords (and carry them as `MergeError.option`); the command line's
+options are turned into these calls by `mergelab.cli.evaluators`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,10 +27,7 @@ from torch import nn
 from mergelab.analysis import evaluators as ev
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.state_file import read_data_file
-from mergelab.errors import MergeError
-
-BUILT_IN = ("causal-lm", "classifier")
-
+from mergelab.errors import MergeError, fixed_by
 
 # ----------------------------------------------------------------------------- files
 
@@ -57,11 +56,11 @@ def _inputs_and_labels(obj: Any, path: Path, what: str) -> tuple[torch.Tensor, t
                      f"found {found}")
 
 
-def _token_ids(path: Path) -> torch.Tensor:
-    obj = _load_torch_file(path, "--tokens")
+def _token_ids(path: Path, what: str = "tokens") -> torch.Tensor:
+    obj = _load_torch_file(path, what)
     ids = obj.get("input_ids") if isinstance(obj, Mapping) else obj
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
-        raise MergeError(f"--tokens {path}: expected an integer tensor of token ids (or {{'input_ids': ...}})")
+        raise MergeError(f"{what} {path}: expected an integer tensor of token ids (or {{'input_ids': ...}})")
     return ids.reshape(-1)
 
 
@@ -76,23 +75,6 @@ def read_state(ck: Checkpoint, want: Sequence[str] = ()) -> dict[str, torch.Tens
 
 
 # ----------------------------------------------------------------------------- evaluator setup
-
-
-@dataclasses.dataclass
-class EvalOptions:
-    """The evaluator options of path, scaling and plane, as given on the command line."""
-
-    spec: str
-    model: Optional[str] = None
-    data: Optional[Path] = None
-    text: Optional[Path] = None
-    tokens: Optional[Path] = None
-    tokenizer: Optional[Path] = None
-    seq_len: int = 128
-    max_batches: int = 16
-    batch_size: Optional[int] = None
-    bn_data: Optional[Path] = None
-    device: Optional[str] = None  # None: cpu
 
 
 @dataclasses.dataclass
@@ -127,40 +109,35 @@ def _on_state_dict(fn: ev.Evaluator) -> ev.Evaluator:
     return evaluate_state_dict
 
 
-def _reject(o: EvalOptions, kind: str, *names: str) -> None:
-    """Options that `kind` would ignore are an error, not a silent no-op."""
-    given = [f"--{n.replace('_', '-')}" for n in names if getattr(o, n) is not None]
-    if given:
-        raise MergeError(f"{', '.join(given)} not used by --eval {kind}; leave {'them' if len(given) > 1 else 'it'} "
-                         "out (see `mergelab analyze path --help` for which evaluator reads which option)")
-
-
 def _to_device(module: nn.Module, device: str | None) -> nn.Module:
     try:
         return module.to(device or "cpu")
     except (RuntimeError, AssertionError) as exc:  # an unknown name, or torch built without that backend
-        raise MergeError(f"--device {device}: cannot move the model there ({exc}); use cpu, cuda or cuda:N") from exc
+        raise MergeError(f"device={device!r}: cannot move the model there ({exc}); use cpu, cuda or cuda:N",
+                         option="device") from exc
 
 
 def _factory_module(spec: str, device: str | None) -> nn.Module:
+    """The nn.Module that `spec` (module:factory or file.py:factory, called with no arguments) builds."""
     try:
-        factory = ev.load_evaluator(spec)  # the same module:function import, reported as --model
+        factory = ev.load_evaluator(spec)  # the same module:function import, reported as the model
     except MergeError as exc:
-        raise MergeError(str(exc).replace(f"evaluator {spec!r}", f"--model {spec!r}", 1)) from exc
+        raise MergeError(str(exc).replace(f"evaluator {spec!r}", f"model {spec!r}", 1), option="model") from exc
     try:
         module = factory()
     except Exception as exc:
-        raise MergeError(f"--model {spec!r}: calling it failed ({type(exc).__name__}: {exc}); it must build "
-                         "the model with no arguments") from exc
+        raise MergeError(f"model {spec!r}: calling it failed ({type(exc).__name__}: {exc}); it must build "
+                         "the model with no arguments", option="model") from exc
     if not isinstance(module, nn.Module):
-        raise MergeError(f"--model {spec!r} returned {type(module).__name__}, not a torch nn.Module")
+        raise MergeError(f"model {spec!r} returned {type(module).__name__}, not a torch nn.Module", option="model")
     return _to_device(module, device)
 
 
 def _hf_causal_lm(folder: Path, device: str | None) -> nn.Module:
     if not (folder / "config.json").is_file():
-        raise MergeError(f"--eval causal-lm builds the model from {folder / 'config.json'}, which does not "
-                         "exist; give Hugging Face model folders, or use --model with your own evaluator")
+        raise MergeError(f"the causal-lm evaluator builds the model from {folder / 'config.json'}, which does not "
+                         "exist; give Hugging Face model folders, or your own evaluator with a model factory "
+                         "(model=)", option="model")
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -172,89 +149,77 @@ def _hf_causal_lm(folder: Path, device: str | None) -> nn.Module:
     return _to_device(model, device)
 
 
-def _causal_lm(o: EvalOptions, first: Path) -> Setup:
-    _reject(o, "causal-lm", "model", "data", "bn_data")
-    if (o.text is None) == (o.tokens is None):
-        raise MergeError("--eval causal-lm needs one of --text FILE (tokenized with --tokenizer, default the "
-                         "first model's folder) or --tokens F.pt (token ids), not both or neither")
-    template = _hf_causal_lm(first, o.device)
-    if o.tokens is not None:
-        _reject(o, "causal-lm with --tokens", "tokenizer")
-        source, what = _token_ids(o.tokens), f"tokens {o.tokens}"
+def causal_lm_setup(first: Path, *, text: Path | None = None, tokens: Path | None = None,
+                    tokenizer: Path | None = None, seq_len: int = 128, max_batches: int = 16,
+                    batch_size: int | None = None, device: str | None = None) -> Setup:
+    """Mean next-token loss of the causal LM of `first`'s config.json, on `text` or on `tokens` (ids)."""
+    if (text is None) == (tokens is None):
+        raise MergeError("the causal-lm evaluator reads one of text= (a text file, tokenized with tokenizer=, "
+                         "default the first model's folder) or tokens= (a torch file of token ids), not both "
+                         "or neither", option="text")
+    template = _hf_causal_lm(first, device)
+    if tokens is not None:
+        with fixed_by("tokens"):
+            source, what = _token_ids(tokens), f"tokens {tokens}"
     else:
-        source, what = o.text, f"text {o.text}"
-    tokenizer = o.tokenizer or first
+        source, what = text, f"text {text}"
+    tokenizer = tokenizer or first
     if not Path(tokenizer).is_dir():
-        raise MergeError(f"--tokenizer {tokenizer} is not a folder; give a local tokenizer folder")
+        raise MergeError(f"tokenizer {tokenizer} is not a folder; give a local tokenizer folder", option="tokenizer")
     try:
-        evaluator = ev.causal_lm_evaluator(source, o.seq_len, o.max_batches, batch_size=o.batch_size or 4,
+        evaluator = ev.causal_lm_evaluator(source, seq_len, max_batches, batch_size=batch_size or 4,
                                            tokenizer=tokenizer)
     except MergeError:
         raise
     except Exception as exc:  # transformers' own errors for a folder without tokenizer files
-        raise MergeError(f"--tokenizer {tokenizer}: cannot load a tokenizer ({type(exc).__name__}: {exc}); pass "
-                         "--tokenizer DIR with tokenizer files, or --tokens F.pt") from exc
-    return Setup(template, evaluator, f"causal-lm loss on {what}, seq_len {o.seq_len}")
+        raise MergeError(f"tokenizer {tokenizer}: cannot load a tokenizer ({type(exc).__name__}: {exc}); give "
+                         "tokenizer= a folder with tokenizer files, or tokens= (token ids)",
+                         option="tokenizer") from exc
+    return Setup(template, evaluator, f"causal-lm loss on {what}, seq_len {seq_len}")
 
 
-def _classifier(o: EvalOptions) -> Setup:
-    _reject(o, "classifier", "text", "tokens", "tokenizer")
-    if o.data is None or o.model is None:
-        raise MergeError("--eval classifier needs --data F.pt (inputs and labels) and --model module:factory "
-                         "(builds the network)")
-    X, y = _inputs_and_labels(_load_torch_file(o.data, "--data"), o.data, "--data")
+def classifier_setup(data: Path, model: str, *, batch_size: int | None = None, device: str | None = None) -> Setup:
+    """Cross-entropy and accuracy on `data` (inputs and labels) of the network `model` (module:factory) builds."""
+    with fixed_by("data"):
+        X, y = _inputs_and_labels(_load_torch_file(data, "data"), data, "data")
     if y is None:
-        raise MergeError(f"--data {o.data}: holds inputs only; save {{'X': inputs, 'y': labels}}")
-    evaluator = ev.classifier_evaluator(X, y, batch_size=o.batch_size or 256)
-    return Setup(_factory_module(o.model, o.device), evaluator, f"classifier on {o.data} ({len(y)} examples)")
+        raise MergeError(f"data {data}: holds inputs only; save {{'X': inputs, 'y': labels}}", option="data")
+    evaluator = ev.classifier_evaluator(X, y, batch_size=batch_size or 256)
+    return Setup(_factory_module(model, device), evaluator, f"classifier on {data} ({len(y)} examples)")
 
 
-def _user(o: EvalOptions, first: Checkpoint) -> Setup:
-    _reject(o, o.spec, "data", "text", "tokens", "tokenizer")
-    fn = ev.load_evaluator(o.spec)
-    if o.model is None:
-        if o.bn_data is not None:
-            raise MergeError("--bn-data needs a module to refresh; give --model module:factory")
-        _reject(o, f"{o.spec} without --model (it is given CPU state dicts)", "device")
-        return Setup(StateDictTemplate(read_state(first)), _on_state_dict(fn), f"{o.spec} on state dicts")
-    return Setup(_factory_module(o.model, o.device), fn, f"{o.spec} on {o.model}")
+def function_setup(function: str, first: Path | Checkpoint, *, model: str | None = None,
+                   device: str | None = None) -> Setup:
+    """Your `function` (module:function or file.py:function): given the module `model` builds, or without
+    `model`, the state dict (a template read from the first model, `first`: its path or open Checkpoint)."""
+    fn = ev.load_evaluator(function)
+    if model is not None:
+        return Setup(_factory_module(model, device), fn, f"{function} on {model}")
+    if not isinstance(first, Checkpoint):
+        with Checkpoint(first) as ck:
+            return function_setup(function, ck)
+    return Setup(StateDictTemplate(read_state(first)), _on_state_dict(fn), f"{function} on state dicts")
 
 
-def _bn_batches(o: EvalOptions, template: nn.Module) -> list[torch.Tensor] | None:
-    if o.bn_data is None:
+def bn_batches(bn_data: Path | None, template: nn.Module, batch_size: int | None = None) -> list[torch.Tensor] | None:
+    """Batches of the inputs in `bn_data` that recompute `template`'s batch-norm statistics (None: no file)."""
+    if bn_data is None:
         return None
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in template.modules()):
-        raise MergeError(f"--bn-data: the model of --eval {o.spec} has no batch-norm layers; leave --bn-data out")
-    X, _ = _inputs_and_labels(_load_torch_file(o.bn_data, "--bn-data"), o.bn_data, "--bn-data")
-    size = o.batch_size or 256
+        raise MergeError("bn_data: the model has no batch-norm layers; leave bn_data out", option="bn_data")
+    with fixed_by("bn_data"):
+        X, _ = _inputs_and_labels(_load_torch_file(bn_data, "bn_data"), bn_data, "bn_data")
+    size = batch_size or 256
     return [X[i:i + size] for i in range(0, len(X), size)]
 
 
-def make_setup(o: EvalOptions, first: Path, first_checkpoint: Checkpoint | None = None) -> Setup:
-    """The template model and evaluator of `o`; `first` is the first model (config, tokenizer, or the
-    state-dict template of a user function without --model, read from `first_checkpoint` if given)."""
-    if o.spec == "causal-lm":
-        setup = _causal_lm(o, Path(first))
-    elif o.spec == "classifier":
-        setup = _classifier(o)
-    elif ":" in o.spec:
-        if first_checkpoint is None:
-            with Checkpoint(first) as ck:
-                setup = _user(o, ck)
-        else:
-            setup = _user(o, first_checkpoint)
-    else:
-        raise MergeError(f"--eval {o.spec!r} is not an evaluator: use {' or '.join(BUILT_IN)}, or name your "
-                         "function as module:function or path/to/file.py:function")
-    setup.refresh_bn = _bn_batches(o, setup.template)
-    return setup
-
-
-def prepare(o: EvalOptions, models: Sequence[Path]) -> tuple[Setup, list[dict[str, torch.Tensor]]]:
-    """The setup for `o` and the models' state dicts (opened first, so a bad path fails before any work)."""
+def prepare(build: Callable[[Path, Checkpoint], Setup],
+            models: Sequence[Path]) -> tuple[Setup, list[dict[str, torch.Tensor]]]:
+    """`build(first model, its open Checkpoint)`'s setup and the models' state dicts (opened first, so a bad
+    path fails before any work)."""
     checkpoints = [Checkpoint(m) for m in models]
     try:
-        setup = make_setup(o, Path(models[0]), checkpoints[0])
+        setup = build(Path(models[0]), checkpoints[0])
         want = list(setup.template.state_dict())
         # A state-dict template was built from the first model: reuse it rather than read that model twice.
         held = setup.template.tensors if isinstance(setup.template, StateDictTemplate) else None

@@ -409,7 +409,7 @@ def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
     if spectral_layers is not None and spectral_layers < 0:
         raise MergeError(f"inspect: spectral_layers must be >= 0 (or None for all), got {spectral_layers}")
     if len(paths) < (1 if base is not None else 2):
-        raise MergeError("inspect needs at least two models, or one model and a base (base=, --base)")
+        raise MergeError("inspect needs at least two models, or one model and a base (base=)", option="base")
     with contextlib.ExitStack() as opened:
         models = [_open(p, f"model_{i}", opened) for i, p in enumerate(paths)]
         base_src = _open(base, "base", opened) if base is not None else None
@@ -465,7 +465,7 @@ def percent(x: float | None) -> str:
 
 def _recommend_without_base(r: InspectReport) -> list[str]:
     cos = r.overall.mean_weight_cosine
-    extra = ("pass --base (the model they were fine-tuned from) for task-vector diagnostics and for "
+    extra = ("give base= (the model they were fine-tuned from) for task-vector diagnostics and for "
              "ties / dare_ties / tsv / task_arithmetic, which need it")
     if cos is not None and cos >= CLOSE_MODELS_MIN_WEIGHT_COSINE:
         first = (f"linear (or slerp for two models): mean weight cosine {cos:.3f} >= "

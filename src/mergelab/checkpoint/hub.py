@@ -129,7 +129,7 @@ def _cached_snapshot(ref: HubRef, cache: Path) -> Path | None:
 
 def _how_to_get(ref: HubRef) -> str:
     rev = f" --revision {ref.revision}" if ref.revision else ""
-    return f"`hf download {ref.repo_id}{rev}` (or run without --offline / HF_HUB_OFFLINE)"
+    return f"`hf download {ref.repo_id}{rev}` (or let mergelab download: offline=False, HF_HUB_OFFLINE unset)"
 
 
 def _download(ref: HubRef, cache: Path) -> Path:
@@ -187,5 +187,5 @@ def resolve_hub_model(ref: str, *, offline: bool | None = None) -> str:
     if offline_from_env() if offline is None else offline:
         raise CheckpointError(f"'{hub}' is no local path, and as a Hub model it is not in the local cache "
                               f"({cache}) while mergelab is offline; download it first with {_how_to_get(hub)}, "
-                              "or check the path")
+                              "or check the path", option="offline")
     return str(_download(hub, cache))

@@ -39,7 +39,7 @@ _PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?:partial|old)-(?:(?P<pid>\d+)-)?[0-9a
 
 
 def _overwrite_hint() -> str:
-    return "choose another path, or allow replacing it (overwrite=True; --overwrite on the command line)"
+    return "choose another path, or allow replacing it (overwrite=True)"
 
 
 def _dangerous(resolved: Path) -> str | None:
@@ -102,7 +102,7 @@ def check_output(path: str | Path, *, kind: str, inputs: Sequence[str | Path] = 
         raise OutputError(f"refusing to use {raw} as the {what}: {why}; choose a new path of its own")
     if resolved.exists():
         if not overwrite:
-            raise OutputError(f"{what} {raw} already exists; {_overwrite_hint()}")
+            raise OutputError(f"{what} {raw} already exists; {_overwrite_hint()}", option="overwrite")
         if kind == "folder":
             if not resolved.is_dir():
                 raise OutputError(f"{what} {raw} exists and is not a folder; remove it yourself or choose another path")
@@ -166,7 +166,7 @@ def atomic_file(path: str | Path, *, inputs: Sequence[str | Path] = (), overwrit
         with open(temp, "rb+") as fh:
             os.fsync(fh.fileno())
         if target.exists() and not overwrite:
-            raise OutputError(f"{what} {target} appeared while this ran; {_overwrite_hint()}")
+            raise OutputError(f"{what} {target} appeared while this ran; {_overwrite_hint()}", option="overwrite")
         os.replace(temp, target)
         _fsync_dir(target.parent)
     except OSError as exc:
@@ -195,7 +195,7 @@ def replace_folder(temp: Path, target: Path, *, overwrite: bool) -> None:
     if not (target.exists() or target.is_symlink()):
         os.rename(temp, target)
     elif not overwrite:
-        raise OutputError(f"{target} appeared while this ran; {_overwrite_hint()}")
+        raise OutputError(f"{target} appeared while this ran; {_overwrite_hint()}", option="overwrite")
     elif target.is_symlink() or not target.is_dir() or not _written_by_mergelab(target):
         raise OutputError(f"{target} was replaced by something mergelab did not write while this ran; "
                           "refusing to replace it")

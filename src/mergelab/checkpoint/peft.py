@@ -110,7 +110,7 @@ def write_adapter_folder(out: Path, config: dict, tensors: dict[str, torch.Tenso
     tmp = partial_path(out)
     try:
         tmp.mkdir()
-        (tmp / MARKER).write_text("written by mergelab; `--overwrite` may replace this folder\n")
+        (tmp / MARKER).write_text("written by mergelab; mergelab may replace it when told to overwrite\n")
         save_tensors(tmp / WEIGHT_NAMES[0], tensors, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, text in extra_files.items():

@@ -157,7 +157,7 @@ class CheckpointWriter:
         try:
             self.temp.parent.mkdir(parents=True, exist_ok=True)
             self.temp.mkdir()
-            (self.temp / MARKER).write_text("written by mergelab; `--overwrite` may replace this folder\n")
+            (self.temp / MARKER).write_text("written by mergelab; mergelab may replace it when told to overwrite\n")
         except OSError as exc:
             raise CheckpointError(f"cannot create {self.temp} beside the output folder "
                                   f"({exc.strerror or exc}); check the path and permissions") from exc

@@ -4,7 +4,7 @@ A recipe in torchtune's sense: it turns command-line options into a template mod
 and an evaluator, reads the checkpoints, and hands them to `mergelab.analysis`.
 
 The evaluator options (`--eval` SPEC and friends) are turned into a template
-model and an evaluator by `mergelab.analysis.eval_setup`.
+model and an evaluator by `mergelab.cli.evaluators`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import typer
 
 if TYPE_CHECKING:  # these import torch: the commands load them, so `mergelab --help` stays fast
     from mergelab.analysis import paths as ap
-    from mergelab.analysis.eval_setup import EvalOptions
+    from mergelab.cli.evaluators import EvalOptions
 from mergelab.cli import tables
 from mergelab.cli.common import check_outputs, console, fail, need_plots, out, save_plot, write_json
 from mergelab.errors import MergeError
@@ -70,7 +70,7 @@ def eval_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> Any:
-        from mergelab.analysis.eval_setup import EvalOptions
+        from mergelab.cli.evaluators import EvalOptions
 
         o = EvalOptions(**{name: kwargs.pop(name) for name in EVAL_OPTIONS})
         return command(o=o, **kwargs)
@@ -148,7 +148,7 @@ def path_cmd(
 ) -> None:
     """Metrics along the path from A to B: loss and accuracy barriers, merge gain at the midpoint."""
     from mergelab.analysis import paths as ap
-    from mergelab.analysis.eval_setup import prepare
+    from mergelab.cli.evaluators import prepare
 
     inputs = [model_a, model_b]
     try:
@@ -191,7 +191,7 @@ def scaling_cmd(
 ) -> None:
     """Task arithmetic's curve: metrics of base + lambda * sum_i (FT_i - base), and the best lambda."""
     from mergelab.analysis import paths as ap
-    from mergelab.analysis.eval_setup import prepare
+    from mergelab.cli.evaluators import prepare
 
     inputs = [base, *finetuned]
     try:
@@ -227,7 +227,8 @@ def plane_cmd(
 ) -> None:
     """Metrics on a grid in the plane through three models (Garipov et al., 2018), with the best grid point."""
     from mergelab.analysis import paths as ap
-    from mergelab.analysis.eval_setup import model_labels, prepare
+    from mergelab.analysis.eval_setup import model_labels
+    from mergelab.cli.evaluators import prepare
 
     paths = [model_o, model_a, model_b, *(extra or [])]
     try:

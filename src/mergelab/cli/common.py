@@ -31,7 +31,9 @@ CLEAN_PARTIALS = typer.Option(False, "--clean-partials", help="delete temporarie
 
 
 def fail(exc: BaseException) -> None:
-    text = str(exc)
+    from mergelab.cli.flags import with_flags
+
+    text = with_flags(str(exc), getattr(exc, "option", None))
     if len(text) > MAX_MESSAGE:
         text = text[:MAX_MESSAGE] + f" ... [{len(text) - MAX_MESSAGE} more characters]"
     # soft_wrap keeps long paths in one piece, so they can be copied from the message; escaped,

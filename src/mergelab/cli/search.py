@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 if TYPE_CHECKING:  # imports torch; `mergelab --help` must not
-    from mergelab.analysis.eval_setup import EvalOptions
+    from mergelab.cli.evaluators import EvalOptions
 from mergelab.cli.analyze import eval_options
 from mergelab.cli.common import fail, out
 from mergelab.errors import MergeError
@@ -28,7 +28,7 @@ QUIET = typer.Option(False, "--quiet", help="no progress bar")
 
 
 def _scorer(o: Any, first: Path, workers: int, seed: Optional[int]):
-    from mergelab.analysis.eval_setup import make_setup
+    from mergelab.cli.evaluators import make_setup
     from mergelab.search.candidate import CandidateEvaluator
 
     setup = make_setup(o, Path(first))

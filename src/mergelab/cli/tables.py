@@ -76,6 +76,7 @@ def _f(x: float | None, digits: int = 3) -> str:
 def render_inspect(report: InspectReport, recommendations: list[str] | None = None) -> list[Table]:
     """rich Tables: per group, per model pair (overall), and the recommendation."""
     from mergelab.analysis.inspect import MASS_DENSITIES, percent, recommend, short_names
+    from mergelab.cli.flags import with_flags
 
     n = len(report.models)
     per_group = Table(title=f"Task-vector geometry per layer (task vectors from the {report.reference})")
@@ -104,5 +105,5 @@ def render_inspect(report: InspectReport, recommendations: list[str] | None = No
     advice.add_column("#", justify="right")
     advice.add_column("method and reason")
     for k, line in enumerate(recommendations if recommendations is not None else recommend(report), 1):
-        advice.add_row(str(k), line)
+        advice.add_row(str(k), with_flags(line))
     return [per_group, pairs, advice]

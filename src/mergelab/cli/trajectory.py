@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from mergelab.cli.common import CLEAN_PARTIALS, OVERWRITE, out, report_partials, user_errors
+from mergelab.cli.flags import with_flags
 
 
 def show_report(report, title: str) -> None:
@@ -64,7 +65,7 @@ def average(
                              show_progress=not quiet, explicit=checkpoint or None,
                              allow_missing_tensors=allow_missing_tensors)
     show_report(report, f"{scheme} average of {len(report.used)} checkpoints")
-    out.print(report.correlation["recommendation"])
+    out.print(with_flags(report.correlation["recommendation"]))
 
 
 def recover(

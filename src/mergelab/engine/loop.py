@@ -76,7 +76,8 @@ class _Run:
             raise NonFiniteError(
                 f"input {described(self.plan, bad[0])} holds NaN or Inf values, so the merge of {job.name} would be "
                 "NaN or silently wrong; nothing was written. Repair or leave out that checkpoint, or allow non-finite "
-                "inputs (allow_nonfinite=True; --allow-nonfinite), which writes the merge and lists every such tensor")
+                "inputs (allow_nonfinite=True), which writes the merge and lists every such tensor",
+                option="allow_nonfinite")
         self.nonfinite.extend(d for d in (described(self.plan, ref) for ref in bad) if d not in self.nonfinite)
 
     def loop(self, items: list, pool: ThreadPoolExecutor, queue: WriteQueue, progress: ByteProgress) -> None:

@@ -269,5 +269,3 @@ def write_adapter(out: str | os.PathLike, layers: Mapping[str, LoraLayer], *, ba
     config.update(extra_config or {})
     write_adapter_folder(out, config, tensors, overwrite, extra_files or {}, protected)
     return out
-
-

@@ -91,6 +91,9 @@ class MoEPlan:
         return list(self.config.experts or []) + list(self.config.shared_experts or [])
 
 
+ALL_SAME_FIX = "list different models (or set allow_all_same=True)"
+
+
 def load_moe_config(path: str | Path, *, allow_all_same: bool = False) -> MoEPlan:
     """Read `path` (mergekit-moe YAML) and check it and every model it names.
 
@@ -113,7 +116,8 @@ def load_moe_config(path: str | Path, *, allow_all_same: bool = False) -> MoEPla
     problems = field_problems(config, allow_all_same=allow_all_same)
     output = select_output(config, problems)
     if problems:
-        raise RecipeError(problems, name)
+        all_same = any(p.endswith(ALL_SAME_FIX) for p in problems)
+        raise RecipeError(problems, name, option="allow_all_same" if all_same else None)
     base = resolve(config.base_model, path.parent)
     experts = [resolve(e.source_model, path.parent) for e in config.experts]
     shared = [resolve(e.source_model, path.parent) for e in config.shared_experts or []]
@@ -184,7 +188,7 @@ def field_problems(config: MoEConfig, *, allow_all_same: bool = False) -> list[s
     sources = [e.source_model for e in experts]
     if len(sources) > 1 and len(set(sources)) == 1 and not allow_all_same:
         out.append(f"experts: every expert is {sources[0]!r}, which gives a bigger model with the same output; "
-                   "list different models (or pass --i-understand-this-is-not-useful-without-training)")
+                   + ALL_SAME_FIX)
     return out
 
 

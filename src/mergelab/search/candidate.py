@@ -148,7 +148,7 @@ class CandidateEvaluator:
     @classmethod
     def from_setup(cls, setup: Any, *, workers: int = 1, device: str = "cpu", seed: int | None = None
                    ) -> CandidateEvaluator:
-        """From `mergelab.analysis.eval_setup.make_setup`'s Setup, with `workers` copies of its template."""
+        """From a `mergelab.analysis.eval_setup.Setup`, with `workers` copies of its template."""
         import copy
 
         templates = [setup.template] + [copy.deepcopy(setup.template) for _ in range(workers - 1)]

@@ -56,27 +56,28 @@ class SearchSettings:
 def check_settings(s: SearchSettings, params: Sequence[SearchParam], objectives: Sequence[Objective]) -> str:
     """Validate the settings; returns the sampler that will run."""
     if s.budget < 1:
-        raise MergeError(f"--budget {s.budget}: a search needs a budget of at least 1 candidate")
+        raise MergeError(f"budget={s.budget}: a search needs a budget of at least 1 candidate", option="budget")
     if s.workers < 1:
-        raise MergeError(f"--workers {s.workers}: give 1 or more")
+        raise MergeError(f"workers={s.workers}: give 1 or more", option="workers")
     if not params:
         raise MergeError("the recipe has no search ranges; write a parameter as {search: [low, high]}, e.g. "
                          "weight: {search: [0, 1]}")
     if not objectives:
-        raise MergeError("no objective; give --objective METRIC[:max|:min]")
+        raise MergeError("no objective; give objectives (METRIC[:max|:min] each)", option="objectives")
     if len({o.metric for o in objectives}) != len(objectives):
         raise MergeError("an objective is given twice")
     if s.sampler not in SAMPLERS:
-        raise MergeError(f"--sampler {s.sampler!r}: use one of {', '.join(SAMPLERS)}")
+        raise MergeError(f"sampler={s.sampler!r}: use one of {', '.join(SAMPLERS)}", option="sampler")
     dims = sum(p.per_layer for p in params)
     sampler = s.sampler
     if sampler == "auto":
         sampler = "nsga2" if len(objectives) > 1 else ("cmaes" if dims >= 2 else "tpe")
     if sampler == "cmaes" and len(objectives) > 1:
-        raise MergeError("CMA-ES optimises one objective; use --sampler nsga2 or tpe for several")
+        raise MergeError("CMA-ES optimises one objective; use sampler='nsga2' or 'tpe' for several",
+                         option="sampler")
     if sampler == "cmaes" and dims < 2:
         raise MergeError("CMA-ES needs at least two searched coordinates (the cmaes package's limit); "
-                         "use --sampler tpe for one")
+                         "use sampler='tpe' for one", option="sampler")
     return sampler
 
 
@@ -135,7 +136,8 @@ def open_study(s: SearchSettings, sampler_name: str, key: str, directions: list[
         study.set_user_attr("mergelab_sampler", sampler_name)
     elif have != key:
         raise MergeError(f"the study {s.study_name!r} in {s.storage} was made for another recipe, ranges or "
-                         "objectives; give a new output folder (or --study-name) to start a new search")
+                         "objectives; give a new output folder (or study_name=) to start a new search",
+                         option="study_name")
     return study
 
 
@@ -215,6 +217,8 @@ def run_search(recipe: Mapping, params: Sequence[SearchParam], score: Score, obj
 
     worker = f"{socket.gethostname()}:{os.getpid()}"  # which process (on which machine) ran a candidate
 
+    options: dict[str, str | None] = {}  # error text -> the option that fixes it (this process's trials)
+
     def objective(trial):
         trial.set_user_attr("worker", worker)
         coords = suggest(trial, params)
@@ -223,9 +227,11 @@ def run_search(recipe: Mapping, params: Sequence[SearchParam], score: Score, obj
             missing = [o.metric for o in objectives if o.metric not in metrics]
             if missing:
                 raise MergeError(f"objective metric {missing[0]!r} is not among the evaluator's metrics "
-                                 f"({', '.join(sorted(metrics))}); name one of those with --objective")
+                                 f"({', '.join(sorted(metrics))}); name one of those in objectives",
+                                 option="objectives")
         except MergeError as exc:
             trial.set_user_attr("error", str(exc))
+            options[str(exc)] = exc.option
             raise
         trial.set_user_attr("metrics", metrics)
         values = [metrics[o.metric] for o in objectives]
@@ -243,6 +249,6 @@ def run_search(recipe: Mapping, params: Sequence[SearchParam], score: Score, obj
     ok = [t for t in result.trials if t["state"] == "COMPLETE"]
     if not ok:
         first = next((t["error"] for t in result.trials if t["error"]), "no trial ran")
-        raise MergeError(f"every candidate of the search failed; the first: {first}")
+        raise MergeError(f"every candidate of the search failed; the first: {first}", option=options.get(first))
     # An objective metric the evaluator does not return fails every trial the same way.
     return result

@@ -76,7 +76,7 @@ def _objective(objective: Objective | None, metrics: dict[str, float]) -> Object
     if objective is None:
         if len(metrics) != 1:
             raise MergeError(f"the evaluator returns several metrics ({', '.join(sorted(metrics))}); choose the one "
-                             "that picks the soup as the objective (--objective METRIC[:max|:min])")
+                             "that picks the soup as the objective (objective=)", option="objective")
         return parse_objective(next(iter(metrics)))
     check_metrics([objective], metrics)
     return objective

@@ -49,7 +49,8 @@ def parse_vary(text: str) -> tuple[str, list[float]]:
     """'models[0].parameters.weight=0:1:11' -> (path, values)."""
     path, sep, grid = text.partition("=")
     if not sep or not path.strip():
-        raise MergeError(f"--vary {text!r}: write FIELD=START:STOP:NUM, e.g. models[0].parameters.weight=0:1:11")
+        raise MergeError(f"vary {text!r}: write FIELD=START:STOP:NUM, e.g. models[0].parameters.weight=0:1:11",
+                         option="vary")
     parse_path(path.strip())
     return path.strip(), parse_grid(grid.strip())
 
@@ -57,14 +58,14 @@ def parse_vary(text: str) -> tuple[str, list[float]]:
 def grid_points(varies: Sequence[tuple[str, list[float]]], *, zipped: bool = False) -> list[dict[str, float]]:
     """Points of the sweep: path -> value; the product of the grids, or their zip (equal lengths)."""
     if not varies:
-        raise MergeError("nothing to sweep; give at least one --vary FIELD=GRID")
+        raise MergeError("nothing to sweep; vary at least one field (FIELD, GRID)", option="vary")
     paths = [p for p, _ in varies]
     if len(set(paths)) != len(paths):
-        raise MergeError("a field is varied twice; give each --vary field once")
+        raise MergeError("a field is varied twice; vary each field once", option="vary")
     grids = [g for _, g in varies]
     if zipped:
         if len({len(g) for g in grids}) != 1:
-            raise MergeError(f"--zip needs grids of one length, got {[len(g) for g in grids]}")
+            raise MergeError(f"zipped=True needs grids of one length, got {[len(g) for g in grids]}", option="zipped")
         combos = list(zip(*grids))
     else:
         combos = list(itertools.product(*grids))
@@ -108,11 +109,14 @@ def run_sweep(recipe: Mapping, points: Sequence[Mapping[str, float]], score: Sco
             set_field(rec, path, value)
         recipes.append(rec)
 
+    failures: dict[int, MergeError] = {}
+
     def one(i: int) -> tuple[dict | None, str | None]:
         label = ", ".join(f"{k}={v:g}" for k, v in points[i].items())
         try:
             return score(recipes[i], label), None
         except MergeError as exc:
+            failures[i] = exc
             return None, str(exc)
         finally:
             if progress:
@@ -124,7 +128,7 @@ def run_sweep(recipe: Mapping, points: Sequence[Mapping[str, float]], score: Sco
     errors = [e for _, e in results]
     done = [m for m in metrics if m is not None]
     if not done:
-        raise MergeError(f"every point of the sweep failed; the first: {errors[0]}")
+        raise MergeError(f"every point of the sweep failed; the first: {errors[0]}", option=failures[0].option)
     objs = list(objectives) if objectives else [parse_objective(k) for k in done[0]]
     check_metrics(objs, done[0])
     return SweepResult(list(points), metrics, errors, objs, front_of(metrics, objs))

@@ -48,8 +48,8 @@ class UnstableCheckpoint(NonFiniteError):
 
     def __init__(self, index: int, label: str, tensor: str):
         super().__init__(f"checkpoint {label} tensor {tensor} holds NaN or Inf values, so the average would too; "
-                         "nothing was written. Leave out unstable checkpoints (skip_unstable=True; "
-                         "--skip-unstable) or choose the checkpoints yourself")
+                         "nothing was written. Leave out unstable checkpoints (skip_unstable=True) "
+                         "or choose the checkpoints yourself", option="skip_unstable")
         self.index, self.label, self.tensor = index, label, tensor
         self.bytes_read = 0  # what the stopped pass had read (set by PassObserver)
 
@@ -78,7 +78,7 @@ def tensor_sources(ckpts: Sequence[Checkpoint], labels: Sequence[str], *,
         more = f" (and {len(missing) - 5} more tensors)" if len(missing) > 5 else ""
         raise ShapeMismatch("the checkpoints do not hold the same tensors: " + "; ".join(lines) + more
                             + ". Leave out the odd checkpoints, or average each tensor over the checkpoints "
-                            "that hold it (allow_missing_tensors=True; --allow-missing-tensors)")
+                            "that hold it (allow_missing_tensors=True)", option="allow_missing_tensors")
     for name, ks in names.items():
         ref = ckpts[ks[-1]]
         for k in ks:
@@ -273,7 +273,7 @@ def recommend(cos: torch.Tensor) -> str:
     """
     k = cos.shape[0]
     if not bool(torch.isfinite(cos).all()):
-        return ("no advice: some checkpoints hold NaN or Inf values (leave them out with --skip-unstable)")
+        return ("no advice: some checkpoints hold NaN or Inf values (leave them out with skip_unstable=True)")
     if k < 3:
         return "too few checkpoints to judge; plain averaging (sma) is the safe default"
     noise = -1.0 / (k - 1)
@@ -281,6 +281,6 @@ def recommend(cos: torch.Tensor) -> str:
     neighbours = float(torch.diagonal(cos, 1).mean())
     if trend < -0.5 and neighbours > 0.3:
         return (f"the checkpoints drift along one direction (oldest-vs-newest deviation cosine {trend:.2f}, "
-                f"neighbours {neighbours:.2f}): a plain mean lags behind; prefer ema, wsm, or a short --last window")
+                f"neighbours {neighbours:.2f}): a plain mean lags behind; prefer ema, wsm, or a short last= window")
     return (f"the checkpoints oscillate around one point (oldest-vs-newest deviation cosine {trend:.2f}, "
             f"independent noise would give {noise:.2f}): plain averaging (sma) over the window is enough")

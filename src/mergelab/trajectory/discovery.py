@@ -88,13 +88,13 @@ def discover(run_dir: str | Path, *, explicit: Sequence[str | Path] | None = Non
 def select(checkpoints: list[RunCheckpoint], *, last: int | None = None, every: int = 1) -> list[RunCheckpoint]:
     """Keep every `every`-th checkpoint counting back from the newest, then the newest `last` of those."""
     if every < 1:
-        raise InvalidInput(f"every must be at least 1 (--every on the command line), got {every}")
+        raise InvalidInput(f"every must be at least 1, got {every}", option="every")
     picked = checkpoints[::-1][::every][::-1]
     if last is not None:
         if last < 1:
-            raise InvalidInput(f"last must be at least 1 (--last on the command line), got {last}")
+            raise InvalidInput(f"last must be at least 1, got {last}", option="last")
         if last > len(picked):
             raise InvalidInput(f"last={last} asks for more checkpoints than the run has ({len(picked)} taking every {every}-th); "
-                             f"ask for {len(picked)} or fewer (--last on the command line)")
+                             f"ask for {len(picked)} or fewer", option="last")
         picked = picked[-last:]
     return picked

@@ -122,7 +122,7 @@ def recover_run(run_dir, out_dir, *, last: int = 3, overwrite: bool = False, sho
     """
     if isinstance(last, bool) or not isinstance(last, int) or last < 1:
         raise InvalidInput(f"last must be a whole number of checkpoints, 1 or more (got {last!r}); "
-                           "--last 3 averages the three newest stable checkpoints")
+                           "last=3 averages the three newest stable checkpoints", option="last")
     check_output(out_dir, kind="folder", inputs=[run_dir], overwrite=overwrite, what="output folder")
     found = discover(run_dir)
     calm, spiked = before_spike(Path(run_dir), found)
