@@ -35,6 +35,7 @@ from mergelab.moe.jobs import finite, moe_jobs, refuse_nonfinite
 
 __all__ = ["build_moe", "compute_gates", "MoEResult"]
 
+
 @dataclasses.dataclass
 class MoEResult:
     out_dir: Path
