@@ -3,8 +3,8 @@
 In output order: every base tensor outside the MLPs (copy jobs), Qwen2-MoE's missing q/k/v
 biases (zeros), then per layer its routers and one expert job per expert (op "expert": the
 expert's three MLP matrices, renamed into the MoE layout, with its noise_scale / residual_scale;
-fused, one job stacking every routed expert of the layer). Memory holds one job's inputs: one
-expert's MLP of one layer (fused: the layer's routed experts).
+fused, one job filling the layer's stacked tensors expert by expert). Memory holds one expert's
+MLP of one layer (fused: the layer's stacked output tensors, which the engine writes whole).
 """
 
 from __future__ import annotations
@@ -90,13 +90,19 @@ def _expert_matrices(mats: list[Tensor], layer: int, entry, seed: int | None, ta
 def _expert(experts: list[tuple], layer: int, seed: int | None, dtype: torch.dtype, names: dict[str, str],
             tensors: list[Tensor], device: torch.device) -> dict[str, Tensor]:
     """An expert job's fn: each of `experts` ((tag, entry, path)) has three inputs (gate, up, down);
-    one expert's matrices are renamed, several (fused) stacked into gate_up (E, 2I, H) and down (E, H, I)."""
-    mats = [_expert_matrices(tensors[3 * i:3 * i + 3], layer, entry, seed, tag, dtype)
-            for i, (tag, entry, _) in enumerate(experts)]
-    if "gate_up" in names:
-        return {names["gate_up"]: torch.stack([torch.cat([m["gate_proj"], m["up_proj"]]) for m in mats]),
-                names["down"]: torch.stack([m["down_proj"] for m in mats])}
-    return {name: mats[0][proj] for proj, name in names.items()}
+    one expert's matrices are renamed, several (fused) filled one expert at a time into
+    gate_up (E, 2I, H) = [gate; up] and down (E, H, I)."""
+    if "gate_up" not in names:
+        (tag, entry, _), = experts
+        mats = _expert_matrices(tensors, layer, entry, seed, tag, dtype)
+        return {name: mats[proj] for proj, name in names.items()}
+    (inter, hidden), count = tensors[0].shape, len(experts)
+    gate_up = torch.empty((count, 2 * inter, hidden), dtype=dtype)
+    down = torch.empty((count, hidden, inter), dtype=dtype)
+    for i, (tag, entry, _) in enumerate(experts):
+        mats = _expert_matrices(tensors[3 * i:3 * i + 3], layer, entry, seed, tag, dtype)
+        gate_up[i, :inter], gate_up[i, inter:], down[i] = mats["gate_proj"], mats["up_proj"], mats["down_proj"]
+    return {names["gate_up"]: gate_up, names["down"]: down}
 
 
 class _Jobs:
