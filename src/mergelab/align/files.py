@@ -96,17 +96,18 @@ def align_checkpoints(model_a: str | Path, model_b: str | Path, out_dir: str | P
     if method not in METHODS:
         raise MergeError(f"unknown alignment method {method!r}; choose weight or activation")
     a_path, b_path = Path(model_a), Path(model_b)
-    ck_a, ck_b = Checkpoint(a_path), Checkpoint(b_path)
-    spec, result, seconds = _find_permutations(ck_a, ck_b, method, data, model_factory, seed)
-    summary = {"method": method, "reference": str(a_path), "model": str(b_path), "seconds": seconds,
-               "groups": len(spec.groups), "moved": sum(int((p != torch.arange(len(p))).any()) for p in
-                                                       result.perms.values()),
-               "objective": result.objective[:1] + result.objective[-1:] if result.objective else []}
-    extra = {"alignment.json": json.dumps({**summary, "perms": {g: p.tolist() for g, p in result.perms.items()}})}
-    sink = FolderSink(out_dir, shard_size=parse_size(shard_size), overwrite=overwrite, protected=[a_path, b_path],
-                      extra_files_fn=lambda report: extra)
-    # Inputs holding NaN/Inf are aligned as they are (listed in the engine's report, not refused).
-    run(aligned_plan(ck_b, spec, result.perms), sink, allow_nonfinite=True)
+    with Checkpoint(a_path) as ck_a, Checkpoint(b_path) as ck_b:
+        spec, result, seconds = _find_permutations(ck_a, ck_b, method, data, model_factory, seed)
+        summary = {"method": method, "reference": str(a_path), "model": str(b_path), "seconds": seconds,
+                   "groups": len(spec.groups), "moved": sum(int((p != torch.arange(len(p))).any()) for p in
+                                                           result.perms.values()),
+                   "objective": result.objective[:1] + result.objective[-1:] if result.objective else []}
+        perms = {g: p.tolist() for g, p in result.perms.items()}
+        extra = {"alignment.json": json.dumps({**summary, "perms": perms})}
+        sink = FolderSink(out_dir, shard_size=parse_size(shard_size), overwrite=overwrite,
+                          protected=[a_path, b_path], extra_files_fn=lambda report: extra)
+        # Inputs holding NaN/Inf are aligned as they are (listed in the engine's report, not refused).
+        run(aligned_plan(ck_b, spec, result.perms), sink, allow_nonfinite=True)
     return summary
 
 
