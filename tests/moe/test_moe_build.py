@@ -183,3 +183,26 @@ def test_nonfinite_expert_weights_are_refused(family, tmp_path):
     with pytest.raises(NonFiniteError, match=r"model.layers.2.mlp.up_proj.weight of .*broken"):
         _build(tmp_path, config)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_fused_experts_are_the_per_expert_tensors_stacked(tmp_path):
+    # One expert job per layer stacks what the per-expert jobs write: gate_up = [w1; w3], down = w2.
+    import transformers as tf
+
+    from moe_kit import llama_config
+
+    base, *experts = _dense_family(tmp_path, tf.LlamaForCausalLM, llama_config(num_hidden_layers=2))
+    moe = {"base_model": base, "gate_mode": "random", "experts": [{"source_model": p} for p in experts]}
+    moe["experts"][1]["noise_scale"] = 0.01
+    split = load_file(str(_build(tmp_path, moe, name="split", seed=3).out_dir / "model.safetensors"))
+    fused = load_file(str(_build(tmp_path, moe, name="fused", seed=3, fused=True).out_dir / "model.safetensors"))
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.block_sparse_moe"
+        assert torch.equal(fused[f"model.layers.{layer}.mlp.gate.weight"], split[f"{prefix}.gate.weight"])
+        for e in range(len(experts)):
+            w = {k: split[f"{prefix}.experts.{e}.{k}.weight"] for k in ("w1", "w2", "w3")}
+            stacked = f"model.layers.{layer}.mlp.experts"
+            assert torch.equal(fused[f"{stacked}.gate_up_proj"][e], torch.cat([w["w1"], w["w3"]]))
+            assert torch.equal(fused[f"{stacked}.down_proj"][e], w["w2"])
+    assert set(split) - {n for n in split if ".block_sparse_moe." in n} == \
+        set(fused) - {n for n in fused if ".mlp." in n}

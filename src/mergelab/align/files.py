@@ -2,16 +2,18 @@
 
 Hugging Face folders (config.json of a supported type) get their spec from the config;
 other checkpoints (a state-dict file or folder) from a torch.fx trace of the module a
-`module:factory` builds. The output is written through CheckpointWriter (a temporary
-folder renamed into place), with B's config and tokenizer and an `alignment.json`
+`module:factory` builds. The output streams through the engine (permute jobs into a
+FolderSink: a temporary folder renamed into place), with B's config and tokenizer and an `alignment.json`
 holding the permutations, so `mergelab merge` and `mergelab analyze path` read it
 like any model folder.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,15 @@ from torch import nn
 
 from mergelab.align.align import _ALIASES, METHODS, check_pair
 from mergelab.align.hf import spec_for_hf
-from mergelab.align.matching import activation_matching, weight_matching
-from mergelab.align.spec import PermutationSpec, apply_permutations
+from mergelab.align.matching import MatchResult, activation_matching, weight_matching
+from mergelab.align.spec import PermutationSpec, permute_tensor, permuted_axes
 from mergelab.align.trace import spec_from_module
 from mergelab.analysis.eval_setup import _factory_module, _inputs_and_labels, _load_torch_file, _token_ids, read_state
 from mergelab.checkpoint.reader import Checkpoint
-from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo, parse_size
+from mergelab.checkpoint.writer import parse_size
+from mergelab.engine import FolderSink, run
 from mergelab.errors import MergeError, fixed_by
+from mergelab.plan import Job, OutputSpec, Plan, TensorRef
 
 
 def _config(path: Path) -> dict[str, Any] | None:
@@ -85,22 +89,43 @@ def align_checkpoints(model_a: str | Path, model_b: str | Path, out_dir: str | P
                       model_factory: str | None = None, overwrite: bool = False, seed: int = 0,
                       shard_size: str | int = "5GB") -> dict[str, Any]:
     """Write checkpoint B, permuted into A's basis, to out_dir; returns a summary (method, groups,
-    objective before/after for weight matching, seconds)."""
+    objective before/after for weight matching, seconds).
+
+    Finding the permutations reads both models whole; writing aligned B streams it tensor by
+    tensor through the engine (permute jobs into a FolderSink).
+    """
     method = _ALIASES.get(method, method)
     if method not in METHODS:
         raise MergeError(f"unknown alignment method {method!r}; choose weight or activation")
     a_path, b_path = Path(model_a), Path(model_b)
-    ck_a, ck_b = Checkpoint(a_path), Checkpoint(b_path)
-    config = _config(a_path)
+    with Checkpoint(a_path) as ck_a, Checkpoint(b_path) as ck_b:
+        spec, result, seconds = _find_permutations(ck_a, ck_b, method, data, model_factory, seed)
+        summary = {"method": method, "reference": str(a_path), "model": str(b_path), "seconds": seconds,
+                   "groups": len(spec.groups), "moved": sum(int((p != torch.arange(len(p))).any()) for p in
+                                                           result.perms.values()),
+                   "objective": result.objective[:1] + result.objective[-1:] if result.objective else []}
+        perms = {g: p.tolist() for g, p in result.perms.items()}
+        extra = {"alignment.json": json.dumps({**summary, "perms": perms})}
+        sink = FolderSink(out_dir, shard_size=parse_size(shard_size), overwrite=overwrite,
+                          protected=[a_path, b_path], extra_files_fn=lambda report: extra)
+        # Inputs holding NaN/Inf are aligned as they are (listed in the engine's report, not refused).
+        run(aligned_plan(ck_b, spec, result.perms), sink, allow_nonfinite=True)
+    return summary
+
+
+def _find_permutations(ck_a: Checkpoint, ck_b: Checkpoint, method: str, data: str | Path | None,
+                       model_factory: str | None, seed: int) -> tuple[PermutationSpec, MatchResult, float]:
+    """(spec, B's permutations into A's basis, seconds the matching took); both models are read whole."""
+    config = _config(ck_a.path)
     state_a, state_b = read_state(ck_a), read_state(ck_b)
-    module_a = module_b = None
+    module_a = None
     if model_factory is not None:
         module_a = _factory_module(model_factory, None)
         spec: PermutationSpec = spec_from_module(module_a)
     elif config is not None:
         spec = spec_for_hf(config, {k: tuple(v.shape) for k, v in state_a.items()})
     else:
-        raise MergeError(f"{a_path} has no config.json of a Hugging Face model; give model_factory= "
+        raise MergeError(f"{ck_a.path} has no config.json of a Hugging Face model; give model_factory= "
                          "(module:factory) building the network so its permutation spec can be traced",
                          option="model_factory")
     check_pair(spec, state_a, state_b)
@@ -108,30 +133,43 @@ def align_checkpoints(model_a: str | Path, model_b: str | Path, out_dir: str | P
     if method == "weight_matching":
         result = weight_matching(spec, state_a, state_b, seed=seed)
     else:
-        if data is None:
-            raise MergeError("method='activation' needs data= (a text file or token ids for a Hugging Face "
-                             "model, a torch file of inputs for model_factory=)", option="data")
-        data = Path(data)
-        if module_a is not None:
-            module_b = _factory_module(model_factory, None)
-            module_a.load_state_dict(state_a)
-            module_b.load_state_dict(state_b)
-            batches = _classifier_batches(data)
+        result = _activation_match(spec, ck_a.path, ck_b.path, state_a, state_b, module_a, model_factory, config,
+                                   data)
+    return spec, result, time.perf_counter() - start
+
+
+def _activation_match(spec: PermutationSpec, a_path: Path, b_path: Path, state_a, state_b, module_a,
+                      model_factory: str | None, config, data: str | Path | None) -> MatchResult:
+    if data is None:
+        raise MergeError("method='activation' needs data= (a text file or token ids for a Hugging Face "
+                         "model, a torch file of inputs for model_factory=)", option="data")
+    data = Path(data)
+    if module_a is not None:
+        module_b = _factory_module(model_factory, None)
+        module_a.load_state_dict(state_a)
+        module_b.load_state_dict(state_b)
+        batches = _classifier_batches(data)
+    else:
+        module_a, module_b = _hf_module(a_path, config, state_a), _hf_module(b_path, config, state_b)
+        batches = _text_batches(data, a_path)
+    return activation_matching(spec, module_a, module_b, batches)
+
+
+def aligned_plan(ck: Checkpoint, spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> Plan:
+    """A plan writing checkpoint `ck` with `perms` applied: a permute job per tensor with a permuted
+    axis, a copy job per other tensor, in `ck`'s order; its folder's config and tokenizer go along."""
+    jobs = []
+    for name in ck:
+        ref, shape, dtype = TensorRef(0, name), tuple(ck.shape(name)), ck.dtype(name)
+        if permuted_axes(spec, name, perms):
+            jobs.append(Job(name=name, shape=shape, dtype=dtype, inputs=(ref,), op="permute",
+                            fn=functools.partial(_permute, spec, name, perms)))
         else:
-            module_a, module_b = _hf_module(a_path, config, state_a), _hf_module(b_path, config, state_b)
-            batches = _text_batches(data, a_path)
-        result = activation_matching(spec, module_a, module_b, batches)
-    seconds = time.perf_counter() - start
-    aligned = apply_permutations(spec, state_b, result.perms)
-    layout = [TensorInfo(k, tuple(ck_b.shape(k)), ck_b.dtype(k)) for k in ck_b]
-    summary = {"method": method, "reference": str(a_path), "model": str(b_path), "seconds": seconds,
-               "groups": len(spec.groups), "moved": sum(int((p != torch.arange(len(p))).any()) for p in
-                                                       result.perms.values()),
-               "objective": result.objective[:1] + result.objective[-1:] if result.objective else []}
-    extra = {"alignment.json": json.dumps({**summary, "perms": {g: p.tolist() for g, p in result.perms.items()}})}
-    with CheckpointWriter(out_dir, layout, shard_size=parse_size(shard_size), overwrite=overwrite,
-                          protected=[a_path, b_path]) as writer:
-        for info in layout:
-            writer.write(info.name, aligned[info.name])
-        writer.finish(assets_from=b_path if b_path.is_dir() else None, extra_files=extra)
-    return summary
+            jobs.append(Job(name=name, shape=shape, dtype=dtype, inputs=(ref,), op="copy"))
+    return Plan(None, [ck], jobs, output=OutputSpec(assets_from=ck if ck.folder is not None else None))
+
+
+def _permute(spec: PermutationSpec, name: str, perms: Mapping[str, torch.Tensor], tensors: list[torch.Tensor],
+             device: torch.device) -> torch.Tensor:
+    """A permute job's fn: tensor `name` with the permutations applied (as apply_permutations does)."""
+    return permute_tensor(spec, name, tensors[0], {g: p.to(device) for g, p in perms.items()})

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mergelab.align.spec import PermutationSpec, apply_permutations, identity_perms, unit_view
+from mergelab.align.spec import PermutationSpec, apply_permutations, identity_perms, permute_tensor, unit_view
 from mergelab.errors import MergeError
 from mergelab.extras import require
 
@@ -88,28 +88,32 @@ def weight_matching(spec: PermutationSpec, state_a: Mapping[str, Tensor], state_
         for g in (names[i] for i in torch.randperm(len(names), generator=gen).tolist()):
             cost = constant[g].clone()
             for name, axis, chunks in varying[g]:
-                others = apply_permutations(spec, {name: b[name]}, perms, skip=(name, axis))[name]
+                others = permute_tensor(spec, name, b[name], perms, skip=(name, axis))
                 cost += unit_view(a[name], axis, spec.groups[g], chunks) @ \
                     unit_view(others, axis, spec.groups[g], chunks).T  # (G, rest) @ (rest, G)
-            new = _lap(cost)
-            rows = torch.arange(len(new))
-            gain = float(cost[rows, new].sum() - cost[rows, perms[g]].sum())
-            if gain <= 1e-6 * max(1.0, abs(history[-1])):  # float32 similarities: ignore rounding-size gains
-                continue
-            if _quadratic(g, varying):  # g on two axes of one tensor: C_g is only a linearisation
-                trial = {**perms, g: new}
-                if objective(spec, a, b, trial) <= objective(spec, a, b, perms):
-                    continue
-                perms = trial
-            else:
-                perms[g] = new
-            improved = True
+            trial = _better(spec, g, cost, varying, a, b, perms, history[-1])
+            if trial is not None:
+                perms, improved = trial, True
         if not improved:
             break
         history.append(objective(spec, a, b, perms))
         if history[-1] - history[-2] < tol * abs(history[-2]):
             break
     return MatchResult(perms=perms, objective=history, sweeps=sweep)
+
+
+def _better(spec, g, cost, varying, a, b, perms, current: float) -> dict[str, Tensor] | None:
+    """`perms` with group g's best assignment under `cost`, or None when it does not raise the objective."""
+    new = _lap(cost)
+    rows = torch.arange(len(new))
+    gain = float(cost[rows, new].sum() - cost[rows, perms[g]].sum())
+    if gain <= 1e-6 * max(1.0, abs(current)):  # float32 similarities: ignore rounding-size gains
+        return None
+    trial = {**perms, g: new}
+    if _quadratic(g, varying):  # g on two axes of one tensor: C_g is only a linearisation
+        if objective(spec, a, b, trial) <= objective(spec, a, b, perms):
+            return None
+    return trial
 
 
 def _split_terms(spec, group_axes, a, b):

@@ -118,13 +118,22 @@ def unit_view(t: Tensor, axis: int, groups: int, chunks: int = 1) -> Tensor:
 def apply_permutations(spec: PermutationSpec, state: Mapping[str, Tensor], perms: Mapping[str, Tensor],
                        skip: tuple[str, int] | None = None) -> dict[str, Tensor]:
     """A new state dict with every group's permutation applied to its axes (`skip`: one axis left alone)."""
-    out = {}
-    for name, t in state.items():
-        for i, ax in enumerate(spec.axes.get(name, ())):
-            if ax is not None and ax.group in perms and (name, i) != skip:
-                t = permute_axis(t, i, perms[ax.group], ax.chunks)
-        out[name] = t
-    return out
+    return {name: permute_tensor(spec, name, t, perms, skip) for name, t in state.items()}
+
+
+def permuted_axes(spec: PermutationSpec, name: str, perms: Mapping[str, Tensor]) -> list[int]:
+    """The axes of tensor `name` that one of `perms` acts on (none: the tensor stays as it is)."""
+    return [i for i, ax in enumerate(spec.axes.get(name, ())) if ax is not None and ax.group in perms]
+
+
+def permute_tensor(spec: PermutationSpec, name: str, t: Tensor, perms: Mapping[str, Tensor],
+                   skip: tuple[str, int] | None = None) -> Tensor:
+    """Tensor `name` of a state dict with every group's permutation applied to its axes (`skip`: one left alone)."""
+    for i in permuted_axes(spec, name, perms):
+        if (name, i) != skip:
+            ax = spec.axes[name][i]
+            t = permute_axis(t, i, perms[ax.group], ax.chunks)
+    return t
 
 
 def identity_perms(spec: PermutationSpec) -> dict[str, Tensor]:

@@ -4,8 +4,9 @@ The base model gives every tensor outside the MLPs (embeddings, attention,
 norms, lm_head) and, for prompted gate modes, the hidden states that make the
 routers (gates.py). Each expert gives its MLP matrices, read one expert of one
 layer at a time through the checkpoint reader and written straight into their
-place in the output (CheckpointWriter), so memory holds one expert's MLP of
-one layer, plus the base model while the gates are computed.
+place in the output: expert jobs (moe/jobs.py) that engine.run streams into a
+FolderSink, so memory holds one expert's MLP of one layer (fused: the layer's
+routed experts), plus the base model while the gates are computed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,21 +22,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mergelab.checkpoint.output import check_output
 from mergelab.checkpoint.reader import Checkpoint
-from mergelab.checkpoint.writer import CheckpointWriter, TensorInfo
 from mergelab.device import resolve_device
+from mergelab.engine import FolderSink, run
+from mergelab.errors import MergeError
 from mergelab.methods.seeding import make_generator
-from mergelab.errors import MergeError, NonFiniteError
-from mergelab.methods.kernels import has_nonfinite
 from mergelab.moe import gates as G
-from mergelab.moe.arch import expert_names, output_config, router_names
+from mergelab.moe.arch import output_config
 from mergelab.moe.config import MoEPlan, load_moe_config
-from mergelab.progress import ByteProgress
+from mergelab.moe.jobs import finite, moe_jobs, refuse_nonfinite
 
 __all__ = ["build_moe", "compute_gates", "MoEResult"]
-
-_MLP = re.compile(r"^model\.layers\.\d+\.mlp\.")
-_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass
@@ -133,65 +130,14 @@ def _cheap_vectors(plan: MoEPlan, tokenizer) -> Callable[[list[str]], Tensor]:
     return vectors
 
 
-def _layout(plan: MoEPlan, base: Checkpoint, dtype: torch.dtype, fused: bool) -> tuple[list[TensorInfo], list[str]]:
-    """Every output tensor (name, shape, dtype), and the base tensors left out (its dense MLPs)."""
-    H, I, E = plan.hidden_size, plan.intermediate_size, len(plan.config.experts)
-    kept = [n for n in base if not _MLP.match(n)]
-    dropped = [n for n in base if _MLP.match(n)]
-    layout = [TensorInfo(n, base.shape(n), dtype) for n in kept]
-    if plan.output == "Qwen MoE":
-        layout += [TensorInfo(n, shape, dtype) for n, shape in _missing_biases(base, plan.num_layers)]
-    shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I), "gate_up": (E, 2 * I, H),
-              "down": (E, H, I)}
-    for layer in range(plan.num_layers):
-        router, shared_gate = router_names(plan.output, layer, fused)
-        layout.append(TensorInfo(router, (E, H), dtype))
-        if shared_gate:
-            layout.append(TensorInfo(shared_gate, (1, H), dtype))
-        names = [expert_names(plan.output, layer, e, fused) for e in range(1 if fused else E)]
-        names += [expert_names(plan.output, layer, None, fused)] if plan.shared else []
-        layout += [TensorInfo(n, shapes[k], dtype) for group in names for k, n in group.items()]
-    return layout, dropped
-
-
-def _missing_biases(base: Checkpoint, layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Qwen2-MoE's q/k/v biases that a Llama/Mistral base lacks: zeros, an exact no-op (as mergekit)."""
-    out = []
-    for layer in range(layers):
-        for p in ("q_proj", "k_proj", "v_proj"):
-            prefix = f"model.layers.{layer}.self_attn.{p}"
-            if f"{prefix}.bias" not in base:
-                out.append((f"{prefix}.bias", (base.shape(f"{prefix}.weight")[0],)))
-    return out
-
-
-def _finite(t: Tensor, what: str) -> Tensor:
-    """`t`, or NonFiniteError naming `what`: an MoE built from NaN/Inf weights would be silently broken."""
-    if has_nonfinite(t):
-        raise NonFiniteError(f"{what} holds NaN or Inf values; nothing was written. Repair or leave out that "
-                             "model (or, for noise_scale / residual_scale, use smaller numbers or a wider dtype)")
-    return t
-
-
-def _read(ck: Checkpoint, name: str, dtype: torch.dtype) -> Tensor:
-    return _finite(ck[name], f"tensor {name} of {ck.path}").to(dtype)
-
-
-def _expert_matrices(ck: Checkpoint, layer: int, entry, seed: int | None, tag: str, dtype: torch.dtype) -> dict[str, Tensor]:
-    """One expert's three MLP matrices of one layer, with its noise_scale / residual_scale, in `dtype`."""
-    out = {}
-    for proj in _PROJS:
-        name = f"model.layers.{layer}.mlp.{proj}.weight"
-        t = _finite(ck[name], f"tensor {name} of {ck.path}")
-        if entry.noise_scale or (entry.residual_scale is not None and proj == "down_proj"):
-            t = t.float()
-            if entry.noise_scale:
-                gen = make_generator(seed, f"{tag}.layers.{layer}.{proj}", torch.device("cpu"))
-                t = t + torch.randn(t.shape, generator=gen) * entry.noise_scale
-            if entry.residual_scale is not None and proj == "down_proj":
-                t = t * entry.residual_scale
-        out[proj] = _finite(t.to(dtype), f"expert {tag}'s {name} after noise_scale / residual_scale")
-    return out
+def _checked_gates(plan: MoEPlan, device: str, gate_dtype: torch.dtype, seed: int | None
+                   ) -> tuple[Tensor, Tensor | None, list[int]]:
+    """compute_gates' routers, refused if NaN/Inf, and the layers whose gates are nearly parallel."""
+    routed, shared = compute_gates(plan, device=device, gate_dtype=gate_dtype, seed=seed)
+    gc.collect()  # the base model that made the gates
+    both = routed if shared is None else torch.cat([routed, shared], 1)
+    finite(both, f"the gates computed from {plan.base}'s hidden states")
+    return routed, shared, G.degenerate_layers(both)
 
 
 def build_moe(config_path: str | Path, out_dir: str | Path, *, device: str = "cpu", seed: int | None = None,
@@ -214,64 +160,36 @@ def build_moe(config_path: str | Path, out_dir: str | Path, *, device: str = "cp
     plan = load_moe_config(config_path, allow_all_same=allow_all_same)
     resolve_device(device)
     inputs = [plan.base, *plan.experts, *plan.shared, Path(config_path)]
+    check_output(out_dir, kind="folder", inputs=inputs, overwrite=overwrite, what="output folder")  # before the gates
     with contextlib.ExitStack() as stack:
-        base = stack.enter_context(Checkpoint(plan.base))
-        # Opened once (headers and file handles only); tensors are read one expert and layer at a time.
-        experts = {p: stack.enter_context(Checkpoint(p)) for p in dict.fromkeys([*plan.experts, *plan.shared])}
-        dtype = plan.dtype or base.dtype("model.embed_tokens.weight")
-        layout, dropped = _layout(plan, base, dtype, fused)
-        writer = stack.enter_context(CheckpointWriter(out_dir, layout, shard_size=shard_size, overwrite=overwrite,
-                                                      protected=inputs))
-        routed, shared = compute_gates(plan, device=device, gate_dtype=gate_dtype, seed=seed)
-        gc.collect()  # the base model that made the gates
-        _finite(routed if shared is None else torch.cat([routed, shared], 1),
-                f"the gates computed from {plan.base}'s hidden states")
-        degenerate = G.degenerate_layers(torch.cat([routed, shared], 1) if shared is not None else routed)
-        steps = sum(1 for i in layout if i.name in base or i.name.endswith("_proj.bias"))
-        steps += plan.num_layers * (1 + len(plan.experts) + len(plan.shared))
-        with ByteProgress(steps, sum(i.nbytes for i in layout), enabled=progress, label="moe") as bar:
-            for info in layout:  # everything outside the MLPs, from the base
-                if info.name in base:
-                    writer.write(info.name, _read(base, info.name, dtype))
-                elif info.name.endswith("_proj.bias"):
-                    writer.write(info.name, torch.zeros(info.shape, dtype=dtype))
-                else:
-                    continue
-                bar.advance(info.nbytes)
-            for layer in range(plan.num_layers):
-                router, shared_gate = router_names(plan.output, layer, fused)
-                writer.write(router, routed[layer].to(dtype))
-                if shared_gate:
-                    writer.write(shared_gate, shared[layer].to(dtype))
-                bar.advance((routed[layer].numel() + (shared[layer].numel() if shared_gate else 0)) * dtype.itemsize)
-                _write_experts(writer, plan, experts, layer, fused, seed, dtype, bar)
-        config = output_config(plan.base_config, plan.output, len(plan.config.experts),
-                               plan.config.experts_per_token, dtype)
-        extra = {"config.json": json.dumps(config, indent=2) + "\n", "mergekit_moe_config.yml": plan.text}
-        if write_model_card:
-            extra["README.md"] = _model_card(plan)
-        result = MoEResult(Path(out_dir), plan.output, len(plan.config.experts), len(layout), degenerate, dropped,
-                           time.perf_counter() - start)
-        extra["mergelab_report.json"] = json.dumps(result.summary(), indent=2) + "\n"
-        result.out_dir = writer.finish(assets_from=plan.base, extra_files=extra, copy_tokenizer=copy_tokenizer)
+        # Opened once (headers and file handles only); the engine reads one expert and layer at a time.
+        ckpts = [stack.enter_context(Checkpoint(p)) for p in dict.fromkeys([plan.base, *plan.experts, *plan.shared])]
+        dtype = plan.dtype or ckpts[0].dtype("model.embed_tokens.weight")
+        routed, shared, degenerate = _checked_gates(plan, device, gate_dtype, seed)
+        jobs, dropped = moe_jobs(plan, ckpts, dtype, fused, routed, shared, seed)
+        result = MoEResult(Path(out_dir), plan.output, len(plan.config.experts), len(jobs.layout), degenerate,
+                           dropped, 0.0)
+
+        def extra_files(report) -> dict[str, str]:
+            result.seconds = time.perf_counter() - start
+            return _output_files(plan, dtype, result, write_model_card)
+
+        sink = FolderSink(out_dir, shard_size=shard_size, overwrite=overwrite, protected=inputs,
+                          extra_files_fn=extra_files, copy_tokenizer=copy_tokenizer)
+        run(jobs, sink, refuse_nonfinite(jobs), show_progress=progress)
+    result.out_dir = sink.writer.out_dir
     return result
 
 
-def _write_experts(writer: CheckpointWriter, plan: MoEPlan, checkpoints: dict[Path, Checkpoint], layer: int,
-                   fused: bool, seed: int | None, dtype: torch.dtype, bar: ByteProgress) -> None:
-    entries = [(i, e, p) for i, (e, p) in enumerate(zip(plan.config.experts, plan.experts))]
-    entries += [(None, e, p) for e, p in zip(plan.config.shared_experts or [], plan.shared)]
-    for index, entry, path in entries:
-        tag = f"experts.{index}" if index is not None else "shared_expert"
-        mats = _expert_matrices(checkpoints[path], layer, entry, seed, tag, dtype)
-        names = expert_names(plan.output, layer, index, fused and index is not None)
-        if "gate_up" in names:
-            writer.write_rows(names["gate_up"], index, torch.cat([mats["gate_proj"], mats["up_proj"]])[None])
-            writer.write_rows(names["down"], index, mats["down_proj"][None])
-        else:
-            for proj, name in names.items():
-                writer.write(name, mats[proj])
-        bar.advance(sum(m.numel() * m.element_size() for m in mats.values()))
+def _output_files(plan: MoEPlan, dtype: torch.dtype, result: MoEResult, write_model_card: bool) -> dict[str, str]:
+    """The MoE's config.json (replacing the base's), its mergekit-moe config, model card and report."""
+    config = output_config(plan.base_config, plan.output, len(plan.config.experts), plan.config.experts_per_token,
+                           dtype)
+    extra = {"config.json": json.dumps(config, indent=2) + "\n", "mergekit_moe_config.yml": plan.text}
+    if write_model_card:
+        extra["README.md"] = _model_card(plan)
+    extra["mergelab_report.json"] = json.dumps(result.summary(), indent=2) + "\n"
+    return extra
 
 
 def _model_card(plan: MoEPlan) -> str:
