@@ -7,29 +7,30 @@ Per search (SearchCache, shared by every preallocated model and worker thread):
   refuses such inputs), not at every candidate; each input file is checked unchanged
   (one stat) at every candidate;
 - input views: each input tensor is viewed (memory-mapped) once;
-- TIES magnitude orders (search/magnitude.py): built once per task vector, they turn the
-  exact top-k selection of any density into two reads, within a memory budget.
+- kernels' prepared state (SearchCache.keeper): what a registered kernel's `prepare` makes
+  from the inputs alone, once per search within a memory budget; for TIES, each task vector's
+  magnitude order (methods/kernels/ties_order.py), which turns the exact top-k selection of
+  any density into two reads.
 
 Per preallocated model (CandidateWriter):
 
 - a tensor whose job (method, inputs, parameters, dtype, and seed for randomised
   methods) equals the one whose result the model already holds is skipped;
-- linear and task arithmetic: the compiled pass writes straight into the model's tensor
-  (no temporary output, no copy);
-- ties: each model's threshold and tie cut-off are two reads of its magnitude order, then
-  one fused compiled pass (search/ties_kernel.py) writes straight into the model's tensor;
+- a job whose method's registered kernel has an `into` entry (linear, task arithmetic,
+  ties today; methods/kernels/__init__.py's Kernel) is written by it straight into the
+  model's tensor (no temporary output, no copy), with its prepared state;
 - these passes run on two threads at once (`threads`), each tensor on one thread, the
   biggest tensors first, each to the less loaded thread: most tensors of a model are too
   small for a parallel loop to pay for waking its threads;
-- everything else (other methods, vocabulary resizing, statistics, GPU) runs through
-  engine.execute_into, the engine's own path.
+- everything else (other methods, randomised ones, vocabulary resizing, statistics, GPU)
+  runs through engine.execute_into, the engine's own path.
 
-Linear and task arithmetic run exactly where `run_method` would pick the compiled kernel
-(the kernel's own `supports`), through that kernel's code. TIES runs the fused pass at every size: it does
-the reference's float32 operations in the reference's order (where `mergelab merge`
-runs the readable reference, on tensors below the engine kernel's minimum size, the
-numbers are the same). So the model holds the numbers `mergelab merge` writes, bit for
-bit (tests/search/test_candidate.py, test_ties_kernel.py).
+A kernel's `into` runs where its `supports_into` (else `supports`) accepts the inputs: where
+`run_method` would pick the kernel, or, for TIES, at every size, as its kernel does the
+reference's float32 operations in the reference's order (where `mergelab merge` runs the
+readable reference, on tensors below the kernel's minimum size, the numbers are the same).
+So the model holds the numbers `mergelab merge` writes, bit for bit
+(tests/search/test_candidate.py, tests/methods/test_ties_into.py).
 """
 
 from __future__ import annotations
@@ -43,14 +44,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor, wait
 
-import numpy as np
 import torch
 
 from mergelab.errors import NonFiniteError
 from mergelab.plan import Job, Plan, TensorRef
-
-_FAST_METHODS = ("linear", "task_arithmetic", "ties")
-
 
 def default_cache_bytes() -> int:
     """A quarter of the memory available now (Linux's MemAvailable: free plus reclaimable cache), else 4 GiB."""
@@ -66,20 +63,22 @@ def default_cache_bytes() -> int:
 
 @dataclasses.dataclass
 class CacheStats:
-    indexes: int = 0
+    """What kernels' prepare steps stored (for TIES: one magnitude order per trimmed task vector)."""
+
+    indexes: int = 0  # states built
     index_bytes: int = 0
     index_seconds: float = 0.0
-    over_budget: int = 0  # task vectors left unindexed: the budget was spent
+    over_budget: int = 0  # states not built: the budget was spent
 
 
 class SearchCache:
-    """What every candidate of one search shares: checked inputs and TIES magnitude indexes."""
+    """What every candidate of one search shares: checked inputs, input views, kernels' prepared state."""
 
     def __init__(self, budget_bytes: int | None = None):
         self.budget = default_cache_bytes() if budget_bytes is None else budget_bytes
         self.stats = CacheStats()
         self._checked: set[tuple[str, str]] = set()
-        self._indexes: dict[tuple, object] = {}
+        self._prepared: dict[tuple, object] = {}  # kernels' prepared state (keeper)
         self._views: dict[tuple[int, str], tuple[object, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
@@ -120,30 +119,35 @@ class SearchCache:
                 self._views[key] = held
         return held[1]
 
-    def index(self, plan: Plan, ref: TensorRef, base: TensorRef, x: torch.Tensor, b: torch.Tensor):
-        """The MagnitudeIndex (keeping order) of |x - b|, built on first use; None when the budget does not allow it."""
-        from mergelab.search.magnitude import MagnitudeIndex
+    def keeper(self, plan: Plan, job: Job) -> Callable[[int, Callable[[], object], int], object | None]:
+        """A kernel's prepare store for `job`: keep(i, build, nbytes) -> build() for input i over the
+        job's base, made once per search (one build at a time), or None when nbytes do not fit the budget."""
+        spec = plan.method.name
 
-        key = (str(plan.checkpoints[ref.model].path), ref.name, str(plan.checkpoints[base.model].path), base.name)
-        with self._lock:  # one build at a time: builds happen once, lookups never wait long
-            if key in self._indexes:
-                return self._indexes[key]
-            need = MagnitudeIndex.nbytes_for(b.numel())
-            if b.numel() >= 2**31 or self.stats.index_bytes + need > self.budget:
-                self.stats.over_budget += 1
-                self._indexes[key] = None
-                return None
-            t0 = time.perf_counter()
-            idx = MagnitudeIndex.build(x, b)
-            self.stats.indexes += 1
-            self.stats.index_bytes += idx.nbytes
-            self.stats.index_seconds += time.perf_counter() - t0
-            self._indexes[key] = idx
-            return idx
+        def keep(i: int, build: Callable[[], object], nbytes: int) -> object | None:
+            ref, base = job.inputs[i], job.base
+            key = (spec, str(plan.checkpoints[ref.model].path), ref.name,
+                   *((str(plan.checkpoints[base.model].path), base.name) if base is not None else ()))
+            with self._lock:  # builds happen once, lookups never wait long
+                if key in self._prepared:
+                    return self._prepared[key]
+                if self.stats.index_bytes + nbytes > self.budget:
+                    self.stats.over_budget += 1
+                    self._prepared[key] = None
+                    return None
+                t0 = time.perf_counter()
+                value = build()
+                self.stats.indexes += 1
+                self.stats.index_bytes += nbytes
+                self.stats.index_seconds += time.perf_counter() - t0
+                self._prepared[key] = value
+                return value
+
+        return keep
 
     def clear(self) -> None:
         with self._lock:
-            self._indexes.clear()
+            self._prepared.clear()
             self._checked.clear()
             self._views.clear()
             self.stats = CacheStats()
@@ -220,63 +224,38 @@ class CandidateWriter:
                 self._held[job.name] = sigs[job.name]
 
     def _fast(self, plan: Plan, job: Job, target: torch.Tensor) -> _Task | None:
-        """`job` as a task that writes `target` by a fast path, or None where none applies."""
+        """`job` as a task that writes `target` through its kernel's `into`, or None where none applies.
+
+        Any method whose registered kernel has `into` (methods/kernels/__init__.py's Kernel) and accepts
+        these inputs (`supports_into`, else `supports`: where `mergelab merge` runs the kernel, or
+        where the kernel's numbers equal the reference's); its `prepare` state is kept per search.
+        """
         from mergelab.methods import PerModel
         from mergelab.methods.kernels import kernels_enabled
-        from mergelab.methods.kernels.io import usable
 
         spec = plan.method
-        if (spec.name not in _FAST_METHODS or job.copy or job.vocab_rows is not None or job.vocab is not None
-                or job.stats or job.base_stats is not None or spec.needs_stats or not kernels_enabled()
-                or plan.compute_dtype != torch.float32 or spec.kernel is None):
-            return None
+        if (spec.kernel is None or job.op != "merge" or job.copy or job.vocab_rows is not None or job.vocab is not None
+                or job.stats or job.base_stats is not None or spec.needs_stats or spec.randomized
+                or not kernels_enabled() or plan.compute_dtype != torch.float32):
+            return None  # randomised methods draw per engine chunk: the engine keeps their generators
         if target.dtype != job.dtype or job.dtype not in (torch.float32, torch.bfloat16) \
                 or not target.is_contiguous() or target.device.type != "cpu":
             return None
+        into = spec.kernel.entry("into")
+        if into is None:
+            return None
         xs = [self.cache.view(plan, r) for r in job.inputs]
         base = self.cache.view(plan, job.base) if job.base is not None else None
-        p = PerModel(job.model_params)
-        if spec.name in ("linear", "task_arithmetic"):
-            if not spec.kernel.supports(xs, base, p, job.shared):
-                return None  # merge runs the readable reference here: so must we
-            if spec.name == "linear":
-                return _Task(target.numel() * (len(xs) + 1), functools.partial(_linear, xs, p, job, target))
-            return _Task(target.numel() * (len(xs) + 2),
-                         functools.partial(_task_arithmetic, xs, base, p, job, target))
-        # TIES: the fused pass does the reference's float32 operations in its order, so it serves
-        # every size (merge itself runs the reference below the engine kernel's minimum size).
-        if base is None or getattr(job.shared, "rescale", False) or not usable([*xs, base]):
+        p, s = PerModel(job.model_params), job.shared
+        if not (spec.kernel.entry("supports_into") or spec.kernel.supports)(xs, base, p, s):
             return None
-        try:
-            import mergelab.search.ties_kernel  # noqa: F401  (numba, an optional dependency)
-        except ImportError:
-            return None
-        return self._ties(plan, job, xs, base, p, target)
-
-    def _ties(self, plan: Plan, job: Job, xs, base, p, target: torch.Tensor) -> _Task | None:
-        from mergelab.methods.sparsify import keep_count
-        from mergelab.search.ties_kernel import ties_into
-
-        n = base.numel()
-        thresholds = np.zeros(len(xs), dtype=np.float32)  # threshold 0, cut-off n: every entry kept
-        cutoffs = np.full(len(xs), n, dtype=np.int64)
-        picks = []
-        for i, (ref, q) in enumerate(zip(job.inputs, p)):
-            k = n if q.density >= 1 else keep_count(q.density, n)  # as the kernel's run()
-            if k >= n:
-                continue
-            idx = self.cache.index(plan, ref, job.base, xs[i], base)
-            if idx is None:
-                return None  # over the memory budget: the engine's kernel selects
-            picks.append((i, idx, k))
-
-        def run() -> None:
-            for i, idx, k in picks:
-                thresholds[i], cutoffs[i] = idx.select(k, xs[i], base)
-            ties_into(xs, base, thresholds, cutoffs, [float(q.weight) for q in p], normalize=job.shared.normalize,
-                      lam=job.shared.lambda_, out=target)
-
-        return _Task(n * (len(xs) + 2), run)
+        prepare, state = spec.kernel.entry("prepare"), None
+        if prepare is not None:
+            state = prepare(xs, base, p, s, self.cache.keeper(plan, job))
+            if state is None:
+                return None  # over the memory budget: the engine's kernel runs
+        cost = target.numel() * (len(xs) + 1 + (base is not None))  # entries read and written
+        return _Task(cost, functools.partial(into, xs, base, p, s, target, state))
 
 
 def memory_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -309,20 +288,6 @@ def memory_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
 class _Task:
     cost: int  # entries read and written: what the lanes are balanced on
     run: Callable[[], None]
-
-
-def _task_arithmetic(xs, base, p, job: Job, target: torch.Tensor) -> None:
-    from mergelab.methods.kernels.task_arithmetic import task_arithmetic_into
-
-    task_arithmetic_into(xs, base, [float(q.weight) for q in p], normalize=bool(job.shared.normalize),
-                         lam=float(job.shared.lambda_), out=target)
-
-
-def _linear(xs, p, job: Job, target: torch.Tensor) -> None:
-    from mergelab.methods.kernels.linear import weighted_sum
-    from mergelab.methods.linear import linear_weights
-
-    weighted_sum(xs, linear_weights(p, job.shared), out=target)
 
 
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool): a forked child makes its own
