@@ -12,18 +12,19 @@ Per search (SearchCache, shared by every preallocated model and worker thread):
   magnitude order (methods/kernels/ties_order.py), which turns the exact top-k selection of
   any density into two reads.
 
-Per preallocated model (CandidateWriter):
+Per preallocated model (CandidateWriter): each candidate is one engine.run(plan, CandidateSink),
+the engine's one loop, with the sink's hooks:
 
-- a tensor whose job (method, inputs, parameters, dtype, and seed for randomised
+- select: a tensor whose job (method, inputs, parameters, dtype, and seed for randomised
   methods) equals the one whose result the model already holds is skipped;
-- a job whose method's registered kernel has an `into` entry (linear, task arithmetic,
+- direct: a job whose method's registered kernel has an `into` entry (linear, task arithmetic,
   ties today; methods/kernels/__init__.py's Kernel) is written by it straight into the
   model's tensor (no temporary output, no copy), with its prepared state;
-- these passes run on two threads at once (`threads`), each tensor on one thread, the
-  biggest tensors first, each to the less loaded thread: most tensors of a model are too
-  small for a parallel loop to pay for waking its threads;
+- these passes run in the engine's lanes (engine/lanes.py), two at once (`threads`), each
+  tensor on one thread, the biggest tensors first, each to the less loaded lane: most
+  tensors of a model are too small for a parallel loop to pay for waking its threads;
 - everything else (other methods, randomised ones, vocabulary resizing, statistics, GPU)
-  runs through engine.execute_into, the engine's own path.
+  the engine's loop computes and the sink copies in (MemorySink.write), inputs kept mapped.
 
 A kernel's `into` runs where its `supports_into` (else `supports`) accepts the inputs: where
 `run_method` would pick the kernel, or, for TIES, at every size, as its kernel does the
@@ -42,10 +43,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
+from mergelab.engine.lanes import Task
+from mergelab.engine.sinks import MemorySink
 from mergelab.errors import NonFiniteError
 from mergelab.plan import Job, Plan, TensorRef
 
@@ -177,85 +179,104 @@ class CandidateWriter:
     def __init__(self, cache: SearchCache | None = None, *, threads: int | None = None):
         self.cache = cache or SearchCache()
         self.threads = max(1, threads if threads is not None else min(2, os.cpu_count() or 1))
-        self._held: dict[str, tuple] = {}  # tensor name -> signature of the result it holds
+        self.held: dict[str, tuple] = {}  # tensor name -> signature of the result it holds
         self.counts = {"skipped": 0, "fast": 0, "engine": 0}
 
     def forget(self) -> None:
         """Forget what the tensors hold (call after anything but this writer changed them)."""
-        self._held.clear()
+        self.held.clear()
 
     def write(self, plan: Plan, sink: MutableMapping[str, torch.Tensor], *, device: str = "cpu",
               seed: int | None = None) -> None:
-        """Merge `plan` (whose jobs all name tensors of `sink`) into `sink`."""
-        from mergelab.engine import execute_into
+        """Merge `plan` (whose jobs all name tensors of `sink`) into `sink`: one engine run into a CandidateSink."""
+        from mergelab.engine import run
 
-        self.cache.check_inputs(plan)
-        sigs = {job.name: job_signature(plan, job, seed) for job in plan.jobs}
-        # Tensors whose memory overlaps (a tied lm_head, views of one buffer) hold what the last job
-        # wrote: skip none of them unless all agree, and write them in plan order through the engine.
-        group = memory_groups({j.name: sink[j.name] for j in plan.jobs})
-        changed = {group[j.name] for j in plan.jobs if self._held.get(j.name) != sigs[j.name]}
+        self.cache.check_inputs(plan)  # the engine need not scan the inputs again: known_finite
+        run(plan, CandidateSink(self, sink, seed), device=device, seed=seed)
+
+
+class CandidateSink(MemorySink):
+    """A CandidateWriter's tensors as the engine's sink, for one candidate.
+
+    select: the jobs whose result the tensors do not hold already (by job_signature); tensors
+    whose memory overlaps (a tied lm_head, views of one buffer) hold what the last job wrote, so
+    none of them is skipped unless all agree, and they go through the engine's loop in plan order.
+    direct: a job whose method's kernel has `into` is written by it straight into its tensor, in
+    the engine's lanes (the writer's threads), from the search's cached views and prepared state.
+    Everything else (other methods, randomised ones, vocabulary resizing, statistics, GPU) the
+    engine's loop computes and write() copies in, with the inputs kept mapped between candidates.
+    """
+
+    def __init__(self, writer: CandidateWriter, tensors: MutableMapping[str, torch.Tensor], seed: int | None):
+        super().__init__(tensors, keep_inputs=True, known_finite=writer.cache.checked)
+        self.writer, self.seed, self.lanes = writer, seed, writer.threads
+        self.sigs: dict[str, tuple] = {}
+        self.todo: list[Job] = []
+        self.alone: set[str] = set()  # tensors whose memory no other job's tensor overlaps
+        self.fast = 0
+
+    def select(self, plan: Plan) -> list[Job]:
+        held, counts = self.writer.held, self.writer.counts
+        self.sigs = {job.name: job_signature(plan, job, self.seed) for job in plan.jobs}
+        group = memory_groups({j.name: self.tensors[j.name] for j in plan.jobs})
+        changed = {group[j.name] for j in plan.jobs if held.get(j.name) != self.sigs[j.name]}
         todo = [j for j in plan.jobs if group[j.name] in changed]
-        self.counts["skipped"] += len(plan.jobs) - len(todo)
-        for name in [j.name for j in todo]:
-            self._held.pop(name, None)  # unknown until written
-        on_cpu = torch.device(device).type == "cpu"
-        sizes = Counter(group.values())
-        fast, rest = [], []
+        counts["skipped"] += len(plan.jobs) - len(todo)
         for job in todo:
-            alone = sizes[group[job.name]] == 1
-            task = self._fast(plan, job, sink[job.name]) if on_cpu and alone else None
-            if task is None:
-                rest.append(job)
-            else:
-                fast.append((job, task))
-        if fast:
-            _run_lanes([task for _, task in fast], self.threads)
-            self.counts["fast"] += len(fast)
-            for job, _ in fast:
-                self._held[job.name] = sigs[job.name]
-        if rest:
-            # The engine's path; inputs stay mapped between candidates.
-            # check_inputs above scanned every input for NaN/Inf: the engine need not scan them again.
-            execute_into(dataclasses.replace(plan, jobs=rest), sink, device=device, seed=seed, keep_inputs=True,
-                         known_finite=self.cache.checked)
-            self.counts["engine"] += len(rest)
-            for job in rest:
-                self._held[job.name] = sigs[job.name]
+            held.pop(job.name, None)  # unknown until written
+        sizes = Counter(group.values())
+        self.alone = {j.name for j in todo if sizes[group[j.name]] == 1}
+        self.todo = todo
+        return todo
 
-    def _fast(self, plan: Plan, job: Job, target: torch.Tensor) -> _Task | None:
-        """`job` as a task that writes `target` through its kernel's `into`, or None where none applies.
+    def direct(self, plan: Plan, job: Job, device: torch.device) -> Task | None:
+        if device.type != "cpu" or job.name not in self.alone:
+            return None
+        task = direct_task(plan, job, self.tensors[job.name], self.writer.cache)
+        self.fast += task is not None
+        return task
 
-        Any method whose registered kernel has `into` (methods/kernels/__init__.py's Kernel) and accepts
-        these inputs (`supports_into`, else `supports`: where `mergelab merge` runs the kernel, or
-        where the kernel's numbers equal the reference's); its `prepare` state is kept per search.
-        """
-        from mergelab.methods import PerModel
-        from mergelab.methods.kernels import kernels_enabled
+    def finish(self, plan: Plan, report) -> None:
+        counts = self.writer.counts
+        counts["fast"] += self.fast
+        counts["engine"] += len(self.todo) - self.fast
+        for job in self.todo:
+            self.writer.held[job.name] = self.sigs[job.name]
 
-        spec = plan.method
-        if (spec.kernel is None or job.op != "merge" or job.copy or job.vocab_rows is not None or job.vocab is not None
-                or job.stats or job.base_stats is not None or spec.needs_stats or spec.randomized
-                or not kernels_enabled() or plan.compute_dtype != torch.float32):
-            return None  # randomised methods draw per engine chunk: the engine keeps their generators
-        if target.dtype != job.dtype or job.dtype not in (torch.float32, torch.bfloat16) \
-                or not target.is_contiguous() or target.device.type != "cpu":
-            return None
-        into = spec.kernel.entry("into")
-        if into is None:
-            return None
-        xs = [self.cache.view(plan, r) for r in job.inputs]
-        base = self.cache.view(plan, job.base) if job.base is not None else None
-        p, s = PerModel(job.model_params), job.shared
-        if not (spec.kernel.entry("supports_into") or spec.kernel.supports)(xs, base, p, s):
-            return None
-        prepare, state = spec.kernel.entry("prepare"), None
-        if prepare is not None:
-            state = prepare(xs, base, p, s, self.cache.keeper(plan, job))
-            if state is None:
-                return None  # over the memory budget: the engine's kernel runs
-        cost = target.numel() * (len(xs) + 1 + (base is not None))  # entries read and written
-        return _Task(cost, functools.partial(into, xs, base, p, s, target, state))
+
+def direct_task(plan: Plan, job: Job, target: torch.Tensor, cache: SearchCache) -> Task | None:
+    """`job` as a task that writes `target` through its kernel's `into`, or None where none applies.
+
+    Any method whose registered kernel has `into` (methods/kernels/__init__.py's Kernel) and accepts
+    these inputs (`supports_into`, else `supports`: where `mergelab merge` runs the kernel, or
+    where the kernel's numbers equal the reference's); its `prepare` state is kept per search.
+    """
+    from mergelab.methods import PerModel
+    from mergelab.methods.kernels import kernels_enabled
+
+    spec = plan.method
+    if (spec.kernel is None or job.op != "merge" or job.copy or job.vocab_rows is not None or job.vocab is not None
+            or job.stats or job.base_stats is not None or spec.needs_stats or spec.randomized
+            or not kernels_enabled() or plan.compute_dtype != torch.float32):
+        return None  # randomised methods draw per engine chunk: the engine keeps their generators
+    if target.dtype != job.dtype or job.dtype not in (torch.float32, torch.bfloat16) \
+            or not target.is_contiguous() or target.device.type != "cpu":
+        return None
+    into = spec.kernel.entry("into")
+    if into is None:
+        return None
+    xs = [cache.view(plan, r) for r in job.inputs]
+    base = cache.view(plan, job.base) if job.base is not None else None
+    p, s = PerModel(job.model_params), job.shared
+    if not (spec.kernel.entry("supports_into") or spec.kernel.supports)(xs, base, p, s):
+        return None
+    prepare, state = spec.kernel.entry("prepare"), None
+    if prepare is not None:
+        state = prepare(xs, base, p, s, cache.keeper(plan, job))
+        if state is None:
+            return None  # over the memory budget: the engine's kernel runs
+    cost = target.numel() * (len(xs) + 1 + (base is not None))  # entries read and written
+    return Task(cost, functools.partial(into, xs, base, p, s, target, state))
 
 
 def memory_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -282,55 +303,3 @@ def memory_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
             reach = max(reach, stop)
         out[name] = gid
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _Task:
-    cost: int  # entries read and written: what the lanes are balanced on
-    run: Callable[[], None]
-
-
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool): a forked child makes its own
-_POOL_LOCK = threading.Lock()
-
-
-def _lane_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's lane threads (created once per process, at least `workers`)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
-            size = max(workers, (os.cpu_count() or 2) - 1)
-            _POOL = (os.getpid(), size, ThreadPoolExecutor(max_workers=size, thread_name_prefix="mergelab-lane"))
-        return _POOL[2]
-
-
-def _run_lanes(tasks: list[_Task], lanes: int) -> None:
-    """Run `tasks`, `lanes` at a time, each on one thread (compiled passes release the GIL).
-
-    Tasks go to lanes largest first, each to the least loaded lane; the calling thread runs
-    the first lane. Every lane is waited for before an error is raised, so no thread still
-    writes into the model when this returns.
-    """
-    from mergelab.methods.kernels import one_thread
-
-    def lane(mine: list[_Task]) -> None:
-        with one_thread():
-            for task in mine:
-                task.run()
-
-    lanes = max(1, min(lanes, len(tasks)))
-    if lanes == 1:
-        lane(tasks)
-        return
-    loads, split = [0] * lanes, [[] for _ in range(lanes)]
-    for task in sorted(tasks, key=lambda t: -t.cost):
-        i = loads.index(min(loads))
-        loads[i] += task.cost
-        split[i].append(task)
-    futures = [_lane_pool(lanes - 1).submit(lane, mine) for mine in split[1:]]
-    try:
-        lane(split[0])
-    finally:
-        wait(futures)
-    for f in futures:
-        f.result()  # a lane's error, raised here
