@@ -6,10 +6,10 @@ three see the same machine load:
 
   in memory, cached:    the search's path: plan the recipe over the inputs opened once,
                         write it into the preallocated transformers model with
-                        search.fastpath.CandidateWriter (kernels straight into the model's
-                        tensors; TIES: each task vector's magnitude order built once, so a
-                        density's threshold is two reads, then one fused pass per tensor,
-                        search/ties_kernel.py);
+                        search.fastpath.CandidateWriter (one engine run whose sink writes the
+                        kernels' into() straight into the model's tensors; TIES: each task
+                        vector's magnitude order built once by the kernel's prepare(), so a
+                        density's threshold is two reads, then one combining pass per tensor);
   in memory, engine:    the same plan run by engine.execute_into alone (last session's path);
   on disk:              `mergelab.merge` into a folder (atomic, fsynced), then
                         `AutoModel*.from_pretrained` it, as mergekit-evolve's on-disk mode does.

@@ -14,6 +14,7 @@ from mergelab.methods import PerModel, get_method, run_method
 from mergelab.methods.kernels import kernels_disabled
 
 tk = pytest.importorskip("mergelab.methods.kernels.ties")
+ts = pytest.importorskip("mergelab.methods.kernels.ties_select")  # the threshold selection
 
 N = 300_000  # above 4 * _SAMPLE: the selection samples
 
@@ -31,7 +32,7 @@ def _check_threshold(values: torch.Tensor, base: torch.Tensor, k: int, thr: floa
 def _routes(monkeypatch):
     """Count the calls of the selection's later passes."""
     calls = {"count": 0, "gather": 0}
-    count, gather = tk._count, tk._gather_between
+    count, gather = ts._count, ts._gather_between
 
     def counting(*a, **kw):
         calls["count"] += 1
@@ -41,8 +42,8 @@ def _routes(monkeypatch):
         calls["gather"] += 1
         return gather(*a, **kw)
 
-    monkeypatch.setattr(tk, "_count", counting)
-    monkeypatch.setattr(tk, "_gather_between", gathering)
+    monkeypatch.setattr(ts, "_count", counting)
+    monkeypatch.setattr(ts, "_gather_between", gathering)
     return calls
 
 
@@ -58,7 +59,7 @@ def test_thresholds_exact_on_bfloat16_task_vectors(k):
     g = torch.Generator().manual_seed(k)
     base, ft = _tied_bf16(g)
     other = (base.float() + 2e-3 * torch.randn(N, generator=g)).bfloat16()
-    thr, cut = tk._thresholds((tk.as_array(ft), tk.as_array(other)), tk.as_array(base), [k, k])
+    thr, cut = ts._thresholds((tk.as_array(ft), tk.as_array(other)), tk.as_array(base), [k, k])
     _check_threshold(ft, base, k, thr[0], cut[0])
     _check_threshold(other, base, k, thr[1], cut[1])
 
@@ -69,7 +70,7 @@ def test_thresholds_exact_on_continuous_values_through_the_gather(monkeypatch):
     values = torch.randn(N, generator=g)
     base = torch.zeros(N)
     for k in (5, N // 3, N // 2):
-        (thr,), (cut,) = tk._thresholds((values.numpy(),), base.numpy(), [k])
+        (thr,), (cut,) = ts._thresholds((values.numpy(),), base.numpy(), [k])
         _check_threshold(values, base, k, thr, cut)
     assert calls["gather"] >= 1  # continuous values: the k-th largest is rarely a sampled value
 
@@ -80,7 +81,7 @@ def test_thresholds_exact_on_tied_masses_without_a_gather(monkeypatch):
     values = torch.randint(-40, 41, (N,), generator=g).float() / 8  # 41 magnitudes, about 2.4% each
     base = torch.zeros(N)
     for k in (N // 7, N // 2, N - 5):
-        (thr,), (cut,) = tk._thresholds((values.numpy(),), base.numpy(), [k])
+        (thr,), (cut,) = ts._thresholds((values.numpy(),), base.numpy(), [k])
         _check_threshold(values, base, k, thr, cut)
         assert cut < N  # the k-th largest is inside a mass of ties: the cut-off is placed
     assert calls["gather"] == 0
@@ -92,11 +93,11 @@ def test_thresholds_exact_when_the_sample_misleads(monkeypatch):
     calls = _routes(monkeypatch)
     g = torch.Generator().manual_seed(3)
     values = 1e-3 * torch.rand(N, generator=g)
-    step = (N // tk._SAMPLE) | 1
+    step = (N // ts._SAMPLE) | 1
     values[::step] = 100 + torch.rand(values[::step].shape, generator=g)
     base = torch.zeros(N)
     for k in (N // 2, N // 4, step):
-        (thr,), (cut,) = tk._thresholds((values.numpy(),), base.numpy(), [k])
+        (thr,), (cut,) = ts._thresholds((values.numpy(),), base.numpy(), [k])
         _check_threshold(values, base, k, thr, cut)
     assert calls["gather"] >= 2
 
@@ -105,12 +106,12 @@ def test_thresholds_second_counting_pass_when_the_first_candidates_miss(monkeypa
     # No candidates in the first pass (only the guards): the range between the guards holds several
     # tied values, and the second pass, on the tied values the sample saw there, finds the k-th largest.
     calls = _routes(monkeypatch)
-    monkeypatch.setattr(tk, "_NEAR", 0)
+    monkeypatch.setattr(ts, "_NEAR", 0)
     g = torch.Generator().manual_seed(6)
     values = torch.randint(-40, 41, (N,), generator=g).float() / 8
     base = torch.zeros(N)
     for k in (N // 3, N // 2):
-        (thr,), (cut,) = tk._thresholds((values.numpy(),), base.numpy(), [k])
+        (thr,), (cut,) = ts._thresholds((values.numpy(),), base.numpy(), [k])
         _check_threshold(values, base, k, thr, cut)
     assert calls["count"] == 4 and calls["gather"] == 0
 
@@ -119,12 +120,12 @@ def test_thresholds_on_several_rows_of_one_model_and_small_tensors():
     g = torch.Generator().manual_seed(4)
     base, ft = _tied_bf16(g)
     a = tk.as_array(ft)
-    thr, cut = tk._thresholds((a, a), tk.as_array(base), [N // 2, N // 100])  # as breadcrumbs asks
+    thr, cut = ts._thresholds((a, a), tk.as_array(base), [N // 2, N // 100])  # as breadcrumbs asks
     _check_threshold(ft, base, N // 2, thr[0], cut[0])
     _check_threshold(ft, base, N // 100, thr[1], cut[1])
     small = torch.tensor([3.0, -1.0, 3.0, 0.5, -3.0])
     for k in range(1, 5):
-        (t,), (c,) = tk._thresholds((small.numpy(),), np.zeros(5, dtype=np.float32), [k])
+        (t,), (c,) = ts._thresholds((small.numpy(),), np.zeros(5, dtype=np.float32), [k])
         _check_threshold(small, torch.zeros(5), k, t, c)
 
 

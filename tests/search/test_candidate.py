@@ -78,7 +78,7 @@ def test_cached_candidates_equal_written_merges_as_parameters_change(family, tmp
     tk = pytest.importorskip("mergelab.methods.kernels.ties")
     # `mergelab merge` runs TIES tensors of 2048 entries or more through the compiled kernel (the
     # embedding and the MLP matrices of the tiny family) and the smaller ones through the readable
-    # reference; the cached path runs its fused pass on all of them, and must match both.
+    # reference; the cached path runs the kernel's into() on all of them, and must match both.
     # bfloat16 task vectors are full of tied magnitudes: the tie cut-offs are exercised.
     monkeypatch.setattr(tk, "MIN_KERNEL_NUMEL", 2048)
     writer, cache, sink = CandidateWriter(SearchCache(budget)), CheckpointCache(), None
@@ -135,3 +135,52 @@ def test_a_model_of_another_shape_is_refused(family):
     wrong = LlamaForCausalLM(tiny_llama_config(hidden_size=16, intermediate_size=32, tie_word_embeddings=True))
     with pytest.raises(MergeError, match="shape"):
         merge_in_memory(_recipe("linear", family), wrong)
+
+
+def _tied(n: int, models: int, dtype: torch.dtype, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Task vectors taking a handful of values: most magnitudes are tied with thousands of others."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randint(-8, 9, (n,), generator=g).float() / 16).to(dtype)
+    xs = [(base.float() + torch.randint(-3, 4, (n,), generator=g).float() / 32).to(dtype) for _ in range(models)]
+    return xs, base
+
+
+def test_cached_candidates_with_tied_magnitudes_equal_merge_written_files(tmp_path):
+    """Through CandidateWriter and one cache, a sequence of densities equals `mergelab merge`'s files."""
+    pytest.importorskip("numba")
+    from safetensors.torch import save_file
+
+    from mergelab.methods import PerModel
+    from mergelab.methods.sparsify import TaskVectorParams, TiesShared
+
+    n = 1 << 17  # the engine's compiled kernel runs from 2^17 entries on (methods/kernels/ties.py)
+    xs, base = _tied(n, 2, torch.bfloat16, seed=4)
+    paths = {}
+    for name, t in {"base": base, "a": xs[0], "b": xs[1]}.items():
+        paths[name] = tmp_path / f"{name}.safetensors"
+        save_file({"w": t.reshape(256, 512), "small": t[:64].clone()}, str(paths[name]))
+    writer, cache, sink = CandidateWriter(SearchCache()), CheckpointCache(), None
+    for i, (da, db, wb) in enumerate([(0.5, 0.5, 1.0), (0.37, 0.5, 1.0), (0.37, 0.81, 0.3), (0.02, 1.0, 0.3)]):
+        recipe = {"merge_method": "ties", "base_model": str(paths["base"]),
+                  "models": [{"model": str(paths["a"]), "parameters": {"weight": 1.0, "density": da}},
+                             {"model": str(paths["b"]), "parameters": {"weight": wb, "density": db}}]}
+        mergelab.merge(recipe, tmp_path / f"out{i}", seed=0)
+        written = load_file(str(next((tmp_path / f"out{i}").glob("*.safetensors"))))
+        sink = sink or {k: torch.full_like(v, float("nan")) for k, v in written.items()}
+        merge_in_memory(recipe, sink, cache=cache, writer=writer)
+        for k, v in written.items():
+            assert torch.equal(sink[k].view(torch.int16), v.view(torch.int16)), (i, k)
+    cache.close()
+    # `mergelab merge` runs the compiled kernel on "w" (2^17 entries: the kernel's lower bound
+    # today) and the readable reference on "small"; the cached path runs the kernel's into() on both.
+    from mergelab.methods import get_method
+    from mergelab.methods.kernels import kernels_enabled
+
+    p = PerModel([TaskVectorParams(weight=1.0, density=0.5)] * 2)
+    w = [t.reshape(256, 512) for t in (*xs, base)]
+    if kernels_enabled() and get_method("ties").kernel.supports(w[:2], w[2], p, TiesShared()):
+        # Both tensors through the kernel's into(), "small" too (where merge ran the reference on it).
+        assert writer.counts["fast"] == 8 and writer.counts["engine"] == 0
+        assert writer.cache.stats.indexes == 4  # one order per task vector and tensor, built once
+    else:
+        assert writer.counts["fast"] == 0 and writer.counts["engine"] == 8

@@ -20,6 +20,7 @@ from mergelab.engine import items as limits
 from mergelab.engine.compute import compute
 from mergelab.engine.inputs import Reader, described, stage
 from mergelab.engine.items import Rows, item_bytes, work_items
+from mergelab.engine.lanes import run_lanes
 from mergelab.engine.report import RunReport
 from mergelab.engine.sinks import Sink
 from mergelab.errors import NonFiniteError
@@ -129,6 +130,24 @@ class _Run:
             seconds=seconds, device=str(self.device), nonfinite=self.nonfinite)
 
 
+def _run_direct(plan: Plan, sink: Sink, jobs, device: torch.device) -> list[Job]:
+    """Run the jobs the sink writes itself (Sink.direct), `sink.lanes` at a time; the others are returned.
+
+    Their inputs are the sink's own (a search keeps them mapped and checked once per search), so
+    neither the prefetch thread nor the output check sees them, as none did on the search's path.
+    """
+    tasks, rest = [], []
+    for job in jobs:
+        task = sink.direct(plan, job, device)
+        if task is None:
+            rest.append(job)
+        else:
+            tasks.append(task)
+    if tasks:
+        run_lanes(tasks, sink.lanes)
+    return rest
+
+
 def run(plan: Plan, sink: Sink | None = None, observe=None, *, device: str = "cpu", seed: int | None = None,
         allow_nonfinite: bool = False, show_progress: bool = False) -> RunReport:
     """Run every job of `plan` into the sink; returns the run's report.
@@ -138,15 +157,17 @@ def run(plan: Plan, sink: Sink | None = None, observe=None, *, device: str = "cp
     unchanged after paging in and after computing. `observe(job, rows, tensors, nonfinite)`, if
     given, sees each work item's input tensors (ref -> view, as stored) and which of them hold NaN/Inf
     before the job runs, so statistics come from the same single read (averages, inspect); an
-    exception it raises stops the run with nothing written.
+    exception it raises stops the run with nothing written. The sink picks the jobs (Sink.select)
+    and may write some itself, in lanes before the loop (Sink.direct; not when observing).
     """
     dev = resolve_device(device)
     sink = sink if sink is not None else Sink()
     state = _Run(plan, sink, observe, dev, seed, allow_nonfinite)
-    items = list(work_items(plan))
     start = time.perf_counter()
     sink.open(plan)
     try:
+        jobs = sink.select(plan)
+        items = list(work_items(plan, jobs if observe is not None else _run_direct(plan, sink, jobs, dev)))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-prefetch") as pool, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as write_pool, \
                 ByteProgress(len(plan.jobs), plan.bytes_read, enabled=show_progress) as progress, torch.no_grad():

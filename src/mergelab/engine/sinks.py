@@ -1,7 +1,8 @@
 """Where a run's outputs go: a checkpoint folder, tensors in memory, or nowhere (observe-only plans).
 
 A sink is told the plan before anything is read (`open`: check the destination, so a bad output
-path fails before the first tensor), receives every output tensor or row range on the writer
+path fails before the first tensor), chooses the jobs to run (`select`), may write some itself
+(`direct`: tasks the engine runs in its lanes, e.g. a kernel's `into` for search candidates), receives every output tensor or row range on the writer
 thread (`write`), and is finished with the run's report or aborted (nothing half-written is left).
 """
 
@@ -14,8 +15,9 @@ from pathlib import Path
 import torch
 
 from mergelab.checkpoint.writer import CheckpointWriter
+from mergelab.engine.lanes import Task
 from mergelab.errors import MergeError, ShapeMismatch
-from mergelab.plan import Plan
+from mergelab.plan import Job, Plan
 
 
 class Sink:
@@ -26,8 +28,19 @@ class Sink:
     # (checkpoint path, tensor name) of inputs already scanned finite (a search scans each once), or None
     known_finite: AbstractSet[tuple[str, str]] | None = None
 
+    lanes = 1  # direct jobs run this many at a time (engine/lanes.py)
+
     def open(self, plan: Plan) -> None:
         """Check the destination against the plan, before any tensor is read."""
+
+    def select(self, plan: Plan) -> Sequence[Job]:
+        """The jobs to run (a search's model skips those whose result it already holds): all of them."""
+        return plan.jobs
+
+    def direct(self, plan: Plan, job: Job, device: torch.device) -> Task | None:
+        """A task that writes `job`'s output into the sink itself (a kernel straight into a preallocated
+        tensor, run in the lanes before the loop), or None: the loop computes it and write() receives it."""
+        return None
 
     def write(self, name: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
         raise MergeError(f"this run writes no tensors, but a job produced {name}")

@@ -1,9 +1,8 @@
 """Finding the best merge: in-memory candidates, model soups, sweeps with Pareto fronts, and search.
 
     candidate.py  a recipe merged into one preallocated model (merge_in_memory, CandidateEvaluator)
-    fastpath.py   what candidates share: skipped unchanged tensors, kernels into the model, caches
-    magnitude.py  a task vector's magnitude order: TIES's top-k for any density in two reads
-    ties_kernel.py  TIES of a candidate in one fused, vectorised pass into the model's tensor
+    fastpath.py   what candidates share: skipped unchanged tensors, kernels' `into` straight into
+                  the model, their prepared state (TIES's magnitude orders) kept per search
     space.py      recipe field paths, grids, and `{search: [lo, hi]}` ranges
     soup.py       uniform and greedy soups (Wortsman et al., 2022)
     sweep.py      grid sweeps of recipe fields, the Pareto front (rewarded soups)

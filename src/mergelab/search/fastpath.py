@@ -7,29 +7,31 @@ Per search (SearchCache, shared by every preallocated model and worker thread):
   refuses such inputs), not at every candidate; each input file is checked unchanged
   (one stat) at every candidate;
 - input views: each input tensor is viewed (memory-mapped) once;
-- TIES magnitude orders (search/magnitude.py): built once per task vector, they turn the
-  exact top-k selection of any density into two reads, within a memory budget.
+- kernels' prepared state (SearchCache.keeper): what a registered kernel's `prepare` makes
+  from the inputs alone, once per search within a memory budget; for TIES, each task vector's
+  magnitude order (methods/kernels/ties_order.py), which turns the exact top-k selection of
+  any density into two reads.
 
-Per preallocated model (CandidateWriter):
+Per preallocated model (CandidateWriter): each candidate is one engine.run(plan, CandidateSink),
+the engine's one loop, with the sink's hooks:
 
-- a tensor whose job (method, inputs, parameters, dtype, and seed for randomised
+- select: a tensor whose job (method, inputs, parameters, dtype, and seed for randomised
   methods) equals the one whose result the model already holds is skipped;
-- linear and task arithmetic: the compiled pass writes straight into the model's tensor
-  (no temporary output, no copy);
-- ties: each model's threshold and tie cut-off are two reads of its magnitude order, then
-  one fused compiled pass (search/ties_kernel.py) writes straight into the model's tensor;
-- these passes run on two threads at once (`threads`), each tensor on one thread, the
-  biggest tensors first, each to the less loaded thread: most tensors of a model are too
-  small for a parallel loop to pay for waking its threads;
-- everything else (other methods, vocabulary resizing, statistics, GPU) runs through
-  engine.execute_into, the engine's own path.
+- direct: a job whose method's registered kernel has an `into` entry (linear, task arithmetic,
+  ties today; methods/kernels/__init__.py's Kernel) is written by it straight into the
+  model's tensor (no temporary output, no copy), with its prepared state;
+- these passes run in the engine's lanes (engine/lanes.py), two at once (`threads`), each
+  tensor on one thread, the biggest tensors first, each to the less loaded lane: most
+  tensors of a model are too small for a parallel loop to pay for waking its threads;
+- everything else (other methods, randomised ones, vocabulary resizing, statistics, GPU)
+  the engine's loop computes and the sink copies in (MemorySink.write), inputs kept mapped.
 
-Linear and task arithmetic run exactly where `run_method` would pick the compiled kernel
-(the kernel's own `supports`), through that kernel's code. TIES runs the fused pass at every size: it does
-the reference's float32 operations in the reference's order (where `mergelab merge`
-runs the readable reference, on tensors below the engine kernel's minimum size, the
-numbers are the same). So the model holds the numbers `mergelab merge` writes, bit for
-bit (tests/search/test_candidate.py, test_ties_kernel.py).
+A kernel's `into` runs where its `supports_into` (else `supports`) accepts the inputs: where
+`run_method` would pick the kernel, or, for TIES, at every size, as its kernel does the
+reference's float32 operations in the reference's order (where `mergelab merge` runs the
+readable reference, on tensors below the kernel's minimum size, the numbers are the same).
+So the model holds the numbers `mergelab merge` writes, bit for bit
+(tests/search/test_candidate.py, tests/methods/test_ties_into.py).
 """
 
 from __future__ import annotations
@@ -41,16 +43,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping
-from concurrent.futures import ThreadPoolExecutor, wait
 
-import numpy as np
 import torch
 
+from mergelab.engine.lanes import Task
+from mergelab.engine.sinks import MemorySink
 from mergelab.errors import NonFiniteError
 from mergelab.plan import Job, Plan, TensorRef
-
-_FAST_METHODS = ("linear", "task_arithmetic", "ties")
-
 
 def default_cache_bytes() -> int:
     """A quarter of the memory available now (Linux's MemAvailable: free plus reclaimable cache), else 4 GiB."""
@@ -66,20 +65,22 @@ def default_cache_bytes() -> int:
 
 @dataclasses.dataclass
 class CacheStats:
-    indexes: int = 0
+    """What kernels' prepare steps stored (for TIES: one magnitude order per trimmed task vector)."""
+
+    indexes: int = 0  # states built
     index_bytes: int = 0
     index_seconds: float = 0.0
-    over_budget: int = 0  # task vectors left unindexed: the budget was spent
+    over_budget: int = 0  # states not built: the budget was spent
 
 
 class SearchCache:
-    """What every candidate of one search shares: checked inputs and TIES magnitude indexes."""
+    """What every candidate of one search shares: checked inputs, input views, kernels' prepared state."""
 
     def __init__(self, budget_bytes: int | None = None):
         self.budget = default_cache_bytes() if budget_bytes is None else budget_bytes
         self.stats = CacheStats()
         self._checked: set[tuple[str, str]] = set()
-        self._indexes: dict[tuple, object] = {}
+        self._prepared: dict[tuple, object] = {}  # kernels' prepared state (keeper)
         self._views: dict[tuple[int, str], tuple[object, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
@@ -120,30 +121,35 @@ class SearchCache:
                 self._views[key] = held
         return held[1]
 
-    def index(self, plan: Plan, ref: TensorRef, base: TensorRef, x: torch.Tensor, b: torch.Tensor):
-        """The MagnitudeIndex (keeping order) of |x - b|, built on first use; None when the budget does not allow it."""
-        from mergelab.search.magnitude import MagnitudeIndex
+    def keeper(self, plan: Plan, job: Job) -> Callable[[int, Callable[[], object], int], object | None]:
+        """A kernel's prepare store for `job`: keep(i, build, nbytes) -> build() for input i over the
+        job's base, made once per search (one build at a time), or None when nbytes do not fit the budget."""
+        spec = plan.method.name
 
-        key = (str(plan.checkpoints[ref.model].path), ref.name, str(plan.checkpoints[base.model].path), base.name)
-        with self._lock:  # one build at a time: builds happen once, lookups never wait long
-            if key in self._indexes:
-                return self._indexes[key]
-            need = MagnitudeIndex.nbytes_for(b.numel())
-            if b.numel() >= 2**31 or self.stats.index_bytes + need > self.budget:
-                self.stats.over_budget += 1
-                self._indexes[key] = None
-                return None
-            t0 = time.perf_counter()
-            idx = MagnitudeIndex.build(x, b)
-            self.stats.indexes += 1
-            self.stats.index_bytes += idx.nbytes
-            self.stats.index_seconds += time.perf_counter() - t0
-            self._indexes[key] = idx
-            return idx
+        def keep(i: int, build: Callable[[], object], nbytes: int) -> object | None:
+            ref, base = job.inputs[i], job.base
+            key = (spec, str(plan.checkpoints[ref.model].path), ref.name,
+                   *((str(plan.checkpoints[base.model].path), base.name) if base is not None else ()))
+            with self._lock:  # builds happen once, lookups never wait long
+                if key in self._prepared:
+                    return self._prepared[key]
+                if self.stats.index_bytes + nbytes > self.budget:
+                    self.stats.over_budget += 1
+                    self._prepared[key] = None
+                    return None
+                t0 = time.perf_counter()
+                value = build()
+                self.stats.indexes += 1
+                self.stats.index_bytes += nbytes
+                self.stats.index_seconds += time.perf_counter() - t0
+                self._prepared[key] = value
+                return value
+
+        return keep
 
     def clear(self) -> None:
         with self._lock:
-            self._indexes.clear()
+            self._prepared.clear()
             self._checked.clear()
             self._views.clear()
             self.stats = CacheStats()
@@ -173,110 +179,104 @@ class CandidateWriter:
     def __init__(self, cache: SearchCache | None = None, *, threads: int | None = None):
         self.cache = cache or SearchCache()
         self.threads = max(1, threads if threads is not None else min(2, os.cpu_count() or 1))
-        self._held: dict[str, tuple] = {}  # tensor name -> signature of the result it holds
+        self.held: dict[str, tuple] = {}  # tensor name -> signature of the result it holds
         self.counts = {"skipped": 0, "fast": 0, "engine": 0}
 
     def forget(self) -> None:
         """Forget what the tensors hold (call after anything but this writer changed them)."""
-        self._held.clear()
+        self.held.clear()
 
     def write(self, plan: Plan, sink: MutableMapping[str, torch.Tensor], *, device: str = "cpu",
               seed: int | None = None) -> None:
-        """Merge `plan` (whose jobs all name tensors of `sink`) into `sink`."""
-        from mergelab.engine import execute_into
+        """Merge `plan` (whose jobs all name tensors of `sink`) into `sink`: one engine run into a CandidateSink."""
+        from mergelab.engine import run
 
-        self.cache.check_inputs(plan)
-        sigs = {job.name: job_signature(plan, job, seed) for job in plan.jobs}
-        # Tensors whose memory overlaps (a tied lm_head, views of one buffer) hold what the last job
-        # wrote: skip none of them unless all agree, and write them in plan order through the engine.
-        group = memory_groups({j.name: sink[j.name] for j in plan.jobs})
-        changed = {group[j.name] for j in plan.jobs if self._held.get(j.name) != sigs[j.name]}
+        self.cache.check_inputs(plan)  # the engine need not scan the inputs again: known_finite
+        run(plan, CandidateSink(self, sink, seed), device=device, seed=seed)
+
+
+class CandidateSink(MemorySink):
+    """A CandidateWriter's tensors as the engine's sink, for one candidate.
+
+    select: the jobs whose result the tensors do not hold already (by job_signature); tensors
+    whose memory overlaps (a tied lm_head, views of one buffer) hold what the last job wrote, so
+    none of them is skipped unless all agree, and they go through the engine's loop in plan order.
+    direct: a job whose method's kernel has `into` is written by it straight into its tensor, in
+    the engine's lanes (the writer's threads), from the search's cached views and prepared state.
+    Everything else (other methods, randomised ones, vocabulary resizing, statistics, GPU) the
+    engine's loop computes and write() copies in, with the inputs kept mapped between candidates.
+    """
+
+    def __init__(self, writer: CandidateWriter, tensors: MutableMapping[str, torch.Tensor], seed: int | None):
+        super().__init__(tensors, keep_inputs=True, known_finite=writer.cache.checked)
+        self.writer, self.seed, self.lanes = writer, seed, writer.threads
+        self.sigs: dict[str, tuple] = {}
+        self.todo: list[Job] = []
+        self.alone: set[str] = set()  # tensors whose memory no other job's tensor overlaps
+        self.fast = 0
+
+    def select(self, plan: Plan) -> list[Job]:
+        held, counts = self.writer.held, self.writer.counts
+        self.sigs = {job.name: job_signature(plan, job, self.seed) for job in plan.jobs}
+        group = memory_groups({j.name: self.tensors[j.name] for j in plan.jobs})
+        changed = {group[j.name] for j in plan.jobs if held.get(j.name) != self.sigs[j.name]}
         todo = [j for j in plan.jobs if group[j.name] in changed]
-        self.counts["skipped"] += len(plan.jobs) - len(todo)
-        for name in [j.name for j in todo]:
-            self._held.pop(name, None)  # unknown until written
-        on_cpu = torch.device(device).type == "cpu"
-        sizes = Counter(group.values())
-        fast, rest = [], []
+        counts["skipped"] += len(plan.jobs) - len(todo)
         for job in todo:
-            alone = sizes[group[job.name]] == 1
-            task = self._fast(plan, job, sink[job.name]) if on_cpu and alone else None
-            if task is None:
-                rest.append(job)
-            else:
-                fast.append((job, task))
-        if fast:
-            _run_lanes([task for _, task in fast], self.threads)
-            self.counts["fast"] += len(fast)
-            for job, _ in fast:
-                self._held[job.name] = sigs[job.name]
-        if rest:
-            # The engine's path; inputs stay mapped between candidates.
-            # check_inputs above scanned every input for NaN/Inf: the engine need not scan them again.
-            execute_into(dataclasses.replace(plan, jobs=rest), sink, device=device, seed=seed, keep_inputs=True,
-                         known_finite=self.cache.checked)
-            self.counts["engine"] += len(rest)
-            for job in rest:
-                self._held[job.name] = sigs[job.name]
+            held.pop(job.name, None)  # unknown until written
+        sizes = Counter(group.values())
+        self.alone = {j.name for j in todo if sizes[group[j.name]] == 1}
+        self.todo = todo
+        return todo
 
-    def _fast(self, plan: Plan, job: Job, target: torch.Tensor) -> _Task | None:
-        """`job` as a task that writes `target` by a fast path, or None where none applies."""
-        from mergelab.methods import PerModel
-        from mergelab.methods.kernels import kernels_enabled
-        from mergelab.methods.kernels.io import usable
-
-        spec = plan.method
-        if (spec.name not in _FAST_METHODS or job.copy or job.vocab_rows is not None or job.vocab is not None
-                or job.stats or job.base_stats is not None or spec.needs_stats or not kernels_enabled()
-                or plan.compute_dtype != torch.float32 or spec.kernel is None):
+    def direct(self, plan: Plan, job: Job, device: torch.device) -> Task | None:
+        if device.type != "cpu" or job.name not in self.alone:
             return None
-        if target.dtype != job.dtype or job.dtype not in (torch.float32, torch.bfloat16) \
-                or not target.is_contiguous() or target.device.type != "cpu":
-            return None
-        xs = [self.cache.view(plan, r) for r in job.inputs]
-        base = self.cache.view(plan, job.base) if job.base is not None else None
-        p = PerModel(job.model_params)
-        if spec.name in ("linear", "task_arithmetic"):
-            if not spec.kernel.supports(xs, base, p, job.shared):
-                return None  # merge runs the readable reference here: so must we
-            if spec.name == "linear":
-                return _Task(target.numel() * (len(xs) + 1), functools.partial(_linear, xs, p, job, target))
-            return _Task(target.numel() * (len(xs) + 2),
-                         functools.partial(_task_arithmetic, xs, base, p, job, target))
-        # TIES: the fused pass does the reference's float32 operations in its order, so it serves
-        # every size (merge itself runs the reference below the engine kernel's minimum size).
-        if base is None or getattr(job.shared, "rescale", False) or not usable([*xs, base]):
-            return None
-        try:
-            import mergelab.search.ties_kernel  # noqa: F401  (numba, an optional dependency)
-        except ImportError:
-            return None
-        return self._ties(plan, job, xs, base, p, target)
+        task = direct_task(plan, job, self.tensors[job.name], self.writer.cache)
+        self.fast += task is not None
+        return task
 
-    def _ties(self, plan: Plan, job: Job, xs, base, p, target: torch.Tensor) -> _Task | None:
-        from mergelab.methods.sparsify import keep_count
-        from mergelab.search.ties_kernel import ties_into
+    def finish(self, plan: Plan, report) -> None:
+        counts = self.writer.counts
+        counts["fast"] += self.fast
+        counts["engine"] += len(self.todo) - self.fast
+        for job in self.todo:
+            self.writer.held[job.name] = self.sigs[job.name]
 
-        n = base.numel()
-        thresholds = np.zeros(len(xs), dtype=np.float32)  # threshold 0, cut-off n: every entry kept
-        cutoffs = np.full(len(xs), n, dtype=np.int64)
-        picks = []
-        for i, (ref, q) in enumerate(zip(job.inputs, p)):
-            k = n if q.density >= 1 else keep_count(q.density, n)  # as the kernel's run()
-            if k >= n:
-                continue
-            idx = self.cache.index(plan, ref, job.base, xs[i], base)
-            if idx is None:
-                return None  # over the memory budget: the engine's kernel selects
-            picks.append((i, idx, k))
 
-        def run() -> None:
-            for i, idx, k in picks:
-                thresholds[i], cutoffs[i] = idx.select(k, xs[i], base)
-            ties_into(xs, base, thresholds, cutoffs, [float(q.weight) for q in p], normalize=job.shared.normalize,
-                      lam=job.shared.lambda_, out=target)
+def direct_task(plan: Plan, job: Job, target: torch.Tensor, cache: SearchCache) -> Task | None:
+    """`job` as a task that writes `target` through its kernel's `into`, or None where none applies.
 
-        return _Task(n * (len(xs) + 2), run)
+    Any method whose registered kernel has `into` (methods/kernels/__init__.py's Kernel) and accepts
+    these inputs (`supports_into`, else `supports`: where `mergelab merge` runs the kernel, or
+    where the kernel's numbers equal the reference's); its `prepare` state is kept per search.
+    """
+    from mergelab.methods import PerModel
+    from mergelab.methods.kernels import kernels_enabled
+
+    spec = plan.method
+    if (spec.kernel is None or job.op != "merge" or job.copy or job.vocab_rows is not None or job.vocab is not None
+            or job.stats or job.base_stats is not None or spec.needs_stats or spec.randomized
+            or not kernels_enabled() or plan.compute_dtype != torch.float32):
+        return None  # randomised methods draw per engine chunk: the engine keeps their generators
+    if target.dtype != job.dtype or job.dtype not in (torch.float32, torch.bfloat16) \
+            or not target.is_contiguous() or target.device.type != "cpu":
+        return None
+    into = spec.kernel.entry("into")
+    if into is None:
+        return None
+    xs = [cache.view(plan, r) for r in job.inputs]
+    base = cache.view(plan, job.base) if job.base is not None else None
+    p, s = PerModel(job.model_params), job.shared
+    if not (spec.kernel.entry("supports_into") or spec.kernel.supports)(xs, base, p, s):
+        return None
+    prepare, state = spec.kernel.entry("prepare"), None
+    if prepare is not None:
+        state = prepare(xs, base, p, s, cache.keeper(plan, job))
+        if state is None:
+            return None  # over the memory budget: the engine's kernel runs
+    cost = target.numel() * (len(xs) + 1 + (base is not None))  # entries read and written
+    return Task(cost, functools.partial(into, xs, base, p, s, target, state))
 
 
 def memory_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -303,69 +303,3 @@ def memory_groups(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
             reach = max(reach, stop)
         out[name] = gid
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _Task:
-    cost: int  # entries read and written: what the lanes are balanced on
-    run: Callable[[], None]
-
-
-def _task_arithmetic(xs, base, p, job: Job, target: torch.Tensor) -> None:
-    from mergelab.methods.kernels.task_arithmetic import task_arithmetic_into
-
-    task_arithmetic_into(xs, base, [float(q.weight) for q in p], normalize=bool(job.shared.normalize),
-                         lam=float(job.shared.lambda_), out=target)
-
-
-def _linear(xs, p, job: Job, target: torch.Tensor) -> None:
-    from mergelab.methods.kernels.linear import weighted_sum
-    from mergelab.methods.linear import linear_weights
-
-    weighted_sum(xs, linear_weights(p, job.shared), out=target)
-
-
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool): a forked child makes its own
-_POOL_LOCK = threading.Lock()
-
-
-def _lane_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's lane threads (created once per process, at least `workers`)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
-            size = max(workers, (os.cpu_count() or 2) - 1)
-            _POOL = (os.getpid(), size, ThreadPoolExecutor(max_workers=size, thread_name_prefix="mergelab-lane"))
-        return _POOL[2]
-
-
-def _run_lanes(tasks: list[_Task], lanes: int) -> None:
-    """Run `tasks`, `lanes` at a time, each on one thread (compiled passes release the GIL).
-
-    Tasks go to lanes largest first, each to the least loaded lane; the calling thread runs
-    the first lane. Every lane is waited for before an error is raised, so no thread still
-    writes into the model when this returns.
-    """
-    from mergelab.methods.kernels import one_thread
-
-    def lane(mine: list[_Task]) -> None:
-        with one_thread():
-            for task in mine:
-                task.run()
-
-    lanes = max(1, min(lanes, len(tasks)))
-    if lanes == 1:
-        lane(tasks)
-        return
-    loads, split = [0] * lanes, [[] for _ in range(lanes)]
-    for task in sorted(tasks, key=lambda t: -t.cost):
-        i = loads.index(min(loads))
-        loads[i] += task.cost
-        split[i].append(task)
-    futures = [_lane_pool(lanes - 1).submit(lane, mine) for mine in split[1:]]
-    try:
-        lane(split[0])
-    finally:
-        wait(futures)
-    for f in futures:
-        f.result()  # a lane's error, raised here

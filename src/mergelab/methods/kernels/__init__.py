@@ -100,10 +100,21 @@ class Kernel:
     run(xs, base, p, s, gen, out_dtype) -> Tensor: xs one tensor per model as stored,
         base as stored (or None); returns the merged tensor in out_dtype.
     supports(xs, base, p, s) -> bool: whether run applies to these inputs and parameters.
+    entry(name) -> the kernel module's function `name` (the kernel's options bound), or None
+        where it has none. Optional entries, for callers that merge the same inputs again and
+        again into preallocated tensors (search candidates, search/fastpath.py):
+          into(xs, base, p, s, out, state) -> None: run()'s numbers written into `out` (base's
+              shape, float32 or bfloat16, contiguous, on the CPU);
+          supports_into(xs, base, p, s) -> bool: where into applies (absent: supports);
+          prepare(xs, base, p, s, keep) -> state or None: what into needs that depends on the
+              inputs only (e.g. TIES's magnitude orders), made through keep(i, build, nbytes),
+              the caller's once-per-search store for input i over the base (None: over its
+              memory budget, and prepare gives None: run() is used instead).
     """
 
     run: Callable[..., Tensor]
     supports: Callable[..., bool]
+    entry: Callable[[str], Callable[..., Any] | None] = lambda name: None
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,7 +148,11 @@ def lazy_kernel(module: str, **options: Any) -> Kernel:
             out_dtype: torch.dtype) -> Tensor:
         return load().run(xs, base, p, s, gen, out_dtype, **options)
 
-    return Kernel(run=run, supports=supports)
+    def entry(name: str) -> Callable[..., Any] | None:
+        fn = getattr(load(), name, None)
+        return None if fn is None else functools.partial(fn, **options) if options else fn
+
+    return Kernel(run=run, supports=supports, entry=entry)
 
 
 def has_nonfinite(t: Tensor) -> bool:

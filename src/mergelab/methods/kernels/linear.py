@@ -18,7 +18,7 @@ from torch import Tensor
 from mergelab.methods.kernels import one_thread
 from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 
-__all__ = ["available", "weighted_sum", "supports", "run"]
+__all__ = ["available", "weighted_sum", "supports", "run", "into"]
 
 _BLOCK = 1 << 16
 
@@ -75,3 +75,10 @@ def run(xs: Sequence[Tensor], base: Tensor | None, p, s, gen, out_dtype: torch.d
     from mergelab.methods.linear import linear_weights
 
     return weighted_sum(list(xs), linear_weights(p, s), out_dtype)
+
+
+def into(xs: Sequence[Tensor], base: Tensor | None, p, s, out: Tensor, state=None) -> None:
+    """run()'s numbers written into `out` (the rows' shape, float32 or bfloat16, contiguous CPU); no state."""
+    from mergelab.methods.linear import linear_weights
+
+    weighted_sum(list(xs), linear_weights(p, s), out=out)

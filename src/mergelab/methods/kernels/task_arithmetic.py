@@ -26,7 +26,7 @@ from torch import Tensor
 from mergelab.methods.kernels import one_thread
 from mergelab.methods.kernels.io import as_array, load, store, store_dtype, usable
 
-__all__ = ["supports", "run", "task_arithmetic_into"]
+__all__ = ["supports", "run", "into", "task_arithmetic_into"]
 
 _BLOCK = 1 << 16
 
@@ -82,6 +82,11 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -
     """task_arithmetic (methods/task_arithmetic.py) on the inputs as stored, rounded to out_dtype in the pass."""
     written = store_dtype(out_dtype)
     out = torch.empty(base.shape, dtype=written)
+    into(xs, base, p, s, out)
+    return out if out_dtype == written else out.to(out_dtype)
+
+
+def into(xs: Sequence[Tensor], base: Tensor, p, s, out: Tensor, state=None) -> None:
+    """run()'s numbers written into `out` (base's shape, float32 or bfloat16, contiguous CPU); no state."""
     task_arithmetic_into(xs, base, [float(q.weight) for q in p], normalize=bool(s.normalize),
                          lam=float(s.lambda_), out=out)
-    return out if out_dtype == written else out.to(out_dtype)

@@ -1,4 +1,5 @@
-"""A task vector's magnitude order, built once, so that TIES's top-k selection for any density is a lookup.
+"""A task vector's magnitude order, built once per search (the TIES kernel's prepare), so that TIES's
+top-k selection for any density is a lookup.
 
 TIES keeps the k = keep_count(density, n) entries of largest |tau|, tau = theta_i - theta_base
 (float32), ties at the threshold kept lowest flat index first: the entries ranked by the total
@@ -23,7 +24,7 @@ sort for big buckets (a bfloat16 task vector's differences have few significant 
 few hundred values hold millions of entries each), a merge sort for the others.
 
 Memory: 4 bytes per entry (int32) per task vector, plus 2 bytes per entry while building.
-Tested against a full stable sort for every k (tests/search/test_fastpath.py).
+Tested against a full stable sort for every k (tests/methods/test_ties_order.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The search's fused TIES pass: the readable reference's numbers, bit for bit, ties in magnitude included."""
+"""The TIES kernel's into() with prepared magnitude orders (what search candidates run): the readable
+reference's numbers, bit for bit, ties in magnitude included, at every size."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ pytest.importorskip("numba")
 
 from mergelab.methods import PerModel  # noqa: E402
 from mergelab.methods.kernels import kernels_disabled  # noqa: E402
-from mergelab.methods.sparsify import TaskVectorParams, TiesShared, keep_count, ties  # noqa: E402
-from mergelab.search.magnitude import MagnitudeIndex  # noqa: E402
-from mergelab.search.ties_kernel import ties_into  # noqa: E402
+from mergelab.methods.kernels.ties_order import MagnitudeIndex  # noqa: E402
+from mergelab.methods.sparsify import TaskVectorParams, TiesShared, ties  # noqa: E402
+
+tk = pytest.importorskip("mergelab.methods.kernels.ties")
 
 
 def _tied(n: int, models: int, dtype: torch.dtype, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -32,15 +34,12 @@ def _reference(xs, base, densities, weights, normalize, lam, dtype):
 
 
 def _fast(xs, base, indexes, densities, weights, normalize, lam, dtype):
-    n = base.numel()
-    thresholds, cutoffs = [], []
-    for x, idx, d in zip(xs, indexes, densities):
-        k = keep_count(d, n)
-        t, c = idx.select(k, x, base) if k < n else (0.0, n)
-        thresholds.append(t)
-        cutoffs.append(c)
+    """into() with the orders given through prepare's store (built once, outside, as a search keeps them)."""
+    p = PerModel([TaskVectorParams(weight=w, density=d) for w, d in zip(weights, densities)])
+    s = TiesShared(normalize=normalize, **{"lambda": lam})
+    state = tk.prepare(xs, base, p, s, lambda i, build, nbytes: indexes[i])
     out = torch.full(base.shape, float("nan"), dtype=dtype)
-    ties_into(xs, base, thresholds, cutoffs, weights, normalize=normalize, lam=lam, out=out)
+    tk.into(xs, base, p, s, out, state)
     return out
 
 
@@ -86,42 +85,12 @@ def test_bfloat16_inputs_into_a_float32_model():
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
-def test_cached_candidates_with_tied_magnitudes_equal_merge_written_files(tmp_path):
-    """Through CandidateWriter and one cache, a sequence of densities equals `mergelab merge`'s files."""
-    from safetensors.torch import load_file, save_file
-
-    import mergelab
-    from mergelab.search.candidate import CheckpointCache, merge_in_memory
-    from mergelab.search.fastpath import CandidateWriter, SearchCache
-
-    n = 1 << 17  # the engine's compiled kernel runs from 2^17 entries on (methods/kernels/ties.py)
-    xs, base = _tied(n, 2, torch.bfloat16, seed=4)
-    paths = {}
-    for name, t in {"base": base, "a": xs[0], "b": xs[1]}.items():
-        paths[name] = tmp_path / f"{name}.safetensors"
-        save_file({"w": t.reshape(256, 512), "small": t[:64].clone()}, str(paths[name]))
-    writer, cache, sink = CandidateWriter(SearchCache()), CheckpointCache(), None
-    for i, (da, db, wb) in enumerate([(0.5, 0.5, 1.0), (0.37, 0.5, 1.0), (0.37, 0.81, 0.3), (0.02, 1.0, 0.3)]):
-        recipe = {"merge_method": "ties", "base_model": str(paths["base"]),
-                  "models": [{"model": str(paths["a"]), "parameters": {"weight": 1.0, "density": da}},
-                             {"model": str(paths["b"]), "parameters": {"weight": wb, "density": db}}]}
-        mergelab.merge(recipe, tmp_path / f"out{i}", seed=0)
-        written = load_file(str(next((tmp_path / f"out{i}").glob("*.safetensors"))))
-        sink = sink or {k: torch.full_like(v, float("nan")) for k, v in written.items()}
-        merge_in_memory(recipe, sink, cache=cache, writer=writer)
-        for k, v in written.items():
-            assert torch.equal(sink[k].view(torch.int16), v.view(torch.int16)), (i, k)
-    cache.close()
-    # `mergelab merge` runs the compiled kernel on "w" (2^17 entries: the kernel's lower bound
-    # today) and the readable reference on "small"; the cached path runs its fused pass on both.
-    from mergelab.methods import get_method
-    from mergelab.methods.kernels import kernels_enabled
-
-    p = PerModel([TaskVectorParams(weight=1.0, density=0.5)] * 2)
-    w = [t.reshape(256, 512) for t in (*xs, base)]
-    if kernels_enabled() and get_method("ties").kernel.supports(w[:2], w[2], p, TiesShared()):
-        # Both tensors through the fused pass, "small" too (where merge ran the reference on it).
-        assert writer.counts["fast"] == 8 and writer.counts["engine"] == 0
-        assert writer.cache.stats.indexes == 4  # one order per task vector and tensor, built once
-    else:
-        assert writer.counts["fast"] == 0 and writer.counts["engine"] == 8
+def test_into_without_state_selects_as_run_does():
+    xs, base = _tied(3000, 3, torch.bfloat16, seed=11)
+    p = PerModel([TaskVectorParams(weight=w, density=d) for w, d in [(1.0, 0.3), (0.5, 1.0), (0.8, 0.6)]])
+    s = TiesShared()
+    out = torch.full(base.shape, float("nan"), dtype=torch.bfloat16)
+    tk.into(xs, base, p, s, out)
+    want = _reference(xs, base, [0.3, 1.0, 0.6], [1.0, 0.5, 0.8], True, 1.0, torch.bfloat16)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(tk.run(xs, base, p, s, None, torch.bfloat16).view(torch.int16), want.view(torch.int16))
