@@ -8,9 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from suite_marks import mark_items
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One numba cache for every test process (and the CLI subprocesses, which inherit it): compiled kernels
+# are reused between runs; set before any test module imports numba. Ignored by git.
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".numba_cache"))
+
+
+def pytest_collection_modifyitems(items):
+    """Marks by what a test does (subprocess, distributed, fault, slow): see suite_marks.py."""
+    mark_items(items)
 
 
 @pytest.fixture(scope="session", autouse=True)
