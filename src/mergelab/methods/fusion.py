@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Generator, Tensor
 
-from mergelab.methods import merge_method
+from mergelab.methods.registry import merge_method
 
 # Above this many entries the quartiles are estimated from a sample of this size, as MergeKit does:
 # an exact sort of a 500M-entry embedding would need gigabytes for its values and indices.

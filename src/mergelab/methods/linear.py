@@ -10,8 +10,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mergelab.errors import MergeError
-from mergelab.methods import MethodParams, PerModel, merge_method
+from mergelab.methods.registry import MethodParams, PerModel, merge_method
+from mergelab.methods.primitives import linear_weights, model_stock_ratio  # noqa: F401  (defined beside the kernels' helpers)
 from mergelab.methods.kernels import lazy_kernel
 
 
@@ -26,18 +26,6 @@ class LinearModel(MethodParams):
 
 class LinearShared(MethodParams):
     normalize: bool = Field(True, description="divide by the sum of the weights")
-
-
-def linear_weights(p: PerModel[LinearModel], s: LinearShared) -> list[float]:
-    """The coefficients w_i (divided by sum_i w_i when normalize); shared by the reference and its kernel."""
-    w = [float(q.weight) for q in p]
-    if s.normalize:
-        total = sum(w)
-        if abs(total) < 1e-8:
-            raise MergeError("linear: the weights sum to zero, so they cannot be normalised; "
-                             "change the weights or set `normalize: false`")
-        w = [v / total for v in w]
-    return w
 
 
 @merge_method("linear", model_params=LinearModel, shared_params=LinearShared, elementwise=True,
@@ -105,25 +93,6 @@ def nearswap(x: Tensor, base: Tensor, p, s: NearswapShared, gen=None) -> Tensor:
 
 class ModelStockShared(MethodParams):
     filter_wise: bool = Field(False, description="one ratio per row (last dimension) instead of per tensor")
-
-
-def model_stock_ratio(norms: Tensor, dots: Tensor) -> Tensor:
-    """t per vector from the task vectors' norms (N, ...) and pairwise dots (pairs i < j in order, ...), float32.
-
-    cos = mean over pairs of clamp(<tau_i, tau_j> / max(|tau_i| |tau_j|, 1e-6), -1, 1),
-    t = N cos / (1 + (N - 1) cos), and t = 0 where |1 + (N - 1) cos| < 1e-6.
-    Shared by the reference and its kernel (methods/kernels/model_stock.py).
-    """
-    n = norms.shape[0]
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    cos = torch.stack([(dots[k] / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1, 1)
-                       for k, (i, j) in enumerate(pairs)])
-    c = cos.mean(0)
-    denom = 1 + (n - 1) * c
-    singular = denom.abs() < 1e-6
-    # Where the denominator vanishes there is no finite ratio: keep the base there (MergeKit does too).
-    safe = torch.where(singular, torch.ones_like(denom), denom)
-    return torch.where(singular, torch.zeros_like(c), n * c / safe)
 
 
 @merge_method("model_stock", shared_params=ModelStockShared, base="required", min_models=2,

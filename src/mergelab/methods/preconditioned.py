@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import Tensor
 
 from mergelab.errors import MergeError, StatsError
-from mergelab.methods import MethodParams, PerModel, merge_method
+from mergelab.methods.registry import MethodParams, PerModel, merge_method
 
 
 class MetricFloorWarning(UserWarning):

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mergelab.methods import MethodParams, merge_method
+from mergelab.methods.registry import MethodParams, merge_method
 
 
 class RamShared(MethodParams):

@@ -6,7 +6,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mergelab.methods import MethodParams, PerModel, merge_method
+from mergelab.methods.registry import MethodParams, PerModel, merge_method
+from mergelab.methods.primitives import weights_from_squares  # noqa: F401  (defined beside the kernels' helpers)
 from mergelab.methods.kernels import lazy_kernel
 from mergelab.methods.consensus import disjoint_mean, elect_sign
 from mergelab.methods.task_arithmetic import check_inputs
@@ -31,19 +32,6 @@ def keep_top_variance(task_vectors: Tensor, share: float) -> Tensor:
     """
     var = task_vectors.var(dim=0, unbiased=False)  # (*shape)
     return top_k_mask(var, keep_count(share, int(torch.count_nonzero(var))))
-
-
-def weights_from_squares(squares: list[float], n: int) -> Tensor:
-    """(N,) float32 eta_i = mean(tau_i^2) / sum_j mean(tau_j^2) from the float64 sums of squares.
-
-    Uniform when every tau_i is zero. Each ratio is taken in float64 and rounded
-    once, so a kernel summing in another order gives the same weights.
-    """
-    ms = [q / n for q in squares]
-    total = sum(ms)
-    # Only an exactly zero total is special (then the merge is zero whatever the weights);
-    # MergeKit's absolute 1e-6 threshold would switch small real task vectors to uniform weights.
-    return torch.tensor([m / total if total > 0 else 1 / len(ms) for m in ms], dtype=torch.float32)
 
 
 def sce_weights(task_vectors: Tensor) -> Tensor:

@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 from pydantic import Field, model_validator
-from torch import Generator, Tensor
+from torch import Tensor
 
-from mergelab.errors import MergeError
-from mergelab.methods import MethodParams, PerModel, merge_method
+from mergelab.methods.registry import MethodParams, PerModel, merge_method
+from mergelab.methods.primitives import require_generator  # noqa: F401  (defined beside the kernels' helpers)
 from mergelab.methods.consensus import disjoint_mean, elect_and_combine, elect_sign  # noqa: F401
 from mergelab.methods.kernels import lazy_kernel
 from mergelab.methods.task_arithmetic import (
@@ -71,7 +71,6 @@ class DellaShared(TaskArithmeticShared):
     rescale: bool = Field(
         True, description="after dropping entries, rescale each task vector to its former L1 norm"
     )
-
 
 
 class BreadcrumbsParams(TaskVectorParams):
@@ -136,11 +135,6 @@ def _thinned(x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticShared, keep
             if s.rescale:
                 rescale_to_norm(delta, before, out=delta)
         yield delta
-
-
-def require_generator(name: str, gen: Generator | None) -> None:
-    if gen is None:
-        raise MergeError(f"{name} is randomised and needs a torch.Generator; the engine seeds one per tensor")
 
 
 def _merge(name: str, x: Tensor, base: Tensor, p: PerModel, s: TaskArithmeticShared, gen,

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor
 
 from mergelab.errors import MergeError, RecipeError, ShapeMismatch
-from mergelab.methods import MethodParams, NoParams, PerModel, merge_method
+from mergelab.methods.registry import MethodParams, NoParams, PerModel, merge_method
 
 _EPS64 = torch.finfo(torch.float64).eps
 

@@ -16,11 +16,9 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from mergelab.errors import MergeError
-from mergelab.methods import MethodParams, PerModel, merge_method
+from mergelab.methods.registry import MethodParams, PerModel, merge_method
+from mergelab.methods.primitives import weight_divisor  # noqa: F401  (defined beside the kernels' helpers)
 from mergelab.methods.kernels import lazy_kernel
-
-# MergeKit's threshold below which a weight sum counts as zero.
-_ZERO_WEIGHT_SUM = 1e-8
 
 
 class TaskVectorParams(MethodParams):
@@ -83,22 +81,6 @@ def weighted_sum(deltas, weights: Tensor, *, normalize: bool) -> Tensor:
     if normalize:
         total.div_(weight_divisor(weights))
     return total
-
-
-def weight_divisor(weights: Tensor) -> float:
-    """sum_i w_i of the (N,) weights, the divisor of `normalize`.
-
-    Raises:
-        MergeError: the weights sum to zero.
-    """
-    divisor = float(weights.sum())
-    if abs(divisor) < _ZERO_WEIGHT_SUM:
-        # MergeKit silently divides by 1 here; a zero sum means the recipe is wrong.
-        raise MergeError(
-            f"the weights {weights.tolist()} sum to zero, so `normalize: true` would divide by zero; "
-            "change the weights or set normalize: false"
-        )
-    return divisor
 
 
 def add_to_base(base: Tensor, merged_delta: Tensor, lam: float) -> Tensor:

@@ -72,13 +72,13 @@ def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
 
 def run(xs: Sequence[Tensor], base: Tensor | None, p, s, gen, out_dtype: torch.dtype) -> Tensor:
     """linear (methods/linear.py) on the rows as stored, rounded to out_dtype in the same pass."""
-    from mergelab.methods.linear import linear_weights
+    from mergelab.methods.primitives import linear_weights
 
     return weighted_sum(list(xs), linear_weights(p, s), out_dtype)
 
 
 def into(xs: Sequence[Tensor], base: Tensor | None, p, s, out: Tensor, state=None) -> None:
     """run()'s numbers written into `out` (the rows' shape, float32 or bfloat16, contiguous CPU); no state."""
-    from mergelab.methods.linear import linear_weights
+    from mergelab.methods.primitives import linear_weights
 
     weighted_sum(list(xs), linear_weights(p, s), out=out)

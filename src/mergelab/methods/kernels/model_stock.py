@@ -66,7 +66,7 @@ def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
 
 def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -> Tensor:
     """model_stock (methods/linear.py) of the inputs as stored, rounded to out_dtype in the same pass."""
-    from mergelab.methods.linear import model_stock_ratio
+    from mergelab.methods.primitives import model_stock_ratio
 
     shape, n = base.shape, len(xs)
     cols = shape[-1] if s.filter_wise else base.numel()

@@ -88,7 +88,7 @@ def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
 
 def run(xs: Sequence[Tensor], base: Tensor | None, p, s, gen, out_dtype: torch.dtype) -> Tensor:
     """nuslerp (methods/spherical.py) of the inputs as stored, rounded to out_dtype in the same pass."""
-    from mergelab.methods.spherical import nuslerp_coefficients, nuslerp_t
+    from mergelab.methods.primitives import nuslerp_coefficients, nuslerp_t
 
     shape = xs[0].shape
     rows, cols, per_col = layout(shape, flatten=s.nuslerp_flatten, row_wise=s.nuslerp_row_wise)

@@ -101,7 +101,7 @@ def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
 
 def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -> Tensor:
     """sce (methods/sce.py) on the inputs as stored, rounded to out_dtype in the combining pass."""
-    from mergelab.methods.sce import weights_from_squares
+    from mergelab.methods.primitives import weights_from_squares
 
     out = torch.empty(base.numel(), dtype=store_dtype(out_dtype))
     if base.numel():

@@ -60,7 +60,7 @@ def supports(xs: Sequence[Tensor], base: Tensor | None, p, s) -> bool:
 
 def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype) -> Tensor:
     """slerp (methods/spherical.py) of base and xs[0] as stored, rounded to out_dtype in the same pass."""
-    from mergelab.methods.spherical import flat_slerp_coefficients
+    from mergelab.methods.primitives import flat_slerp_coefficients
 
     out = torch.empty(base.numel(), dtype=store_dtype(out_dtype))
     if base.numel():

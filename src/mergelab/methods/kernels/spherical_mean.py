@@ -36,7 +36,7 @@ def supports(xs: Sequence[Tensor], base: Tensor | None, p, s, *, method: str) ->
 
 def run(xs: Sequence[Tensor], base: Tensor | None, p, s, gen, out_dtype: torch.dtype, *, method: str) -> Tensor:
     """multislerp or karcher (methods/spherical.py) of the tensors as stored, rounded to out_dtype."""
-    from mergelab.methods.spherical import karcher_coefficients, multislerp_weights
+    from mergelab.methods.primitives import karcher_coefficients, multislerp_weights
 
     if method == "karcher":
         base = None  # karcher takes no base

@@ -59,7 +59,7 @@ def task_arithmetic_into(xs: Sequence[Tensor], base: Tensor, weights: Sequence[f
 
     Raises MergeError (as the reference does) when `normalize` is set and the weights sum to zero.
     """
-    from mergelab.methods.task_arithmetic import weight_divisor
+    from mergelab.methods.primitives import weight_divisor
 
     w = torch.tensor([float(v) for v in weights], dtype=torch.float32)
     divisor = np.float32(weight_divisor(w) if normalize else 1.0)

@@ -307,8 +307,8 @@ def _band_thresholds(xs: tuple[np.ndarray, ...], base: np.ndarray, p, numel: int
 def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype, *, mask: str,
         ties: bool) -> Tensor:
     """dare_*/della*/breadcrumbs* (methods/sparsify.py) on the inputs as stored, rounded to out_dtype."""
-    from mergelab.methods.sparsify import require_generator
-    from mergelab.methods.task_arithmetic import weight_divisor
+    from mergelab.methods.primitives import require_generator
+    from mergelab.methods.primitives import weight_divisor
 
     models, numel = len(xs), base.numel()
     out = torch.empty(numel, dtype=store_dtype(out_dtype))
