@@ -245,7 +245,7 @@ def numpy_sums(w: np.ndarray, ref: np.ndarray, threshold: np.ndarray) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_base", [True, False])
 def test_compiled_pass_matches_numpy_with_ties_and_zeros(n, dtype, with_base):
-    from mergelab.analysis import geometry_kernel
+    from mergelab.methods.kernels import geometry as geometry_kernel
 
     g = torch.Generator().manual_seed(n)
     base = torch.randn(3001, generator=g).to(dtype)

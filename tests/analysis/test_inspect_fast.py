@@ -1,4 +1,4 @@
-"""inspect's compiled path (analysis/geometry_kernel.py, inspect.tensor_sums) against float64 numpy, statistic by statistic.
+"""inspect's compiled path (methods/kernels/geometry.py, inspect.tensor_sums) against float64 numpy, statistic by statistic.
 
 Every expected number here is computed directly from its definition in numpy
 (float64 sums of the float32 task vectors tau_i = w_i - r, r the base or the
@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergelab.analysis import geometry, geometry_kernel, inspect
+from mergelab.analysis import geometry, inspect
+from mergelab.methods.kernels import geometry as geometry_kernel
 from mergelab.analysis.geometry import MASS_DENSITIES, sample_index
 from mergelab.analysis.inspect import inspect_models, tensor_sums
 from mergelab.methods.kernels import kernels_disabled

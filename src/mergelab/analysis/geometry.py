@@ -31,7 +31,7 @@ tensors above EXACT_TOPK_MAX_NUMEL entries use a magnitude threshold estimated f
 a seeded sample; subspaces of matrices wider than SPECTRAL_MAX_DIM are compared on
 an evenly spaced sub-grid, and found by a seeded randomized SVD above EXACT_SVD_MAX_DIM.
 The functions here are the readable reference; inspect runs the same statistics from
-the stored tensors in compiled code (geometry_kernel.py), tested against float64 numpy.
+the stored tensors in compiled code (methods/kernels/geometry.py), tested against float64 numpy.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 time, computes the task-vector geometry of that tensor and adds it to the sums
 of its layer, of its kind (attention, mlp, embedding, norm, other) and of the
 whole model. Per tensor: a sampled magnitude profile (the trim threshold), one
-compiled pass over the tensors as stored for every sum (analysis/geometry_kernel.py;
+compiled pass over the tensors as stored for every sum (methods/kernels/geometry.py;
 the torch reference in analysis/geometry.py where numba is missing or kernels are
 off), and, on a sample of layers, a randomized SVD of an evenly spaced sub-grid for
 the spectral overlap, run beside the pass on a worker thread.
@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import math
 import re
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
@@ -47,7 +46,7 @@ from mergelab.analysis.geometry import (
 from mergelab.checkpoint.prefetch import Prefetcher
 from mergelab.checkpoint.reader import Checkpoint, layer_index
 from mergelab.errors import MergeError, NonFiniteError, ShapeMismatch
-from mergelab.methods.kernels import has_nonfinite, kernels_enabled
+from mergelab.methods.kernels import compiled_module, has_nonfinite, kernels_enabled
 from mergelab.progress import ByteProgress
 
 SPECTRAL_LAYERS = 8
@@ -157,14 +156,8 @@ def _nbytes(mapping: Mapping, name: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _compiled() -> Any:
-    """The geometry_kernel module, or None where numba is missing (then the torch reference runs)."""
-    try:
-        from mergelab.analysis import geometry_kernel
-    except ImportError as exc:
-        warnings.warn(f"inspect's compiled pass is not available ({exc}); the torch code runs instead, several "
-                      "times slower; install mergelab[fast] (numba) for it", stacklevel=3)
-        return None
-    return geometry_kernel
+    """methods/kernels/geometry.py, or None where numba is missing (then the torch reference runs)."""
+    return compiled_module("geometry")
 
 
 def _spectral_sample(names: list[str], layers: int | None) -> set[str]:
@@ -301,7 +294,7 @@ instead of per name (MiniLM has 100 names, most of a few KB)."""
 
 SMALL_NUMEL = 1 << 20
 """Names with fewer entries than this are computed whole on one worker thread each, several at once;
-bigger ones have their compiled pass cut into blocks for the workers (geometry_kernel.BLOCK)."""
+bigger ones have their compiled pass cut into blocks for the workers (methods/kernels/geometry.py's BLOCK)."""
 
 
 def _batches(names: list[str], nbytes: Callable[[str], int]) -> list[list[str]]:

@@ -191,19 +191,14 @@ _KERNELS: dict = {}
 
 
 def _compiled(name: str, like: Tensor):
-    """A compiled kernel of _sgd_kernel.py for CPU float32/float64 buffers, or None (no numba, mergelab's
+    """A compiled kernel of methods/kernels/sgd.py for CPU float32/float64 buffers, or None (no numba, mergelab's
     kernels off, another device or dtype)."""
-    from mergelab.methods.kernels import kernels_enabled
+    from mergelab.methods.kernels import compiled_module, kernels_enabled
 
     if like.device.type != "cpu" or like.dtype not in (torch.float32, torch.float64) or not kernels_enabled():
         return None
     if "module" not in _KERNELS:
-        try:
-            from mergelab.distributed import _sgd_kernel
-
-            _KERNELS["module"] = _sgd_kernel
-        except ImportError:
-            _KERNELS["module"] = None
+        _KERNELS["module"] = compiled_module("sgd")
     mod = _KERNELS["module"]
     return getattr(mod, name) if mod is not None else None
 

@@ -155,16 +155,10 @@ class DeviationGram:
 
 
 def _gram_kernel():
-    """trajectory.gram_kernel when kernels are on and numba imports, else None (the torch path runs)."""
-    from mergelab.methods.kernels import kernels_enabled
+    """methods/kernels/trajectory_gram.py when kernels are on and numba imports, else None (the torch path runs)."""
+    from mergelab.methods.kernels import compiled_module, kernels_enabled
 
-    if not kernels_enabled():
-        return None
-    try:
-        from mergelab.trajectory import gram_kernel
-    except ImportError:
-        return None
-    return gram_kernel
+    return compiled_module("trajectory_gram") if kernels_enabled() else None
 
 
 class PassObserver:

@@ -118,7 +118,7 @@ class Kernel:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(module: str) -> Any:
+def compiled_module(module: str) -> Any:
     """`mergelab.methods.kernels.<module>`, imported (and numba with it) on first use; None without numba."""
     try:
         return importlib.import_module(f"mergelab.methods.kernels.{module}")
@@ -138,7 +138,7 @@ def lazy_kernel(module: str, **options: Any) -> Kernel:
     """
 
     def load() -> Any:
-        return _compiled(module)
+        return compiled_module(module)
 
     def supports(xs: Sequence[Tensor], base: Tensor | None, p: Any, s: Any) -> bool:
         mod = load()
@@ -165,7 +165,7 @@ def has_nonfinite(t: Tensor) -> bool:
     """
     if not t.is_floating_point() or t.numel() == 0:
         return False
-    finite = _compiled("finite")
+    finite = compiled_module("finite")
     if finite is not None and finite.supports(t):
         return finite.has_nonfinite(t)
     if torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)):
