@@ -3,7 +3,8 @@
     run(plan, sink, observe=None, *, device, seed, allow_nonfinite, show_progress) -> RunReport
 
 Sinks (engine/sinks.py): FolderSink (a checkpoint folder, written atomically), MemorySink
-(preallocated tensors: in-memory candidates), and the base Sink (observe-only runs). A sink
+(preallocated tensors: in-memory candidates), CollectSink (outputs kept, made final at the
+end: PEFT adapters), and the base Sink (observe-only runs). A sink
 may pick the jobs to run (Sink.select) and write some itself (Sink.direct: kernels straight into
 its tensors, run side by side in the lanes, engine/lanes.py, before the loop). A job's op
 (plan.Job.op) says what it computes: merge, copy, factorize, permute, expert, observe. `execute`
@@ -21,10 +22,10 @@ from mergelab.engine.compute import compute
 from mergelab.engine.items import CHUNK_ELEMENTS, PREFETCH_LIMIT, WRITE_QUEUE_BYTES, work_items
 from mergelab.engine.loop import WriteQueue, run
 from mergelab.engine.report import RunReport
-from mergelab.engine.sinks import FolderSink, MemorySink, Sink
+from mergelab.engine.sinks import CollectSink, FolderSink, MemorySink, Sink
 from mergelab.plan import Plan
 
-__all__ = ["run", "execute", "execute_into", "RunReport", "Sink", "FolderSink", "MemorySink", "compute",
+__all__ = ["run", "execute", "execute_into", "RunReport", "Sink", "FolderSink", "MemorySink", "CollectSink", "compute",
            "work_items", "WriteQueue",
            "CHUNK_ELEMENTS", "PREFETCH_LIMIT", "WRITE_QUEUE_BYTES"]
 

@@ -14,16 +14,21 @@ silently.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from mergelab.checkpoint.reader import Checkpoint
+from mergelab.checkpoint.writer import TensorInfo
+from mergelab.engine import CollectSink, run
 from mergelab.errors import MergeError, ShapeMismatch
 from mergelab.lora.algebra import split_singular
 from mergelab.lora.peft_format import LoraLayer, write_adapter
+from mergelab.plan import Job, Plan, TensorRef
 
 __all__ = ["ExtractPlan", "ExtractReport", "plan_extraction", "extract", "extract_layers", "low_rank"]
 
@@ -120,38 +125,78 @@ def _to2d(delta: torch.Tensor, layout: str) -> torch.Tensor:
     return delta.T if layout in ("transposed", "embedding") else delta.reshape(delta.shape[0], -1)
 
 
+def _factorize(module: str, layout: str, rank: int, svd: str, sv_epsilon: float, facts: dict,
+               tensors: list[torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A factorize job's fn: the rank-`rank` factors of ft - base (empty when unchanged); `facts[module]`
+    records ("unchanged",) or ("factors", energy, weight shape) for the report."""
+    ft, base = tensors
+    delta = ft.to(device, torch.float32) - base.to(device, torch.float32)
+    if not bool(delta.any()):
+        facts[module] = ("unchanged",)
+        b, a = delta.new_empty(0, 0), delta.new_empty(0, 0)
+    else:
+        b, a, energy = low_rank(_to2d(delta, layout), rank, method=svd, sv_epsilon=sv_epsilon)
+        facts[module] = ("factors", energy, tuple(delta.shape))
+    return {f"{module}:B": b, f"{module}:A": a}
+
+
+def extraction_plan(ft: Checkpoint, base: Checkpoint, plan: ExtractPlan, rank: int, sv_epsilon: float,
+                    svd: str, facts: dict) -> Plan:
+    """The engine's plan of an extraction: a factorize job per LoRA weight (outputs `<module>:B`,
+    `<module>:A`), an observe job per other tensor (compared with the base while it is read)."""
+    jobs = []
+    for name, layout in plan.lora:
+        module, shape = name.removesuffix(".weight"), tuple(ft.shape(name))
+        m, n = (shape[1], shape[0]) if layout in ("transposed", "embedding") else (shape[0], math.prod(shape[1:]))
+        k = min(rank, m, n)  # at most; the factors may come out of lower rank (sv_epsilon, an unchanged weight)
+        outputs = (TensorInfo(f"{module}:B", (m, k), torch.float32), TensorInfo(f"{module}:A", (k, n), torch.float32))
+        jobs.append(Job(name=name, shape=shape, dtype=torch.float32, inputs=(TensorRef(0, name), TensorRef(1, name)),
+                        op="factorize", outputs=outputs,
+                        fn=functools.partial(_factorize, module, layout, rank, svd, sv_epsilon, facts)))
+    for name in plan.other:
+        jobs.append(Job(name=name, shape=tuple(ft.shape(name)), dtype=ft.dtype(name),
+                        inputs=(TensorRef(0, name), TensorRef(1, name)), op="observe"))
+    return Plan(None, [ft, base], jobs)
+
+
 def extract_layers(ft: Checkpoint, base: Checkpoint, plan: ExtractPlan, rank: int, *, sv_epsilon: float = 0.0,
                    svd: str = "auto", device: str = "cpu", save_other: bool = False, show_progress: bool = False):
-    """Run a plan: (module -> LoraLayer, modules_to_save tensors, report rows, left out, unchanged count)."""
-    from mergelab.progress import ByteProgress
+    """Run a plan through the engine: (module -> LoraLayer, modules_to_save tensors, report rows, left out,
+    unchanged count)."""
+    facts: dict[str, tuple] = {}
+    changed_other: list[str] = []
 
-    layers, saved, rows, left_out, unchanged = {}, {}, [], [], 0
-    dev = torch.device(device)
-    total = sum(ft.nbytes(n) + base.nbytes(n) for n, _ in plan.lora) + sum(ft.nbytes(n) for n in plan.other)
-    with ByteProgress(len(plan.lora) + len(plan.other), total, enabled=show_progress, label="extracting") as bar:
-        for name, layout in plan.lora:
-            delta = ft[name].to(dev, torch.float32) - base[name].to(dev, torch.float32)
-            bar.advance(ft.nbytes(name) + base.nbytes(name))
-            if not bool(delta.any()):
-                unchanged += 1
-                continue
-            b, a, energy = low_rank(_to2d(delta, layout), rank, method=svd, sv_epsilon=sv_epsilon)
-            module = name.removesuffix(".weight")
-            if b.shape[1] == 0:
-                left_out.append((name, f"every singular value of its update is <= sv_epsilon {sv_epsilon}"))
-                continue
-            layers[module] = LoraLayer(module, a.cpu(), b.cpu(), tuple(delta.shape),
-                                       "transposed" if layout == "embedding" else layout, layout == "embedding")
-            rows.append({"module": module, "rank": b.shape[1], "energy": energy})
-        changed_other = []
-        for name in plan.other:
-            bar.advance(ft.nbytes(name))
-            if torch.equal(ft[name], base[name]):
-                unchanged += 1
-            else:
-                changed_other.append(name)
-    targets = set(layers)
-    for name in changed_other:
+    def observe(job: Job, rows, tensors, bad) -> None:
+        if job.op == "observe" and not torch.equal(tensors[job.inputs[0]], tensors[job.inputs[1]]):
+            changed_other.append(job.name)
+
+    sink = CollectSink()
+    run(extraction_plan(ft, base, plan, rank, sv_epsilon, svd, facts), sink, observe, device=device,
+        show_progress=show_progress)
+    layers, rows, left_out = {}, [], []
+    unchanged = len(plan.other) - len(changed_other)
+    for name, layout in plan.lora:
+        module = name.removesuffix(".weight")
+        fact = facts[module]
+        if fact[0] == "unchanged":
+            unchanged += 1
+            continue
+        a, b = sink.tensors[f"{module}:A"], sink.tensors[f"{module}:B"]
+        if b.shape[1] == 0:
+            left_out.append((name, f"every singular value of its update is <= sv_epsilon {sv_epsilon}"))
+            continue
+        layers[module] = LoraLayer(module, a, b, fact[2], "transposed" if layout == "embedding" else layout,
+                                   layout == "embedding")
+        rows.append({"module": module, "rank": b.shape[1], "energy": fact[1]})
+    saved = _modules_to_save(ft, changed_other, set(layers), save_other, left_out, device)
+    return layers, saved, rows, left_out, unchanged
+
+
+def _modules_to_save(ft: Checkpoint, changed: list[str], targets: set[str], save_other: bool,
+                     left_out: list, device: str) -> dict[str, torch.Tensor]:
+    """The whole modules of changed tensors a LoRA cannot hold, when `save_other` (else they are reported)."""
+    whole: list[str] = []
+    for name in changed:
         module = name.rsplit(".", 1)[0]
         if not save_other:
             left_out.append((name, "changed, but a LoRA cannot hold it (norm, bias or excluded embedding); "
@@ -160,9 +205,14 @@ def extract_layers(ft: Checkpoint, base: Checkpoint, plan: ExtractPlan, rank: in
             left_out.append((name, f"changed, but its module {module} carries a LoRA and cannot also be a "
                                    "modules_to_save entry"))
         else:  # PEFT's modules_to_save replaces the whole module: store all of its tensors
-            for full in [n for n in ft if n.rsplit(".", 1)[0] == module]:
-                saved[full] = ft[full]
-    return layers, saved, rows, left_out, unchanged
+            whole += [n for n in ft if n.rsplit(".", 1)[0] == module and n not in whole]
+    if not whole:
+        return {}
+    jobs = [Job(name=n, shape=tuple(ft.shape(n)), dtype=ft.dtype(n), inputs=(TensorRef(0, n),), op="copy")
+            for n in whole]
+    sink = CollectSink()
+    run(Plan(None, [ft], jobs), sink, device=device)
+    return {n: sink.tensors[n] for n in whole}
 
 
 def extract(finetuned: str | Path, base: str | Path, out: str | Path, *, rank: int, sv_epsilon: float = 0.0,
