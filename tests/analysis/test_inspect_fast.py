@@ -184,8 +184,15 @@ def _write(folder, tensors):
 
 
 def test_memory_mapped_files_and_state_dicts_give_one_report(tmp_path, monkeypatch):
-    """Checkpoints go through the Prefetcher's views, in batches; in-memory dicts are read as they are."""
-    monkeypatch.setattr(inspect, "BATCH_BYTES", 3000)  # several batches of names
+    """Checkpoints stream through engine.run (observe jobs); in-memory dicts are read as they are."""
+    plans = []
+    real_run = inspect.run
+
+    def counting_run(plan, sink, observe, **kw):
+        plans.append(plan)
+        return real_run(plan, sink, observe, **kw)
+
+    monkeypatch.setattr(inspect, "run", counting_run)
     g = torch.Generator().manual_seed(9)
     shapes = {f"model.layers.{i}.mlp.up_proj.weight": (24, 16) for i in range(4)}
     shapes.update({f"model.layers.{i}.input_layernorm.weight": (16,) for i in range(4)})
@@ -195,6 +202,8 @@ def test_memory_mapped_files_and_state_dicts_give_one_report(tmp_path, monkeypat
     paths = [_write(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
     from_files = inspect_models(paths, _write(tmp_path / "base", base)).to_dict()
     from_dicts = inspect_models(models, base).to_dict()
+    assert len(plans) == 1 and {j.op for j in plans[0].jobs} == {"observe"}  # the files' run, not the dicts'
+    assert sorted(j.name for j in plans[0].jobs) == sorted(shapes) and len(plans[0].checkpoints) == 3
     for report in (from_files, from_dicts):
         report.pop("models"), report.pop("base")
     assert from_files == from_dicts
@@ -204,12 +213,6 @@ def test_memory_mapped_files_and_state_dicts_give_one_report(tmp_path, monkeypat
     assert slow["overall"]["sign_conflict_trimmed"] == pytest.approx(from_files["overall"]["sign_conflict_trimmed"])
     assert slow["overall"]["task_cosine"][0][1] == pytest.approx(from_files["overall"]["task_cosine"][0][1],
                                                                  rel=1e-9)
-
-
-def test_batches_keep_order_and_cut_at_the_byte_budget(monkeypatch):
-    monkeypatch.setattr(inspect, "BATCH_BYTES", 10)
-    sizes = {"a": 4, "b": 4, "c": 4, "d": 20, "e": 1}
-    assert inspect._batches(list(sizes), sizes.__getitem__) == [["a", "b", "c"], ["d"], ["e"]]
 
 
 def test_workers_leave_the_callers_thread_count_alone():

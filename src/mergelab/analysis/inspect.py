@@ -9,10 +9,10 @@ the torch reference in analysis/geometry.py where numba is missing or kernels ar
 off), and, on a sample of layers, a randomized SVD of an evenly spaced sub-grid for
 the spectral overlap, run beside the pass on a worker thread.
 
-Checkpoints are read as the merge engine reads them: memory-map views whose pages
-a background thread maps in one batch of names ahead (checkpoint.prefetch), checked
-unchanged after use and released, so memory holds about two batches' pages, never a
-whole model. `recommend` turns the report into merge-method suggestions with their
+Checkpoints stream through the engine as an observe-only plan (engine.run with one
+observe job per name): memory-map views whose pages the prefetch thread maps in one
+name ahead, checked unchanged after use and released, so memory never holds a whole
+model; in-memory state dicts are read name by name. `recommend` turns the report into merge-method suggestions with their
 reasons; `mergelab.cli.tables.render_inspect` draws it as rich tables.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,11 @@ from mergelab.analysis.geometry import (
     spectral_overlap,
     tensor_geometry,
 )
-from mergelab.checkpoint.prefetch import Prefetcher
 from mergelab.checkpoint.reader import Checkpoint, layer_index
+from mergelab.engine import Sink, run
 from mergelab.errors import MergeError, NonFiniteError, ShapeMismatch
 from mergelab.methods.kernels import compiled_module, has_nonfinite, kernels_enabled
+from mergelab.plan import Job, Plan, TensorRef
 from mergelab.progress import ByteProgress
 
 SPECTRAL_LAYERS = 8
@@ -239,57 +240,16 @@ def tensor_sums(weights: list[torch.Tensor], reference: torch.Tensor | None, den
     return _compiled_sums(kernel, weights, reference, density, spectral, pool)
 
 
-def _check_finite(models: list[tuple[str, Mapping]], name: str, sums: GeometrySums,
+def _check_finite(labels: list[str], name: str, sums: GeometrySums,
                   weights: list[torch.Tensor], reference: torch.Tensor | None) -> None:
     """NaN or Inf in an input shows in its float64 sum of squares (finite float32 squares cannot overflow it)."""
     if _finite(sums):
         return
-    where = [label for (label, _), w in zip(models, weights) if has_nonfinite(w)]
+    where = [label for label, w in zip(labels, weights) if has_nonfinite(w)]
     if reference is not None and has_nonfinite(reference):
         where.append("the base")
     raise NonFiniteError(f"tensor {name} of {', '.join(where) or 'an input'} holds NaN or Inf values; "
                          "no geometry can be measured on it; repair or leave out that model")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ref:
-    model: int  # index into the checkpoints read through the Prefetcher
-    name: str
-
-
-class _Source:
-    """The tensors of every input, a few names at a time: memory-map views of checkpoints (their pages
-    mapped in by a background thread one batch ahead, through checkpoint.prefetch.Prefetcher, and
-    released after use, as the engine does), or the tensors of in-memory mappings as they are."""
-
-    def __init__(self, mappings: list[Mapping]):
-        self.mappings = mappings
-        ckpts = [m for m in mappings if isinstance(m, Checkpoint)]
-        self.slot = {id(m): k for k, m in enumerate(ckpts)}
-        self.pages = Prefetcher(ckpts) if ckpts else None
-
-    def refs(self, names: Sequence[str]) -> list[_Ref]:
-        return [_Ref(self.slot[id(m)], name) for name in names for m in self.mappings if id(m) in self.slot]
-
-    def prefetch(self, names: Sequence[str]) -> None:
-        if self.pages is not None:
-            self.pages.prefetch(self.refs(names), None)
-
-    def tensors(self, name: str) -> list[torch.Tensor]:
-        return [m.view(name) if id(m) in self.slot else m[name] for m in self.mappings]
-
-    def done(self, names: Sequence[str]) -> None:
-        """After the tensors were used: the files must not have changed meanwhile; then drop the pages."""
-        if self.pages is not None:
-            refs = self.refs(names)
-            self.pages.check_unchanged(refs)
-            self.pages.release(refs, None)
-
-
-BATCH_BYTES = 32 << 20
-"""Consecutive small tensor names of checkpoints are read ahead, computed (several at once) and released
-together, up to about this many bytes of all inputs: one hand-off to the read-ahead thread per batch
-instead of per name (MiniLM has 100 names, most of a few KB)."""
 
 
 SMALL_NUMEL = 1 << 20
@@ -297,57 +257,84 @@ SMALL_NUMEL = 1 << 20
 bigger ones have their compiled pass cut into blocks for the workers (methods/kernels/geometry.py's BLOCK)."""
 
 
-def _batches(names: list[str], nbytes: Callable[[str], int]) -> list[list[str]]:
-    out: list[list[str]] = []
-    size = 0
-    for name in names:
-        if not out or size >= BATCH_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(name)
-        size += nbytes(name)
-    return out
+class _Sums:
+    """Geometry sums per group, per kind and overall, added in name order whatever finished first.
+
+    `add(name, tensors)` starts a name's sums: a small name whole on one worker of `pool`, a big one
+    with its blocks spread over the workers; finished names are added as soon as every earlier one is.
+    """
+
+    def __init__(self, labels: list[str], has_base: bool, density: float, spectral_names: set[str],
+                 progress: ByteProgress | None, pool: Executor | None):
+        self.labels, self.n, self.has_base = labels, len(labels), has_base
+        self.density, self.spectral_names, self.progress, self.pool = density, spectral_names, progress, pool
+        self.groups: dict[tuple, GeometrySums] = {}
+        self.kinds: dict[str, GeometrySums] = {}
+        self.overall = GeometrySums(self.n)
+        self.pending: list[tuple[str, list[torch.Tensor], Any]] = []
+
+    def add(self, name: str, tensors: list[torch.Tensor]) -> None:
+        weights, reference = tensors[:self.n], (tensors[self.n] if self.has_base else None)
+        spectral = name in self.spectral_names
+        if self.pool is not None and weights[0].numel() < SMALL_NUMEL:  # a whole name per worker
+            found = self.pool.submit(tensor_sums, weights, reference, self.density, spectral=spectral)
+        else:  # a big name: its blocks spread over the workers
+            found = tensor_sums(weights, reference, self.density, spectral=spectral, pool=self.pool)
+        self.pending.append((name, tensors, found))
+        while self.pending and not (isinstance(self.pending[0][2], Future) and not self.pending[0][2].done()):
+            self._settle()
+
+    def finish(self) -> tuple[dict[tuple, GeometrySums], dict[str, GeometrySums], GeometrySums]:
+        while self.pending:
+            self._settle()
+        return self.groups, self.kinds, self.overall
+
+    def _settle(self) -> None:
+        name, tensors, found = self.pending.pop(0)
+        sums = found.result() if isinstance(found, Future) else found
+        _check_finite(self.labels, name, sums, tensors[:self.n], tensors[self.n] if self.has_base else None)
+        self.groups.setdefault(_group_of(name), GeometrySums(self.n)).add(sums)
+        self.kinds.setdefault(tensor_kind(name), GeometrySums(self.n)).add(sums)
+        self.overall.add(sums)
+        if self.progress is not None:
+            self.progress.advance(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def _observe_plan(ckpts: list[Checkpoint], names: list[str]) -> Plan:
+    """inspect as the engine runs it: one observe job per tensor name, reading it from every checkpoint."""
+    jobs = [Job(name=name, shape=tuple(ckpts[0].shape(name)), dtype=ckpts[0].dtype(name), op="observe",
+                inputs=tuple(TensorRef(i, name) for i in range(len(ckpts)))) for name in names]
+    return Plan(None, ckpts, jobs)
 
 
 def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: list[str], density: float,
-                spectral_names: set[str], progress: ByteProgress | None = None, pool: Executor | None = None
+                spectral_names: set[str], show_progress: bool = False, pool: Executor | None = None
                 ) -> tuple[dict[tuple, GeometrySums], dict[str, GeometrySums], GeometrySums]:
-    """Geometry sums per group, per kind and overall, reading a batch of tensor names at a time."""
-    n = len(models)
-    groups: dict[tuple, GeometrySums] = {}
-    kinds: dict[str, GeometrySums] = {}
-    overall = GeometrySums(n)
+    """Geometry sums per group, per kind and overall. Checkpoints stream through engine.run (an
+    observe-only plan: prefetch, unchanged-file checks, pages released after use); in-memory mappings
+    (state dicts, lazy loaders) are read name by name as they are."""
     mappings = [m for _, m in models] + ([base] if base is not None else [])
-    source = _Source(mappings)
-    # Mappings may make their tensors on access (a lazy loader): those are taken one name at a time.
-    lazy = not all(isinstance(m, Checkpoint) for m in mappings)
-    batches = [[name] for name in names] if lazy else _batches(names, lambda name: sum(m.nbytes(name) for m in mappings))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-inspect-prefetch") as reader:
-        pending = reader.submit(source.prefetch, batches[0]) if batches else None
-        for k, batch in enumerate(batches):
-            pending.result()  # pages mapped in, files checked unchanged
-            pending = reader.submit(source.prefetch, batches[k + 1]) if k + 1 < len(batches) else None
-            work = []
-            for name in batch:
-                tensors = source.tensors(name)  # as stored: the compiled pass reads bfloat16 in place
-                weights, reference = tensors[:n], (tensors[n] if base is not None else None)
-                spectral = name in spectral_names
-                if pool is not None and weights[0].numel() < SMALL_NUMEL:  # a whole name per worker
-                    found = pool.submit(tensor_sums, weights, reference, density, spectral=spectral)
-                else:  # a big name: its blocks spread over the workers
-                    found = tensor_sums(weights, reference, density, spectral=spectral, pool=pool)
-                work.append((name, tensors, found))
-            for name, tensors, found in work:  # added up in name order, whatever finished first
-                sums = found.result() if isinstance(found, Future) else found
-                _check_finite(models, name, sums, tensors[:n], tensors[n] if base is not None else None)
-                groups.setdefault(_group_of(name), GeometrySums(n)).add(sums)
-                kinds.setdefault(tensor_kind(name), GeometrySums(n)).add(sums)
-                overall.add(sums)
-                if progress is not None:
-                    progress.advance(sum(t.numel() * t.element_size() for t in tensors))
-            del work, tensors, weights, reference  # keep at most one batch of tensor names in memory
-            source.done(batch)
-    return groups, kinds, overall
+    labels = [label for label, _ in models]
+    total = sum(_nbytes(m, name) for name in names for m in mappings)
+    if all(isinstance(m, Checkpoint) for m in mappings):
+        sums = _Sums(labels, base is not None, density, spectral_names, None, pool)
+
+        def observe(job: Job, rows, tensors, bad) -> None:  # as stored: the compiled pass reads bfloat16 in place
+            sums.add(job.name, [tensors[ref] for ref in job.inputs])
+
+        # NaN/Inf shows in the float64 sums of squares (_check_finite): the engine's own scan is not needed
+        known = {(str(m.path), name) for m in mappings for name in names}
+        report_progress = show_progress and bool(names)
+        sink = Sink()
+        sink.known_finite = known
+        run(_observe_plan(mappings, names), sink, observe, show_progress=report_progress, label="inspecting")
+        return sums.finish()
+    with ByteProgress(len(names), total, enabled=show_progress, label="inspecting") as progress:
+        sums = _Sums(labels, base is not None, density, spectral_names, progress, pool)
+        for name in names:  # one name at a time: a lazy loader's tensors are made on each read
+            sums.add(name, [m[name] for m in mappings])
+            sums.finish()
+        return sums.finish()
 
 
 def _one_torch_thread() -> None:
@@ -408,11 +395,9 @@ def inspect_models(paths: Sequence[str | Path | Mapping[str, torch.Tensor]],
         base_src = _open(base, "base", opened) if base is not None else None
         names, skipped = _plan(models + ([base_src] if base_src else []))
         spectral_names = _spectral_sample(names, spectral_layers)
-        total = sum(_nbytes(m, name) for name in names for _, m in models + ([base_src] if base_src else []))
-        with ByteProgress(len(names), total, enabled=show_progress, label="inspecting") as progress, \
-                _workers() as pool:
+        with _workers() as pool:
             groups, kinds, overall = _accumulate(models, base_src[1] if base_src else None, names, density,
-                                                 spectral_names, progress, pool)
+                                                 spectral_names, show_progress, pool)
     return InspectReport(
         models=[label for label, _ in models], base=base_src[0] if base_src else None,
         reference="base" if base_src else "mean", density=density, spectral_layers=spectral_layers,

@@ -149,7 +149,7 @@ def _run_direct(plan: Plan, sink: Sink, jobs, device: torch.device) -> list[Job]
 
 
 def run(plan: Plan, sink: Sink | None = None, observe=None, *, device: str = "cpu", seed: int | None = None,
-        allow_nonfinite: bool = False, show_progress: bool = False) -> RunReport:
+        allow_nonfinite: bool = False, show_progress: bool = False, label: str = "merging") -> RunReport:
     """Run every job of `plan` into the sink; returns the run's report.
 
     Inputs holding NaN/Inf stop the run (NonFiniteError, nothing written) unless `allow_nonfinite`,
@@ -170,7 +170,7 @@ def run(plan: Plan, sink: Sink | None = None, observe=None, *, device: str = "cp
         items = list(work_items(plan, jobs if observe is not None else _run_direct(plan, sink, jobs, dev)))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-prefetch") as pool, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write") as write_pool, \
-                ByteProgress(len(plan.jobs), plan.bytes_read, enabled=show_progress) as progress, torch.no_grad():
+                ByteProgress(len(plan.jobs), plan.bytes_read, enabled=show_progress, label=label) as progress, torch.no_grad():
             state.loop(items, pool, WriteQueue(write_pool), progress)
         report = state.report(time.perf_counter() - start)
         sink.finish(plan, report)
