@@ -65,3 +65,48 @@ def test_a_forked_child_gets_its_own_lane_threads():
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's lanes hung")
+
+
+def test_a_sinks_select_and_direct_hooks_run_through_engine_run(tmp_path):
+    """engine.run runs only the jobs the sink selects, the sink's direct tasks in the lanes, the rest in the loop."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mergelab.checkpoint.reader import Checkpoint
+    from mergelab.engine import MemorySink, run
+    from mergelab.planner import make_plan
+    from mergelab.recipe import load_recipe
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4), "c": torch.full((3,), 2.0)}
+    for name, scale in (("x", 1.0), ("y", 3.0)):
+        save_file({k: v * scale for k, v in tensors.items()}, str(tmp_path / f"{name}.safetensors"))
+    recipe = load_recipe({"merge_method": "linear", "models": [
+        {"model": str(tmp_path / f"{n}.safetensors"), "parameters": {"weight": 0.5}} for n in ("x", "y")]})
+    opened = {p: Checkpoint(p) for p in recipe.input_paths()}
+    plan = make_plan(recipe, opened)
+    out = {k: torch.full_like(v, -1.0) for k, v in tensors.items()}
+
+    class Hooked(MemorySink):
+        lanes = 2
+        seen: list[str] = []
+
+        def select(self, plan):
+            return [j for j in plan.jobs if j.name != "c"]  # "c" is held already
+
+        def direct(self, plan, job, device):
+            if job.name != "a":
+                return None
+            return Task(6, lambda: (self.seen.append("a"), self.tensors["a"].fill_(7.0)))
+
+        def write(self, name, rows, tensor):
+            self.seen.append(name)
+            super().write(name, rows, tensor)
+
+    sink = Hooked(out)
+    run(plan, sink)
+    for ck in opened.values():
+        ck.close()
+    assert sorted(sink.seen) == ["a", "b"]
+    assert torch.equal(out["a"], torch.full((2, 3), 7.0))  # the direct task's write, not the merge
+    assert torch.equal(out["b"], torch.full((4,), 2.0))  # the loop's merge: 0.5 * 1 + 0.5 * 3
+    assert torch.equal(out["c"], torch.full((3,), -1.0))  # not selected: untouched

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mergelab.checkpoint.hub import parse_hub_reference
-from mergelab.checkpoint.reader import is_peft_adapter, parse_dtype
+from mergelab.checkpoint.peft import is_adapter_folder
+from mergelab.checkpoint.reader import parse_dtype
 from mergelab.methods import REGISTRY
 from mergelab.mergekit_names import not_implemented_hint
 from mergelab.recipe.model import Recipe
@@ -148,8 +149,7 @@ def _path_problems(r: Recipe, check_paths: bool) -> list[str]:
                        if not Path(part).exists() and parse_hub_reference(part) is None]  # Hub ids: resolve
             if missing:
                 out.append(f"{where}: '{ref}' (model+lora): {' and '.join(missing)} not found")
-            adapter = Path(lora[1])
-            if adapter.exists() and not (adapter.expanduser().is_dir() and is_peft_adapter(adapter)):
+            if Path(lora[1]).exists() and not is_adapter_folder(lora[1]):
                 out.append(f"{where}: '{lora[1]}' after '+' is not a PEFT adapter folder (no adapter_config.json)")
         elif not check_paths or parse_hub_reference(ref) is not None:
             continue  # a Hub id is found, or its problem reported, by resolve (mergelab.recipe.resolve)

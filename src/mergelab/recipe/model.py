@@ -21,14 +21,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from mergelab.checkpoint.reader import is_peft_adapter, parse_dtype
+from mergelab.checkpoint.peft import is_adapter_folder
+from mergelab.checkpoint.reader import parse_dtype
 from mergelab.methods import REGISTRY, MethodSpec
 from mergelab.recipe.params import Setting, evaluate_setting, ignored_parameters, method_fields
 from mergelab.tokenizer.config import TokenizerEntry
@@ -161,8 +161,7 @@ class Recipe(_Strict):
         if not self.base or self.slices or self.method.base != "ignored" or self.method.needs_stats:
             return False
         models = [self.resolve(m.model) for m in self.models or []]
-        return self.base not in models and not any(Path(m).expanduser().is_dir() and is_peft_adapter(m)
-                                                 for m in models)
+        return self.base not in models and not any(is_adapter_folder(m) for m in models)
 
     def input_paths(self) -> list[str]:
         """Every distinct model path the merge reads: the base first, then in order of appearance."""

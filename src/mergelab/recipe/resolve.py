@@ -18,7 +18,7 @@ import dataclasses
 from pathlib import Path
 
 from mergelab.checkpoint.hub import parse_hub_reference, resolve_hub_model
-from mergelab.checkpoint.reader import is_peft_adapter
+from mergelab.checkpoint.peft import is_adapter_folder
 from mergelab.errors import CheckpointError, RecipeError
 from mergelab.recipe.checks import recipe_problems
 from mergelab.recipe.model import Recipe
@@ -79,7 +79,7 @@ def describe_input(path: str, base_model: str | None) -> ModelInput:
     lora = split_lora_reference(path)
     if lora is not None:
         return ModelInput(path, *lora)
-    if Path(path).expanduser().is_dir() and is_peft_adapter(path):
+    if is_adapter_folder(path):
         return ModelInput(path, base_model, path)
     return ModelInput(path, path)
 
