@@ -221,3 +221,24 @@ def test_workers_leave_the_callers_thread_count_alone():
         if pool is not None:
             assert pool.submit(torch.get_num_threads).result() == 1
     assert torch.get_num_threads() == before
+
+
+def test_a_file_changed_while_the_workers_computed_is_refused(tmp_path, monkeypatch):
+    """Small names are computed on worker threads after the engine's own unchanged check: inspect checks
+    the files once more when every sum is in, so a file rewritten meanwhile is an error, not a report."""
+    from mergelab.errors import CheckpointError
+
+    g = torch.Generator().manual_seed(3)
+    models = [{f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 4, generator=g) for i in range(2)}
+              for _ in range(2)]
+    paths = [_write(tmp_path / f"m{i}", m) for i, m in enumerate(models)]
+    real_run = inspect.run
+
+    def run_then_rewrite(plan, sink, observe, **kw):
+        report = real_run(plan, sink, observe, **kw)
+        save_file({k: v + 1 for k, v in models[1].items()}, str(paths[1] / "model.safetensors"))
+        return report
+
+    monkeypatch.setattr(inspect, "run", run_then_rewrite)
+    with pytest.raises(CheckpointError):
+        inspect_models(paths)

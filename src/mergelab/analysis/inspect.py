@@ -315,7 +315,6 @@ def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: 
     (state dicts, lazy loaders) are read name by name as they are."""
     mappings = [m for _, m in models] + ([base] if base is not None else [])
     labels = [label for label, _ in models]
-    total = sum(_nbytes(m, name) for name in names for m in mappings)
     if all(isinstance(m, Checkpoint) for m in mappings):
         sums = _Sums(labels, base is not None, density, spectral_names, None, pool)
 
@@ -323,12 +322,14 @@ def _accumulate(models: list[tuple[str, Mapping]], base: Mapping | None, names: 
             sums.add(job.name, [tensors[ref] for ref in job.inputs])
 
         # NaN/Inf shows in the float64 sums of squares (_check_finite): the engine's own scan is not needed
-        known = {(str(m.path), name) for m in mappings for name in names}
-        report_progress = show_progress and bool(names)
         sink = Sink()
-        sink.known_finite = known
-        run(_observe_plan(mappings, names), sink, observe, show_progress=report_progress, label="inspecting")
-        return sums.finish()
+        sink.known_finite = {(str(m.path), name) for m in mappings for name in names}
+        run(_observe_plan(mappings, names), sink, observe, show_progress=show_progress, label="inspecting")
+        found = sums.finish()
+        for ck in mappings:  # small names were computed on the workers after the engine's own check
+            ck.check_unchanged()
+        return found
+    total = sum(_nbytes(m, name) for name in names for m in mappings)
     with ByteProgress(len(names), total, enabled=show_progress, label="inspecting") as progress:
         sums = _Sums(labels, base is not None, density, spectral_names, progress, pool)
         for name in names:  # one name at a time: a lazy loader's tensors are made on each read

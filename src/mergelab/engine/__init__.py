@@ -3,8 +3,8 @@
     run(plan, sink, observe=None, *, device, seed, allow_nonfinite, show_progress) -> RunReport
 
 Sinks (engine/sinks.py): FolderSink (a checkpoint folder, written atomically), MemorySink
-(preallocated tensors: in-memory candidates), CollectSink (outputs kept, made final at the
-end: PEFT adapters), and the base Sink (observe-only runs). A sink
+(preallocated tensors: in-memory candidates), CollectSink (outputs kept in memory for the
+caller: extract-lora's adapter), and the base Sink (observe-only runs). A sink
 may pick the jobs to run (Sink.select) and write some itself (Sink.direct: kernels straight into
 its tensors, run side by side in the lanes, engine/lanes.py, before the loop). A job's op
 (plan.Job.op) says what it computes: merge, copy, factorize, permute, expert, observe. `execute`

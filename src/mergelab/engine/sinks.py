@@ -126,22 +126,17 @@ class MemorySink(Sink):
 
 
 class CollectSink(Sink):
-    """Every output kept in memory (`tensors`: name -> tensor, owned); `on_finish(tensors, report)`, if
-    given, makes them final once the whole run succeeded (e.g. writes a PEFT adapter folder atomically),
-    so a failed run writes nothing."""
+    """Every output kept in memory (`tensors`: name -> tensor, owned) for the caller, which makes them
+    final only after the whole run succeeded (extract-lora writes its adapter folder then), so a failed
+    run writes nothing."""
 
-    def __init__(self, on_finish: Callable | None = None):
+    def __init__(self):
         self.tensors: dict[str, torch.Tensor] = {}
-        self.on_finish = on_finish
 
     def write(self, name: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
         if rows is not None:
             raise MergeError(f"{name}: a collecting sink takes whole tensors, got rows {rows}")
         self.tensors[name] = tensor.clone()  # copies are views of the mapped inputs: own the bytes
-
-    def finish(self, plan: Plan, report) -> None:
-        if self.on_finish is not None:
-            self.on_finish(self.tensors, report)
 
     def abort(self) -> None:
         self.tensors.clear()
