@@ -9,6 +9,7 @@ top-level module). Public API:
     square_models(n, seed, dim, rank)   -> (base, [...]): one (dim, dim) attention-like weight, low-rank tasks
     digits_tasks(n, seed, steps)        -> (base, [fine-tune, ...], [(x, y), ...]): real SGD on sklearn digits
     fb_pool(base, fts)                  -> fusion_bench BaseModelPool over deep copies ('_pretrained_', 'model_i')
+    fb_run(algorithm, pool)             -> state dict of algorithm.run(pool), FusionBench's prints silenced
     fb_trainer(x, batch_size)           -> the few members of a transformers Trainer that FusionBench's generic
                                            fisher_merging / regmean_merging functions call
     WithLogits(model)                   a model whose output has `.logits` (FusionBench's fisher_merging reads it)
@@ -180,6 +181,18 @@ def fb_pool(base: nn.Module | None, fts: Sequence[nn.Module]):
     for i, ft in enumerate(fts):
         models[f"model_{i}"] = copy.deepcopy(ft)
     return BaseModelPool(models)
+
+
+def fb_run(algorithm, pool) -> dict[str, torch.Tensor]:
+    """``algorithm.run(pool)`` with FusionBench's prints and profiler tables silenced; the merged state dict."""
+    import contextlib
+    import io
+    import logging
+
+    logging.getLogger("fusion_bench").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        merged = algorithm.run(pool)
+    return state_dict_of(merged)
 
 
 def fb_trainer(x: torch.Tensor, batch_size: int) -> SimpleNamespace:
