@@ -6,7 +6,8 @@ top-level module). Public API:
 
     TinyMLP(sizes, norm=True)           Linear layers with biases, a LayerNorm after the first; no buffers
     tiny_models(n, seed, sizes, scale)  -> (base, [fine-tune, ...]): base + seeded Gaussian task vectors
-    square_models(n, seed, dim, rank)   -> (base, [...]): one (dim, dim) attention-like weight, low-rank tasks
+    square_models(n, seed, dim, rank, noise) -> (base, [...]): one (dim, dim) attention-like weight,
+                                           task vectors of low rank (+ noise)
     digits_tasks(n, seed, steps)        -> (base, [fine-tune, ...], [(x, y), ...]): real SGD on sklearn digits
     fb_pool(base, fts)                  -> fusion_bench BaseModelPool over deep copies ('_pretrained_', 'model_i')
     fb_run(algorithm, pool)             -> state dict of algorithm.run(pool), FusionBench's prints silenced
@@ -108,10 +109,11 @@ class _Square(nn.Module):
         return self.proj(x)
 
 
-def square_models(n: int = 3, seed: int = 0, dim: int = 24, rank: int = 6,
-                  scale: float = 0.1) -> tuple[nn.Module, list[nn.Module]]:
+def square_models(n: int = 3, seed: int = 0, dim: int = 24, rank: int = 6, scale: float = 0.1,
+                  noise: float = 1e-2) -> tuple[nn.Module, list[nn.Module]]:
     """A base with one (dim, dim) Linear ``proj`` and ``n`` fine-tunes whose weight task vectors have rank
-    ``rank`` plus a little full-rank noise (1e-2 of it), so their spectra decay like real fine-tunes'."""
+    ``rank`` plus a little full-rank noise (``noise`` of it; 0 leaves them of rank ``rank`` up to float32
+    rounding), so their spectra decay like real fine-tunes'."""
     g = _generator(seed)
     base = _Square(dim)
     with torch.no_grad():
@@ -121,9 +123,9 @@ def square_models(n: int = 3, seed: int = 0, dim: int = 24, rank: int = 6,
     for _ in range(n):
         ft = copy.deepcopy(base)
         low = torch.randn(dim, rank, generator=g) @ torch.randn(rank, dim, generator=g) / dim
-        noise = torch.randn(dim, dim, generator=g) / dim
+        full = torch.randn(dim, dim, generator=g) / dim
         with torch.no_grad():
-            ft.proj.weight.add_(scale * (low + 1e-2 * noise))
+            ft.proj.weight.add_(scale * (low + noise * full))
             ft.proj.bias.add_(scale * torch.randn(dim, generator=g))
         fts.append(ft)
     return base, fts

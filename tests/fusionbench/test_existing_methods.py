@@ -10,6 +10,7 @@ the exact relation and the method's docstring says so. docs/_parts/fbparity.md t
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -154,8 +155,9 @@ def test_dare_masks_fusionbench_by_hand_and_mergelab_by_statistics(mlp):
 
 
 def _as64(models):
+    """Float64 deep copies (nn.Module.double() converts in place)."""
     base, fts = models
-    return base.double(), [f.double() for f in fts]
+    return copy.deepcopy(base).double(), [copy.deepcopy(f).double() for f in fts]
 
 
 SPECTRAL = [
@@ -167,13 +169,14 @@ SPECTRAL = [
 
 
 @pytest.mark.parametrize("method, algorithm, params", SPECTRAL, ids=[m for m, _, _ in SPECTRAL])
-@pytest.mark.parametrize("shape", ["mlp", "square"])
+@pytest.mark.parametrize("shape", ["mlp", "square", "odd"])
 def test_spectral_merges_equal_fusionbench(method, algorithm, params, shape, mlp, square):
     """Same definitions (1-D tensors: base + alpha * mean task vector). mergelab takes its SVDs in float64,
     FusionBench in float32: against FusionBench on float64 copies of the models they agree to 1e-6 of the
     weights (float32 output rounding); against FusionBench in float32 to its own float32 SVD error, which on
-    the low-rank square tasks (tiny trailing singular values) reaches ~1e-5."""
-    models = mlp if shape == "mlp" else square
+    the low-rank square tasks (tiny trailing singular values) reaches ~1e-5. "odd": r = 10 is not a multiple
+    of N = 3 (TSV keeps 3 directions per task, FusionBench's block matrices carry a zero column)."""
+    models = {"mlp": mlp, "square": square}.get(shape) or square_models(3, seed=5, dim=10)
     ours = ml(method, models, **params)
     fb64 = fb_run(algorithm(), fb_pool(*_as64(models)))
     assert_same(ours, {k: v.float() for k, v in fb64.items()}, atol=1e-6, what=f"{method} vs float64")
@@ -192,8 +195,28 @@ def test_iso_cts_caps_the_task_subspace_where_fusionbench_overshoots():
         fb_run(IsotropicMergingInCommonAndTaskSubspace(scaling_factor=1.0, common_space_fraction=0.0),
                fb_pool(base, fts))
     fb = fb_run(IsotropicMergingInCommonAndTaskSubspace(scaling_factor=1.0, common_space_fraction=0.1),
-                fb_pool(base.double(), [f.double() for f in fts]))
+                fb_pool(*_as64((base, fts))))
     assert_same(ours, {k: v.float() for k, v in fb.items()}, atol=1e-6)
+
+
+def test_iso_c_on_a_rank_deficient_sum_averages_only_its_nonzero_singular_values():
+    """Two rank-2 task matrices of a 12 x 12 weight sum to rank q = 4. FusionBench flattens all r = 12
+    singular values: sigma_bar = sum(S) / 12 on every direction, the 8 null directions of the sum (an
+    arbitrary basis from LAPACK) included. mergelab keeps the q directions above the numerical-rank
+    tolerance: sigma_bar = sum(S) / q. Exact relation: mergelab's task matrix = (r / q) P_U D_fb P_V, with
+    D_fb FusionBench's and P_U, P_V the projections onto the sum's q leading singular vectors."""
+    base, fts = square_models(2, seed=4, dim=12, rank=2, noise=0.0)
+    total = sum((f.proj.weight - base.proj.weight).detach().double() for f in fts)
+    u, s, vh = torch.linalg.svd(total)
+    q = 4
+    assert float(s[q - 1]) > 1e-3 > 1e-6 > float(s[q])
+    ours = mergelab.merge_state_dicts("iso_c", fts, base=base, alpha=1.0)["proj.weight"]
+    fb = fb_run(IsotropicMergingInCommonSubspace(scaling_factor=1.0), fb_pool(*_as64((base, fts))))
+    d_fb = fb["proj.weight"] - base.proj.weight.detach().double()
+    pu, pv = u[:, :q] @ u[:, :q].T, vh[:q].T @ vh[:q]
+    d_ours = (ours - base.proj.weight.detach()).double()
+    torch.testing.assert_close(d_ours, (12 / q) * (pu @ d_fb @ pv), atol=1e-7, rtol=0)
+    assert float((d_fb - pu @ d_fb @ pv).abs().max()) > 1e-2  # FusionBench's null-space part
 
 
 # ----------------------------------------------------------------------------- Model Stock
