@@ -107,6 +107,10 @@ def model_stock(x: Tensor, base: Tensor, p, s: ModelStockShared, gen=None) -> Te
     Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned
     models", arXiv:2403.19522.
 
+    For N > 2 FusionBench's ModelStock averages the pairwise angles and takes the cosine
+    of the mean; this (as MergeKit) averages the cosines, so the two agree for N = 2 only
+    (within float32 rounding).
+
     Norms and dots are float32 sums of products; on the CPU a compiled kernel
     (methods/kernels/model_stock.py) computes the same from bfloat16 or float32
     inputs as stored, the sums in float64.

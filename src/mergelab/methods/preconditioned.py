@@ -217,6 +217,13 @@ def fisher(x: Tensor, base: None, p: PerModel[MetricWeight], s: FisherShared,
     dominating. It makes the method depend on the whole tensor, so the engine
     does not merge fisher in row chunks.
 
+    FusionBench's fisher merging adds its minimal_fisher_weight m to every entry and,
+    with normalize_fisher_weight, weights model i by 1 / (||F_i|| + m) with the norm over
+    the whole model: it equals this method with stats F_i + m and those weights. Its
+    Fisher estimate (after MergeLM) squares the batch gradient of sum_c sqrt(p_c) log p_c,
+    keeping cross terms between classes and examples; diagonal_fisher(kind="exact") is
+    the diagonal sum_c p_c (d log p_c)^2 of each example.
+
     Args:
         x: (N, *shape) the models' tensors.
         base: unused (None).
@@ -322,7 +329,9 @@ def regmean(x: Tensor, base: None, p: PerModel[MetricWeight], s: RegMeanShared,
     with fewer rows than features) gets a ridge r I on the left and r W_avg^T on
     the right, r growing from ridge x mean diagonal until the factorisation
     succeeds, with a warning: directions no input spans take the weighted
-    average instead of zero.
+    average instead of zero. FusionBench's RegMean (reduce_non_diagonal_ratio is
+    alpha, the same mean Gram matrices) inverts the float32 sum with torch.inverse:
+    the same tensors to its float32 inversion error, and an error on a singular sum.
 
     Args:
         x: (N, out, in) the models' weights ((N, in, out) if transposed), or any

@@ -206,6 +206,12 @@ def ties(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: TiesShared, 
     that exactly round(density * numel) entries survive. On the CPU a compiled
     kernel (methods/kernels/ties.py) gives the same numbers from bfloat16 or
     float32 inputs as stored, in two streaming passes.
+
+    FusionBench's TiesMergingAlgorithm trims each task vector once over the whole
+    flattened model (one threshold per model, keeping int(K d) + 1 of its d entries)
+    where this, as MergeKit, trims every tensor to its own density; given as densities
+    the per-tensor shares FusionBench's threshold keeps, ties gives its tensors
+    (merge_func "sum" is normalize false, "mean" normalize true, scaling_factor lambda).
     """
     return _merge("ties", x, base, p, s, gen, _magnitude, ties=True)
 
@@ -219,6 +225,9 @@ def dare_ties(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: DareSha
     tau_i = m_i * (theta_i - theta_base), m_i ~ Bernoulli(density_i) entrywise, then
     rescaled to its former L1 norm; then as ties. (The paper rescales by 1/density;
     MergeKit, and so mergelab, restores the L1 norm instead.)
+    FusionBench's DareTiesMerging rescales by 1/density, draws its masks from torch's
+    global generator, and then also applies TIES' magnitude trim (over the whole model);
+    at density 1 with that trim keeping everything it gives these tensors exactly.
     Yu, Yu, Yu, Huang, Li, 2023, "Language Models are Super Mario: Absorbing Abilities
     from Homologous Models as a Free Lunch", arXiv:2311.03099.
     """
@@ -236,6 +245,9 @@ def dare_linear(x: Tensor, base: Tensor, p: PerModel[TaskVectorParams], s: DareS
     Z = sum_i w_i if normalize else 1.
     Yu, Yu, Yu, Huang, Li, 2023, "Language Models are Super Mario: Absorbing Abilities
     from Homologous Models as a Free Lunch", arXiv:2311.03099.
+    FusionBench's DareTaskArithmetic (DareSimpleAverage: normalize true) rescales by
+    1/density and draws its masks from torch's global generator, so only the statistics
+    match (kept share, mean rescale); at density 1 both are task arithmetic, exactly.
     """
     return _merge("dare_linear", x, base, p, s, gen, _random, ties=False, randomized=True)
 

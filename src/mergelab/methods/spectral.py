@@ -269,7 +269,9 @@ def tsv(x: Tensor, base: Tensor, p: PerModel[NoParams], s: TsvParams, gen=None) 
     truncated task matrices; N identical fine-tunes give base + alpha * (best rank-k approximation
     of Delta). A matrix with k = 0 (r < N) and every tensor that is not 2-D get
     theta_base + alpha * mean_i Delta_i. Singular values at or below the numerical-rank tolerance
-    are left out (module docstring).
+    are left out (module docstring). FusionBench's TaskSingularVectorMerging(alpha) gives the same
+    tensors within float32 rounding where no task matrix is rank-deficient (it keeps directions
+    below the tolerance too, and takes its SVDs in float32: ~1e-6 of the weights on fast-decaying spectra).
     Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodola, 2025, "Task Singular Vectors:
     Reducing Task Interference in Model Merging", CVPR 2025, arXiv:2412.00081.
 
@@ -306,7 +308,10 @@ def iso_c(x: Tensor, base: Tensor, p: PerModel[NoParams], s: IsoCParams, gen=Non
     direction alike. N identical fine-tunes give base + alpha * N mean(S(Delta)) U V^T with
     U, V those of Delta. Tensors that are not 2-D get theta_base + alpha * mean_i Delta_i.
     The authors average over all r = min(m, n) singular values; for full-rank sums this is
-    the same, for rank-deficient sums we leave out the zero ones (module docstring).
+    the same, for rank-deficient sums we leave out the zero ones (module docstring). So does
+    FusionBench's IsotropicMergingInCommonSubspace (scaling_factor = alpha), which also spreads
+    sigma_bar over the sum's null directions: for a sum of rank q < r this update is (r / q) times
+    FusionBench's projected onto the q nonzero singular directions; full-rank sums agree to float32 rounding.
     Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, 2025, "No Task Left Behind:
     Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025, arXiv:2502.04959.
 
@@ -345,7 +350,9 @@ def iso_cts(x: Tensor, base: Tensor, p: PerModel[NoParams], s: IsoCtsParams, gen
         theta = theta_base + alpha * mean(S) U_hat V_hat^T.
     With f = 1 this is Iso-C. Tensors that are not 2-D get theta_base + alpha * mean_i Delta_i.
     As in Iso-C, singular values at or below the numerical-rank tolerance are left out of the
-    bases and of the mean (module docstring).
+    bases and of the mean (module docstring). FusionBench's IsotropicMergingInCommonAndTaskSubspace
+    gives the same tensors within float32 rounding, except that it does not cap k_t: where
+    N round((r - floor(f r)) / N) > r (r = 11, N = 2, f = 0) its common size is negative and it fails.
     Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, 2025, "No Task Left Behind:
     Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025, arXiv:2502.04959.
 

@@ -120,6 +120,8 @@ def task_arithmetic(
     Per-model parameters: weight (required) w_i; density (accepted for MergeKit
     recipes, must be 1). Shared: normalize (False), lambda (1.0), rescale (False;
     a no-op since nothing is dropped), int8_mask (False; no numerical effect).
+    FusionBench's TaskArithmeticAlgorithm(scaling_factor=s) is weight 1, lambda s:
+    the same tensors bit for bit (tests/fusionbench).
 
     Args:
         x: (N, *shape) the fine-tuned models' tensors.
