@@ -222,14 +222,15 @@ def test_iso_c_on_a_rank_deficient_sum_averages_only_its_nonzero_singular_values
 # ----------------------------------------------------------------------------- Model Stock
 
 
-def _stock_by_hand(base, fts, average_angles: bool):
+def _stock_by_hand(base, fts, average_angles: bool, floor: float = 0.0, add: float = 0.0):
     """t * mean_i theta_i + (1 - t) * base per tensor with t = N c / (1 + (N - 1) c); c = cos of the mean
-    pairwise angle (FusionBench) or the mean pairwise cosine (mergelab, MergeKit)."""
+    pairwise angle (FusionBench) or the mean pairwise cosine (mergelab, MergeKit), each cosine
+    <a, b> / max(|a| |b| + add, floor)."""
     out = {}
     n = len(fts)
     for k, b in base.state_dict().items():
         taus = [(ft.state_dict()[k] - b).double().flatten() for ft in fts]
-        cos = [float(taus[i] @ taus[j] / (taus[i].norm() * taus[j].norm()))
+        cos = [float(taus[i] @ taus[j] / max(float(taus[i].norm() * taus[j].norm()) + add, floor))
                for i in range(n) for j in range(i + 1, n)]
         c = math.cos(sum(math.acos(x) for x in cos) / len(cos)) if average_angles else sum(cos) / len(cos)
         t = n * c / (1 + (n - 1) * c)
@@ -253,3 +254,21 @@ def test_model_stock_three_models_average_angles_in_fusionbench_cosines_in_merge
     assert_same(fb, _stock_by_hand(base, fts, average_angles=True), atol=1e-6, what="FusionBench by hand")
     assert_same(ours, _stock_by_hand(base, fts, average_angles=False), atol=1e-6, what="mergelab by hand")
     assert max(float((ours[k] - fb[k]).abs().max()) for k in fb) > 1e-4
+
+
+def test_model_stock_small_task_vectors_mergekit_floor_on_the_norm_product():
+    """mergelab (as MergeKit 0.1.5) divides <tau_1, tau_2> by max(|tau_1| |tau_2|, 1e-6), FusionBench by
+    |tau_1| |tau_2| + 1e-8. Where the product of the norms is below 1e-6 (task vectors of norm < 1e-3:
+    small biases and norms of a real fine-tune) mergelab's cosine shrinks, so t -> 0 and the tensor stays
+    near the base; FusionBench's cosine shrinks only below ~1e-8. Both pinned by hand."""
+    base, fts = tiny_models(2, seed=3, scale=1e-3)
+    fb = fb_run(fb_method.ModelStock(), fb_pool(base, fts))
+    ours = ml("model_stock", (base, fts))
+    assert_same(fb, _stock_by_hand(base, fts, average_angles=True, add=1e-8), atol=1e-6,
+                what="FusionBench by hand")
+    assert_same(ours, _stock_by_hand(base, fts, average_angles=False, floor=1e-6), atol=1e-6,
+                what="mergelab by hand")
+    tau = [(f.layers[2].bias - base.layers[2].bias).detach() for f in fts]
+    assert float(tau[0].norm() * tau[1].norm()) < 1e-7
+    moved = fb["layers.2.bias"] - base.layers[2].bias.detach()
+    assert float((ours["layers.2.bias"] - fb["layers.2.bias"]).abs().max()) > 0.5 * float(moved.abs().max())

@@ -109,7 +109,9 @@ def model_stock(x: Tensor, base: Tensor, p, s: ModelStockShared, gen=None) -> Te
 
     For N > 2 FusionBench's ModelStock averages the pairwise angles and takes the cosine
     of the mean; this (as MergeKit) averages the cosines, so the two agree for N = 2 only
-    (within float32 rounding).
+    (within float32 rounding), and only where |tau_i| |tau_j| >= 1e-6: below it the
+    MergeKit floor here shrinks the cosine (t -> 0, the base kept), where FusionBench
+    divides by |tau_i| |tau_j| + 1e-8.
 
     Norms and dots are float32 sums of products; on the CPU a compiled kernel
     (methods/kernels/model_stock.py) computes the same from bfloat16 or float32
