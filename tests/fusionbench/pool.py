@@ -8,6 +8,8 @@ top-level module). Public API:
     tiny_models(n, seed, sizes, scale)  -> (base, [fine-tune, ...]): base + seeded Gaussian task vectors
     square_models(n, seed, dim, rank, noise) -> (base, [...]): one (dim, dim) attention-like weight,
                                            task vectors of low rank (+ noise)
+    exact_low_rank_models(n, seed, dim, rank) -> (base, [...]): the same with task matrices of rank
+                                           exactly ``rank`` (dyadic weights, sums exact in float32)
     digits_tasks(n, seed, steps)        -> (base, [fine-tune, ...], [(x, y), ...]): real SGD on sklearn digits
     fb_pool(base, fts)                  -> fusion_bench BaseModelPool over deep copies ('_pretrained_', 'model_i')
     fb_run(algorithm, pool)             -> state dict of algorithm.run(pool), FusionBench's prints silenced
@@ -127,6 +129,28 @@ def square_models(n: int = 3, seed: int = 0, dim: int = 24, rank: int = 6, scale
         with torch.no_grad():
             ft.proj.weight.add_(scale * (low + noise * full))
             ft.proj.bias.add_(scale * torch.randn(dim, generator=g))
+        fts.append(ft)
+    return base, fts
+
+
+def exact_low_rank_models(n: int = 3, seed: int = 0, dim: int = 12, rank: int = 2) -> tuple[nn.Module, list[nn.Module]]:
+    """Like square_models, but every weight is a multiple of 1/8 and each task matrix a product of such
+    (dim, rank) @ (rank, dim) factors / 4: every sum is exact in float32, so theta_i - theta_base has rank
+    ``rank`` exactly (its other singular values are 0 in float32 and float64 alike); biases are zero."""
+    g = _generator(seed)
+
+    def dyadic(*shape):
+        return torch.randint(-4, 5, shape, generator=g).float() / 8
+
+    base = _Square(dim)
+    with torch.no_grad():
+        base.proj.weight.copy_(dyadic(dim, dim))
+        base.proj.bias.zero_()
+    fts = []
+    for _ in range(n):
+        ft = copy.deepcopy(base)
+        with torch.no_grad():
+            ft.proj.weight.add_(dyadic(dim, rank) @ dyadic(rank, dim) / 4)
         fts.append(ft)
     return base, fts
 

@@ -17,7 +17,15 @@ import pytest
 import torch
 
 import mergelab
-from fusionbench.pool import assert_same, fb_pool, fb_run, square_models, state_dict_of, tiny_models
+from fusionbench.pool import (
+    assert_same,
+    exact_low_rank_models,
+    fb_pool,
+    fb_run,
+    max_abs_diff,
+    square_models,
+    tiny_models,
+)
 
 fb_method = pytest.importorskip("fusion_bench.method", reason="fusion-bench 0.2.33 is the reference")
 from fusion_bench.method.isotropic_merging import (  # noqa: E402
@@ -182,6 +190,21 @@ def test_spectral_merges_equal_fusionbench(method, algorithm, params, shape, mlp
     assert_same(ours, {k: v.float() for k, v in fb64.items()}, atol=1e-6, what=f"{method} vs float64")
     fb32 = fb_run(algorithm(), fb_pool(*models))
     assert_same(ours, fb32, atol=2e-5, what=f"{method} vs float32")
+
+
+@pytest.mark.parametrize("method, algorithm, params", [SPECTRAL[0], SPECTRAL[2]], ids=["tsv", "iso_cts"])
+def test_exactly_low_rank_tasks_fusionbench_depends_on_the_lapack_null_basis(method, algorithm, params):
+    """Task matrices of rank 2 (exactly) with 4 directions kept per task: FusionBench puts the singular
+    vectors of the zero singular values (an arbitrary basis LAPACK returns) into its Procrustes step, which
+    moves every kept direction, so its float32 and float64 runs on the same models differ by a large part
+    of the update. mergelab leaves directions below the numerical-rank tolerance out: its float32 and
+    float64 results agree to float32 rounding, and equal FusionBench's where tasks have full rank (above)."""
+    models = exact_low_rank_models(3, seed=0, dim=12, rank=2)
+    ours32, ours64 = ml(method, models, **params), ml(method, _as64(models), **params)
+    assert_same(ours32, {k: v.float() for k, v in ours64.items()}, atol=1e-7, what=f"{method} float32 vs 64")
+    fb32, fb64 = fb_run(algorithm(), fb_pool(*models)), fb_run(algorithm(), fb_pool(*_as64(models)))
+    update = float((ours32["proj.weight"] - models[0].proj.weight.detach()).abs().max())
+    assert max_abs_diff(fb32, fb64)["proj.weight"] > 0.2 * update
 
 
 def test_iso_cts_caps_the_task_subspace_where_fusionbench_overshoots():
