@@ -86,8 +86,9 @@ def _task_plan(merged_dir: str | Path, task: str | int, base: str | Path | None)
     index = _task_index(meta, task, merged_dir)
     base_path = Path(base) if base is not None else Path(meta["base"]["path"])
     if not base_path.exists():
-        raise CheckpointError(f"the base model {base_path} (recorded in {merged_dir / SIDE_META}) does not exist; "
-                              "pass the merge's base model (base=...)", option="base")
+        given = "" if base is not None else f" (recorded in {merged_dir / SIDE_META})"
+        raise CheckpointError(f"the base model {base_path}{given} does not exist; pass the merge's base model "
+                              "(base=...)", option="base")
     merged, base_ck = Checkpoint(merged_dir), Checkpoint(base_path)
     jobs = []
     for name in merged:

@@ -76,12 +76,13 @@ def tall_masks(x: Tensor, base: Tensor | None, p: PerModel, s: TallMasksShared, 
     theta_base + tau_MTL * mask_t (FusionBench's TallMaskTaskArithmeticAlgorithm) is rebuilt by
     `mergelab.task_model` / `mergelab unmerge`, within the output dtype's rounding.
 
-    Differences from FusionBench 0.2.33: the mask compares |tau_t| (the paper, and FusionBench's
-    tall_mask.utils.generate_task_masks, whose strict > is kept); FusionBench's
-    TallMaskTaskArithmeticAlgorithm compares |theta_base - tau_t| instead (it passes the pretrained
-    weights where the helper expects pretrained task vector zeros), which agrees only when
-    theta_base = 0. FusionBench has no consensus merge algorithm; its utils'
-    construct_consensus_mask is the count >= prun_thre_k used here.
+    Differences from FusionBench 0.2.33: the mask is the paper's, as FusionBench's
+    tall_mask.utils.generate_task_masks computes it (strict >). TallMaskTaskArithmeticAlgorithm passes
+    the pretrained weights to its mask function where theta_0's task vector (zeros) belongs, so it
+    would compare |theta_0 - tau_t|; on a pool of nn.Modules it stops with a TypeError (Parameter minus
+    Tensor); called with zeros, its mask function gives these masks (tests/fusionbench/test_masks.py).
+    FusionBench has no consensus merge algorithm; the consensus is utils.construct_consensus_mask's
+    count >= prun_thre_k.
     """
     check_inputs("tall_masks", x, base, p)
     masks, mtl = task_masks(x - base, s.tall_mask_lambda)
