@@ -3,7 +3,8 @@
 A sink is told the plan before anything is read (`open`: check the destination, so a bad output
 path fails before the first tensor), chooses the jobs to run (`select`), may write some itself
 (`direct`: tasks the engine runs in its lanes, e.g. a kernel's `into` for search candidates), receives every output tensor or row range on the writer
-thread (`write`), and is finished with the run's report or aborted (nothing half-written is left).
+thread (`write`; a method's side tensors, e.g. per-task masks, through `write_side`), and is finished
+with the run's report or aborted (nothing half-written is left).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def _emr_summary(side: dict[str, dict[str, Tensor]], s) -> dict:
 
 def _emr_rebuild(merged: Tensor, base: Tensor, side: dict[str, Tensor], meta: dict, task: int) -> Tensor:
     """theta_task = theta_base + (merged - theta_base) * mask_task * rescaler_task."""
-    mask = unpack_mask(side["masks"][task], tuple(merged.shape))
+    mask = unpack_mask(side["masks"][task], tuple(merged.shape)).to(merged.device)
     return base + (merged - base) * mask * meta["summary"]["rescalers"][task]
 
 

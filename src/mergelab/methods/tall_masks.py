@@ -46,12 +46,12 @@ def _tall_rebuild(merged: Tensor, base: Tensor, side: dict[str, Tensor], meta: d
     """theta_task = theta_base + tau_MTL * mask_task, with tau_MTL = (merged - theta_base) / lambda where
     the consensus holds and the stored `rest` where it does not."""
     shape = tuple(merged.shape)
-    masks = torch.stack([unpack_mask(row, shape) for row in side["masks"]])
+    masks = torch.stack([unpack_mask(row, shape) for row in side["masks"]]).to(merged.device)
     params = meta["params"]
     count = masks.sum(0)
     keep = count >= params["prun_thre_k"]
     mtl = torch.where(keep, (merged - base) / params["lambda"], 0.0)
-    mtl[(count > 0) & ~keep] = side["rest"]
+    mtl[(count > 0) & ~keep] = side["rest"].to(merged.device)
     return base + mtl * masks[task]
 
 
