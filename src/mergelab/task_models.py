@@ -64,7 +64,8 @@ def _task_index(meta: dict, task: str | int, where: Path) -> int:
         if str(task) in (entry["name"], entry["path"]):
             return i
     listed = ", ".join(t["name"] for t in tasks)
-    raise MergeError(f"{where / SIDE_META} has no task {task!r}; its tasks are {listed} (or their index 0-{len(tasks) - 1})")
+    raise MergeError(f"{where / SIDE_META} has no task {task!r}; its tasks are {listed} "
+                     f"(or their index 0-{len(tasks) - 1})")
 
 
 def _rebuild(rebuild_fn, side: dict, info: dict, task: int, name: str, base_path: str, dtype: torch.dtype,

@@ -11,7 +11,8 @@ from mergelab.cli.common import CLEAN_PARTIALS, OVERWRITE, out, report_partials,
 
 
 def unmerge_command(
-    merged_dir: Path = typer.Argument(..., help="output folder of a tall_masks or emr merge (with task_models.json)"),
+    merged_dir: Path = typer.Argument(..., help="output folder of a tall_masks or emr merge "
+                                      "(with task_models.json)"),
     out_dir: Path = typer.Argument(..., help="where the task's model folder is written (atomically)"),
     task: str = typer.Option(..., "--task", help="the task: its model's folder name, path or index"),
     base: Optional[Path] = typer.Option(None, "--base", help="the merge's base model (default: the path "

@@ -37,8 +37,9 @@ class SideOutputs:
         inputs and result (e.g. bit-packed per-task masks, per-task sums for run-level numbers).
     summary_fn({tensor name: {key: tensor}}, s) -> dict: run-level numbers (plain data) from every
         tensor's side tensors, after the last one (e.g. EMR's rescalers, a global sum over tensors).
-    rebuild_fn(merged, base, side, summary, task) -> tensor: task `task`'s tensor (float32) from the
-        merged and base tensors, that tensor's side tensors and the summary.
+    rebuild_fn(merged, base, side, info, task) -> tensor: task `task`'s tensor (float32) from the merged
+        and base tensors (float32), that tensor's side tensors and info = {"params": the tensor's shared
+        parameters as a recipe spells them, "summary": summary_fn's numbers}.
     """
 
     tensor_fn: Callable[..., dict[str, torch.Tensor]]
@@ -232,8 +233,8 @@ def run_method(spec: MethodSpec, xs: Sequence[torch.Tensor], base: torch.Tensor 
 
     out_dtype = out_dtype or xs[0].dtype
     want_side = side is not None and spec.side_outputs is not None
-    if (spec.kernel is not None and not want_side and kernels_enabled() and compute_dtype == torch.float32 and not stats
-            and spec.kernel.supports(xs, base, p, s)):
+    if (spec.kernel is not None and not want_side and kernels_enabled() and compute_dtype == torch.float32
+            and not stats and spec.kernel.supports(xs, base, p, s)):
         return spec.kernel.run(xs, base, p, s, gen, out_dtype)
     x = torch.empty((len(xs), *xs[0].shape), dtype=compute_dtype, device=xs[0].device)
     for row, t in zip(x, xs):

@@ -28,7 +28,8 @@ class TallMasksShared(MethodParams):
 
 
 def task_masks(tau: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-    """(masks (N, *shape) bool, tau_MTL (*shape)): mask_t = |tau_t| > lam * |tau_MTL - tau_t|, tau_MTL = sum_t tau_t."""
+    """(masks (N, *shape) bool, tau_MTL (*shape)) of task vectors tau (N, *shape):
+    tau_MTL = sum_t tau_t, mask_t = |tau_t| > lam * |tau_MTL - tau_t|."""
     mtl = tau.sum(0)
     return tau.abs() > (mtl - tau).abs() * lam, mtl
 
