@@ -101,4 +101,12 @@ def _merge_recipe(resolved, out_dir, *, device, seed, shard_size, overwrite, dry
                    extra_files_fn=lambda report: output_files(rec, plan, report, seed, model_card_file=write_model_card))
 
 
-__all__ = ["merge", "merge_state_dicts", "merge_tensors", "methods", "MergeError", "RecipeError"]
+def task_model(merged_dir: str | Path, task: str | int, *, base: str | Path | None = None, device: str = "cpu"):
+    """Task `task`'s model (its name, path or index) rebuilt from a tall_masks or emr merge's output folder
+    and its side files: a state dict. `base`: the merge's base model (default: the path it recorded)."""
+    from mergelab.task_models import task_model as rebuild
+
+    return rebuild(merged_dir, task, base=base, device=device)
+
+
+__all__ = ["merge", "merge_state_dicts", "merge_tensors", "methods", "task_model", "MergeError", "RecipeError"]

@@ -33,9 +33,10 @@ class TensorRef:
 #   factorize  fn(inputs) -> {name: tensor}, e.g. a task matrix's low-rank factors (extract-lora)
 #   permute    fn(inputs) -> tensor, an input with permuted rows/columns (align)
 #   expert     fn(inputs) -> {name: tensor}, expert and gate tensors of a mixture of experts (moe)
+#   rebuild    fn(inputs) -> tensor, one task's tensor from a merged one, its base and side data (task_models)
 #   observe    nothing written: the run's `observe` callback sees the inputs (inspect, statistics)
-Op = Literal["merge", "copy", "factorize", "permute", "expert", "observe"]
-FN_OPS = ("factorize", "permute", "expert")
+Op = Literal["merge", "copy", "factorize", "permute", "expert", "rebuild", "observe"]
+FN_OPS = ("factorize", "permute", "expert", "rebuild")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -356,6 +356,9 @@ from mergelab.cli import moe as _moe_cli; _moe_cli.register(app)  # noqa: E402, 
 from mergelab.cli import trajectory as _trajectory_cli; _trajectory_cli.register(app)  # noqa: E402, E702
 
 
+from mergelab.cli import unmerge as _unmerge_cli; _unmerge_cli.register(app)  # noqa: E402, E702
+
+
 def main() -> None:
     """Entry point of the `mergelab` command.
 

@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from mergelab.checkpoint.side_outputs import tensor_digest
 from mergelab.engine.inputs import Inputs
 from mergelab.engine.items import Rows
 from mergelab.methods import PerModel, run_method
@@ -54,11 +55,12 @@ def _run_fn(job: Job, inputs: Inputs, device: torch.device) -> dict[str, torch.T
 
 
 def compute(plan: Plan, job: Job, inputs: Inputs, device: torch.device, seed: int | None, chunk: Rows,
-            notes: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+            notes: dict[str, list[str]] | None = None, side: dict | None = None) -> dict[str, torch.Tensor]:
     """The outputs of one work item: {output name: tensor on CPU in its dtype} ({} for observe jobs).
 
     Warnings the method raises are added to `notes[job.name]` (for the run's report); the job is not
-    changed.
+    changed. For a method with side outputs, `side[job.name]` gets its side tensors (on CPU) and the
+    base tensor's digest `base_sha1`.
     """
     if job.op == "observe":
         return {}
@@ -80,10 +82,15 @@ def compute(plan: Plan, job: Job, inputs: Inputs, device: torch.device, seed: in
     if spec.randomized:
         key = job.name if chunk is None else f"{job.name}[{chunk[0]}:{chunk[1]}]"
         gen = make_generator(seed, key, device)
+    extra = {} if side is not None and spec.side_outputs is not None else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         merged = run_method(spec, xs, base, PerModel(job.model_params), job.shared, gen, out_dtype=job.dtype,
-                            compute_dtype=cdtype, **stats)
+                            compute_dtype=cdtype, side=extra, **stats)
+    if extra is not None:
+        if base is not None:
+            extra["base_sha1"] = tensor_digest(base)
+        side[job.name] = {key: t.cpu() for key, t in extra.items()}
     for w in caught:  # e.g. metric entries floored: kept in the report, not just printed
         note = f"{spec.name}: {w.message}"
         if notes is not None and note not in notes.setdefault(job.name, []):

@@ -29,8 +29,10 @@ from mergelab.plan import Job, Plan
 from mergelab.progress import ByteProgress
 
 
-def _check_and_write(sink: Sink, job: Job, rows: Rows, outs: dict[str, torch.Tensor], check: bool) -> None:
-    """On the writer thread: refuse an output that came out NaN/Inf (when `check`), else hand it to the sink."""
+def _check_and_write(sink: Sink, job: Job, rows: Rows, outs: dict[str, torch.Tensor], check: bool,
+                     side: dict) -> None:
+    """On the writer thread: refuse an output that came out NaN/Inf (when `check`), else hand it and its
+    side tensors (methods with side outputs) to the sink."""
     for name, out in outs.items():
         if check and has_nonfinite(out):
             raise NonFiniteError(
@@ -38,6 +40,8 @@ def _check_and_write(sink: Sink, job: Job, rows: Rows, outs: dict[str, torch.Ten
                 "numbers too large for the output dtype?); nothing was written. Check the recipe's numbers")
     for name, out in outs.items():
         sink.write(name, rows, out)
+    for name, tensors in side.items():
+        sink.write_side(name, tensors)
 
 
 class WriteQueue:
@@ -103,7 +107,8 @@ class _Run:
             if self.observe is not None:
                 self.observe(job, rows, inputs.tensors, bad)
             self.check(job, bad)
-            outs = compute(plan, job, inputs, self.device, self.seed, rows, self.notes)
+            side: dict = {}
+            outs = compute(plan, job, inputs, self.device, self.seed, rows, self.notes, side)
             reader.check_unchanged(job)
             del inputs
             while released and released[0].done():
@@ -112,7 +117,7 @@ class _Run:
                 released.append(pool.submit(reader.release, job, rows))
             if outs:
                 queue.put(sum(t.numel() * t.element_size() for t in outs.values()), _check_and_write,
-                          self.sink, job, rows, outs, not bad and not self.allow_nonfinite)
+                          self.sink, job, rows, outs, not bad and not self.allow_nonfinite, side)
             del outs
             progress.advance(nread, done=rows is None or rows[1] == job.shape[0])
         queue.drain()

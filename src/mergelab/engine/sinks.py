@@ -3,7 +3,8 @@
 A sink is told the plan before anything is read (`open`: check the destination, so a bad output
 path fails before the first tensor), chooses the jobs to run (`select`), may write some itself
 (`direct`: tasks the engine runs in its lanes, e.g. a kernel's `into` for search candidates), receives every output tensor or row range on the writer
-thread (`write`), and is finished with the run's report or aborted (nothing half-written is left).
+thread (`write`; a method's side tensors, e.g. per-task masks, through `write_side`), and is finished
+with the run's report or aborted (nothing half-written is left).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class Sink:
     def write(self, name: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
         raise MergeError(f"this run writes no tensors, but a job produced {name}")
 
+    def write_side(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Side tensors of output `name` (methods with side outputs, e.g. per-task masks): not kept."""
+
     def finish(self, plan: Plan, report) -> None:
         """Everything was written: make the result final."""
 
@@ -57,6 +61,7 @@ class FolderSink(Sink):
 
     protected: folders or files the output may not equal, be inside or contain (besides the plan's
     inputs, always protected). extra_files_fn(report) -> {relative path: text or bytes} written last.
+    A method's side tensors are kept and written as its side files (task_models.py) with the model.
     """
 
     def __init__(self, out_dir: str | Path, *, shard_size: int = 5 * 10**9, overwrite: bool = False,
@@ -66,6 +71,7 @@ class FolderSink(Sink):
         self.shard_size, self.overwrite, self.protected = shard_size, overwrite, list(protected)
         self.extra_files_fn, self.copy_tokenizer, self.copy_files = extra_files_fn, copy_tokenizer, copy_files
         self.writer: CheckpointWriter | None = None
+        self.side: dict[str, dict[str, torch.Tensor]] = {}
 
     def open(self, plan: Plan) -> None:
         protected = [*(Path(ck.folder or ck.path) for ck in plan.checkpoints), *self.protected]
@@ -78,8 +84,15 @@ class FolderSink(Sink):
         else:
             self.writer.write_rows(name, rows[0], tensor)
 
+    def write_side(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.side[name] = tensors
+
     def finish(self, plan: Plan, report) -> None:
         extra = self.extra_files_fn(report) if self.extra_files_fn else None
+        if plan.method is not None and plan.method.side_outputs is not None:
+            from mergelab.task_models import side_output_files
+
+            extra = {**(extra or {}), **side_output_files(plan, self.side)}
         out = plan.output
         if out.tokenizer_files is not None:  # a rebuilt tokenizer replaces the copied one (MergeKit writes it too)
             extra = {**out.tokenizer_files, **(extra or {})}
@@ -89,6 +102,7 @@ class FolderSink(Sink):
                            copy_files=self.copy_files)
 
     def abort(self) -> None:
+        self.side.clear()
         if self.writer is not None:
             self.writer.abort()
 

@@ -43,6 +43,7 @@ from mergelab.methods.registry import (  # noqa: F401  (the registry's public na
 
 # Family modules register their methods on import; this is the one place they are imported.
 from mergelab.methods import (  # noqa: F401
+    emr,
     fusion,
     linear,
     preconditioned,
@@ -51,5 +52,6 @@ from mergelab.methods import (  # noqa: F401
     sparsify,
     sce,  # after sparsify: the registry lists sce after the task-vector methods, as before
     spherical,
+    tall_masks,
     task_arithmetic,
 )

@@ -29,6 +29,24 @@ class NoParams(MethodParams):
 P = TypeVar("P", bound=MethodParams)
 
 
+@dataclasses.dataclass(frozen=True)
+class SideOutputs:
+    """What a method computes besides the merged tensor, from which each task's model can be rebuilt.
+
+    tensor_fn(x, base, p, s, merged) -> {key: tensor}: per output tensor, from the method's own float32
+        inputs and result (e.g. bit-packed per-task masks, per-task sums for run-level numbers).
+    summary_fn({tensor name: {key: tensor}}, s) -> dict: run-level numbers (plain data) from every
+        tensor's side tensors, after the last one (e.g. EMR's rescalers, a global sum over tensors).
+    rebuild_fn(merged, base, side, info, task) -> tensor: task `task`'s tensor (float32) from the merged
+        and base tensors (float32), that tensor's side tensors and info = {"params": the tensor's shared
+        parameters as a recipe spells them, "summary": summary_fn's numbers}.
+    """
+
+    tensor_fn: Callable[..., dict[str, torch.Tensor]]
+    summary_fn: Callable[..., dict[str, Any]]
+    rebuild_fn: Callable[..., torch.Tensor]
+
+
 def spellings(params: type[MethodParams]) -> dict[str, str]:
     """Every key a recipe or call may use for `params`' fields (name or alias) -> the field name."""
     out = {}
@@ -88,6 +106,7 @@ class MethodSpec:
     divides_by_weight_sum: bool = False
     kernel: Any = None  # a methods.kernels.Kernel, or None
     uses_base_stats: bool = False
+    side_outputs: SideOutputs | None = None  # per-task side data written beside the model (task_models.py)
 
     @property
     def needs_base(self) -> bool:
@@ -141,6 +160,7 @@ def merge_method(
     divides_by_weight_sum: bool = False,
     kernel: Any = None,
     uses_base_stats: bool = False,
+    side_outputs: SideOutputs | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``fn`` under ``name``.
 
@@ -181,6 +201,7 @@ def merge_method(
             kernel=kernel,
             uses_base_stats=uses_base_stats,
             divides_by_weight_sum=divides_by_weight_sum,
+            side_outputs=side_outputs,
             doc=(fn.__doc__ or "").strip(),
         )
         return fn
@@ -190,7 +211,7 @@ def merge_method(
 
 def run_method(spec: MethodSpec, xs: Sequence[torch.Tensor], base: torch.Tensor | None, p: PerModel,
                s: MethodParams, gen: torch.Generator | None = None, *, out_dtype: torch.dtype | None = None,
-               compute_dtype: torch.dtype = torch.float32, **stats: Any) -> torch.Tensor:
+               compute_dtype: torch.dtype = torch.float32, side: dict | None = None, **stats: Any) -> torch.Tensor:
     """Run a method the one way the engine, the Python API and the tests all do.
 
     Args:
@@ -199,6 +220,7 @@ def run_method(spec: MethodSpec, xs: Sequence[torch.Tensor], base: torch.Tensor 
         p, s, gen: per-model parameters, shared parameters, seeded generator.
         out_dtype: dtype of the result (default: the first input's).
         compute_dtype: what the reference computes in (float32, or float64 for float64 inputs).
+        side: for a method with side outputs, filled with its SideOutputs.tensor_fn tensors.
         **stats: `stats` / `base_stats` tensors for methods that need statistics.
 
     The method's kernel runs when kernels are on (methods.kernels), the compute
@@ -210,15 +232,19 @@ def run_method(spec: MethodSpec, xs: Sequence[torch.Tensor], base: torch.Tensor 
     from mergelab.methods.kernels import kernels_enabled
 
     out_dtype = out_dtype or xs[0].dtype
-    if (spec.kernel is not None and kernels_enabled() and compute_dtype == torch.float32 and not stats
-            and spec.kernel.supports(xs, base, p, s)):
+    want_side = side is not None and spec.side_outputs is not None
+    if (spec.kernel is not None and not want_side and kernels_enabled() and compute_dtype == torch.float32
+            and not stats and spec.kernel.supports(xs, base, p, s)):
         return spec.kernel.run(xs, base, p, s, gen, out_dtype)
     x = torch.empty((len(xs), *xs[0].shape), dtype=compute_dtype, device=xs[0].device)
     for row, t in zip(x, xs):
         row.copy_(t)
     b = base.to(compute_dtype) if base is not None else None
     stacked = {k: v.to(compute_dtype) if isinstance(v, torch.Tensor) else v for k, v in stats.items()}
-    return spec.fn(x, b, p, s, gen, **stacked).to(out_dtype)
+    merged = spec.fn(x, b, p, s, gen, **stacked)
+    if want_side:
+        side.update(spec.side_outputs.tensor_fn(x, b, p, s, merged))
+    return merged.to(out_dtype)
 
 
 def get_method(name: str) -> MethodSpec:
