@@ -1,6 +1,6 @@
 """Each task's model from a merge that keeps per-task side data (tall_masks, emr).
 
-Writing: a FolderSink gives `side_output_files(plan, side)` the side tensors its method computed
+Writing: a FolderSink gives `engine.side_files.side_output_files(plan, side)` the side tensors its method computed
 with every merged tensor; they become task_models.safetensors / task_models.json in the output
 folder (checkpoint/side_outputs.py), written with the model before it is renamed into place.
 
@@ -18,37 +18,12 @@ from pathlib import Path
 import torch
 
 from mergelab.checkpoint.reader import Checkpoint
-from mergelab.checkpoint.side_outputs import SIDE_META, SIDE_TENSORS, read_side, side_files, tensor_digest
+from mergelab.checkpoint.side_outputs import SIDE_META, SIDE_TENSORS, read_side, tensor_digest
 from mergelab.errors import CheckpointError, MergeError
+from mergelab.engine.side_files import side_output_files
 from mergelab.plan import Job, OutputSpec, Plan, TensorRef
 
 __all__ = ["side_output_files", "task_model", "write_task_model", "task_names"]
-
-FORMAT = 1
-
-
-def side_output_files(plan: Plan, side: dict[str, dict[str, torch.Tensor]]) -> dict[str, bytes]:
-    """The side files of a finished run of `plan` (a method with side outputs): {file name: content}."""
-    spec = plan.method
-    jobs = [job for job in plan.jobs if job.op == "merge"]
-    if not jobs:
-        raise MergeError(f"{spec.name}: the merge has no merged tensor, so there are no task models to keep")
-    models = [ref.model for ref in jobs[0].inputs]
-    for job in jobs:
-        if [ref.model for ref in job.inputs] != models or job.base is None:
-            raise MergeError(f"{spec.name} keeps one mask per task for every tensor, but tensor {job.name} is "
-                             "merged from other models than the first one; give every model every tensor")
-    base = plan.checkpoints[jobs[0].base.model]
-    paths = [plan.checkpoints[m].path for m in models]
-    meta = {
-        "format": FORMAT, "method": spec.name,
-        "tasks": [{"name": Path(p).name, "path": str(p)} for p in paths],
-        "base": {"path": str(base.path)},
-        "summary": spec.side_outputs.summary_fn(side, jobs[0].shared),
-        "tensors": {job.name: job.shared.model_dump(by_alias=True) if job.shared is not None else {}
-                    for job in jobs},
-    }
-    return side_files(side, meta)
 
 
 def task_names(merged_dir: str | Path) -> list[str]:

@@ -127,12 +127,12 @@ def test_a_failing_run_leaves_no_output_folder(tmp_path, monkeypatch):
         mergelab.merge(recipe("emr", pb, pf), tmp_path / "out")
     fts[1]["l1.bias"][0] = 0.0
     pb, pf = save_folders(tmp_path / "in2", base, fts)
-    import mergelab.task_models as task_models
+    import mergelab.engine.side_files as side_module
 
     def broken(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(task_models, "side_files", broken)
+    monkeypatch.setattr(side_module, "side_files", broken)
     with pytest.raises(OSError, match="disk full"):
         mergelab.merge(recipe("emr", pb, pf), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "in2"]

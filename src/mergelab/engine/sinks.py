@@ -18,6 +18,7 @@ import torch
 from mergelab.checkpoint.writer import CheckpointWriter
 from mergelab.engine.lanes import Task
 from mergelab.errors import MergeError, ShapeMismatch
+from mergelab.engine.side_files import side_output_files
 from mergelab.plan import Job, Plan
 
 
@@ -90,7 +91,6 @@ class FolderSink(Sink):
     def finish(self, plan: Plan, report) -> None:
         extra = self.extra_files_fn(report) if self.extra_files_fn else None
         if plan.method is not None and plan.method.side_outputs is not None:
-            from mergelab.task_models import side_output_files
 
             extra = {**(extra or {}), **side_output_files(plan, self.side)}
         out = plan.output
