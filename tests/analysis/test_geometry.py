@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mergelab.analysis.group_stats import GroupStats
 from mergelab.analysis.geometry import (
     GeometrySums,
-    GroupStats,
     cosine_from_gram,
     gram,
     kept_mass,

@@ -12,7 +12,8 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from mergelab.analysis.inspect import inspect_models, recommend, tensor_kind
+from mergelab.analysis.inspect import inspect_models, tensor_kind
+from mergelab.analysis.recommend import recommend
 from mergelab.cli.tables import render_inspect
 from mergelab.errors import ShapeMismatch
 

@@ -14,6 +14,7 @@ from torch.testing import assert_close
 from mergelab.errors import MergeError, StatsError
 from mergelab.methods import REGISTRY, PerModel
 from mergelab.methods import preconditioned as pc
+from mergelab.methods import gradient_matching as gm
 
 FAST = settings(max_examples=25, deadline=None)
 DIAGONAL = ("preconditioned", "optimizer_aware", "fisher")
@@ -96,8 +97,8 @@ def test_inputs_are_not_mutated():
     for method in DIAGONAL:
         run(method, x, g)
     run("regmean", x, grams)
-    REGISTRY["gradient_matching"].fn(x, base, per_model(2, cls=pc.GradientMatchingParams),
-                                     pc.GradientMatchingShared(), None, stats=g, base_stats=g[0])
+    REGISTRY["gradient_matching"].fn(x, base, per_model(2, cls=gm.GradientMatchingParams),
+                                     gm.GradientMatchingShared(), None, stats=g, base_stats=g[0])
     for before, after in zip(copies, (x, g, base, grams)):
         assert torch.equal(before, after)
 
@@ -203,8 +204,8 @@ def test_regmean_bad_grams():
 
 
 def gradient_matching(x, base, stats, weights, base_stats=None, **shared):
-    p = PerModel([pc.GradientMatchingParams(weight=w) for w in weights])
-    return pc.gradient_matching(x, base, p, pc.GradientMatchingShared(**shared), None, stats=stats,
+    p = PerModel([gm.GradientMatchingParams(weight=w) for w in weights])
+    return gm.gradient_matching(x, base, p, gm.GradientMatchingShared(**shared), None, stats=stats,
                                 base_stats=base_stats)
 
 

@@ -14,7 +14,9 @@ from mergelab.analysis.evaluators import (
     evaluate,
     load_evaluator,
 )
-from mergelab.analysis.inspect import GroupStats, InspectReport, inspect_models, recommend
+from mergelab.analysis.group_stats import GroupStats
+from mergelab.analysis.inspect import InspectReport, inspect_models
+from mergelab.analysis.recommend import recommend
 from mergelab.analysis.noise_scale import (
     NoiseScale,
     effective_noise_scale,

@@ -232,6 +232,6 @@ def prepare(build: Callable[[Path, Checkpoint], Setup],
 
 
 def model_labels(models: Sequence[Path]) -> list[str]:
-    from mergelab.analysis.inspect import short_names
+    from mergelab.analysis.recommend import short_names
 
     return short_names([str(m) for m in models])

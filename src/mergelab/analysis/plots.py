@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from typing import Any
 
-from mergelab.analysis.inspect import InspectReport, short_names
+from mergelab.analysis.inspect import InspectReport
+from mergelab.analysis.recommend import short_names
 from mergelab.analysis.paths import PathResult, PlaneResult, ScalingResult
 from mergelab.errors import MergeError
 from mergelab.extras import require

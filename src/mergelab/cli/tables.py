@@ -75,7 +75,8 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 def render_inspect(report: InspectReport, recommendations: list[str] | None = None) -> list[Table]:
     """rich Tables: per group, per model pair (overall), and the recommendation."""
-    from mergelab.analysis.inspect import MASS_DENSITIES, percent, recommend, short_names
+    from mergelab.analysis.geometry import MASS_DENSITIES
+    from mergelab.analysis.recommend import percent, recommend, short_names
     from mergelab.cli.flags import with_flags
 
     n = len(report.models)

@@ -182,27 +182,17 @@ def merge_method(
             `supports` predicate accepts the inputs.
         uses_base_stats: also takes the base model's statistics (`base_stats=`), given
             in a recipe as the top-level `base_stats: PATH`.
+        side_outputs: per-task data kept beside the merged model (SideOutputs: tall_masks, emr).
     """
 
     def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in REGISTRY:
             raise ValueError(f"merge method {name!r} is registered twice")
         REGISTRY[name] = MethodSpec(
-            name=name,
-            fn=fn,
-            model_params=model_params,
-            shared_params=shared_params,
-            base=base,
-            min_models=min_models,
-            max_models=max_models,
-            randomized=randomized,
-            elementwise=elementwise,
-            needs_stats=needs_stats,
-            kernel=kernel,
-            uses_base_stats=uses_base_stats,
-            divides_by_weight_sum=divides_by_weight_sum,
-            side_outputs=side_outputs,
-            doc=(fn.__doc__ or "").strip(),
+            name=name, fn=fn, model_params=model_params, shared_params=shared_params, base=base,
+            min_models=min_models, max_models=max_models, randomized=randomized, elementwise=elementwise,
+            needs_stats=needs_stats, kernel=kernel, uses_base_stats=uses_base_stats,
+            divides_by_weight_sum=divides_by_weight_sum, side_outputs=side_outputs, doc=(fn.__doc__ or "").strip(),
         )
         return fn
 

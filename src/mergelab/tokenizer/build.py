@@ -149,6 +149,15 @@ def _fill_missing(recipe, reference: str, rows: dict, full: dict, missing: list[
     return notes
 
 
+def _output_rows(out_vocab: Mapping[str, int], reference_rows: int, pad: int | None) -> int:
+    """Rows of the output's embeddings: its tokens, at least the reference's rows, padded to `pad`."""
+    # Keep rows the reference has past its tokenizer (padding; MergeKit cuts them, arcee-ai/mergekit#425).
+    n = max(max(out_vocab.values(), default=-1) + 1, reference_rows)
+    if pad and n % pad:
+        n += pad - n % pad
+    return n
+
+
 def plan_vocabulary(recipe, checkpoints: Mapping, reference: str, merged: list[str]) -> VocabularyPlan | None:
     """The vocabulary plan of a merge, or None when rows line up by index (nothing to do).
 
@@ -204,11 +213,7 @@ def plan_vocabulary(recipe, checkpoints: Mapping, reference: str, merged: list[s
     files, out_vocab = output_tokenizer(recipe, reference, folders, full, maps, tokens, source == "union")
     if out_vocab is None:
         out_vocab = dict(full[reference])
-    vocab_len = max(out_vocab.values(), default=-1) + 1
-    # Keep rows the reference has past its tokenizer (padding; MergeKit cuts them, arcee-ai/mergekit#425).
-    n = max(vocab_len, rows[reference])
-    if pad and n % pad:
-        n += pad - n % pad
+    n = _output_rows(out_vocab, rows[reference], pad)
     return VocabularyPlan(out_vocab, n, maps, {p: dict(v) for p, v in full.items()}, rows, tokens, files, notes)
 
 

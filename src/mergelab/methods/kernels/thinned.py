@@ -304,6 +304,16 @@ def _band_thresholds(xs: tuple[np.ndarray, ...], base: np.ndarray, p, numel: int
     return lows, low_cuts, highs.astype(np.float32), high_cuts
 
 
+def _rescale_factors(totals: np.ndarray | None, thinned: np.ndarray, rescale: bool) -> np.ndarray:
+    """Each model's L1 rescale factor (norm before / norm after its mask), 1 where not rescaled."""
+    factors = np.ones(len(thinned), dtype=np.float32)
+    for i in range(len(thinned)):
+        before, after = (float(totals[i, 0]), float(totals[i, 1])) if thinned[i] else (0.0, 0.0)
+        if rescale and thinned[i] and before >= _EPS and after >= _EPS:
+            factors[i] = np.float32(before / after)
+    return factors
+
+
 def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype, *, mask: str,
         ties: bool) -> Tensor:
     """dare_*/della*/breadcrumbs* (methods/sparsify.py) on the inputs as stored, rounded to out_dtype."""
@@ -347,11 +357,7 @@ def run(xs: Sequence[Tensor], base: Tensor, p, s, gen, out_dtype: torch.dtype, *
                                      keys[:, 0].copy(), keys[:, 1].copy(), masks)
         if mask != "random":
             totals = norms.sum(axis=0)  # (models, 2) float64
-    factors = np.ones(models, dtype=np.float32)
-    for i in range(models):
-        before, after = (float(totals[i, 0]), float(totals[i, 1])) if thinned[i] else (0.0, 0.0)
-        if s.rescale and thinned[i] and before >= _EPS and after >= _EPS:
-            factors[i] = np.float32(before / after)
+    factors = _rescale_factors(totals if thinned.any() else None, thinned, bool(s.rescale))
     weights = torch.tensor([float(q.weight) for q in p], dtype=torch.float32)
     divisor = weight_divisor(weights) if s.normalize and not ties else 1.0
     args = (factors, weights.numpy(), ties, bool(s.normalize), np.float32(divisor), np.float32(s.lambda_),
