@@ -17,9 +17,9 @@ from fusion_bench.method.adamerging.entropy_loss import entropy_loss  # noqa: E4
 from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel  # noqa: E402
 from fusion_bench.models.wrappers.task_wise_fusion import TaskWiseMergedModel  # noqa: E402
 
-from mergelab.adamerging import MergedFunction, adamerging  # noqa: E402
-from mergelab.adamerging.entropy import prediction_rows  # noqa: E402
-from mergelab.adamerging.train import task_entropy  # noqa: E402
+from mergelab.search.adamerging import MergedFunction, adamerging  # noqa: E402
+from mergelab.search.adamerging.entropy import prediction_rows  # noqa: E402
+from mergelab.search.adamerging.train import task_entropy  # noqa: E402
 
 
 def _mlp_family(k=3, seed=0):

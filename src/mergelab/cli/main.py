@@ -356,6 +356,9 @@ from mergelab.cli import moe as _moe_cli; _moe_cli.register(app)  # noqa: E402, 
 from mergelab.cli import trajectory as _trajectory_cli; _trajectory_cli.register(app)  # noqa: E402, E702
 
 
+from mergelab.cli import adamerging as _adamerging_cli; _adamerging_cli.register(app)  # noqa: E402, E702
+
+
 def main() -> None:
     """Entry point of the `mergelab` command.
 

@@ -43,7 +43,7 @@ def adamerging_recipe(result: Any, base_model: str, models: Sequence[str], *, dt
     coeffs = result.coefficients()
     if len(models) != result.lambdas.shape[0]:
         raise MergeError(f"the coefficients are for {result.lambdas.shape[0]} models but {len(models)} model "
-                         "paths were given", option="models")
+                         "paths were given")
     if per_tensor is None:
         per_tensor = result.granularity == "layer" or bool(result.fixed)
     entries = []

@@ -1,4 +1,4 @@
-"""AdaMerging (mergelab.adamerging): the objective falls, gradients match a hand formula and finite
+"""AdaMerging (mergelab.search.adamerging): the objective falls, gradients match a hand formula and finite
 differences, the written recipe merges to the functional model's exact weights, and an LM head works."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import mergelab
-from mergelab.adamerging import MergedFunction, adamerging, entropy
-from mergelab.adamerging.train import task_entropy
+from mergelab.search.adamerging import MergedFunction, adamerging, entropy
+from mergelab.search.adamerging.train import task_entropy
 from mergelab.checkpoint.tensor_file import load_tensors, save_tensors
-from digits_suite import digits_suite
+from adamerging_digits import digits_suite
 
 
 def _summed_entropy(fn, lam, batches):
@@ -36,7 +36,7 @@ def test_entropy_falls_on_digits(granularity):
 
 
 def _first_batches(batches, seed):
-    """The batch each task draws first with `seed` (the order of mergelab.adamerging.train._BatchOrder)."""
+    """The batch each task draws first with `seed` (the order of mergelab.search.adamerging.train._BatchOrder)."""
     gen = torch.Generator().manual_seed(seed)
     return {t: [b[torch.randperm(len(b), generator=gen).tolist()[0]]] for t, b in batches.items()}
 

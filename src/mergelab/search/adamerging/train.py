@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mergelab.adamerging.entropy import entropy, output_logits, prediction_rows
-from mergelab.adamerging.functional import MergedFunction
+from mergelab.search.adamerging.entropy import entropy, output_logits, prediction_rows
+from mergelab.search.adamerging.functional import MergedFunction
 from mergelab.errors import MergeError
 
 
@@ -61,8 +61,8 @@ class AdaMergingResult:
         return out
 
     def recipe(self, base_model: str, models: Sequence[str], **kwargs: Any) -> dict[str, Any]:
-        """The learned coefficients as a task_arithmetic recipe (mergelab.adamerging.recipe.adamerging_recipe)."""
-        from mergelab.adamerging.recipe import adamerging_recipe
+        """The learned coefficients as a task_arithmetic recipe (mergelab.search.adamerging.recipe.adamerging_recipe)."""
+        from mergelab.search.adamerging.recipe import adamerging_recipe
 
         return adamerging_recipe(self, base_model, models, **kwargs)
 

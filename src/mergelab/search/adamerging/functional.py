@@ -12,7 +12,7 @@ as in FusionBench's TaskWiseMergedModel / LayerWiseMergedModel.
 
 The sum is formed as mergelab's task_arithmetic forms it (each tau_k times its
 weight, added up in order, then added to the base), so the recipe written from the
-learned lambda (mergelab.adamerging.recipe) merges to the same float32 numbers.
+learned lambda (mergelab.search.adamerging.recipe) merges to the same float32 numbers.
 FusionBench adds each weighted task vector to the base in turn; the two orders
 differ by float32 rounding only.
 """
@@ -55,7 +55,7 @@ class MergedFunction:
             raise MergeError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}",
                              option="granularity")
         if not models:
-            raise MergeError("AdaMerging needs at least one fine-tuned model", option="models")
+            raise MergeError("AdaMerging needs at least one fine-tuned model")
         self.module = module
         self.granularity = granularity
         base_state = _state(base if base is not None else module, "base")
