@@ -134,7 +134,7 @@ def test_the_recipe_merges_to_the_functional_model(tmp_path, granularity):
 
 def test_task_wise_recipe_without_buffers_is_one_weight_per_model(tmp_path):
     base, models, batches, _ = digits_suite()
-    r = adamerging(base, models, batches, steps=5, lr=1e-2)
+    r = adamerging(base, models, batches, steps=5, lr=1e-2, show_progress=True)  # the bar runs
     recipe = r.recipe("base", ["a", "b", "c"])
     assert [m["parameters"]["weight"] for m in recipe["models"]] == r.lambdas.tolist()
     assert recipe["parameters"] == {"lambda": 1.0, "normalize": False}

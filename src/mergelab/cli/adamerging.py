@@ -45,6 +45,7 @@ def adamerging_command(
     init: float = typer.Option(0.3, "--init", help="initial value of every coefficient"),
     clamp: bool = typer.Option(False, "--clamp", help="clamp the coefficients to [0, 1]"),
     seed: int = typer.Option(0, "--seed", help="seed of the batch order"),
+    device: str = typer.Option("cpu", "--device", help="where the forward passes run: cpu, cuda, cuda:1"),
     head: str = typer.Option("auto", "--head", help="auto (from config.json), lm or classification"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer folder for text files "
                                              "(default: BASE)"),
@@ -69,7 +70,8 @@ def adamerging_command(
         check_outputs([(out_file, "file", "--out recipe"), (json_out, "file", "--json file")], inputs, overwrite)
         result = adamerging_folders(base, models, tasks, head=head, tokenizer=tokenizer, batch_size=batch_size,
                                     max_length=max_length, max_examples=max_examples, granularity=granularity,
-                                    steps=steps, lr=lr, init=init, clamp=clamp, seed=seed, show_progress=not quiet)
+                                    steps=steps, lr=lr, init=init, clamp=clamp, seed=seed, device=device,
+                                    show_progress=not quiet)
         recipe = result.recipe(str(base), [str(m) for m in models])
         write_file_atomic(out_file, yaml.safe_dump(recipe, sort_keys=False), inputs=inputs, overwrite=overwrite,
                           what="--out recipe")

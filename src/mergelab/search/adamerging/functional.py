@@ -75,6 +75,14 @@ class MergedFunction:
         frozen.update({n: p for n, p in module.named_parameters() if not p.requires_grad})
         self.fixed = {n: (base_state[n] if n in base_state else t).detach() for n, t in frozen.items()}
 
+    def to(self, device: torch.device | str) -> "MergedFunction":
+        """Move the base, the task vectors and the fixed tensors to `device` (the module itself stays put:
+        functional_call replaces every one of its tensors)."""
+        self.base = {n: t.to(device) for n, t in self.base.items()}
+        self.task_vectors = [{n: t.to(device) for n, t in tv.items()} for tv in self.task_vectors]
+        self.fixed = {n: t.to(device) for n, t in self.fixed.items()}
+        return self
+
     @staticmethod
     def _get(state: Mapping[str, Tensor], name: str, what: str) -> Tensor:
         if name not in state:
@@ -135,6 +143,17 @@ class MergedFunction:
             else:
                 first.setdefault(key, n)
         return out
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """`batch` (a tensor, tuple/list or dict of them) with its tensors on `device`."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 def split_batch(batch: Any) -> tuple[tuple, dict]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mergelab.search.adamerging.entropy import entropy, output_logits, prediction_rows
-from mergelab.search.adamerging.functional import MergedFunction
+from mergelab.search.adamerging.functional import MergedFunction, to_device
 from mergelab.errors import MergeError
 
 
@@ -104,6 +104,16 @@ def task_entropy(fn: MergedFunction, params: Mapping[str, Tensor], batch: Any, h
     return entropy(prediction_rows(output_logits(fn.run(params, batch)), batch, head))
 
 
+def _task_loss(fn: MergedFunction, params: Mapping[str, Tensor], batch: Any, device: torch.device, head: str,
+               *, backward: bool) -> float:
+    """One task's entropy on `batch`, its gradient accumulated into lambda's when `backward` (the task's
+    activations are freed after; the merge's graph is kept for the next task)."""
+    loss = task_entropy(fn, params, to_device(batch, device), head)
+    if backward:
+        loss.backward(retain_graph=True)
+    return float(loss.detach())
+
+
 def _progress(enabled: bool, steps: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -114,7 +124,7 @@ def _progress(enabled: bool, steps: int):
 def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor]],
                data: Mapping[str, Sequence[Any]] | Sequence[Sequence[Any]], *, granularity: str = "task",
                steps: int = 1000, lr: float = 1e-3, init: float = 0.3, clamp: bool = False, seed: int = 0,
-               head: str = "auto", show_progress: bool = False,
+               head: str = "auto", show_progress: bool = False, device: str | torch.device = "cpu",
                base_weights: nn.Module | Mapping[str, Tensor] | None = None) -> AdaMergingResult:
     """Learn AdaMerging coefficients (see the module docstring for the objective and defaults).
 
@@ -127,14 +137,18 @@ def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor
         steps, lr: Adam steps on lambda and its learning rate. init: lambda's initial value.
         clamp: clamp lambda to [0, 1] in the merge. seed: the batch order.
         head: "auto", "classification" ((batch, classes) logits) or "lm" (next-token distributions).
+        show_progress: a rich progress bar with the entropy. device: where the forward passes run (cpu, cuda).
         base_weights: the base's weights when they are not `base`'s own.
     """
     if steps < 0:
         raise MergeError(f"steps must be >= 0, got {steps}", option="steps")
-    fn = MergedFunction(base, models, granularity=granularity, base=base_weights)
+    from mergelab.device import resolve_device
+
+    dev = resolve_device(device)
+    fn = MergedFunction(base, models, granularity=granularity, base=base_weights).to(dev)
     batches = _task_batches(data, len(models))
     order = _BatchOrder({t: len(b) for t, b in batches.items()}, seed)
-    lam = nn.Parameter(fn.init(init))
+    lam = nn.Parameter(fn.init(init).to(dev))
     opt = torch.optim.Adam([lam], lr=lr)
     losses: list[float] = []
     task_losses: dict[str, list[float]] = {t: [] for t in batches}
@@ -144,23 +158,20 @@ def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor
         with _progress(show_progress, steps) as bar:
             bar_task = bar.add_task("adamerging", total=steps, loss="-")
             for step in range(steps + 1):  # the last pass only measures the learned lambda
-                total = 0.0
                 torch.set_grad_enabled(step < steps)
                 params = fn.params(lam.clamp(0, 1) if clamp else lam)  # merged once per step, as FusionBench
-                for task, task_batches in batches.items():
-                    loss = task_entropy(fn, params, task_batches[order.next(task)], head)
-                    if step < steps:  # each task's graph freed after its backward; the merge's kept
-                        loss.backward(retain_graph=True)
-                    task_losses[task].append(float(loss.detach()))
-                    total += task_losses[task][-1]
-                losses.append(total)
+                per_task = {task: _task_loss(fn, params, tb[order.next(task)], dev, head, backward=step < steps)
+                            for task, tb in batches.items()}
+                for task, value in per_task.items():
+                    task_losses[task].append(value)
+                losses.append(sum(per_task.values()))
                 if step < steps:
                     opt.step()
                     opt.zero_grad()
-                    bar.update(bar_task, advance=1, loss=f"{total:.4f}")
+                    bar.update(bar_task, advance=1, loss=f"{losses[-1]:.4f}")
     finally:
         torch.set_grad_enabled(grad_was)
         base.train(was_training)
-    final = (lam.detach().clamp(0, 1) if clamp else lam.detach()).clone()
+    final = (lam.detach().clamp(0, 1) if clamp else lam.detach()).cpu().clone()
     return AdaMergingResult(granularity, final, list(fn.names), list(batches), losses, task_losses,
                             fn.aliases(), sorted(fn.fixed))
