@@ -30,3 +30,8 @@ def digits_suite(hidden: int = 32, seed: int = 0):
             batches[name] = list(xt.split(64))
             tests[name] = (xt, data["y_test"])
     return base, models, batches, tests
+
+
+def mlp32():
+    """The suite's architecture, for `--model file.py:mlp32`."""
+    return make_mlp(32)

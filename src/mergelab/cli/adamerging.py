@@ -32,11 +32,14 @@ def _data(specs: list[str], n_models: int) -> dict[str, Path]:
 
 
 def adamerging_command(
-    base: Path = typer.Argument(..., help="the base model (a Hugging Face folder)"),
-    models: list[Path] = typer.Argument(..., help="the fine-tuned models (Hugging Face folders), one per task"),
+    base: Path = typer.Argument(..., help="the base model (a Hugging Face folder; with --model any checkpoint)"),
+    models: list[Path] = typer.Argument(..., help="the fine-tuned models, one per task"),
     data: list[str] = typer.Option(..., "--data", help="TASK=FILE: a task's unlabelled inputs, a text file (one "
-                                   "example per line) or a .safetensors file of input_ids; once per model, "
-                                   "in the models' order"),
+                                   "example per line) or a .safetensors file of input_ids (with --model: of "
+                                   "one tensor of input rows); once per model, in the models' order"),
+    model: Optional[str] = typer.Option(None, "--model", help="module:factory or file.py:factory building the "
+                                        "architecture (an nn.Module whose forward returns logits), for weight "
+                                        "files that are no Hugging Face folders"),
     out_file: Path = typer.Option(..., "--out", help="the recipe to write (YAML, merge it with `mergelab merge`)"),
     granularity: str = typer.Option("task", "--granularity", help="task: one coefficient per model; layer: one "
                                     "per model and parameter tensor"),
@@ -68,10 +71,10 @@ def adamerging_command(
         tasks = _data(data, len(models))
         inputs = [base, *models, *tasks.values()]
         check_outputs([(out_file, "file", "--out recipe"), (json_out, "file", "--json file")], inputs, overwrite)
-        result = adamerging_folders(base, models, tasks, head=head, tokenizer=tokenizer, batch_size=batch_size,
-                                    max_length=max_length, max_examples=max_examples, granularity=granularity,
-                                    steps=steps, lr=lr, init=init, clamp=clamp, seed=seed, device=device,
-                                    show_progress=not quiet)
+        result = adamerging_folders(base, models, tasks, model=model, head=head, tokenizer=tokenizer,
+                                    batch_size=batch_size, max_length=max_length, max_examples=max_examples,
+                                    granularity=granularity, steps=steps, lr=lr, init=init, clamp=clamp, seed=seed,
+                                    device=device, show_progress=not quiet)
         recipe = result.recipe(str(base), [str(m) for m in models])
         write_file_atomic(out_file, yaml.safe_dump(recipe, sort_keys=False), inputs=inputs, overwrite=overwrite,
                           what="--out recipe")
