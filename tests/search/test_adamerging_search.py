@@ -212,3 +212,21 @@ def test_errors_name_what_is_wrong():
         adamerging(base, models, list(batches.values())[:2], steps=1)
     with pytest.raises(mergelab.MergeError, match="granularity"):
         adamerging(base, models, batches, granularity="block", steps=1)
+
+
+def test_task_heads_over_a_merged_encoder_match_a_hand_computation():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+    models = [nn.Sequential(nn.Linear(6, 8), nn.Tanh()) for _ in range(2)]
+    heads = {"a": nn.Linear(8, 3), "b": nn.Linear(8, 5)}
+    x = {"a": torch.randn(10, 6), "b": torch.randn(10, 6)}
+    r = adamerging(encoder, models, {t: [v] for t, v in x.items()}, heads=heads, steps=0)
+    fn = MergedFunction(encoder, models)
+    params = fn.params(torch.tensor([0.3, 0.3]))
+    merged = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+    merged.load_state_dict({n: t.detach() for n, t in params.items()})
+    with torch.no_grad():
+        want = sum(float(entropy(heads[t](merged(x[t])))) for t in x)
+    assert math.isclose(r.losses[0], want, rel_tol=1e-6)
+    with pytest.raises(mergelab.MergeError, match="heads names tasks"):
+        adamerging(encoder, models, {t: [v] for t, v in x.items()}, heads={"c": heads["a"]}, steps=0)

@@ -20,7 +20,7 @@ batches are drawn in a seeded order, each task's batches reshuffled after every 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -99,16 +99,19 @@ class _BatchOrder:
         return self.queue[task].pop(0)
 
 
-def task_entropy(fn: MergedFunction, params: Mapping[str, Tensor], batch: Any, head: str = "auto") -> Tensor:
-    """The mean prediction entropy on one batch of the model with `params` (fn.params(lambda))."""
-    return entropy(prediction_rows(output_logits(fn.run(params, batch)), batch, head))
+def task_entropy(fn: MergedFunction, params: Mapping[str, Tensor], batch: Any, head: str = "auto",
+                 task_head: Callable[[Any], Any] | None = None) -> Tensor:
+    """The mean prediction entropy on one batch of the model with `params` (fn.params(lambda)), its output
+    passed through `task_head` first when given."""
+    out = fn.run(params, batch)
+    return entropy(prediction_rows(output_logits(out if task_head is None else task_head(out)), batch, head))
 
 
 def _task_loss(fn: MergedFunction, params: Mapping[str, Tensor], batch: Any, device: torch.device, head: str,
-               *, backward: bool) -> float:
+               task_head: Callable[[Any], Any] | None, *, backward: bool) -> float:
     """One task's entropy on `batch`, its gradient accumulated into lambda's when `backward` (the task's
     activations are freed after; the merge's graph is kept for the next task)."""
-    loss = task_entropy(fn, params, to_device(batch, device), head)
+    loss = task_entropy(fn, params, to_device(batch, device), head, task_head)
     if backward:
         loss.backward(retain_graph=True)
     return float(loss.detach())
@@ -125,7 +128,8 @@ def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor
                data: Mapping[str, Sequence[Any]] | Sequence[Sequence[Any]], *, granularity: str = "task",
                steps: int = 1000, lr: float = 1e-3, init: float = 0.3, clamp: bool = False, seed: int = 0,
                head: str = "auto", show_progress: bool = False, device: str | torch.device = "cpu",
-               base_weights: nn.Module | Mapping[str, Tensor] | None = None) -> AdaMergingResult:
+               base_weights: nn.Module | Mapping[str, Tensor] | None = None,
+               heads: Mapping[str, Callable[[Any], Any]] | None = None) -> AdaMergingResult:
     """Learn AdaMerging coefficients (see the module docstring for the objective and defaults).
 
     Args:
@@ -139,6 +143,9 @@ def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor
         head: "auto", "classification" ((batch, classes) logits) or "lm" (next-token distributions).
         show_progress: a rich progress bar with the entropy. device: where the forward passes run (cpu, cuda).
         base_weights: the base's weights when they are not `base`'s own.
+        heads: task -> a fixed function from the merged model's output to that task's logits (task-specific
+            classification heads over a merged encoder, as FusionBench's CLIP AdaMerging); tasks without
+            one read the logits from the output itself.
     """
     if steps < 0:
         raise MergeError(f"steps must be >= 0, got {steps}", option="steps")
@@ -147,6 +154,10 @@ def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor
     dev = resolve_device(device)
     fn = MergedFunction(base, models, granularity=granularity, base=base_weights).to(dev)
     batches = _task_batches(data, len(models))
+    heads = dict(heads or {})
+    if set(heads) - set(batches):
+        unknown = ", ".join(sorted(set(heads) - set(batches)))
+        raise MergeError(f"heads names tasks the data does not have: {unknown}")
     order = _BatchOrder({t: len(b) for t, b in batches.items()}, seed)
     lam = nn.Parameter(fn.init(init).to(dev))
     opt = torch.optim.Adam([lam], lr=lr)
@@ -160,8 +171,8 @@ def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor
             for step in range(steps + 1):  # the last pass only measures the learned lambda
                 torch.set_grad_enabled(step < steps)
                 params = fn.params(lam.clamp(0, 1) if clamp else lam)  # merged once per step, as FusionBench
-                per_task = {task: _task_loss(fn, params, tb[order.next(task)], dev, head, backward=step < steps)
-                            for task, tb in batches.items()}
+                per_task = {task: _task_loss(fn, params, tb[order.next(task)], dev, head, heads.get(task),
+                                             backward=step < steps) for task, tb in batches.items()}
                 for task, value in per_task.items():
                     task_losses[task].append(value)
                 losses.append(sum(per_task.values()))
