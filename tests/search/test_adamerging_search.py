@@ -220,7 +220,8 @@ def test_task_heads_over_a_merged_encoder_match_a_hand_computation():
     models = [nn.Sequential(nn.Linear(6, 8), nn.Tanh()) for _ in range(2)]
     heads = {"a": nn.Linear(8, 3), "b": nn.Linear(8, 5)}
     x = {"a": torch.randn(10, 6), "b": torch.randn(10, 6)}
-    r = adamerging(encoder, models, {t: [v] for t, v in x.items()}, heads=heads, steps=0)
+    r = adamerging(encoder, models, {t: [v] for t, v in x.items()}, steps=0,
+                   heads={t: (lambda out, batch, h=h: h(out)) for t, h in heads.items()})
     fn = MergedFunction(encoder, models)
     params = fn.params(torch.tensor([0.3, 0.3]))
     merged = nn.Sequential(nn.Linear(6, 8), nn.Tanh())

@@ -100,15 +100,15 @@ class _BatchOrder:
 
 
 def task_entropy(fn: MergedFunction, params: Mapping[str, Tensor], batch: Any, head: str = "auto",
-                 task_head: Callable[[Any], Any] | None = None) -> Tensor:
+                 task_head: Callable[[Any, Any], Any] | None = None) -> Tensor:
     """The mean prediction entropy on one batch of the model with `params` (fn.params(lambda)), its output
     passed through `task_head` first when given."""
     out = fn.run(params, batch)
-    return entropy(prediction_rows(output_logits(out if task_head is None else task_head(out)), batch, head))
+    return entropy(prediction_rows(output_logits(out if task_head is None else task_head(out, batch)), batch, head))
 
 
 def _task_loss(fn: MergedFunction, params: Mapping[str, Tensor], batch: Any, device: torch.device, head: str,
-               task_head: Callable[[Any], Any] | None, *, backward: bool) -> float:
+               task_head: Callable[[Any, Any], Any] | None, *, backward: bool) -> float:
     """One task's entropy on `batch`, its gradient accumulated into lambda's when `backward` (the task's
     activations are freed after; the merge's graph is kept for the next task)."""
     loss = task_entropy(fn, params, to_device(batch, device), head, task_head)
@@ -129,7 +129,7 @@ def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor
                steps: int = 1000, lr: float = 1e-3, init: float = 0.3, clamp: bool = False, seed: int = 0,
                head: str = "auto", show_progress: bool = False, device: str | torch.device = "cpu",
                base_weights: nn.Module | Mapping[str, Tensor] | None = None,
-               heads: Mapping[str, Callable[[Any], Any]] | None = None) -> AdaMergingResult:
+               heads: Mapping[str, Callable[[Any, Any], Any]] | None = None) -> AdaMergingResult:
     """Learn AdaMerging coefficients (see the module docstring for the objective and defaults).
 
     Args:
@@ -143,9 +143,9 @@ def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor
         head: "auto", "classification" ((batch, classes) logits) or "lm" (next-token distributions).
         show_progress: a rich progress bar with the entropy. device: where the forward passes run (cpu, cuda).
         base_weights: the base's weights when they are not `base`'s own.
-        heads: task -> a fixed function from the merged model's output to that task's logits (task-specific
-            classification heads over a merged encoder, as FusionBench's CLIP AdaMerging); tasks without
-            one read the logits from the output itself.
+        heads: task -> a fixed function (output, batch) -> that task's logits, from the merged model's
+            output on the batch (task-specific classification heads over a merged encoder, as FusionBench's
+            CLIP AdaMerging); tasks without one read the logits from the output itself.
     """
     if steps < 0:
         raise MergeError(f"steps must be >= 0, got {steps}", option="steps")
