@@ -54,6 +54,19 @@ def run_seed(seed: int, steps: int, tasks: list[str]) -> dict[str, float]:
     return row
 
 
+def print_table(rows: list[dict]) -> None:
+    """The markdown table of mean ± std accuracy over seeds, and the entropy and time of each granularity."""
+    print("| merge | average accuracy (mean ± std over seeds) |\n|---|---|")
+    for key in ("individual", "task_arithmetic_0.3", "adamerging_task", "adamerging_layer"):
+        vals = torch.tensor([r[key] for r in rows])
+        print(f"| {key} | {100 * vals.mean():.1f} ± {100 * vals.std(correction=0):.1f} |")
+    for g in ("task", "layer"):
+        h0 = sum(r[f"entropy_{g}"][0] for r in rows) / len(rows)
+        h1 = sum(r[f"entropy_{g}"][1] for r in rows) / len(rows)
+        s = sum(r[f"seconds_{g}"] for r in rows) / len(rows)
+        print(f"{g}-wise: mean entropy per task {h0:.3f} -> {h1:.3f}, {s:.1f} s per run")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3)
@@ -63,16 +76,7 @@ def main() -> None:
         for tasks in (["rotate", "mirror"], list(TASKS)):
             rows = [run_seed(s, args.steps, tasks) for s in range(args.seeds)]
             print(f"\n{len(tasks)} tasks ({', '.join(tasks)}), {args.seeds} seeds, {args.steps} steps")
-            print("| merge | average accuracy (mean ± std over seeds) |\n|---|---|")
-            for key in ("individual", "task_arithmetic_0.3", "adamerging_task", "adamerging_layer"):
-                vals = torch.tensor([r[key] for r in rows])
-                print(f"| {key} | {100 * vals.mean():.1f} ± {100 * vals.std(correction=0):.1f} |")
-            for g in ("task", "layer"):
-                h0 = sum(r[f"entropy_{g}"][0] for r in rows) / len(rows)
-                h1 = sum(r[f"entropy_{g}"][1] for r in rows) / len(rows)
-                s = sum(r[f"seconds_{g}"] for r in rows) / len(rows)
-                print(f"{g}-wise: mean entropy per task {h0:.3f} -> {h1:.3f}, {s:.1f} s per run")
-
+            print_table(rows)
 
 if __name__ == "__main__":
     main()

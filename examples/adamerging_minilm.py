@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import mergelab  # noqa: E402
+from adamerging_digits import print_table  # noqa: E402
 from minilm_regmean_fisher import batches, build_tasks, fine_tune, minilm_path, score  # noqa: E402
 
 
@@ -89,16 +90,7 @@ def main() -> None:
         rows.append(run_seed(s, args))
         print(f"seed {s}: {rows[-1]}", flush=True)
     print(f"\nMiniLM, 2 tasks, {args.seeds} seeds, AdaMerging {args.steps} steps at lr {args.lr}")
-    print("| merge | average accuracy (mean ± std over seeds) |\n|---|---|")
-    for key in ("individual", "task_arithmetic_0.3", "adamerging_task", "adamerging_layer"):
-        vals = torch.tensor([r[key] for r in rows])
-        print(f"| {key} | {100 * vals.mean():.1f} ± {100 * vals.std(correction=0):.1f} |")
-    for g in ("task", "layer"):
-        h0 = sum(r[f"entropy_{g}"][0] for r in rows) / len(rows)
-        h1 = sum(r[f"entropy_{g}"][1] for r in rows) / len(rows)
-        s = sum(r[f"seconds_{g}"] for r in rows) / len(rows)
-        print(f"{g}-wise: mean entropy per task {h0:.3f} -> {h1:.3f}, {s:.0f} s per run")
-
+    print_table(rows)
 
 if __name__ == "__main__":
     main()
