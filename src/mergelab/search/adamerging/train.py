@@ -40,7 +40,7 @@ class AdaMergingResult:
     losses: per step, the summed entropy over tasks at lambda before that step's update,
     then one final value at the learned lambda. task_losses: the same per task.
     aliases: tied tensor names -> the parameter they share (they get its coefficients).
-    fixed: the module's buffers and frozen parameters, which keep the base's values.
+    fixed: the module's floating-point buffers and frozen parameters, which keep the base's values.
     """
 
     granularity: str
@@ -185,4 +185,4 @@ def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor
         base.train(was_training)
     final = (lam.detach().clamp(0, 1) if clamp else lam.detach()).cpu().clone()
     return AdaMergingResult(granularity, final, list(fn.names), list(batches), losses, task_losses,
-                            fn.aliases(), sorted(fn.fixed))
+                            fn.aliases(), sorted(n for n, t in fn.fixed.items() if t.is_floating_point()))
