@@ -131,3 +131,11 @@ def test_cli_on_weight_files_with_a_model_factory(tmp_path):
                             granularity="layer", steps=20, lr=0.01)
     rec = yaml.safe_load(recipe.read_text())
     assert rec == r.recipe(str(paths[0]), [str(p) for p in paths[1:]])
+
+
+def test_weight_files_without_a_factory_are_refused_with_the_fix(tmp_path):
+    file = tmp_path / "x.safetensors"
+    save_tensors(file, {"x": torch.zeros(2, 3)})
+    result = CliRunner().invoke(app, ["adamerging", str(file), str(file), "--data", f"t={file}",
+                                      "--out", str(tmp_path / "r.yml")])
+    assert result.exit_code == 2 and "no config.json" in result.output and "--model" in result.output

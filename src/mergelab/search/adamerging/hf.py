@@ -15,13 +15,25 @@ from mergelab.errors import MergeError, fixed_by
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
+def _config_file(folder: Path) -> Path:
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise MergeError(f"{folder} is not a Hugging Face model folder (no config.json); for other checkpoints "
+                         "give model= (a module:factory that builds the architecture)", option="model")
+    return config
+
+
 def head_of(folder: Path, head: str = "auto") -> str:
     """"lm" or "classification": the head `head` names, or (auto) the one config.json's architecture has."""
+    from mergelab.jsonfile import read_json_file
+    from mergelab.search.adamerging.entropy import HEADS
+
+    if head not in HEADS:
+        raise MergeError(f"head {head!r} is not one of {', '.join(HEADS)}", option="head")
     if head != "auto":
         return head
-    from mergelab.jsonfile import read_json_file
 
-    config = read_json_file(Path(folder) / "config.json", "model config")
+    config = read_json_file(_config_file(folder), "model config")
     archs = config.get("architectures") or [""]
     arch = str(archs[0])
     if arch.endswith(CAUSAL_SUFFIXES):
@@ -35,8 +47,7 @@ def head_of(folder: Path, head: str = "auto") -> str:
 
 def load_base(folder: Path, head: str) -> torch.nn.Module:
     """The base model of `folder` in float32, eval mode, with the Auto class of its head."""
-    if not (Path(folder) / "config.json").is_file():
-        raise MergeError(f"{folder} is not a Hugging Face model folder (no config.json)", option="base")
+    _config_file(folder)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
