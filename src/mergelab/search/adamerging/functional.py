@@ -14,7 +14,9 @@ The sum is formed as mergelab's task_arithmetic forms it (each tau_k times its
 weight, added up in order, then added to the base), so the recipe written from the
 learned lambda (mergelab.search.adamerging.recipe) merges to the same float32 numbers.
 FusionBench adds each weighted task vector to the base in turn; the two orders
-differ by float32 rounding only.
+differ by float32 rounding only. Tied tensors (an LM head tied to the embeddings) are one
+parameter, merged once, and the head follows it, as in the saved model; FusionBench's
+wrappers hand both names to functional_call, which refuses them (tie_weights=True).
 """
 
 from __future__ import annotations
