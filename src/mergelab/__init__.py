@@ -19,7 +19,7 @@ from mergelab.errors import (
 
 from mergelab.version import __version__  # noqa: E402  (re-exported)
 
-_API = ("merge", "merge_state_dicts", "merge_tensors", "methods", "task_model")
+_API = ("merge", "merge_state_dicts", "merge_tensors", "methods", "task_model", "adamerging")
 
 __all__ = [*_API, "MergeError", "RecipeError", "CheckpointError", "ShapeMismatch", "StatsError"]
 

@@ -53,6 +53,24 @@ def merge(recipe: Any, out_dir: str | Path, *, device: str = "cpu", seed: int | 
                          dry_run=dry_run, show_progress=show_progress, allow_nonfinite=allow_nonfinite, **options)
 
 
+def adamerging(base: Any, models: Any, data: Any, **settings: Any):
+    """AdaMerging (Yang et al., ICLR 2024): merging coefficients learned by entropy minimisation on
+    unlabelled inputs; returns an AdaMergingResult (lambdas, loss curve, .recipe(base_path, model_paths)).
+
+    `base` an nn.Module, `models` modules or state dicts, `data` per task a list of input batches; or
+    `base` a Hugging Face folder, `models` folders and `data` task -> text / .safetensors file. Settings:
+    see mergelab.search.adamerging.adamerging (granularity, steps, lr, init, clamp, seed, head, ...) and
+    mergelab.search.adamerging.hf.adamerging_folders (tokenizer, batch_size, max_length, max_examples).
+    """
+    if isinstance(base, (str, Path)):
+        from mergelab.search.adamerging.hf import adamerging_folders
+
+        return adamerging_folders(base, models, data, **settings)
+    from mergelab.search.adamerging.train import adamerging as learn
+
+    return learn(base, models, data, **settings)
+
+
 def check_architectures(rec, checkpoints) -> None:
     """MergeError if the recipe's models declare different architectures in their config.json (MergeKit's check)."""
     seen: dict[str, list[str]] = {}

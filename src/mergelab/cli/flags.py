@@ -38,6 +38,9 @@ OPTION_FLAGS: dict[str, str] = {
     "vary": "--vary FIELD=GRID",
     "zipped": "--zip",
     "allow_all_same": "--i-understand-this-is-not-useful-without-training",
+    "granularity": "--granularity task|layer",
+    "head": "--head lm|classification",
+    "steps": "--steps",
 }
 
 

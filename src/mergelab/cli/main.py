@@ -357,6 +357,7 @@ from mergelab.cli import trajectory as _trajectory_cli; _trajectory_cli.register
 
 
 from mergelab.cli import unmerge as _unmerge_cli; _unmerge_cli.register(app)  # noqa: E402, E702
+from mergelab.cli import adamerging as _adamerging_cli; _adamerging_cli.register(app)  # noqa: E402, E702
 
 
 def main() -> None:

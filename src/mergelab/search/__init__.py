@@ -9,6 +9,7 @@
     pareto.py     objectives and the Pareto front
     optimize.py   CMA-ES / TPE / NSGA-II through optuna, resumable and fault tolerant
     report.py     progress bar, tables, PNG plots, atomic files
+    adamerging/   AdaMerging: lambda learned by entropy minimisation on unlabelled inputs
 
 Nothing is imported here, so `import mergelab.search` stays cheap.
 """
