@@ -274,12 +274,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             records += run_pair(label, paths["base"].parent, args.work_dir, order)
             print(f"repeat {rep + 1}: {label}: " + ", ".join(
                 f"{r['tool']} {r['wall_s']:.1f} s{' FAILED' if r['rc'] else ''}" for r in records[-2:]), flush=True)
+            result = write_results(args, paths, records)  # after every pair: a cut-off run keeps what it measured
+    print(render_markdown(result["rows"], result["meta"]))
+    return result
+
+
+def write_results(args: argparse.Namespace, paths: dict[str, Path], records: list[dict]) -> dict[str, Any]:
     rows = summarize(records)
     result = {"meta": _meta(args, paths), "rows": rows, "records": records}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "fusionbench_speed.json").write_text(json.dumps(result, indent=1))
     (args.results_dir / "fusionbench_speed.md").write_text(render_markdown(rows, result["meta"]))
-    print(render_markdown(rows, result["meta"]))
     return result
 
 
