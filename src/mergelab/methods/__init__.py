@@ -47,6 +47,7 @@ from mergelab.methods import (  # noqa: F401
     linear,
     preconditioned,
     ram,
+    regmean_plusplus,
     spectral,
     sparsify,
     sce,  # after sparsify: the registry lists sce after the task-vector methods, as before
