@@ -130,3 +130,35 @@ def test_one_dataset_per_model_is_required():
     models, _, data = _setup()
     with pytest.raises(mergelab.errors.StatsError, match="one dataset per model"):
         regmean_plusplus_stats(models, data[:1])
+
+
+def test_cli_on_tiny_llamas_then_the_recipe_gives_the_direct_merge(tmp_path):
+    """`mergelab stats gram-plusplus` on HF folders (blocks model.layers, padding left out), then a recipe."""
+    from typer.testing import CliRunner
+
+    from conftest import write_llama_family
+    from mergelab.cli.main import app
+    from mergelab.stats.gram_sequential import gram_plusplus_for
+    from test_cli_analyze import save_word_tokenizer
+
+    paths = write_llama_family(tmp_path, names=("a", "b"), scale=0.2, num_hidden_layers=2)
+    g = torch.Generator().manual_seed(0)
+    for i, name in enumerate(("a", "b")):
+        save_word_tokenizer(paths[name])
+        lines = [" ".join(f"w{int(t)}" for t in torch.randint(i * 40, i * 40 + 50, (3 + k % 5,), generator=g))
+                 for k in range(6)]
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    args = ["stats", "gram-plusplus", str(paths["a"]), str(paths["b"]), "--alpha", "0.9", "--batch-size", "4"]
+    for name in ("a", "b"):
+        args += ["--data", str(tmp_path / f"{name}.txt"), "--out", str(tmp_path / f"{name}.pp.safetensors")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    recipe = {"merge_method": "regmean_plusplus", "parameters": {"alpha": 0.9},
+              "models": [{"model": str(paths[n]), "stats": str(tmp_path / f"{n}.pp.safetensors")} for n in "ab"]}
+    mergelab.merge(recipe, tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    want = gram_plusplus_for([paths["a"], paths["b"]], [tmp_path / "a.txt", tmp_path / "b.txt"], alpha=0.9,
+                             batch_size=4)
+    assert "model.layers.1.mlp.down_proj.weight" in want.stats[0]
+    for k, v in want.state_dict.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)

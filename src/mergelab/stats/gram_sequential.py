@@ -155,6 +155,7 @@ def regmean_plusplus_stats(models: Sequence[nn.Module], data: Sequence[Iterable[
     for layer, block in enumerate(merged_blocks):
         own = [b[layer] for b in own_lists]
         g = [gram_matrices(b, it, forward=call_block) for b, it in zip(own, items)]
+        params.setdefault("transposed", bool(g[0].extra["transposed"]))  # transformers' Conv1D (GPT-2)
         block_sd = merge_state_dicts("regmean_plusplus", own, stats=g, **params)
         block.load_state_dict(block_sd)
         state.update({f"{prefix}{layer}.{k}": v for k, v in block_sd.items()})
@@ -166,3 +167,21 @@ def regmean_plusplus_stats(models: Sequence[nn.Module], data: Sequence[Iterable[
             "params": {k: v for k, v in params.items()}}
     stats = [_model_stats(i, gi, len(models), info) for i, gi in enumerate(grams)]
     return PlusPlusResult({k: state[k] for k in sds[0]}, stats)
+
+
+def gram_plusplus_for(model_dirs: Sequence[Any], datas: Sequence[Any], *, weights: Sequence[float] | None = None,
+                      max_examples: int = 256, seq_len: int = 128, batch_size: int = 8,
+                      **params: Any) -> PlusPlusResult:
+    """`regmean_plusplus_stats` on Hugging Face model folders, each with its text or JSONL file (hf_text)."""
+    from mergelab.stats.hf_text import batches, load_model, read_texts
+
+    if len(model_dirs) != len(datas):
+        raise StatsError(f"RegMean++ needs one data file per model: got {len(model_dirs)} models, "
+                         f"{len(datas)} data files")
+    models, data = [], []
+    for folder, path in zip(model_dirs, datas):
+        model, tok, _ = load_model(folder)
+        texts = read_texts(path, max_examples)
+        models.append(model)
+        data.append(list(batches(texts, tok, seq_len=seq_len, batch_size=batch_size, with_labels=False)))
+    return regmean_plusplus_stats(models, data, weights=weights, **params)
