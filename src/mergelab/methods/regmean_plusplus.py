@@ -44,9 +44,8 @@ def regmean_plusplus(x: Tensor, base: None, p: PerModel[MetricWeight], s: RegMea
     with equal weights only and inverts the summed Gram in float32
     (torch.inverse) where this is a float64 Cholesky solve; it keeps every tensor
     outside the embeddings and the blocks (final norm, heads) at the *pretrained*
-    value, here they are averaged like any tensor without a Gram (a linear head
-    after the blocks gets a Gram taken on the merged backbone); the blocks'
-    Grams use every token (FusionBench's CLIP has no padding), here padded
+    value, here every tensor outside the blocks (embeddings, norms, linear heads)
+    is averaged like any tensor without a Gram; the blocks' Grams use every token (FusionBench's CLIP has no padding), here padded
     positions are left out as in `mergelab stats gram`.
 
     Args:

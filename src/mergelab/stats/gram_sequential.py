@@ -64,11 +64,14 @@ def _block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Batch]) 
 
     def hook(_mod, args, kwargs):
         kwargs = dict(kwargs)
+        if not args and "hidden_states" not in kwargs:
+            raise StatsError(f"{type(block).__name__} is called without positional inputs or hidden_states=; "
+                             "RegMean++ cannot tell which input carries the features")
         hidden = args[0] if args else kwargs.pop("hidden_states")
         items[-1].update(hidden_states=hidden, call=(tuple(args[1:]), kwargs, bool(args)))
         raise _Stop
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handle, was_training = block.register_forward_pre_hook(hook, with_kwargs=True), model.training
     try:
         model.eval()
         with torch.no_grad():
@@ -85,6 +88,7 @@ def _block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Batch]) 
                 raise StatsError(f"block {type(block).__name__} never ran in {type(model).__name__}'s forward")
     finally:
         handle.remove()
+        model.train(was_training)
     return items
 
 
@@ -97,6 +101,7 @@ def call_block(block: nn.Module, item: dict) -> torch.Tensor:
 
 
 def _advance(block: nn.Module, items: list[dict]) -> list[dict]:
+    """Items with their hidden states replaced by ``block``'s outputs (the next block's inputs)."""
     block.eval()
     with torch.no_grad():
         return [{**it, "hidden_states": call_block(block, it)} for it in items]
