@@ -49,6 +49,7 @@ from mergelab.methods import (  # noqa: F401
     preconditioned,
     gradient_matching,  # after preconditioned: the registry lists it after regmean, as before
     ram,
+    regmean_plusplus,
     spectral,
     sparsify,
     sce,  # after sparsify: the registry lists sce after the task-vector methods, as before
