@@ -46,6 +46,7 @@ from mergelab.methods import (  # noqa: F401
     emr,
     fusion,
     linear,
+    magmax,
     preconditioned,
     gradient_matching,  # after preconditioned: the registry lists it after regmean, as before
     ram,
@@ -56,4 +57,5 @@ from mergelab.methods import (  # noqa: F401
     spherical,
     tall_masks,
     task_arithmetic,
+    wudi,
 )
