@@ -95,3 +95,15 @@ def test_unknown_parameter_is_refused_naming_it(tmp_path):
     with pytest.raises(mergelab.RecipeError, match="parameters.bogus is not a parameter of magmax"):
         mergelab.merge(recipe("magmax", pb, pf, bogus=5), tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_wudi_gram_form_of_the_loss_equals_the_product_form():
+    taus = randn(3, 50, 8, seed=13, dtype=torch.float64)
+    tau = randn(50, 8, seed=14, dtype=torch.float64)
+    n = taus.reshape(3, -1).square().sum(1)
+    direct = interference(tau, taus, n)
+    torch.testing.assert_close(interference(tau, taus, n, taus.transpose(1, 2) @ taus), direct, rtol=1e-12, atol=0)
+    # a tall tensor merged through the method equals Adam written out on the same loss
+    base, x = randn(40, 5, seed=15), randn(3, 40, 5, seed=16)
+    got = merge("wudi", x, base=base, iterations=15, lr=1e-2)
+    torch.testing.assert_close(got.double(), base.double() + _wudi_by_hand(x - base, 15, 1e-2), rtol=0, atol=2e-5)

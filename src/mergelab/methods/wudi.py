@@ -22,9 +22,17 @@ class WudiShared(MethodParams):
     lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
 
 
-def interference(tau: Tensor, taus: Tensor, sq_norms: Tensor) -> Tensor:
-    """sum_i ||(tau - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2 for tau (out, in), taus (N, out, in)."""
-    product = torch.matmul(tau.unsqueeze(0) - taus, taus.transpose(1, 2))  # (N, out, out)
+def interference(tau: Tensor, taus: Tensor, sq_norms: Tensor, grams: Tensor | None = None) -> Tensor:
+    """sum_i ||(tau - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2 for tau (out, in), taus (N, out, in).
+
+    With `grams` (N, in, in) = tau_i^T tau_i the same sum is taken as sum_i <D_i G_i, D_i> / n_i,
+    D_i = tau - tau_i: N out in^2 flops and (N, out, in) memory instead of N out^2 in and (N, out, out),
+    which is what a tall matrix (an embedding, out = vocabulary) needs.
+    """
+    d = tau.unsqueeze(0) - taus  # (N, out, in)
+    if grams is not None:
+        return ((torch.matmul(d, grams) * d).sum((1, 2)) / sq_norms).sum()
+    product = torch.matmul(d, taus.transpose(1, 2))  # (N, out, out)
     return (product.square() / sq_norms.view(-1, 1, 1)).sum()
 
 
@@ -45,8 +53,10 @@ def wudi(x: Tensor, base: Tensor, p: PerModel[NoParams], s: WudiShared, gen=None
 
     Shared: iterations (300), lr (1e-5), lambda (1.0): FusionBench's WUDIMerging defaults (it has no
     lambda; 1.0 is its merge). Not elementwise: each step multiplies N (out, in) by (in, out)
-    matrices, so a tensor costs about 6 N out^2 in flops per iteration (forward and backward) — on a
-    7B model hours on a CPU; run it with `--device cuda` there. Runs on x's device, in float32.
+    matrices, so a tensor costs about 6 N out in min(out, in) flops per iteration (forward and
+    backward; a tall matrix such as an embedding takes the loss through tau_i^T tau_i instead, equal
+    in exact arithmetic, where FusionBench forms the (N, out, out) products) — on a 7B model hours
+    on a CPU; run it with `--device cuda` there. Runs on x's device, in float32.
     FusionBench 0.2.33 gives the same tensors to float32 rounding (tests/fusionbench/test_datafree.py);
     its exclude_keys option (tensors that take the mean) has no counterpart: all 2-D tensors are optimised.
 
@@ -66,11 +76,13 @@ def wudi(x: Tensor, base: Tensor, p: PerModel[NoParams], s: WudiShared, gen=None
         merged = taus.sum(0) if taus.dim() == 3 else taus.mean(0)
         return add_to_base(base, merged, s.lambda_)
     sq_norms = taus.reshape(len(taus), -1).square().sum(1)  # (N,)
+    # A tall matrix takes the loss through tau_i^T tau_i (equal in exact arithmetic, not in rounding).
+    grams = torch.matmul(taus.transpose(1, 2), taus) if taus.shape[1] > taus.shape[2] else None
     tau = torch.nn.Parameter(taus.sum(0))
     opt = torch.optim.Adam([tau], lr=s.lr, weight_decay=0)
     with torch.enable_grad():
         for _ in range(s.iterations):
-            loss = interference(tau, taus, sq_norms)
+            loss = interference(tau, taus, sq_norms, grams)
             opt.zero_grad()
             loss.backward()
             opt.step()
