@@ -32,7 +32,7 @@ CANDIDATES: list[tuple[str, str, dict[str, Any]]] = [
     *digits.MERGES, ("model_stock", "model_stock", {}), *[(m, m, {}) for m in NEW_METHODS]]
 
 # which entry of ``built`` a statistics-using method reads, where digits.merge_kwargs does not say
-STATS_OF = {"regmean_plusplus": "gram", "fisher": "fisher", "regmean": "gram", "optimizer_aware": "optimizer"}
+STATS_OF = {"fisher": "fisher", "regmean": "gram", "optimizer_aware": "optimizer"}
 
 
 def registered_merges(overrides: dict[str, dict[str, Any]] | None = None,
@@ -55,6 +55,9 @@ def subset_built(built: dict[str, Any], idx: Sequence[int]) -> dict[str, Any]:
 def suite_kwargs(method: str, params: dict[str, Any], built: dict[str, Any], seed: int) -> dict[str, Any]:
     """merge_state_dicts arguments: digits.merge_kwargs, plus what a method it does not know needs."""
     info = mergelab.methods()[method]
+    if method == "regmean_plusplus":  # its Grams come from the merge itself, not from each model alone
+        raise ValueError("regmean_plusplus needs RegMean++ statistics (stats.gram_sequential); with each "
+                         "model's own Grams it is regmean, so the suite does not list it twice")
     kw = digits.merge_kwargs(method, params, built, seed)
     for name, spec in info["parameters"].items():  # a required per-model weight: 1 (the paper's sum)
         if spec["required"] and name not in kw:

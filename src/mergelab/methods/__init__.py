@@ -47,6 +47,7 @@ from mergelab.methods import (  # noqa: F401
     fusion,
     linear,
     magmax,
+    pcb,
     preconditioned,
     gradient_matching,  # after preconditioned: the registry lists it after regmean, as before
     ram,
