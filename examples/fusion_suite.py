@@ -51,11 +51,11 @@ def run_seed(cfg: digits.DemoConfig, seed: int, subsets: list, merges: list, log
     return records
 
 
-def run(fast: bool, seeds: list[int], out: Path, log=print) -> dict[str, Any]:
+def run(fast: bool, seeds: list[int], out: Path, log=print, only: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     cfg = digits.DemoConfig(**(digits.FAST if fast else {}))
     sizes = [2] if fast else [2, 3, 4]
-    merges = suite.registered_merges(FAST_OVERRIDES if fast else None)
+    merges = suite.registered_merges(FAST_OVERRIDES if fast else None, only)
     subsets = suite.subsets(list(digits.TASKS), sizes)[:1 if fast else None]  # fast: the first pair only
     records = []
     with digits.single_thread():
@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--fast", action="store_true", help="1 seed, one pair of tasks, small models")
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds, from 0 (default 3)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--methods", help="comma-separated labels of suite.CANDIDATES to run (default: every registered one)")
     args = ap.parse_args(argv)
-    result = run(args.fast, list(range(1 if args.fast else args.seeds)), args.out)
+    only = args.methods.split(",") if args.methods else None
+    result = run(args.fast, list(range(1 if args.fast else args.seeds)), args.out, only=only)
     print(Path(args.out / "fusion_suite.md").read_text())
     print(f"{result['seconds']:.0f} s; wrote {args.out}")
     return result

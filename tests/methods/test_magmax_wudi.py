@@ -107,3 +107,25 @@ def test_wudi_gram_form_of_the_loss_equals_the_product_form():
     base, x = randn(40, 5, seed=15), randn(3, 40, 5, seed=16)
     got = merge("wudi", x, base=base, iterations=15, lr=1e-2)
     torch.testing.assert_close(got.double(), base.double() + _wudi_by_hand(x - base, 15, 1e-2), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_magmax_kernel_gives_the_reference_bits(n_models, dtype):
+    pytest.importorskip("numba")
+    from mergelab.methods import PerModel, get_method, run_method
+    from mergelab.methods.kernels import kernels_disabled
+
+    spec = get_method("magmax")
+    gen = torch.Generator().manual_seed(n_models)
+    # a coarse grid: many exact ties between models, so the later-model rule is exercised
+    base = (torch.randint(-3, 4, (70_001,), generator=gen).float() / 8).to(dtype)
+    xs = [(base.float() + torch.randint(-2, 3, (70_001,), generator=gen).float() / 8).to(dtype)
+          for _ in range(n_models)]
+    p, s = PerModel([None] * n_models), spec.shared_params(**{"lambda": 0.7})
+    assert spec.kernel.supports(xs, base, p, s)
+    fast = spec.kernel.run(xs, base, p, s, None, dtype)
+    with kernels_disabled():
+        slow = run_method(spec, xs, base, p, s, out_dtype=dtype)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert fast.dtype == slow.dtype == dtype and torch.equal(fast.view(bits), slow.view(bits))

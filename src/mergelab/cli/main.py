@@ -282,37 +282,6 @@ def stats_gram(model: Path, data: Path, out_file: Path,
                                      batch_size=batch_size), out_file, "gram", [model, data], overwrite)
 
 
-@stats_app.command("gram-plusplus")
-def stats_gram_plusplus(
-        models: list[Path] = typer.Argument(..., help="the fine-tuned model folders, in the recipe's order"),
-        data: list[Path] = typer.Option(..., "--data", help="one text or JSONL file per model, same order"),
-        out_files: list[Path] = typer.Option(..., "--out", help="one stats file per model, same order"),
-        weight: Optional[list[float]] = typer.Option(None, "--weight", help="the recipe's weight, one per model"),
-        alpha: float = typer.Option(0.1, help="the recipe's regmean_plusplus alpha"),
-        blocks: Optional[str] = typer.Option(None, help="the nn.ModuleList of blocks (default: the longest)"),
-        max_examples: int = typer.Option(256, help="examples read from each data file"),
-        seq_len: int = typer.Option(128, help="tokens per example"),
-        batch_size: int = typer.Option(8), overwrite: bool = OVERWRITE) -> None:
-    """RegMean++ Gram matrices (regmean_plusplus): merged block by block, each block's Grams taken
-    with the merged earlier blocks. Use the same --weight and --alpha in the recipe."""
-    from mergelab.errors import StatsError
-    from mergelab.stats.gram_sequential import gram_plusplus_for
-    from mergelab.stats.io import save_stats
-
-    with user_errors():
-        if not len(models) == len(data) == len(out_files) or (weight and len(weight) != len(models)):
-            raise StatsError(f"give one --data and one --out (and, if any, one --weight) per model: "
-                             f"{len(models)} models, {len(data)} --data, {len(out_files)} --out")
-        inputs = [*models, *data]
-        check_outputs([(f, "file", "stats file") for f in out_files], inputs, overwrite)
-        res = gram_plusplus_for(models, data, weights=weight, alpha=alpha, blocks=blocks,
-                                max_examples=max_examples, seq_len=seq_len, batch_size=batch_size)
-        for f, st in zip(out_files, res.stats):
-            save_stats(f, st, inputs=inputs, overwrite=overwrite)
-        out.print(f"wrote {len(out_files)} RegMean++ stats files; list them as each model's `stats:` in a "
-                  f"recipe with merge_method: regmean_plusplus and alpha {alpha:g}")
-
-
 @stats_app.command("fisher")
 def stats_fisher(model: Path, data: Path, out_file: Path,
                  kind: str = typer.Option("empirical", help="empirical (data labels) or sampled (model's own)"),
@@ -389,6 +358,7 @@ from mergelab.cli import trajectory as _trajectory_cli; _trajectory_cli.register
 
 from mergelab.cli import unmerge as _unmerge_cli; _unmerge_cli.register(app)  # noqa: E402, E702
 from mergelab.cli import adamerging as _adamerging_cli; _adamerging_cli.register(app)  # noqa: E402, E702
+from mergelab.cli import stats_plusplus as _stats_pp_cli; _stats_pp_cli.register(stats_app)  # noqa: E402, E702
 
 
 def main() -> None:

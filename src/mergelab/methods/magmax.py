@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from mergelab.methods.kernels import lazy_kernel
 from mergelab.methods.registry import MethodParams, NoParams, PerModel, merge_method
 from mergelab.methods.task_arithmetic import add_to_base, check_inputs
 
@@ -23,7 +24,8 @@ class MagMaxShared(MethodParams):
     )
 
 
-@merge_method("magmax", shared_params=MagMaxShared, base="required", min_models=1, elementwise=True)
+@merge_method("magmax", shared_params=MagMaxShared, base="required", min_models=1, elementwise=True,
+              kernel=lazy_kernel("magmax"))
 def magmax(x: Tensor, base: Tensor, p: PerModel[NoParams], s: MagMaxShared, gen=None) -> Tensor:
     """MagMax: keep, entry by entry, the task vector of largest magnitude.
 
@@ -35,7 +37,8 @@ def magmax(x: Tensor, base: Tensor, p: PerModel[NoParams], s: MagMaxShared, gen=
     and FusionBench's MagMaxAlgorithm do), so a zero task vector never displaces another model's
     zero. Shared: lambda (0.5: the authors' reproduction scripts and FusionBench's default
     scaling_factor). No per-model parameters: the selection is by magnitude alone. Same tensors as
-    FusionBench 0.2.33's MagMaxAlgorithm (tests/fusionbench/test_datafree.py).
+    FusionBench 0.2.33's MagMaxAlgorithm (tests/fusionbench/test_datafree.py). Kernel: one compiled
+    pass from the inputs as stored (methods/kernels/magmax.py), the same numbers.
 
     Args:
         x: (N, *shape) the fine-tuned models' tensors.

@@ -124,6 +124,15 @@ def _progress(enabled: bool, steps: int):
                     TextColumn("entropy {task.fields[loss]}"), TimeRemainingColumn(), disable=not enabled)
 
 
+def _checked_heads(heads: Mapping[str, Any] | None, batches: Mapping[str, Any]) -> dict[str, Any]:
+    """`heads` as a dict, refused when it names a task the data does not have."""
+    heads = dict(heads or {})
+    if set(heads) - set(batches):
+        unknown = ", ".join(sorted(set(heads) - set(batches)))
+        raise MergeError(f"heads names tasks the data does not have: {unknown}")
+    return heads
+
+
 def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor]],
                data: Mapping[str, Sequence[Any]] | Sequence[Sequence[Any]], *, granularity: str = "task",
                steps: int = 1000, lr: float = 1e-3, init: float = 0.3, clamp: bool = False, seed: int = 0,
@@ -154,10 +163,7 @@ def adamerging(base: nn.Module, models: Sequence[nn.Module | Mapping[str, Tensor
     dev = resolve_device(device)
     fn = MergedFunction(base, models, granularity=granularity, base=base_weights).to(dev)
     batches = _task_batches(data, len(models))
-    heads = dict(heads or {})
-    if set(heads) - set(batches):
-        unknown = ", ".join(sorted(set(heads) - set(batches)))
-        raise MergeError(f"heads names tasks the data does not have: {unknown}")
+    heads = _checked_heads(heads, batches)
     order = _BatchOrder({t: len(b) for t, b in batches.items()}, seed)
     lam = nn.Parameter(fn.init(init).to(dev))
     opt = torch.optim.Adam([lam], lr=lr)
