@@ -17,8 +17,8 @@ import torch
 
 from mergelab.checkpoint.writer import CheckpointWriter
 from mergelab.engine.lanes import Task
-from mergelab.errors import MergeError, ShapeMismatch
 from mergelab.engine.side_files import side_output_files
+from mergelab.errors import MergeError, ShapeMismatch
 from mergelab.plan import Job, Plan
 
 
@@ -62,7 +62,7 @@ class FolderSink(Sink):
 
     protected: folders or files the output may not equal, be inside or contain (besides the plan's
     inputs, always protected). extra_files_fn(report) -> {relative path: text or bytes} written last.
-    A method's side tensors are kept and written as its side files (task_models.py) with the model.
+    A method's side tensors are kept and written as its side files (engine/side_files.py) with the model.
     """
 
     def __init__(self, out_dir: str | Path, *, shard_size: int = 5 * 10**9, overwrite: bool = False,
@@ -91,7 +91,6 @@ class FolderSink(Sink):
     def finish(self, plan: Plan, report) -> None:
         extra = self.extra_files_fn(report) if self.extra_files_fn else None
         if plan.method is not None and plan.method.side_outputs is not None:
-
             extra = {**(extra or {}), **side_output_files(plan, self.side)}
         out = plan.output
         if out.tokenizer_files is not None:  # a rebuilt tokenizer replaces the copied one (MergeKit writes it too)

@@ -50,7 +50,7 @@ def magmax(x: Tensor, base: Tensor, p: PerModel[NoParams], s: MagMaxShared, gen=
     Returns:
         (*shape) the merged weights.
     """
-    check_inputs("magmax", x, base, PerModel([None] * len(x)))
+    check_inputs("magmax", x, base, p)
     best = x[0] - base  # (*shape) the running selection
     for row in x[1:]:
         tau = row - base

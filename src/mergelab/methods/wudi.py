@@ -70,7 +70,7 @@ def wudi(x: Tensor, base: Tensor, p: PerModel[NoParams], s: WudiShared, gen=None
     Returns:
         (*shape) the merged weights.
     """
-    check_inputs("wudi", x, base, PerModel([None] * len(x)))
+    check_inputs("wudi", x, base, p)
     taus = x - base  # (N, *shape)
     if taus.dim() != 3 or s.iterations == 0:
         merged = taus.sum(0) if taus.dim() == 3 else taus.mean(0)
