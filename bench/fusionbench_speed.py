@@ -72,7 +72,10 @@ PAIRS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
     "model_stock": ("model_stock", {}, "ModelStock", {}),
     "magmax": ("magmax", {"lambda": 0.5}, "MagMaxAlgorithm", {"scaling_factor": 0.5}),
     "wudi": ("wudi", {"iterations": WUDI_ITERATIONS}, "WUDIMerging", {"iter_num": WUDI_ITERATIONS}),
+    "emr": ("emr", {}, "EMRMerging", {}),
 }
+# FusionBench's TallMaskTaskArithmeticAlgorithm has no pair: on a pool of transformers models it stops
+# with a TypeError (Parameter minus Tensor; tests/fusionbench/test_masks.py pins it).
 PER_MODEL_WEIGHT = {"task_arithmetic", "ties", "dare_linear", "dare_ties"}  # weight 1 on each fine-tune
 
 
@@ -125,8 +128,17 @@ def child_fusionbench(label: str, paths: dict[str, Path], out: Path) -> None:
     names = {"_pretrained_": paths["base"], **{n: paths[n] for n in FINETUNES}}
     pool = BaseModelPool({n: {"_target_": "transformers.AutoModel.from_pretrained",
                               "pretrained_model_name_or_path": str(p)} for n, p in names.items()})
-    merged = getattr(fb_method, cls)(**kwargs).run(pool)
-    merged.save_pretrained(out)
+    algorithm = getattr(fb_method, cls, None)
+    if algorithm is None:  # not re-exported by fusion_bench.method (EMRMerging)
+        from fusion_bench.method.emr_merging import EMRMerging as algorithm
+    merged = algorithm(**kwargs).run(pool)
+    if hasattr(merged, "save_pretrained"):
+        merged.save_pretrained(out)
+    else:  # EMR's EMRModulatedModel: the unified task vector, every task's mask and rescaler
+        import torch
+
+        out.mkdir(parents=True)
+        torch.save(merged.state_dict(), out / "emr_model.pt")
 
 
 def child_main(args: argparse.Namespace) -> None:

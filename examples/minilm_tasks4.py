@@ -103,7 +103,9 @@ def build_seed(cfg: argparse.Namespace, tok, log) -> dict[str, Any]:
     probes = {n: copy.deepcopy(m).eval() for n, m in models.items()}
     individual = {n: two.accuracy(m, tok, tasks[n], cfg.max_len) for n, m in models.items()}
     built = {"models": [m.encoder for m in models.values()], "base": AutoModel.from_pretrained(two.minilm_path()),
-             "fisher": [s["fisher"] for s in stats], "gram": [s["gram"] for s in stats], "n_stats": cfg.fisher_examples}
+             "fisher": [s["fisher"] for s in stats], "gram": [s["gram"] for s in stats], "n_stats": cfg.fisher_examples,
+             # RegMean++ takes its Grams on the Gram sentences again, through the merged earlier layers
+             "plusplus_data": [two.batches(tok, tasks[n]["train"][:cfg.gram_examples], cfg.max_len, 32) for n in tasks]}
     return {"tasks": tasks, "built": built, "probes": probes, "individual": individual,
             "timing": {"train_s": t_train, "stats_s": t_stats}}
 
@@ -131,10 +133,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="1 seed, one pair, a few steps")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1")
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="DIR",
+                    help="no run: merge the minilm_tasks4.json of runs of other seeds (e.g. run side by side) into --out")
     ap.add_argument("--more-subsets", action="store_true", help="also (docstring_owner, tool_family) and a triple")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see minilm_regmean_fisher)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -148,13 +155,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start, records, seeds = time.perf_counter(), [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for seed in range(1 if args.fast else args.seeds):
+        for seed in range(args.first_seed, args.first_seed + (1 if args.fast else args.seeds)):
             recs, info = run_seed(argparse.Namespace(**budget, seed=seed), tok, subsets, merges, two.log)
             records += recs
             seeds.append(info)
             write(args.out, budget, merges, records, seeds, time.perf_counter() - start, args.fast)
     print((args.out / "minilm_tasks4.md").read_text())
     return json.loads((args.out / "minilm_tasks4.json").read_text())
+
+
+def combine(dirs: list[Path], out: Path) -> dict[str, Any]:
+    """One table of the seeds of several runs (the same budget and methods), as if run one after another."""
+    runs = [json.loads((d / "minilm_tasks4.json").read_text()) for d in dirs]
+    if len({json.dumps([r["budget"], r["methods"]]) for r in runs}) > 1:
+        raise SystemExit("the runs differ in budget or methods; combine only runs of one configuration")
+    merges = [(lb, m, p) for lb, (m, p) in runs[0]["methods"].items()]
+    write(out, runs[0]["budget"], merges, [rec for r in runs for rec in r["records"]],
+          [s for r in runs for s in r["seeds"]], sum(r["seconds"] for r in runs), runs[0]["fast"])
+    print((out / "minilm_tasks4.md").read_text())
+    return json.loads((out / "minilm_tasks4.json").read_text())
 
 
 def write(out: Path, budget: dict, merges: list, records: list, seeds: list, seconds: float, fast: bool) -> None:

@@ -47,6 +47,7 @@ def test_one_pair_one_seed_and_every_registered_candidate(fast):
     assert {"task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "fisher", "regmean"} <= registered
     ran = set(result["summary"]) - {"individual"}
     assert ran | set(result["errors"]) == set(result["methods"])  # every method either ran or says why not
+    assert "regmean_plusplus" in ran  # its Grams taken on the merged earlier layers of the Sequential MLP
 
 
 def test_individual_beats_every_merge_and_normalised_is_the_ratio(fast):

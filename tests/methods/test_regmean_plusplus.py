@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -124,6 +126,41 @@ def test_the_method_is_regmeans_arithmetic():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     spec = mergelab.methods()["regmean_plusplus"]
     assert spec["needs_stats"] and "arXiv:2508.03121" in spec["doc"]
+
+
+def _tilde(g: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    return alpha * g + (1 - alpha) * torch.diag(torch.diag(g))
+
+
+def _regmean(grams: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    """W = ((sum G~_i)^-1 sum G~_i W_i^T)^T at the method's default alpha (0.1)."""
+    gt = [_tilde(g) for g in grams]
+    return torch.linalg.solve(sum(gt), sum(g @ w.T for g, w in zip(gt, weights))).T
+
+
+def test_a_plain_sequential_mlp_is_merged_layer_by_layer_from_the_merged_activations():
+    """No ModuleList: the nn.Sequential's children are the blocks (activations have nothing to merge);
+    layer 2's Grams are those of relu(merged layer 0 (x)), worked out here by hand."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    models = []
+    for _ in range(2):
+        m = copy.deepcopy(base)
+        for p in m.parameters():
+            p.data += 0.1 * torch.randn_like(p)
+        models.append(m)
+    data = [[torch.randn(32, 8) for _ in range(3)] for _ in models]
+    result = regmean_plusplus_stats(models, data)
+    merged = result.state_dict
+    assert sorted(merged) == sorted(base.state_dict())
+    assert [sorted(s) for s in result.stats] == [["0.weight", "2.weight", "4.weight"]] * 2
+    xs = [torch.cat(d) for d in data]
+    w0 = _regmean([x.T @ x for x in xs], [m[0].weight.data for m in models])
+    torch.testing.assert_close(merged["0.weight"], w0, atol=1e-6, rtol=1e-5)
+    hs = [torch.relu(x @ merged["0.weight"].T + merged["0.bias"]) for x in xs]
+    w2 = _regmean([h.T @ h for h in hs], [m[2].weight.data for m in models])
+    torch.testing.assert_close(merged["2.weight"], w2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(merged["0.bias"], (models[0][0].bias + models[1][0].bias) / 2)
 
 
 def test_one_dataset_per_model_is_required():

@@ -168,7 +168,7 @@ def build_models(cfg: DemoConfig, data: dict[str, torch.Tensor], seed: int) -> d
     t0 = time.perf_counter()
     base_fisher = diagonal_fisher(base, _batches(data["x_train"], data["y_train"], n_stats), kind="exact")
     stats_s = time.perf_counter() - t0
-    models, fishers, grams, opt_metrics = [], [], [], []
+    models, fishers, grams, opt_metrics, datas = [], [], [], [], []
     for k, (name, (_, kind)) in enumerate(TASKS.items()):
         x = task_inputs(name, data["x_train"], seed)
         model = make_mlp(cfg.hidden)
@@ -180,12 +180,13 @@ def build_models(cfg: DemoConfig, data: dict[str, torch.Tensor], seed: int) -> d
         batches = _batches(x, data["y_train"], n_stats)
         fishers.append(diagonal_fisher(model, batches, kind="exact"))
         grams.append(gram_matrices(model, batches))
+        datas.append(batches)  # RegMean++ takes its Grams on these again, through the merged earlier layers
         # Dividing by the learning rate puts Adam's and SGD's metrics in one unit (inverse step size).
         opt_metrics.append(extract_optimizer_metrics(model, opt.state_dict(), divide_by_lr=True))
         stats_s += time.perf_counter() - t0
         models.append(model)
     return {"base": base, "models": models, "fisher": fishers, "gram": grams, "optimizer": opt_metrics,
-            "base_fisher": base_fisher, "n_stats": n_stats, "stats_seconds": stats_s}
+            "base_fisher": base_fisher, "n_stats": n_stats, "stats_seconds": stats_s, "plusplus_data": datas}
 
 
 def merge_kwargs(method: str, params: dict[str, Any], built: dict[str, Any], seed: int) -> dict[str, Any]:

@@ -48,16 +48,13 @@ def registered_merges(overrides: dict[str, dict[str, Any]] | None = None,
 
 def subset_built(built: dict[str, Any], idx: Sequence[int]) -> dict[str, Any]:
     """The models and per-model statistics of the tasks ``idx``; shared entries as they are."""
-    per_model = ("models", "fisher", "gram", "optimizer")
+    per_model = ("models", "fisher", "gram", "optimizer", "plusplus_data")
     return {k: ([v[i] for i in idx] if k in per_model and v is not None else v) for k, v in built.items()}
 
 
 def suite_kwargs(method: str, params: dict[str, Any], built: dict[str, Any], seed: int) -> dict[str, Any]:
     """merge_state_dicts arguments: digits.merge_kwargs, plus what a method it does not know needs."""
     info = mergelab.methods()[method]
-    if method == "regmean_plusplus":  # its Grams come from the merge itself, not from each model alone
-        raise ValueError("regmean_plusplus needs RegMean++ statistics (stats.gram_sequential); with each "
-                         "model's own Grams it is regmean, so the suite does not list it twice")
     kw = digits.merge_kwargs(method, params, built, seed)
     for name, spec in info["parameters"].items():  # a required per-model weight: 1 (the paper's sum)
         if spec["required"] and name not in kw:
@@ -73,14 +70,28 @@ def suite_kwargs(method: str, params: dict[str, Any], built: dict[str, Any], see
     return kw
 
 
+def _regmean_plusplus(params: dict[str, Any], built: dict[str, Any]) -> dict:
+    """RegMean++ merges block by block, each block's Grams taken on the merged earlier blocks' outputs, so
+    it needs each model's data (``built["plusplus_data"]``), not Grams each model computed alone."""
+    from mergelab.stats.gram_sequential import regmean_plusplus_stats
+
+    if built.get("plusplus_data") is None:
+        raise ValueError("regmean_plusplus needs each model's data batches (built['plusplus_data']) to take "
+                         "its Grams on the merged earlier blocks; this suite has none")
+    return regmean_plusplus_stats(built["models"], built["plusplus_data"], **params).state_dict
+
+
 def merge_one(method: str, params: dict[str, Any], built: dict[str, Any], seed: int) -> tuple[Any, float, list]:
     """(merged state dict or the error message, seconds, warnings) of one merge."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         try:
-            kw = suite_kwargs(method, params, built, seed)
-            merged: Any = mergelab.merge_state_dicts(method, kw.pop("models"), **kw)
+            if method == "regmean_plusplus":
+                merged: Any = _regmean_plusplus(params, built)
+            else:
+                kw = suite_kwargs(method, params, built, seed)
+                merged = mergelab.merge_state_dicts(method, kw.pop("models"), **kw)
         except Exception as exc:  # a method this suite cannot feed (e.g. one needing its own data)
             merged = f"{type(exc).__name__}: {exc}"
         seconds = time.perf_counter() - t0

@@ -43,17 +43,25 @@ class PlusPlusResult:
     stats: list[StatsDict] = field(default_factory=list)
 
 
-def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.ModuleList]:
-    """(name, modules) of the model's repeated blocks: ``blocks`` if given, else its longest nn.ModuleList."""
+def _block_lists(model: nn.Module) -> dict[str, nn.Module]:
+    """Candidate block lists by module name: the non-empty nn.ModuleLists, or, in a model without any
+    (a plain MLP), its non-empty nn.Sequentials, whose children then run one after the other."""
     lists = {n: m for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)}
+    return lists or {n: m for n, m in model.named_modules() if isinstance(m, nn.Sequential) and len(m)}
+
+
+def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.Module]:
+    """(name, modules) of the model's repeated blocks: ``blocks`` if given, else its longest nn.ModuleList
+    (or, without one, its longest nn.Sequential; "" names the model itself)."""
+    lists = _block_lists(model)
     if blocks is not None:
         if blocks not in lists:
             raise StatsError(f"{type(model).__name__} has no non-empty nn.ModuleList {blocks!r}; "
                              f"its lists are {sorted(lists)}")
         return blocks, lists[blocks]
     if not lists:
-        raise StatsError(f"{type(model).__name__} has no nn.ModuleList of blocks to merge in order; "
-                         "RegMean++ needs repeated blocks (layers)")
+        raise StatsError(f"{type(model).__name__} has no nn.ModuleList (or nn.Sequential) of blocks to merge "
+                         "in order; RegMean++ needs repeated blocks (layers)")
     name = max(lists, key=lambda n: (len(lists[n]), -n.count(".")))
     return name, lists[name]
 
@@ -119,6 +127,17 @@ def _model_stats(i: int, grams: list[tuple[str, StatsDict]], n: int, info: dict[
                      extra={"rows": rows, "transposed": transposed, "model_index": i, "models": n, **info})
 
 
+def _merge_block(block: nn.Module, own: list[nn.Module], items: list[list[dict]], params: dict) -> list[StatsDict]:
+    """Merge the models' copies ``own`` of one block into ``block`` from the Grams of their kept inputs;
+    returns those Grams (one StatsDict per model)."""
+    from mergelab.methods.calls import merge_state_dicts
+
+    g = [gram_matrices(b, it, forward=call_block) for b, it in zip(own, items)]
+    params.setdefault("transposed", bool(g[0].extra["transposed"]))  # transformers' Conv1D (GPT-2)
+    block.load_state_dict(merge_state_dicts("regmean_plusplus", own, stats=g, **params))
+    return g
+
+
 def regmean_plusplus_stats(models: Sequence[nn.Module], data: Sequence[Iterable[Batch]], *,
                            weights: Sequence[float] | None = None, blocks: str | None = None,
                            merged_upstream: bool = True, **params: Any) -> PlusPlusResult:
@@ -147,10 +166,10 @@ def regmean_plusplus_stats(models: Sequence[nn.Module], data: Sequence[Iterable[
     own_lists = [find_blocks(m, name)[1] for m in models]
     if len({len(b) for b in own_lists}) != 1:
         raise StatsError(f"the models have different numbers of blocks in {name!r}: {[len(b) for b in own_lists]}")
-    prefix = f"{name}."
+    prefix = f"{name}." if name else ""  # "": the model is one nn.Sequential of blocks
     sds = [m.state_dict() for m in models]
-    state = merge_state_dicts("regmean_plusplus", [{k: v for k, v in sd.items() if not k.startswith(prefix)}
-                                                   for sd in sds], **params)
+    outside = [{k: v for k, v in sd.items() if not k.startswith(prefix)} for sd in sds]
+    state = merge_state_dicts("regmean_plusplus", outside, **params) if outside[0] else {}
     merged = copy.deepcopy(models[0])
     merged.load_state_dict(state, strict=False)
     merged_blocks = find_blocks(merged, name)[1]
@@ -159,13 +178,11 @@ def regmean_plusplus_stats(models: Sequence[nn.Module], data: Sequence[Iterable[
     grams: list[list[tuple[str, StatsDict]]] = [[] for _ in models]
     for layer, block in enumerate(merged_blocks):
         own = [b[layer] for b in own_lists]
-        g = [gram_matrices(b, it, forward=call_block) for b, it in zip(own, items)]
-        params.setdefault("transposed", bool(g[0].extra["transposed"]))  # transformers' Conv1D (GPT-2)
-        block_sd = merge_state_dicts("regmean_plusplus", own, stats=g, **params)
-        block.load_state_dict(block_sd)
-        state.update({f"{prefix}{layer}.{k}": v for k, v in block_sd.items()})
-        for i, gi in enumerate(g):
-            grams[i].append((f"{prefix}{layer}.", gi))
+        if next(block.parameters(), None) is not None:  # an activation between an MLP's layers has none
+            g = _merge_block(block, own, items, params)
+            state.update({f"{prefix}{layer}.{k}": v for k, v in block.state_dict().items()})
+            for i, gi in enumerate(g):
+                grams[i].append((f"{prefix}{layer}.", gi))
         if layer + 1 < len(merged_blocks):
             items = [_advance(block if merged_upstream else own[i], it) for i, it in enumerate(items)]
     info = {"method": "regmean_plusplus", "blocks": name, "merged_upstream": merged_upstream,
