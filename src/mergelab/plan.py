@@ -30,7 +30,7 @@ class TensorRef:
 # What a job does with its input tensors (engine/compute.py runs each):
 #   merge      the plan's method over inputs (and base, stats)     -> one output tensor, maybe in row chunks
 #   copy       inputs[0] as it is (converted to the output dtype)  -> one output tensor
-#   factorize  fn(inputs) -> {name: tensor}, e.g. a task matrix's low-rank factors (extract-lora)
+#   factorize  fn(inputs) -> {name: tensor}: low-rank factors (extract-lora; a module's merged adapter factors)
 #   permute    fn(inputs) -> tensor, an input with permuted rows/columns (align)
 #   expert     fn(inputs) -> {name: tensor}, expert and gate tensors of a mixture of experts (moe)
 #   rebuild    fn(inputs) -> tensor, one task's tensor from a merged one, its base and side data (task_models)

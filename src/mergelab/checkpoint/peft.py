@@ -1,8 +1,10 @@
 """PEFT adapter folders on disk: recognising them, reading their files and writing new ones.
 
 A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors``
-(or ``adapter_model.bin``). What the factors inside mean (scales, layouts, ranks)
-is mergelab.lora.peft_format's business; this module only moves the files.
+(or ``adapter_model.bin``), whose tensors `Checkpoint(folder, adapter=True)` maps (the adapter
+merge's opt-in; every other Checkpoint refuses adapters, adapter_error). What the factors inside
+mean (scales, layouts, ranks) is mergelab.lora.peft_format's business; this module only finds,
+reads and writes the files.
 """
 
 from __future__ import annotations
@@ -18,13 +20,12 @@ from typing import Any
 import torch
 
 from mergelab.checkpoint.output import MARKER, check_output, partial_path, replace_folder
-from mergelab.checkpoint.state_file import load_state
-from mergelab.checkpoint.tensor_file import load_tensors, save_tensors
+from mergelab.checkpoint.tensor_file import save_tensors
 from mergelab.errors import CheckpointError, MergeError
 from mergelab.jsonfile import read_json_file, shown
 
-__all__ = ["CONFIG_NAME", "WEIGHT_NAMES", "adapter_error", "is_adapter_folder", "is_peft_adapter",
-           "load_adapter_tensors", "read_adapter_config", "write_adapter_folder"]
+__all__ = ["CONFIG_NAME", "WEIGHT_NAMES", "adapter_error", "adapter_weight_file", "is_adapter_folder",
+           "is_peft_adapter", "read_adapter_config", "write_adapter_folder"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -84,20 +85,14 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / CONFIG_NAME}: cannot read it ({exc})") from None
 
 
-def load_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of adapter folder `path`: adapter_model.safetensors, else adapter_model.bin (weights_only)."""
+def adapter_weight_file(path: Path) -> Path:
+    """The weight file of adapter folder `path` (adapter_model.safetensors, else adapter_model.bin), which
+    Checkpoint(path, adapter=True) maps; CheckpointError when the folder is not an adapter or has none."""
+    if not is_adapter_folder(path):
+        raise CheckpointError(f"{path}: not a PEFT adapter folder (no {CONFIG_NAME})")
     for name in WEIGHT_NAMES:
-        f = path / name
-        if f.is_file():
-            if name.endswith(".safetensors"):
-                try:
-                    return load_tensors(f)
-                except Exception as exc:  # safetensors raises its own error types
-                    raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
-            try:
-                return load_state(f)
-            except Exception as exc:
-                raise CheckpointError(f"{f}: not a readable weights_only torch file ({exc})") from None
+        if (path / name).is_file():
+            return path / name
     raise CheckpointError(f"{path}: has {CONFIG_NAME} but no adapter_model.safetensors or adapter_model.bin; "
                           "the adapter is incomplete")
 

@@ -31,7 +31,7 @@ import torch
 
 from mergelab.checkpoint.assets import asset_file, inside, module_files, module_folders, name_problem
 from mergelab.checkpoint.layers import layer_index, with_layer_index
-from mergelab.checkpoint.peft import LORA_TENSOR, adapter_error, is_peft_adapter
+from mergelab.checkpoint.peft import LORA_TENSOR, adapter_error, adapter_weight_file, is_peft_adapter
 from mergelab.checkpoint.safetensors_file import SafetensorsFile
 from mergelab.checkpoint.safetensors_format import DTYPE_CODES, DTYPES
 from mergelab.checkpoint.torch_file import TorchFile
@@ -124,9 +124,13 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         config: the parsed config.json, or None.
         skipped: entries of pickled files that are not tensors, and tensors that
             a shard holds but its index does not list; they are never read.
+
+    `adapter=True` is the adapter merge's opt-in (mergelab.lora): `path` must be a PEFT adapter
+    folder, whose adapter_model.safetensors/.bin is mapped, LoRA factors and all. Without it an
+    adapter is refused (adapter_error): merged as a model, it would give a wrong model.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, adapter: bool = False):
         self.path = Path(path)
         self.folder: Path | None = None
         self.config: dict[str, Any] | None = None
@@ -139,7 +143,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             what = "an empty path (an unset variable?)" if not text.strip() else f"{text[:200]!r} (it holds a NUL)"
             raise CheckpointError(f"{what} is not a checkpoint path; expected {ACCEPTED}")
         try:
-            self._open(self.path.expanduser())
+            self._open(self.path.expanduser(), adapter)
         except OSError as exc:  # a name too long, a folder we may not list, an I/O error
             self.close()
             raise CheckpointError(f"{text[:300]}: cannot be read ({exc.strerror or exc}"
@@ -147,7 +151,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                                   "its permissions") from None
 
     # -- opening -----------------------------------------------------------------
-    def _open(self, real: Path) -> None:
+    def _open(self, real: Path, adapter: bool) -> None:
         if not real.exists():
             if real.is_symlink():
                 raise CheckpointError(f"{self.path} is a symbolic link to {os.readlink(real)}, which does not "
@@ -158,6 +162,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                     f"supported and nothing is downloaded (fetch it first, e.g. `hf download {self.path} "
                     "--local-dir DIR`, and pass DIR)")
             raise CheckpointError(f"{self.path} does not exist; expected {ACCEPTED}")
+        if adapter:
+            self.folder = real
+            self._add(_open_file(adapter_weight_file(real)))
+            return
         if is_peft_adapter(real):
             evidence = "it holds adapter_config.json" if real.is_dir() else f"its name is {real.name}"
             raise adapter_error(real, evidence)

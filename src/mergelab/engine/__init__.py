@@ -4,7 +4,7 @@
 
 Sinks (engine/sinks.py): FolderSink (a checkpoint folder, written atomically), MemorySink
 (preallocated tensors: in-memory candidates), CollectSink (outputs kept in memory for the
-caller: extract-lora's adapter), and the base Sink (observe-only runs). A sink
+caller: the adapters of extract-lora and adapter merges), and the base Sink (observe-only runs). A sink
 may pick the jobs to run (Sink.select) and write some itself (Sink.direct: kernels straight into
 its tensors, run side by side in the lanes, engine/lanes.py, before the loop). A job's op
 (plan.Job.op) says what it computes: merge, copy, factorize, permute, expert, observe. `execute`

@@ -140,8 +140,8 @@ class MemorySink(Sink):
 
 class CollectSink(Sink):
     """Every output kept in memory (`tensors`: name -> tensor, owned) for the caller, which makes them
-    final only after the whole run succeeded (extract-lora writes its adapter folder then), so a failed
-    run writes nothing."""
+    final only after the whole run succeeded (extract-lora and adapter merges write their adapter folder
+    then), so a failed run writes nothing."""
 
     def __init__(self):
         self.tensors: dict[str, torch.Tensor] = {}

@@ -14,6 +14,7 @@ _LAZY = {
     "merge_adapters": "mergelab.lora.api", "extract": "mergelab.lora.extract",
     "merge_lora_layers": "mergelab.lora.merge", "read_adapter": "mergelab.lora.peft_format",
     "write_adapter": "mergelab.lora.peft_format", "extract_layers": "mergelab.lora.extract",
+    "scan_adapter": "mergelab.lora.peft_format", "merge_adapter_files": "mergelab.lora.adapter_run",
     "AppliedLoraCheckpoint": "mergelab.lora.applied", "split_lora_reference": "mergelab.recipe.references",
 }
 

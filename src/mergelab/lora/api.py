@@ -1,7 +1,9 @@
 """Merging adapter folders: from Python (`merge_adapters`) and from recipes with `adapter:`.
 
 A recipe whose models are PEFT adapter folders and which has `adapter: {rank: R}`
-or `adapter: {combine: cat}` is merged here, layer by layer, into a PEFT adapter.
+or `adapter: {combine: cat}` is merged here into a PEFT adapter: the adapters are
+scanned (names and shapes, every check), then merged module by module through the
+engine (lora.adapter_run) and written atomically.
 Without `adapter:` (and with `base_model:`) the adapters are applied to the base
 as `AppliedLoraCheckpoint`s and merged by the engine like full models.
 """
@@ -15,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from mergelab.errors import CheckpointError, MergeError, RecipeError
-from mergelab.lora.merge import LayerReport, merge_lora_layers
-from mergelab.lora.peft_format import AdapterInfo, is_peft_adapter, read_adapter, write_adapter
+from mergelab.lora.adapter_run import adapter_plan, merge_adapter_files
+from mergelab.lora.merge import LayerReport
+from mergelab.lora.peft_format import AdapterSpec, is_peft_adapter, scan_adapter, write_adapter
 
 __all__ = ["AdapterMergeReport", "merge_adapters", "merge_adapter_recipe", "read_adapters"]
 
@@ -61,34 +64,42 @@ def _name_tail(name: str | None) -> str | None:
     return None if not name else Path(str(name).rstrip("/")).name
 
 
-def read_adapters(paths: Sequence[str], base: str | None) -> list[AdapterInfo]:
-    """Read every adapter (against the base's tensor shapes when given); one error lists every problem."""
+def read_adapters(paths: Sequence[str], base: str | None) -> list[AdapterSpec]:
+    """Scan every adapter (config, tensor names and shapes; no factor read), against the base's tensor shapes
+    when given; one error lists every problem. The adapters' files stay open: close() them when done."""
     shapes = None
     if base is not None:
         from mergelab.checkpoint.reader import Checkpoint
 
-        ck = Checkpoint(base)
-        shapes = {n: ck.shape(n) for n in ck}
-    problems, infos = [], []
+        with Checkpoint(base) as ck:
+            shapes = {n: ck.shape(n) for n in ck}
+    problems, specs = [], []
     for p in paths:
         if not is_peft_adapter(p):
             problems.append(f"{p}: not a PEFT adapter folder (no adapter_config.json); every model of an "
                             "adapter merge must be a LoRA adapter")
             continue
         try:
-            infos.append(read_adapter(p, shapes))
+            specs.append(scan_adapter(p, shapes))
         except CheckpointError as exc:
             problems.append(str(exc))
-    names = {_name_tail(i.base_model) for i in infos} - {None}
+    names = {_name_tail(i.base_model) for i in specs} - {None}
     if len(names) > 1:
         problems.append("the adapters were trained on different base models ("
-                        + ", ".join(f"{i.path}: {i.base_model}" for i in infos) + "); merge adapters of one base")
+                        + ", ".join(f"{i.path}: {i.base_model}" for i in specs) + "); merge adapters of one base")
     if problems:
+        close(specs)
         raise CheckpointError("\n".join(problems))
-    return infos
+    return specs
 
 
-def _notes(infos: Sequence[AdapterInfo], reports: Sequence[LayerReport]) -> list[str]:
+def close(specs: Sequence[AdapterSpec]) -> None:
+    """Close the adapters' files (read_adapters opens them)."""
+    for spec in specs:
+        spec.checkpoint.close()
+
+
+def _notes(infos: Sequence[AdapterSpec], reports: Sequence[LayerReport]) -> list[str]:
     return [f"{r.module} is adapted by {len(r.adapters)} of {len(infos)} adapters "
             f"({', '.join(str(infos[i].path) for i in r.adapters)}): merged over those"
             for r in reports if len(r.adapters) < len(infos)]
@@ -114,8 +125,11 @@ def merge_adapters(adapters: Sequence[str], out: str | Path, *, method: str = "l
     inputs = [*adapters, *([base] if base else [])]
     check_output(out, kind="folder", inputs=inputs, overwrite=overwrite, what="adapter folder")
     infos = read_adapters([str(a) for a in adapters], base)
-    layers, reports = merge_lora_layers(method, [i.layers for i in infos], combine=combine, rank=rank,
-                                        seed=seed, align=align, **params)
+    try:
+        layers, reports = merge_adapter_files(infos, method, combine=combine, rank=rank, seed=seed, align=align,
+                                              **params)
+    finally:
+        close(infos)
     write_adapter(out, layers, base_model=base or infos[0].base_model, overwrite=overwrite, protected=inputs)
     return AdapterMergeReport(Path(out), reports, _notes(infos, reports), time.perf_counter() - start)
 
@@ -146,32 +160,38 @@ def _recipe_params(rec, spec, models: list[str], num_layers: int):
 def merge_adapter_recipe(rec, out_dir: str | Path, *, seed: int | None = None, overwrite: bool = False,
                          dry_run: bool = False) -> AdapterMergeReport:
     """Run a validated recipe with `adapter:` (its models are PEFT adapter folders)."""
-    from mergelab.checkpoint.reader import layer_index
-
     if rec.slices:
         raise RecipeError("adapter: merging adapters takes `models:`, not `slices:`", rec.source_name)
     base = rec.base
     models = [s.model for s in rec.output_slices()[0].sources if s.model != base]
     start = time.perf_counter()
     infos = read_adapters(models, base)
-    layers_in = [i.layers for i in infos]
-    seen = [layer_index(f"{m}.weight") for ad in layers_in for m in ad]
+    try:
+        return _run_recipe(rec, infos, models, out_dir, seed, overwrite, dry_run, start)
+    finally:
+        close(infos)
+
+
+def _run_recipe(rec, infos: list[AdapterSpec], models: list[str], out_dir: str | Path, seed: int | None,
+                overwrite: bool, dry_run: bool, start: float) -> AdapterMergeReport:
+    from mergelab.checkpoint.reader import layer_index
+
+    seen = [layer_index(f"{m}.weight") for i in infos for m in i.factors]
     num_layers = 1 + max([i for i in seen if i is not None], default=0)
     combine, rank = rec.adapter.combine, rec.adapter.rank
     if combine == "svd" and rank is None:
         raise RecipeError("adapter: give `rank: R` (best rank-R approximation) or `combine: cat`", rec.source_name)
-    params_for = _recipe_params(rec, rec.method, models, num_layers)
-    if dry_run:
-        for module in sorted({m for ad in layers_in for m in ad}):  # every parameter resolves
-            params_for(module, [i for i, ad in enumerate(layers_in) if module in ad])
+    options = dict(combine=combine, rank=rank, seed=seed if seed is not None else rec.seed, align=rec.adapter.align,
+                   params_for=_recipe_params(rec, rec.method, models, num_layers))
+    if dry_run:  # every module's parameters resolve and every check passes, nothing is read
+        adapter_plan(infos, rec.merge_method, params={}, facts={}, **options)
         return AdapterMergeReport(Path(out_dir), [], [], time.perf_counter() - start, written=False)
     from mergelab.checkpoint.output import check_output
 
+    base = rec.base
     inputs = [*models, *([base] if base else [])]
     check_output(out_dir, kind="folder", inputs=inputs, overwrite=overwrite, what="adapter folder")
-    layers, reports = merge_lora_layers(rec.merge_method, layers_in, combine=combine, rank=rank,
-                                        seed=seed if seed is not None else rec.seed, params_for=params_for,
-                                        align=rec.adapter.align)
+    layers, reports = merge_adapter_files(infos, rec.merge_method, **options)
     write_adapter(out_dir, layers, base_model=rec.base_model or infos[0].base_model, overwrite=overwrite,
                   protected=inputs)
     return AdapterMergeReport(Path(out_dir), reports, _notes(infos, reports), time.perf_counter() - start)

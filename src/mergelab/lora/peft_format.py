@@ -16,7 +16,10 @@ float32 and the scale folded into B2, plus the map from that (m, n) matrix to th
 stored weight's shape: the identity (Linear), a reshape (Conv1d/2d/3d) or a
 transpose (GPT-2 Conv1D with fan_in_fan_out, embeddings).
 
-The folder's files themselves are found, read and written by mergelab.checkpoint.peft.
+An adapter is first scanned (`scan_adapter`: its config and its tensors' names and shapes, every
+check made, no factor read), then read (`read_adapter`, whole) or streamed by the engine (the
+adapter merge, mergelab.lora.adapter_run). The folder's files themselves are found, read and
+written by mergelab.checkpoint (peft, and Checkpoint(folder, adapter=True)).
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from typing import Any, Literal
 import torch
 
 from mergelab.checkpoint.peft import is_adapter_folder as is_peft_adapter
-from mergelab.checkpoint.peft import load_adapter_tensors, read_adapter_config, write_adapter_folder
+from mergelab.checkpoint.peft import read_adapter_config, write_adapter_folder
+from mergelab.checkpoint.reader import Checkpoint
 from mergelab.errors import CheckpointError
 
-__all__ = ["AdapterInfo", "LoraLayer", "is_peft_adapter", "read_adapter", "write_adapter", "PREFIX"]
+__all__ = ["AdapterInfo", "AdapterSpec", "FactorSpec", "LoraLayer", "is_peft_adapter", "read_adapter", "scan_adapter",
+           "write_adapter", "PREFIX"]
 
 PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$|"
@@ -102,6 +107,53 @@ class AdapterInfo:
         return self.config.get("base_model_name_or_path")
 
 
+@dataclasses.dataclass(frozen=True)
+class FactorSpec:
+    """One adapted module as its adapter file stores it, known from names and shapes alone.
+
+    `layer(a, b)` turns the two stored tensors into the module's LoraLayer.
+    """
+
+    module: str
+    a_name: str  # the stored tensor names of lora_A / lora_B (lora_embedding_A / _B)
+    b_name: str
+    rank: int
+    scale: float  # alpha / r, or alpha / sqrt(r) (rsLoRA)
+    weight_shape: tuple[int, ...]
+    layout: Layout
+    embedding: bool
+
+    @property
+    def m(self) -> int:
+        """Rows of the (m, n) update matrix B @ A."""
+        return self.weight_shape[1] if self.layout == "transposed" else self.weight_shape[0]
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.weight_shape) // self.m
+
+    def layer(self, a: torch.Tensor, b: torch.Tensor) -> LoraLayer:
+        """The LoraLayer of stored factors `a`, `b` (any float dtype): float32, scale folded into B."""
+        r = self.rank
+        a2 = a.reshape(r, -1).to(torch.float32, copy=True)  # (r, n), owned (not a view of a mapped file)
+        b2 = b.reshape(b.shape[0], r).to(torch.float32) * self.scale  # (m, r)
+        return LoraLayer(self.module, a2, b2, self.weight_shape, self.layout, self.embedding)
+
+
+@dataclasses.dataclass
+class AdapterSpec:
+    """A scanned adapter: its folder, config, adapted modules and its opened file, no factor read yet."""
+
+    path: Path
+    config: dict[str, Any]
+    factors: dict[str, FactorSpec]  # module -> its factors
+    checkpoint: Checkpoint  # the adapter's weight file (Checkpoint(path, adapter=True))
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+
 # -- reading --------------------------------------------------------------------------------
 
 
@@ -130,8 +182,9 @@ def _refusals(config: Mapping[str, Any], path: Path) -> list[str]:
     return [f"{path}: {o}" for o in out]
 
 
-def read_adapter(path: str | os.PathLike, weight_shapes: Mapping[str, tuple[int, ...]] | None = None) -> AdapterInfo:
-    """Read a PEFT LoRA adapter folder into float32 factors with the scale folded into B.
+def scan_adapter(path: str | os.PathLike, weight_shapes: Mapping[str, tuple[int, ...]] | None = None
+                 ) -> AdapterSpec:
+    """Check a PEFT LoRA adapter folder from its config and its tensors' names and shapes (no factor is read).
 
     Args:
         path: the adapter folder.
@@ -148,10 +201,20 @@ def read_adapter(path: str | os.PathLike, weight_shapes: Mapping[str, tuple[int,
     problems = _refusals(config, path)
     if problems:
         raise CheckpointError("\n".join(problems))
-    tensors = load_adapter_tensors(path)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
+    ck = Checkpoint(path, adapter=True)
+    try:
+        factors = _factor_specs(path, config, ck, weight_shapes)
+    except BaseException:
+        ck.close()
+        raise
+    return AdapterSpec(path, config, factors, ck)
+
+
+def _factor_specs(path: Path, config: Mapping[str, Any], ck: Checkpoint,
+                  weight_shapes: Mapping[str, tuple[int, ...]] | None) -> dict[str, FactorSpec]:
+    names: dict[str, dict[str, str]] = {}
     others, embeddings = [], set()
-    for key, t in tensors.items():
+    for key in ck:
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = _FACTOR.match(name)
         if m is None:
@@ -159,39 +222,53 @@ def read_adapter(path: str | os.PathLike, weight_shapes: Mapping[str, tuple[int,
             continue
         module = m.group("module") or m.group("emodule")
         which = (m.group("which") or m.group("ewhich"))[-1]
-        factors.setdefault(module, {})[which] = t
+        names.setdefault(module, {})[which] = key
         if m.group("emodule"):
             embeddings.add(module)
     if others:
         raise CheckpointError(f"{path}: holds {len(others)} tensor(s) that are not LoRA factors (first "
                               f"{others[0]}: modules_to_save, DoRA magnitudes or biases); they cannot be "
                               "merged as low-rank updates; merge this adapter into its model first")
-    layers = {}
-    for module, ab in sorted(factors.items()):
+    factors = {}
+    for module, ab in sorted(names.items()):
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{path}: module {module} has lora_{next(iter(ab))} but not its partner; "
                                   "the adapter file is damaged")
-        layers[module] = _layer(path, config, module, ab["A"], ab["B"], weight_shapes, module in embeddings)
-    return AdapterInfo(path, config, layers)
+        factors[module] = _factor_spec(path, config, module, ab, ck.shape(ab["A"]), ck.shape(ab["B"]),
+                                       weight_shapes, module in embeddings)
+    return factors
 
 
-def _layer(path: Path, config: Mapping[str, Any], module: str, a: torch.Tensor, b: torch.Tensor,
-           weight_shapes: Mapping[str, tuple[int, ...]] | None, embedding: bool) -> LoraLayer:
-    r = a.shape[0]
+def read_adapter(path: str | os.PathLike, weight_shapes: Mapping[str, tuple[int, ...]] | None = None) -> AdapterInfo:
+    """Read a PEFT LoRA adapter folder into float32 factors with the scale folded into B (checked as
+    scan_adapter checks it; see there for `weight_shapes`).
+
+    Raises:
+        CheckpointError: naming the folder and what cannot be merged exactly.
+    """
+    spec = scan_adapter(path, weight_shapes)
+    with spec.checkpoint as ck:
+        layers = {module: f.layer(ck[f.a_name], ck[f.b_name]) for module, f in spec.factors.items()}
+    return AdapterInfo(spec.path, spec.config, layers)
+
+
+def _factor_spec(path: Path, config: Mapping[str, Any], module: str, names: Mapping[str, str],
+                 a: tuple[int, ...], b: tuple[int, ...], weight_shapes: Mapping[str, tuple[int, ...]] | None,
+                 embedding: bool) -> FactorSpec:
+    """The module's factors from their stored shapes `a` (lora_A) and `b` (lora_B), checked."""
+    r = a[0]
     alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    if b.shape[1] != r:
-        raise CheckpointError(f"{path}: module {module}: lora_B has {b.shape[1]} input channels for rank {r} "
+    if b[1] != r:
+        raise CheckpointError(f"{path}: module {module}: lora_B has {b[1]} input channels for rank {r} "
                               "(grouped convolutions are not supported)")
-    a2 = a.reshape(r, -1).to(torch.float32)  # (r, n)
-    b2 = b.reshape(b.shape[0], r).to(torch.float32) * scale  # (m, r)
     want = weight_shapes.get(f"{module}.weight") if weight_shapes is not None else None
     if weight_shapes is not None and want is None:
         raise CheckpointError(f"{path}: adapts module {module}, which the base model lacks "
                               f"(no tensor {module}.weight); is this adapter for another base model?")
-    m, n = b2.shape[0], a2.shape[1]
-    if a.dim() > 2:
-        layout, shape = "conv", (m, *a.shape[1:])
+    m, n = b[0], math.prod(a[1:])
+    if len(a) > 2:
+        layout, shape = "conv", (m, *a[1:])
     elif embedding or _transposed(config, want, m, n):
         layout, shape = "transposed", (n, m)
     else:
@@ -199,7 +276,7 @@ def _layer(path: Path, config: Mapping[str, Any], module: str, a: torch.Tensor, 
     if want is not None and tuple(want) != shape:
         raise CheckpointError(f"{path}: module {module}: the update has shape {shape}, the base's "
                               f"{module}.weight has {tuple(want)}; is this adapter for another base model?")
-    return LoraLayer(module, a2, b2, tuple(shape), layout, embedding)
+    return FactorSpec(module, names["A"], names["B"], r, scale, tuple(shape), layout, embedding)
 
 
 def _transposed(config: Mapping[str, Any], want: tuple[int, ...] | None, m: int, n: int) -> bool:
