@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from mergelab.methods.bitmask import pack_masks, unpack_mask
+from mergelab.methods.kernels import lazy_kernel
 from mergelab.methods.registry import PerModel, SideOutputs, merge_method
 from mergelab.methods.task_arithmetic import check_inputs
 
@@ -58,7 +59,7 @@ def _emr_rebuild(merged: Tensor, base: Tensor, side: dict[str, Tensor], meta: di
 EMR_SIDE = SideOutputs(tensor_fn=_emr_side, summary_fn=_emr_summary, rebuild_fn=_emr_rebuild)
 
 
-@merge_method("emr", base="required", min_models=1, side_outputs=EMR_SIDE)
+@merge_method("emr", base="required", min_models=1, side_outputs=EMR_SIDE, kernel=lazy_kernel("emr"))
 def emr(x: Tensor, base: Tensor | None, p: PerModel, s, gen=None) -> Tensor:
     """EMR-Merging (Huang et al., NeurIPS 2024, arXiv:2405.17461): the elected unified model.
 
@@ -74,7 +75,9 @@ def emr(x: Tensor, base: Tensor | None, p: PerModel, s, gen=None) -> Tensor:
     No parameters. As FusionBench 0.2.33 (EMRMerging); the rebuild takes tau_uni as
     merged - base from the written model, so it matches FusionBench within the output dtype's
     rounding (exact float32 rounding for a float32 output; write the merge in float32 to rebuild
-    bfloat16 models without losing the task vectors' low bits).
+    bfloat16 models without losing the task vectors' low bits). On the CPU one compiled pass makes the
+    unified tensor, its masks and the rescalers' sums at once (methods/kernels/emr.py): the same
+    tensors and masks, the rescalers within float32 rounding (float64 sums).
     """
     check_inputs("emr", x, base, p)
     _, tau_uni = elect(x - base)

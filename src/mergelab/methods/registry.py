@@ -210,7 +210,8 @@ def run_method(spec: MethodSpec, xs: Sequence[torch.Tensor], base: torch.Tensor 
         p, s, gen: per-model parameters, shared parameters, seeded generator.
         out_dtype: dtype of the result (default: the first input's).
         compute_dtype: what the reference computes in (float32, or float64 for float64 inputs).
-        side: for a method with side outputs, filled with its SideOutputs.tensor_fn tensors.
+        side: for a method with side outputs, filled with its SideOutputs.tensor_fn tensors (or the
+            same tensors from its kernel's `run_side`, where it has one).
         **stats: `stats` / `base_stats` tensors for methods that need statistics.
 
     The method's kernel runs when kernels are on (methods.kernels), the compute
@@ -223,9 +224,15 @@ def run_method(spec: MethodSpec, xs: Sequence[torch.Tensor], base: torch.Tensor 
 
     out_dtype = out_dtype or xs[0].dtype
     want_side = side is not None and spec.side_outputs is not None
-    if (spec.kernel is not None and not want_side and kernels_enabled() and compute_dtype == torch.float32
-            and not stats and spec.kernel.supports(xs, base, p, s)):
-        return spec.kernel.run(xs, base, p, s, gen, out_dtype)
+    if (spec.kernel is not None and kernels_enabled() and compute_dtype == torch.float32 and not stats
+            and spec.kernel.supports(xs, base, p, s)):
+        if not want_side:
+            return spec.kernel.run(xs, base, p, s, gen, out_dtype)
+        run_side = spec.kernel.entry("run_side")  # a kernel that also makes the side tensors (emr)
+        if run_side is not None:
+            merged, tensors = run_side(xs, base, p, s, gen, out_dtype)
+            side.update(tensors)
+            return merged
     x = torch.empty((len(xs), *xs[0].shape), dtype=compute_dtype, device=xs[0].device)
     for row, t in zip(x, xs):
         row.copy_(t)
