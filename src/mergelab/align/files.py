@@ -25,7 +25,7 @@ from mergelab.align.hf import spec_for_hf
 from mergelab.align.matching import MatchResult, activation_matching, weight_matching
 from mergelab.align.spec import PermutationSpec, permute_tensor, permuted_axes
 from mergelab.align.trace import spec_from_module
-from mergelab.analysis.eval_setup import _factory_module, _inputs_and_labels, _load_torch_file, _token_ids, read_state
+from mergelab.analysis.eval_setup import factory_module, inputs_and_labels, load_torch_file, token_ids, read_state
 from mergelab.checkpoint.reader import Checkpoint
 from mergelab.checkpoint.writer import parse_size
 from mergelab.engine import FolderSink, run
@@ -62,7 +62,7 @@ def _text_batches(data: Path, tokenizer_from: Path, seq_len: int = 128, batch_si
                   max_batches: int = 16) -> list[dict[str, torch.Tensor]]:
     if data.suffix in (".pt", ".safetensors"):
         with fixed_by("data"):
-            ids = _token_ids(data, "data")
+            ids = token_ids(data, "data")
     else:
         try:
             from transformers import AutoTokenizer
@@ -80,7 +80,7 @@ def _text_batches(data: Path, tokenizer_from: Path, seq_len: int = 128, batch_si
 
 def _classifier_batches(data: Path) -> list[torch.Tensor]:
     with fixed_by("data"):
-        x, _ = _inputs_and_labels(_load_torch_file(data, "data"), data, "data")
+        x, _ = inputs_and_labels(load_torch_file(data, "data"), data, "data")
     return list(x.split(256))
 
 
@@ -120,7 +120,7 @@ def _find_permutations(ck_a: Checkpoint, ck_b: Checkpoint, method: str, data: st
     state_a, state_b = read_state(ck_a), read_state(ck_b)
     module_a = None
     if model_factory is not None:
-        module_a = _factory_module(model_factory, None)
+        module_a = factory_module(model_factory, None)
         spec: PermutationSpec = spec_from_module(module_a)
     elif config is not None:
         spec = spec_for_hf(config, {k: tuple(v.shape) for k, v in state_a.items()})
@@ -145,7 +145,7 @@ def _activation_match(spec: PermutationSpec, a_path: Path, b_path: Path, state_a
                          "model, a torch file of inputs for model_factory=)", option="data")
     data = Path(data)
     if module_a is not None:
-        module_b = _factory_module(model_factory, None)
+        module_b = factory_module(model_factory, None)
         module_a.load_state_dict(state_a)
         module_b.load_state_dict(state_b)
         batches = _classifier_batches(data)

@@ -32,7 +32,7 @@ from mergelab.errors import MergeError, fixed_by
 # ----------------------------------------------------------------------------- files
 
 
-def _load_torch_file(path: Path, what: str) -> Any:
+def load_torch_file(path: Path, what: str) -> Any:
     """A torch (weights_only) or safetensors file's contents; `what` names the option in errors."""
     if not path.is_file():
         raise MergeError(f"{what} {path} does not exist")
@@ -43,7 +43,7 @@ def _load_torch_file(path: Path, what: str) -> Any:
                          f"({type(exc).__name__}: {exc})") from exc
 
 
-def _inputs_and_labels(obj: Any, path: Path, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def inputs_and_labels(obj: Any, path: Path, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(X, y) from {"X": ..., "y": ...}, (X, y) or a lone tensor X (then y is None)."""
     if isinstance(obj, torch.Tensor):
         return obj, None
@@ -56,8 +56,8 @@ def _inputs_and_labels(obj: Any, path: Path, what: str) -> tuple[torch.Tensor, t
                      f"found {found}")
 
 
-def _token_ids(path: Path, what: str = "tokens") -> torch.Tensor:
-    obj = _load_torch_file(path, what)
+def token_ids(path: Path, what: str = "tokens") -> torch.Tensor:
+    obj = load_torch_file(path, what)
     ids = obj.get("input_ids") if isinstance(obj, Mapping) else obj
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
         raise MergeError(f"{what} {path}: expected an integer tensor of token ids (or {{'input_ids': ...}})")
@@ -117,7 +117,7 @@ def _to_device(module: nn.Module, device: str | None) -> nn.Module:
                          option="device") from exc
 
 
-def _factory_module(spec: str, device: str | None) -> nn.Module:
+def factory_module(spec: str, device: str | None) -> nn.Module:
     """The nn.Module that `spec` (module:factory or file.py:factory, called with no arguments) builds."""
     try:
         factory = ev.load_evaluator(spec)  # the same module:function import, reported as the model
@@ -160,7 +160,7 @@ def causal_lm_setup(first: Path, *, text: Path | None = None, tokens: Path | Non
     template = _hf_causal_lm(first, device)
     if tokens is not None:
         with fixed_by("tokens"):
-            source, what = _token_ids(tokens), f"tokens {tokens}"
+            source, what = token_ids(tokens), f"tokens {tokens}"
     else:
         source, what = text, f"text {text}"
     tokenizer = tokenizer or first
@@ -181,11 +181,11 @@ def causal_lm_setup(first: Path, *, text: Path | None = None, tokens: Path | Non
 def classifier_setup(data: Path, model: str, *, batch_size: int | None = None, device: str | None = None) -> Setup:
     """Cross-entropy and accuracy on `data` (inputs and labels) of the network `model` (module:factory) builds."""
     with fixed_by("data"):
-        X, y = _inputs_and_labels(_load_torch_file(data, "data"), data, "data")
+        X, y = inputs_and_labels(load_torch_file(data, "data"), data, "data")
     if y is None:
         raise MergeError(f"data {data}: holds inputs only; save {{'X': inputs, 'y': labels}}", option="data")
     evaluator = ev.classifier_evaluator(X, y, batch_size=batch_size or 256)
-    return Setup(_factory_module(model, device), evaluator, f"classifier on {data} ({len(y)} examples)")
+    return Setup(factory_module(model, device), evaluator, f"classifier on {data} ({len(y)} examples)")
 
 
 def function_setup(function: str, first: Path | Checkpoint, *, model: str | None = None,
@@ -194,7 +194,7 @@ def function_setup(function: str, first: Path | Checkpoint, *, model: str | None
     `model`, the state dict (a template read from the first model, `first`: its path or open Checkpoint)."""
     fn = ev.load_evaluator(function)
     if model is not None:
-        return Setup(_factory_module(model, device), fn, f"{function} on {model}")
+        return Setup(factory_module(model, device), fn, f"{function} on {model}")
     if not isinstance(first, Checkpoint):
         with Checkpoint(first) as ck:
             return function_setup(function, ck)
@@ -208,7 +208,7 @@ def bn_batches(bn_data: Path | None, template: nn.Module, batch_size: int | None
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in template.modules()):
         raise MergeError("bn_data: the model has no batch-norm layers; leave bn_data out", option="bn_data")
     with fixed_by("bn_data"):
-        X, _ = _inputs_and_labels(_load_torch_file(bn_data, "bn_data"), bn_data, "bn_data")
+        X, _ = inputs_and_labels(load_torch_file(bn_data, "bn_data"), bn_data, "bn_data")
     size = batch_size or 256
     return [X[i:i + size] for i in range(0, len(X), size)]
 

@@ -130,9 +130,9 @@ def _module_and_batches(base: Path, data: Mapping[str, str | Path], *, model: st
                         tokenizer: str | Path | None, **reading: Any) -> tuple[torch.nn.Module, str, dict]:
     """The module whose forward runs, the head, and each task's batches."""
     if model is not None:  # any weight files, the architecture from a factory
-        from mergelab.analysis.eval_setup import _factory_module
+        from mergelab.analysis.eval_setup import factory_module
 
-        module = _factory_module(model, None).eval()
+        module = factory_module(model, None).eval()
         batches = {t: file_batches(Path(p), tokenizer=None, keyword=False, **reading) for t, p in data.items()}
         return module, head, batches
     with fixed_by("head"):
